@@ -1,0 +1,47 @@
+"""What a backend provides: kernel limits, a default threshold, fused paths."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from fcpass.guard import KernelLimits
+from fcpass.matmuls import Matmul
+
+MM_REDUCE_SCATTER = "mm_reduce_scatter"
+ALL_GATHER_MM = "all_gather_mm"
+
+
+@dataclass(frozen=True)
+class FusedCall:
+    """One validated call, as every backend's fused path receives it.
+
+    ``x`` is this rank's input (the full m rows for mm_reduce_scatter, the
+    local shard for all_gather_mm); ``row_scale`` is a per-token activation
+    scale that travels with the rows (mm_reduce_scatter only).
+    """
+
+    x: torch.Tensor
+    matmuls: tuple[Matmul, ...]
+    group: dist.ProcessGroup
+    group_name: str
+    world_size: int
+    row_scale: torch.Tensor | None = None
+    pipeline_chunks: int = 0
+
+
+class Backend:
+    name: str = ""
+    default_threshold_tokens: int = 0
+
+    def limits(self, op: str, call: FusedCall) -> KernelLimits | None:
+        """Static limits of this backend's kernel for ``op``; None: cannot fuse it."""
+        raise NotImplementedError
+
+    def mm_reduce_scatter(self, call: FusedCall) -> torch.Tensor:
+        raise NotImplementedError
+
+    def all_gather_mm(self, call: FusedCall) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        raise NotImplementedError

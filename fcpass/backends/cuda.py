@@ -1,0 +1,78 @@
+"""CUDA: torch's symmetric-memory fused ops, else the generic pipeline.
+
+``torch.ops.symm_mem.fused_matmul_reduce_scatter`` /
+``fused_all_gather_matmul`` (and their fp8 ``scaled`` forms) need symmetric
+memory enabled for the group; whether it is, is a property of the group and
+so the same on every rank. Without it the generic pipeline runs on NCCL.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from fcpass.backends.base import Backend, FusedCall
+from fcpass.backends.generic import GenericBackend
+from fcpass.guard import KernelLimits
+from fcpass.matmuls import FLOAT_DTYPES, FP8_DTYPES, fold_bias
+
+CUDA_DTYPES = FLOAT_DTYPES | FP8_DTYPES
+# NVLink domain of one node; beyond it symmetric memory is not available.
+CUDA_MAX_WORLD_SIZE = 8
+CUDA_DEFAULT_THRESHOLD = 1024
+
+
+def symm_mem_enabled(group_name: str) -> bool:
+    try:
+        from torch.distributed._symmetric_memory import is_symm_mem_enabled_for_group
+    except ImportError:
+        return False
+    return is_symm_mem_enabled_for_group(group_name)
+
+
+class CudaBackend(Backend):
+    name = "cuda"
+    default_threshold_tokens = CUDA_DEFAULT_THRESHOLD
+    _limits = KernelLimits(max_world_size=CUDA_MAX_WORLD_SIZE, dtypes=CUDA_DTYPES)
+
+    def __init__(self) -> None:
+        self._generic = GenericBackend()
+
+    def limits(self, op, call):
+        return self._generic.limits(op, call) if self._uses_generic(call) else self._limits
+
+    def _uses_generic(self, call: FusedCall) -> bool:
+        """No symmetric memory on the group, or W8A8 (no int8 symmetric-memory kernel)."""
+        return not symm_mem_enabled(call.group.group_name) or any(
+            mm.scaled and mm.w.dtype == torch.int8 for mm in call.matmuls
+        )
+
+    def mm_reduce_scatter(self, call: FusedCall) -> torch.Tensor:
+        if self._uses_generic(call):
+            return self._generic.mm_reduce_scatter(call)
+        (mm,) = call.matmuls
+        c10d_name = call.group.group_name
+        if mm.scaled:
+            x_scale = call.row_scale if call.row_scale is not None else mm.x_scale
+            return torch.ops.symm_mem.fused_scaled_matmul_reduce_scatter(
+                call.x, mm.w, x_scale, mm.w_scale, "sum", 0, 0, c10d_name, None,
+                bias=mm.bias, out_dtype=mm.out_dtype,
+            )
+        x, w = (call.x, mm.w) if mm.bias is None else fold_bias(call.x, mm.w, mm.bias)
+        return torch.ops.symm_mem.fused_matmul_reduce_scatter(x, w, "sum", 0, c10d_name)
+
+    def all_gather_mm(self, call: FusedCall) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        if self._uses_generic(call):
+            return self._generic.all_gather_mm(call)
+        c10d_name = call.group.group_name
+        mms = call.matmuls
+        if mms[0].scaled:
+            gathered, outs = torch.ops.symm_mem.fused_all_gather_scaled_matmul(
+                call.x, [mm.w for mm in mms], mms[0].x_scale, [mm.w_scale for mm in mms], 0, c10d_name,
+                [mm.bias for mm in mms], [None] * len(mms), [mm.out_dtype for mm in mms], [False] * len(mms),
+            )
+            return gathered, list(outs)
+        gathered, outs = torch.ops.symm_mem.fused_all_gather_matmul(
+            call.x, [mm.w for mm in mms], 0, c10d_name, return_A=True
+        )
+        # Column-parallel biases are every rank's own shard: adding after is exact.
+        return gathered, [out if mm.bias is None else out + mm.bias for mm, out in zip(mms, outs)]

@@ -1,0 +1,107 @@
+"""Fused ops on any ProcessGroup: chunked matmuls overlapped with async collectives.
+
+The algorithm of torch's symmetric-memory fused ops, on plain async
+collectives, so it runs (and can be measured) on gloo, nccl and hccl alike.
+
+mm_reduce_scatter, C chunks; chunk c holds every rank's c-th sub-slice of
+rows, so its reduce_scatter yields rows c of this rank's output shard:
+
+    mm(chunk 0) | mm(chunk 1)      | mm(chunk 2)      | ...
+                | RS(chunk 0) ...  | RS(chunk 1) ...  | ... wait all
+
+all_gather_mm: every chunk's all_gather is issued up front, the local shard's
+matmul runs while they are in flight, then each chunk's remote rows are
+multiplied as soon as that chunk has arrived.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+from fcpass.backends.base import Backend, FusedCall
+from fcpass.comm import all_gather_rows, reduce_scatter_rows
+from fcpass.guard import KernelLimits
+
+# Rows per rank below which chunking only adds launch and copy overhead.
+MIN_ROWS_PER_CHUNK = 128
+DEFAULT_CHUNKS = 4
+
+
+def chunk_bounds(rows: int, chunks: int) -> list[tuple[int, int]]:
+    """Split ``rows`` into at most ``chunks`` near-equal non-empty ranges."""
+    chunks = max(1, min(chunks, rows))
+    base, extra = divmod(rows, chunks)
+    bounds, start = [], 0
+    for i in range(chunks):
+        end = start + base + (1 if i < extra else 0)
+        bounds.append((start, end))
+        start = end
+    return bounds
+
+
+def auto_chunks(rows_per_rank: int, requested: int) -> int:
+    if requested:
+        return requested
+    return max(1, min(DEFAULT_CHUNKS, rows_per_rank // MIN_ROWS_PER_CHUNK))
+
+
+class GenericBackend(Backend):
+    name = "generic"
+    # Measured crossover on 2 gloo ranks (../shared/DESIGN.md): fusion loses
+    # at 1k tokens and wins from 4k on.
+    default_threshold_tokens = 2048
+    _limits = KernelLimits()
+
+    def limits(self, op, call):
+        return self._limits
+
+    def mm_reduce_scatter(self, call: FusedCall) -> torch.Tensor:
+        (matmul,) = call.matmuls
+        ws, x = call.world_size, call.x
+        shard_rows = x.shape[0] // ws
+        # View rows as (rank, row-in-shard) so a chunk can pick the same rows of every rank's shard.
+        x_by_rank = x.unflatten(0, (ws, shard_rows))
+        scale_by_rank = None if call.row_scale is None else call.row_scale.unflatten(0, (ws, shard_rows))
+        out = x.new_empty((shard_rows, matmul.n), dtype=matmul.result_dtype)
+        pending = []
+        for start, end in chunk_bounds(shard_rows, auto_chunks(shard_rows, call.pipeline_chunks)):
+            rows = x_by_rank[:, start:end].flatten(0, 1)
+            scale = None if scale_by_rank is None else scale_by_rank[:, start:end].flatten(0, 1)
+            partial = matmul(rows, scale)
+            work = reduce_scatter_rows(out[start:end], partial, call.group, async_op=True)
+            pending.append((work, partial))  # keep `partial` alive until its collective is done
+        for work, _ in pending:
+            work.wait()
+        return out
+
+    def all_gather_mm(self, call: FusedCall) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        ws, x = call.world_size, call.x
+        shard_rows, k = x.shape
+        rank = dist.get_rank(call.group)
+        gathered = x.new_empty((ws * shard_rows, k))
+        gathered_by_rank = gathered.view(ws, shard_rows, k)
+        outs = [x.new_empty((ws * shard_rows, mm.n), dtype=mm.result_dtype) for mm in call.matmuls]
+        outs_by_rank = [out.view(ws, shard_rows, -1) for out in outs]
+
+        in_flight = []
+        for start, end in chunk_bounds(shard_rows, auto_chunks(shard_rows, call.pipeline_chunks)):
+            buf = x.new_empty((ws * (end - start), k))
+            work = all_gather_rows(buf, x[start:end], call.group, async_op=True)
+            in_flight.append((start, end, buf, work))
+
+        # The local shard needs no communication: its matmuls hide the first gathers.
+        gathered_by_rank[rank] = x
+        for mm, out in zip(call.matmuls, outs_by_rank):
+            out[rank] = mm(x)
+
+        for start, end, buf, work in in_flight:
+            work.wait()
+            buf_by_rank = buf.view(ws, end - start, k)
+            gathered_by_rank[:, start:end] = buf_by_rank
+            for r in range(ws):
+                if r == rank:
+                    continue
+                for mm, out in zip(call.matmuls, outs_by_rank):
+                    out[r, start:end] = mm(buf_by_rank[r])
+        return gathered, outs

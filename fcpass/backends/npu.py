@@ -1,0 +1,121 @@
+"""Ascend: torch_npu's fused MatmulReduceScatter / AllGatherMatmul kernels.
+
+torch_npu is imported on first use, never at module import (it fails to
+import without CANN). The kernels take no bias (the docs: "bias must be
+None/zero"), so a row-parallel bias is folded into the matmul (see
+fcpass.matmuls.fold_bias) and a column-parallel bias is added after the
+gathered matmul, which is exact because every rank holds its own shard.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+import torch
+import torch.distributed as dist
+
+from fcpass.backends.base import Backend, FusedCall
+from fcpass.guard import KernelLimits
+from fcpass.matmuls import MAX_FOLD_COLUMNS, fold_bias
+
+# Documented limits of npu_mm_reduce_scatter_base / npu_all_gather_base_mm
+# (Atlas A2: 2, 4 or 8 ranks; k in [256, 65535)). The k limit keeps room for
+# the bias fold columns on every rank, so a rank holding a bias never sees a
+# different decision than the ranks without one.
+NPU_WORLD_SIZES = frozenset({2, 4, 8})
+NPU_K_MIN = 256
+NPU_K_MAX_EXCLUSIVE = 65535 - MAX_FOLD_COLUMNS
+NPU_DTYPES = frozenset({torch.float16, torch.bfloat16, torch.int8})
+# vllm-ascend fuses above 1000 tokens.
+NPU_DEFAULT_THRESHOLD = 1000
+# "aiv" is the mode that supports both the plain and the quantized kernels.
+COMM_MODE = "aiv"
+
+
+class NpuBackend(Backend):
+    name = "npu"
+    default_threshold_tokens = NPU_DEFAULT_THRESHOLD
+    _limits = KernelLimits(
+        allowed_world_sizes=NPU_WORLD_SIZES,
+        k_min=NPU_K_MIN,
+        k_max_exclusive=NPU_K_MAX_EXCLUSIVE,
+        dtypes=NPU_DTYPES,
+    )
+
+    def __init__(self) -> None:
+        self._comm_names: dict[str, str] = {}
+
+    def limits(self, op, call):
+        return self._limits
+
+    def mm_reduce_scatter(self, call: FusedCall) -> torch.Tensor:
+        torch_npu = _torch_npu()
+        (mm,) = call.matmuls
+        x, w = call.x, mm.w
+        if mm.bias is not None:
+            x, w = fold_bias(x, w, mm.bias)
+        return torch_npu.npu_mm_reduce_scatter_base(
+            x, w, self.comm_name(call), call.world_size,
+            reduce_op="sum", comm_turn=0, comm_mode=COMM_MODE,
+            **_quant_kwargs(mm, call.row_scale),
+        )
+
+    def all_gather_mm(self, call: FusedCall) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        torch_npu = _torch_npu()
+        first, *rest = call.matmuls
+        out, gathered = torch_npu.npu_all_gather_base_mm(
+            call.x, first.w, self.comm_name(call), call.world_size,
+            gather_index=0, gather_output=True, comm_turn=0, comm_mode=COMM_MODE,
+            **_quant_kwargs(first, None),
+        )
+        if first.bias is not None:
+            out = out + first.bias if not first.scaled else _add_int_bias_after(out, first, gathered)
+        # The kernel takes one weight; the other consumers of the same gather
+        # reuse its gathered output.
+        return gathered, [out] + [mm(gathered) for mm in rest]
+
+    def comm_name(self, call: FusedCall) -> str:
+        """HCCL communicator name, looked up once per group.
+
+        The lookup is a host call into HCCL, so it must not happen while an
+        ACL graph is being captured; vLLM's eager warm-up run fills the cache
+        before capture.
+        """
+        name = self._comm_names.get(call.group_name)
+        if name is None:
+            torch_npu = _torch_npu()
+            capturing = getattr(getattr(torch_npu, "npu", None), "is_current_stream_capturing", None)
+            if capturing is not None and capturing():
+                raise RuntimeError(
+                    f"fcpass: HCCL communicator name of group {call.group_name!r} first needed during "
+                    "graph capture; run one eager step before capturing"
+                )
+            rank = dist.get_rank(call.group)
+            name = call.group._get_backend(torch.device("npu")).get_hccl_comm_name(rank)
+            self._comm_names[call.group_name] = name
+        return name
+
+
+def _torch_npu():
+    return importlib.import_module("torch_npu")
+
+
+def _quant_kwargs(mm, row_scale) -> dict:
+    """The kernel's W8A8 arguments: per-channel x2_scale (1, n), per-token x1_scale (m, 1)."""
+    if not mm.scaled:
+        return {}
+    w_scale = mm.w_scale.to(torch.float32).reshape(1, -1)
+    if mm.x_scale is not None:  # per-tensor activation scale folds into the channel scale
+        w_scale = w_scale * mm.x_scale.to(torch.float32).reshape(1, 1)
+    kwargs = {"x2_scale": w_scale, "output_dtype": mm.out_dtype}
+    if row_scale is not None:
+        kwargs["x1_scale"] = row_scale.to(torch.float32).reshape(-1, 1)
+    return kwargs
+
+
+def _add_int_bias_after(out, mm, gathered):
+    """Column-parallel int32 quant bias: add its dequantized value (exact up to rounding)."""
+    scale = mm.w_scale.to(torch.float32).reshape(1, -1)
+    if mm.x_scale is not None:
+        scale = scale * mm.x_scale.to(torch.float32)
+    return (out.to(torch.float32) + mm.bias.to(torch.float32) * scale).to(out.dtype)

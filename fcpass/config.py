@@ -1,0 +1,83 @@
+"""PassConfig: every fcpass switch, threshold and limit, validated once.
+
+Defaults are defined here and nowhere else. The config is hashed into the
+pass uuid (so a changed threshold changes the compile cache key) and travels
+through vLLM's ``--additional-config`` as a plain dict, hence the strict
+``from_dict``/``to_dict`` pair.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+BACKEND_CHOICES = ("auto", "npu", "cuda", "generic", "off")
+
+# Bounds for validation: wide enough for any real deployment, narrow enough to
+# catch a typo (a threshold of -1, a world size of 0).
+MAX_THRESHOLD_TOKENS = 1 << 24
+WORLD_SIZE_RANGE = (2, 1024)
+MAX_PIPELINE_CHUNKS = 64
+
+
+@dataclass(frozen=True)
+class PassConfig:
+    """What fcpass fuses and when.
+
+    threshold_tokens: fuse when ``num_tokens > threshold_tokens``; None means
+        the selected backend's measured default (Ascend: 1000).
+    max_world_size: never fuse above this world size (the kernel's own limit
+        still applies below it).
+    backend: "auto" picks by tensor device (npu, cuda with symmetric memory,
+        else generic); "off" keeps every op on its unfused path.
+    pipeline_chunks: chunks of the generic overlapped pipeline; 0 picks by
+        token count.
+    """
+
+    fuse_mm_reduce_scatter: bool = True
+    fuse_all_gather_mm: bool = True
+    threshold_tokens: int | None = None
+    max_world_size: int = 8
+    backend: str = "auto"
+    pipeline_chunks: int = 0
+
+    def __post_init__(self) -> None:
+        for flag in ("fuse_mm_reduce_scatter", "fuse_all_gather_mm"):
+            if not isinstance(getattr(self, flag), bool):
+                raise ValueError(f"PassConfig.{flag} must be a bool, got {getattr(self, flag)!r}")
+        t = self.threshold_tokens
+        if t is not None and (not _is_int(t) or not 0 <= t <= MAX_THRESHOLD_TOKENS):
+            raise ValueError(
+                f"PassConfig.threshold_tokens must be None or an int in [0, {MAX_THRESHOLD_TOKENS}], got {t!r}"
+            )
+        lo, hi = WORLD_SIZE_RANGE
+        if not _is_int(self.max_world_size) or not lo <= self.max_world_size <= hi:
+            raise ValueError(f"PassConfig.max_world_size must be an int in [{lo}, {hi}], got {self.max_world_size!r}")
+        if self.backend not in BACKEND_CHOICES:
+            raise ValueError(f"PassConfig.backend must be one of {BACKEND_CHOICES}, got {self.backend!r}")
+        c = self.pipeline_chunks
+        if not _is_int(c) or not 0 <= c <= MAX_PIPELINE_CHUNKS:
+            raise ValueError(f"PassConfig.pipeline_chunks must be an int in [0, {MAX_PIPELINE_CHUNKS}], got {c!r}")
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any]) -> "PassConfig":
+        if not isinstance(values, Mapping):
+            raise ValueError(f"fcpass config must be a mapping, got {type(values).__name__}")
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"unknown fcpass PassConfig key(s) {unknown}; known keys: {sorted(known)}")
+        return cls(**values)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def key(self) -> str:
+        """Stable text of the whole config, for cache keys."""
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)

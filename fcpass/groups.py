@@ -1,0 +1,38 @@
+"""Map the group name a graph carries to a ProcessGroup.
+
+A matched collective names its group either the vLLM way ("tp:0", a
+GroupCoordinator's unique name) or the c10d way (ProcessGroup.group_name,
+as torch functional collectives do). Both resolve here, once per name.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import torch.distributed as dist
+from torch.distributed.distributed_c10d import _resolve_process_group
+
+
+def resolve_group(group_name: str) -> dist.ProcessGroup:
+    """The ProcessGroup behind ``group_name``, or a ValueError naming it."""
+    if not dist.is_initialized():
+        raise ValueError(f"group {group_name!r}: torch.distributed is not initialized")
+    coordinator = _vllm_coordinator(group_name)
+    if coordinator is not None:
+        return coordinator.device_group
+    try:
+        return _resolve_process_group(group_name)
+    except (KeyError, RuntimeError, ValueError) as exc:
+        raise ValueError(
+            f"unknown process group {group_name!r}: neither a vLLM group name (like 'tp:0') "
+            f"nor a c10d group name"
+        ) from exc
+
+
+def _vllm_coordinator(group_name: str):
+    """vLLM's GroupCoordinator of that name, without importing vLLM ourselves."""
+    parallel_state = sys.modules.get("vllm.distributed.parallel_state")
+    if parallel_state is None:
+        return None
+    ref = getattr(parallel_state, "_groups", {}).get(group_name)
+    return ref() if ref is not None else None

@@ -1,0 +1,118 @@
+"""The token-threshold guard: one pure predicate shared by every fused op.
+
+Every rank must take the same path for the same call, or one rank runs a
+fused kernel while another runs a plain collective and both hang. So the
+decision reads only facts that are equal on every rank (token count, world
+size, dtype, k, n, device type, the config and the kernel's static limits),
+never a rank's own graph, bias or data.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+from dataclasses import dataclass
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class GuardFacts:
+    """Global facts of one fused-op call: equal on every rank by construction."""
+
+    op: str
+    num_tokens: int  # rows entering the matmul: m for RS, m * world_size for AG
+    world_size: int
+    dtype: torch.dtype
+    k: int
+    n: int
+    device_type: str
+
+
+@dataclass(frozen=True)
+class KernelLimits:
+    """What one backend's fused kernel accepts; unfused outside it."""
+
+    max_world_size: int | None = None
+    allowed_world_sizes: frozenset[int] | None = None
+    k_min: int | None = None
+    k_max_exclusive: int | None = None
+    dtypes: frozenset[torch.dtype] | None = None
+
+    def violation(self, facts: GuardFacts) -> str | None:
+        if self.max_world_size is not None and facts.world_size > self.max_world_size:
+            return f"world_size {facts.world_size} > kernel limit {self.max_world_size}"
+        if self.allowed_world_sizes is not None and facts.world_size not in self.allowed_world_sizes:
+            return f"world_size {facts.world_size} not in kernel's {sorted(self.allowed_world_sizes)}"
+        if self.k_min is not None and facts.k < self.k_min:
+            return f"k {facts.k} < kernel minimum {self.k_min}"
+        if self.k_max_exclusive is not None and facts.k >= self.k_max_exclusive:
+            return f"k {facts.k} >= kernel limit {self.k_max_exclusive}"
+        if self.dtypes is not None and facts.dtype not in self.dtypes:
+            return f"dtype {facts.dtype} not supported by kernel"
+        if facts.num_tokens % facts.world_size:
+            return f"tokens {facts.num_tokens} not divisible by world_size {facts.world_size}"
+        return None
+
+
+@dataclass(frozen=True)
+class Decision:
+    fused: bool
+    reason: str
+
+    @property
+    def path(self) -> str:
+        return "fused" if self.fused else "unfused"
+
+
+BELOW_THRESHOLD = "tokens <= threshold"
+ABOVE_THRESHOLD = "tokens > threshold"
+BACKEND_OFF = "backend off"
+
+
+def decide(
+    facts: GuardFacts,
+    threshold_tokens: int,
+    limits: KernelLimits | None,
+    max_world_size: int,
+) -> Decision:
+    """Fused iff above the threshold and inside the config's and kernel's limits.
+
+    ``limits is None`` means fusion is switched off for this call.
+    """
+    if limits is None:
+        return Decision(False, BACKEND_OFF)
+    if facts.num_tokens <= threshold_tokens:
+        return Decision(False, BELOW_THRESHOLD)
+    if facts.world_size > max_world_size:
+        return Decision(False, f"world_size {facts.world_size} > max_world_size {max_world_size}")
+    violation = limits.violation(facts)
+    if violation is not None:
+        return Decision(False, violation)
+    return Decision(True, ABOVE_THRESHOLD)
+
+
+# (op, "fused" | "unfused", reason) -> calls. A Counter increment is the
+# whole observability cost on the hot path.
+_decisions: collections.Counter[tuple[str, str, str]] = collections.Counter()
+
+
+def record(facts: GuardFacts, decision: Decision) -> None:
+    _decisions[(facts.op, decision.path, decision.reason)] += 1
+    if logger.isEnabledFor(logging.DEBUG):
+        logger.debug(
+            "%s: %s (%s) tokens=%d world_size=%d k=%d n=%d dtype=%s",
+            facts.op, decision.path, decision.reason, facts.num_tokens,
+            facts.world_size, facts.k, facts.n, facts.dtype,
+        )
+
+
+def decision_counts() -> dict[tuple[str, str, str], int]:
+    """Snapshot of the decisions taken in this process so far."""
+    return dict(_decisions)
+
+
+def reset_decision_counts() -> None:
+    _decisions.clear()

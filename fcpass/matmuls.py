@@ -1,0 +1,137 @@
+"""The per-rank matmul each fused op wraps, and exact bias folding.
+
+``Matmul`` is the one definition of what "x @ w (+ bias)" means for the plain,
+W8A8 and fp8 forms; every backend and both the fused and the unfused path
+compute through it (or through a kernel documented to compute the same).
+"""
+
+from __future__ import annotations
+
+import collections
+from dataclasses import dataclass
+
+import torch
+
+FLOAT_DTYPES = frozenset({torch.float32, torch.float16, torch.bfloat16})
+FP8_DTYPES = frozenset({torch.float8_e4m3fn, torch.float8_e5m2})
+QUANT_OUT_DTYPES = frozenset({torch.float16, torch.bfloat16, torch.float32})
+
+
+@dataclass(frozen=True, eq=False)
+class Matmul:
+    """``x (m, k) @ w (k, n)`` with this rank's bias contribution.
+
+    Plain: ``x @ w + bias``.
+    W8A8 (int8 x, w; Ascend static quant): ``((x @ w in int32) + bias_int32)
+    * x_scale * w_scale`` cast to ``out_dtype``; w_scale is per channel.
+    fp8 (CUDA ``_scaled_mm``): ``(x @ w) * x_scale * w_scale + bias``.
+    A per-token ``x_scale`` (m, 1) travels with the rows, so it is passed to
+    ``__call__`` instead of stored.
+    """
+
+    w: torch.Tensor
+    bias: torch.Tensor | None = None
+    w_scale: torch.Tensor | None = None
+    x_scale: torch.Tensor | None = None  # per-tensor only
+    out_dtype: torch.dtype | None = None
+
+    @property
+    def scaled(self) -> bool:
+        return self.w_scale is not None
+
+    @property
+    def n(self) -> int:
+        return self.w.shape[1]
+
+    @property
+    def result_dtype(self) -> torch.dtype:
+        return self.out_dtype if self.scaled else self.w.dtype
+
+    def __call__(self, x: torch.Tensor, row_scale: torch.Tensor | None = None) -> torch.Tensor:
+        if not self.scaled:
+            return torch.mm(x, self.w) if self.bias is None else torch.addmm(self.bias, x, self.w)
+        x_scale = row_scale if row_scale is not None else self.x_scale
+        if x.dtype == torch.int8:
+            acc = torch._int_mm(x, self.w)
+            if self.bias is not None:
+                acc = acc + self.bias
+            scale = self.w_scale.reshape(1, -1) if x_scale is None else x_scale * self.w_scale.reshape(1, -1)
+            return (acc.to(torch.float32) * scale).to(self.out_dtype)
+        return torch._scaled_mm(
+            x, self.w, scale_a=x_scale, scale_b=_row_vector_or_scalar(self.w_scale),
+            bias=self.bias, out_dtype=self.out_dtype,
+        )
+
+
+def _row_vector_or_scalar(scale: torch.Tensor) -> torch.Tensor:
+    return scale if scale.numel() == 1 else scale.reshape(1, -1)
+
+
+# ---------------------------------------------------------------------------
+# Exact bias folding, for kernels that take no bias.
+#
+# The bias of a row-parallel layer is one rank's contribution to a sum
+# (vLLM adds it on rank 0 only). Adding it after the scatter would land it on
+# that rank's shard alone; skipping the fused kernel on that rank would break
+# the collective protocol. Instead the contributing rank widens its matmul:
+#     [x, c] @ [w; d] = x @ w + c @ d,   with c @ d == bias per output column
+# The exchanged data (the m x n products) is unchanged, so every rank still
+# runs the same kernel with the same protocol.
+
+# Columns a fold may add; kernels with a k limit reserve this many on every
+# rank, so the fold is never a reason for one rank to decide differently.
+MAX_FOLD_COLUMNS = 16
+_INT8_MAX = 127
+
+_fold_cache: collections.OrderedDict[tuple, torch.Tensor] = collections.OrderedDict()
+_FOLD_CACHE_SIZE = 256
+
+
+def fold_bias(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(x', w')`` with ``x' @ w' == x @ w + bias`` (int8: in int32, exactly)."""
+    coeffs, rows = _bias_rows(w, bias)
+    x_cols = torch.tensor(coeffs, dtype=x.dtype, device=x.device).expand(x.shape[0], len(coeffs))
+    return torch.cat([x, x_cols], dim=1), rows
+
+
+def _bias_rows(w: torch.Tensor, bias: torch.Tensor) -> tuple[list[int], torch.Tensor]:
+    """The widened weight, cached: weights and biases are constants at inference."""
+    key = (w.data_ptr(), w._version, tuple(w.shape), w.dtype, bias.data_ptr(), bias._version)
+    cached = _fold_cache.get(key)
+    if cached is not None:
+        _fold_cache.move_to_end(key)
+        return _fold_coefficients(cached.shape[0] - w.shape[0]), cached
+    if w.dtype == torch.int8:
+        digits = _int8_digits(bias)
+    else:
+        digits = bias.to(w.dtype).reshape(1, -1)
+    widened = torch.cat([w, digits], dim=0)
+    _fold_cache[key] = widened
+    if len(_fold_cache) > _FOLD_CACHE_SIZE:
+        _fold_cache.popitem(last=False)
+    return _fold_coefficients(digits.shape[0]), widened
+
+
+def _fold_coefficients(num_rows: int) -> list[int]:
+    """x-side values of the fold columns: 1 for a float bias; 127,...,127,1 for int8."""
+    return [1] if num_rows == 1 else [_INT8_MAX] * (num_rows - 1) + [1]
+
+
+def _int8_digits(bias: torch.Tensor) -> torch.Tensor:
+    """int8 rows d_t with ``127 * sum(d_0..d_{T-1}) + d_T == bias`` (int32)."""
+    bias = bias.to(torch.int64)
+    high = torch.div(bias, _INT8_MAX, rounding_mode="trunc")
+    low = bias - _INT8_MAX * high
+    num_high = max(1, -(-int(high.abs().max()) // _INT8_MAX))
+    if num_high + 1 > MAX_FOLD_COLUMNS:
+        raise ValueError(
+            f"quant bias magnitude {int(bias.abs().max())} needs {num_high + 1} int8 fold columns, "
+            f"more than MAX_FOLD_COLUMNS={MAX_FOLD_COLUMNS}"
+        )
+    rows = []
+    for _ in range(num_high):
+        take = high.clamp(-_INT8_MAX, _INT8_MAX)
+        rows.append(take)
+        high = high - take
+    rows.append(low)
+    return torch.stack(rows).to(torch.int8)

@@ -1,0 +1,224 @@
+"""The fused custom ops ``torch.ops.fcpass.*`` and the one dispatch they share.
+
+Each op is opaque to Inductor (a custom op with a fake impl that reads input
+shapes only) and carries the guard inside, so a compiled graph holds the op
+for every token count and never recompiles over the fused/unfused choice:
+
+    mm_reduce_scatter(x, w, bias, group_name, world_size, threshold_tokens)
+        = reduce_scatter(x @ w + bias, dim 0, SUM)              (m/ws, n)
+    all_gather_mm(x, ws, biases, group_name, world_size, threshold_tokens)
+        = g = all_gather(x, dim 0); (g, [g @ w_i + b_i])
+    mm_reduce_scatter_scaled / all_gather_scaled_mm: the same over
+        W8A8 (int8, per-channel dequant scale, int32 quant bias) and fp8
+        (``_scaled_mm``) matmuls, with an output dtype.
+
+``threshold_tokens < 0`` means "the backend's default".
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from fcpass import comm, guard, validate
+from fcpass.backends import select_backend
+from fcpass.backends.base import ALL_GATHER_MM, MM_REDUCE_SCATTER, Backend, FusedCall
+from fcpass.config import PassConfig
+from fcpass.groups import resolve_group
+from fcpass.matmuls import Matmul
+
+_runtime_config = PassConfig()
+
+
+def configure(config: PassConfig) -> None:
+    """Set this process's runtime config (backend, limits, chunks); equal on every rank."""
+    global _runtime_config
+    if not isinstance(config, PassConfig):
+        raise TypeError(f"configure() takes a fcpass.PassConfig, got {type(config).__name__}")
+    _runtime_config = config
+
+
+def runtime_config() -> PassConfig:
+    return _runtime_config
+
+
+_FAMILY_FLAG = {MM_REDUCE_SCATTER: "fuse_mm_reduce_scatter", ALL_GATHER_MM: "fuse_all_gather_mm"}
+
+
+def dispatch(op: str, family: str, call: FusedCall, threshold_tokens: int):
+    """Guard, then the backend's fused path or matmul + the plain collective."""
+    config = _runtime_config
+    if call.group.size() != call.world_size:
+        raise validate.FusedOpInputError(
+            f"fcpass::{op}: world_size {call.world_size} does not match group "
+            f"{call.group_name!r} of size {call.group.size()}"
+        )
+    x = call.x
+    num_tokens = x.shape[0] * (call.world_size if family == ALL_GATHER_MM else 1)
+    facts = guard.GuardFacts(
+        op=op, num_tokens=num_tokens, world_size=call.world_size, dtype=x.dtype,
+        k=x.shape[1], n=sum(mm.n for mm in call.matmuls), device_type=x.device.type,
+    )
+    backend: Backend | None = select_backend(config.backend, x.device)
+    enabled = backend is not None and getattr(config, _FAMILY_FLAG[family])
+    limits = backend.limits(family, call) if enabled else None
+    if threshold_tokens < 0:
+        threshold_tokens = (
+            config.threshold_tokens if config.threshold_tokens is not None
+            else backend.default_threshold_tokens if backend is not None else 0
+        )
+    decision = guard.decide(facts, threshold_tokens, limits, config.max_world_size)
+    guard.record(facts, decision)
+    if family == MM_REDUCE_SCATTER:
+        return backend.mm_reduce_scatter(call) if decision.fused else unfused_mm_reduce_scatter(call)
+    return backend.all_gather_mm(call) if decision.fused else unfused_all_gather_mm(call)
+
+
+def unfused_mm_reduce_scatter(call: FusedCall) -> torch.Tensor:
+    (mm,) = call.matmuls
+    product = mm(call.x, call.row_scale)
+    out = product.new_empty((product.shape[0] // call.world_size, product.shape[1]))
+    comm.reduce_scatter_rows(out, product, call.group)
+    return out
+
+
+def unfused_all_gather_mm(call: FusedCall) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    x = call.x
+    gathered = x.new_empty((x.shape[0] * call.world_size, x.shape[1]))
+    comm.all_gather_rows(gathered, x, call.group)
+    return gathered, [mm(gathered) for mm in call.matmuls]
+
+
+# --------------------------------------------------------------------------
+# Op bodies: build the Matmul(s), validate, dispatch. The fake impls run the
+# same validation and return shapes only.
+
+
+def _rs_call(op, x, mm, row_scale, group_name, world_size, resolve=True) -> FusedCall:
+    validate.check_world_size(op, world_size)
+    validate.check_matmul(op, x, mm)
+    if row_scale is not None:
+        validate.check_row_scale(op, x, row_scale)
+    validate.check_divisible(op, x.shape[0], world_size)
+    return _call(x, (mm,), group_name, world_size, row_scale, resolve)
+
+
+def _ag_call(op, x, mms, group_name, world_size, resolve=True) -> FusedCall:
+    validate.check_world_size(op, world_size)
+    if not mms:
+        raise validate.FusedOpInputError(f"fcpass::{op}: needs at least one weight")
+    for i, mm in enumerate(mms):
+        validate.check_matmul(op, x, mm, i)
+    return _call(x, tuple(mms), group_name, world_size, None, resolve)
+
+
+def _call(x, mms, group_name, world_size, row_scale, resolve) -> FusedCall:
+    group = resolve_group(group_name) if resolve else None
+    return FusedCall(
+        x=x, matmuls=mms, group=group, group_name=group_name, world_size=world_size,
+        row_scale=row_scale, pipeline_chunks=_runtime_config.pipeline_chunks,
+    )
+
+
+def _zip_lists(op, ws, others, what):
+    if len(others) != len(ws):
+        raise validate.FusedOpInputError(f"fcpass::{op}: {len(ws)} weights but {len(others)} {what}")
+    return zip(ws, others)
+
+
+def _split_x_scale(x_scale):
+    """A per-tensor scale (0-d or (1,)) stays on the Matmul; a per-token (m, 1) one travels with the rows.
+
+    Decided by rank, not numel, so a symbolic token count is never guarded on.
+    """
+    if x_scale is None or x_scale.dim() < 2:
+        return x_scale, None
+    return None, x_scale
+
+
+@torch.library.custom_op("fcpass::mm_reduce_scatter", mutates_args=())
+def mm_reduce_scatter(
+    x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None,
+    group_name: str, world_size: int, threshold_tokens: int,
+) -> torch.Tensor:
+    call = _rs_call("mm_reduce_scatter", x, Matmul(w, bias), None, group_name, world_size)
+    return dispatch("mm_reduce_scatter", MM_REDUCE_SCATTER, call, threshold_tokens)
+
+
+@mm_reduce_scatter.register_fake
+def _(x, w, bias, group_name, world_size, threshold_tokens):
+    _rs_call("mm_reduce_scatter", x, Matmul(w, bias), None, group_name, world_size, resolve=False)
+    return x.new_empty((x.shape[0] // world_size, w.shape[1]))
+
+
+@torch.library.custom_op("fcpass::mm_reduce_scatter_scaled", mutates_args=())
+def mm_reduce_scatter_scaled(
+    x: torch.Tensor, w: torch.Tensor, x_scale: torch.Tensor | None, w_scale: torch.Tensor,
+    bias: torch.Tensor | None, out_dtype: torch.dtype,
+    group_name: str, world_size: int, threshold_tokens: int,
+) -> torch.Tensor:
+    per_tensor, per_token = _split_x_scale(x_scale)
+    mm = Matmul(w, bias, w_scale=w_scale, x_scale=per_tensor, out_dtype=out_dtype)
+    call = _rs_call("mm_reduce_scatter_scaled", x, mm, per_token, group_name, world_size)
+    return dispatch("mm_reduce_scatter_scaled", MM_REDUCE_SCATTER, call, threshold_tokens)
+
+
+@mm_reduce_scatter_scaled.register_fake
+def _(x, w, x_scale, w_scale, bias, out_dtype, group_name, world_size, threshold_tokens):
+    per_tensor, per_token = _split_x_scale(x_scale)
+    mm = Matmul(w, bias, w_scale=w_scale, x_scale=per_tensor, out_dtype=out_dtype)
+    _rs_call("mm_reduce_scatter_scaled", x, mm, per_token, group_name, world_size, resolve=False)
+    return x.new_empty((x.shape[0] // world_size, w.shape[1]), dtype=out_dtype)
+
+
+@torch.library.custom_op("fcpass::all_gather_mm", mutates_args=())
+def all_gather_mm(
+    x: torch.Tensor, ws: Sequence[torch.Tensor], biases: Sequence[torch.Tensor | None],
+    group_name: str, world_size: int, threshold_tokens: int,
+) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    mms = [Matmul(w, b) for w, b in _zip_lists("all_gather_mm", ws, biases, "biases")]
+    call = _ag_call("all_gather_mm", x, mms, group_name, world_size)
+    gathered, outs = dispatch("all_gather_mm", ALL_GATHER_MM, call, threshold_tokens)
+    return gathered, list(outs)
+
+
+@all_gather_mm.register_fake
+def _(x, ws, biases, group_name, world_size, threshold_tokens):
+    mms = [Matmul(w, b) for w, b in _zip_lists("all_gather_mm", ws, biases, "biases")]
+    _ag_call("all_gather_mm", x, mms, group_name, world_size, resolve=False)
+    rows = x.shape[0] * world_size
+    return x.new_empty((rows, x.shape[1])), [x.new_empty((rows, w.shape[1])) for w in ws]
+
+
+def _scaled_matmuls(op, ws, w_scales, biases, x_scale, out_dtype):
+    if x_scale is not None and x_scale.dim() >= 2:
+        raise validate.FusedOpInputError(
+            f"fcpass::{op}: x_scale must be per-tensor (the gathered rows share it); "
+            f"got shape {tuple(x_scale.shape)}"
+        )
+    _zip_lists(op, ws, w_scales, "w_scales")
+    return [
+        Matmul(w, b, w_scale=w_scale, x_scale=x_scale, out_dtype=out_dtype)
+        for (w, b), w_scale in zip(_zip_lists(op, ws, biases, "biases"), w_scales)
+    ]
+
+
+@torch.library.custom_op("fcpass::all_gather_scaled_mm", mutates_args=())
+def all_gather_scaled_mm(
+    x: torch.Tensor, x_scale: torch.Tensor | None, ws: Sequence[torch.Tensor],
+    w_scales: Sequence[torch.Tensor], biases: Sequence[torch.Tensor | None], out_dtype: torch.dtype,
+    group_name: str, world_size: int, threshold_tokens: int,
+) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    mms = _scaled_matmuls("all_gather_scaled_mm", ws, w_scales, biases, x_scale, out_dtype)
+    call = _ag_call("all_gather_scaled_mm", x, mms, group_name, world_size)
+    gathered, outs = dispatch("all_gather_scaled_mm", ALL_GATHER_MM, call, threshold_tokens)
+    return gathered, list(outs)
+
+
+@all_gather_scaled_mm.register_fake
+def _(x, x_scale, ws, w_scales, biases, out_dtype, group_name, world_size, threshold_tokens):
+    mms = _scaled_matmuls("all_gather_scaled_mm", ws, w_scales, biases, x_scale, out_dtype)
+    _ag_call("all_gather_scaled_mm", x, mms, group_name, world_size, resolve=False)
+    rows = x.shape[0] * world_size
+    return x.new_empty((rows, x.shape[1])), [x.new_empty((rows, w.shape[1]), dtype=out_dtype) for w in ws]
