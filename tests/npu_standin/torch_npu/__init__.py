@@ -1,0 +1,141 @@
+"""Test-only stand-in for torch_npu's two fused communication kernels.
+
+It has the documented signatures of ``npu_mm_reduce_scatter_base`` and
+``npu_all_gather_base_mm`` (torch_npu / op-plugin docs, CANN 8.x), raises on
+every documented constraint a real kernel would reject, and computes the
+documented result over the gloo group behind the communicator name. It lives
+in tests/ only: fcpass never ships it. ``install()`` makes it importable as
+``torch_npu`` and gives gloo backends the HCCL ``get_hccl_comm_name`` lookup.
+
+Documented constraints enforced here:
+- x1 (m, k), x2 (k, n), both 2-D, same dtype in {float16, bfloat16, int8};
+- k in [256, 65535); for reduce_scatter m divisible by world_size;
+- world_size in {2, 4, 8} (Atlas A2);
+- reduce_op "sum"; comm_turn 0; gather_index 0;
+- bias must be None (the kernels do not support a bias);
+- quantized (int8): x2_scale float32 (1, n), x1_scale float32 (m, 1) or None,
+  output_dtype bfloat16/float16, comm_mode "aiv";
+- hcom must be a name handed out by get_hccl_comm_name.
+"""
+
+from __future__ import annotations
+
+import sys
+import types
+
+import torch
+import torch.distributed as dist
+
+WORLD_SIZES = (2, 4, 8)
+K_MIN, K_MAX_EXCLUSIVE = 256, 65535
+DTYPES = (torch.float16, torch.bfloat16, torch.int8)
+OUT_DTYPES = (torch.bfloat16, torch.float16)
+
+# Every accepted call, for tests to inspect: (kernel, dict of facts).
+calls: list[tuple[str, dict]] = []
+_groups_by_comm_name: dict[str, dist.ProcessGroup] = {}
+
+npu = types.SimpleNamespace(is_current_stream_capturing=lambda: False)
+
+
+class KernelArgumentError(RuntimeError):
+    """What the real kernel's TORCH_CHECKs raise."""
+
+
+def _check(cond: bool, message: str) -> None:
+    if not cond:
+        raise KernelArgumentError(message)
+
+
+def _check_common(kernel, x1, x2, hcom, world_size, bias, comm_turn, x1_scale, x2_scale, output_dtype, comm_mode):
+    _check(x1.dim() == 2 and x2.dim() == 2, f"{kernel}: inputs must be 2-D")
+    _check(x1.dtype == x2.dtype, f"{kernel}: x1 {x1.dtype} and x2 {x2.dtype} must match")
+    _check(x1.dtype in DTYPES, f"{kernel}: dtype {x1.dtype} not supported")
+    _check(x1.shape[1] == x2.shape[0], f"{kernel}: k mismatch {x1.shape[1]} vs {x2.shape[0]}")
+    _check(K_MIN <= x1.shape[1] < K_MAX_EXCLUSIVE, f"{kernel}: k={x1.shape[1]} outside [{K_MIN}, {K_MAX_EXCLUSIVE})")
+    _check(world_size in WORLD_SIZES, f"{kernel}: world_size {world_size} not in {WORLD_SIZES}")
+    _check(bias is None, f"{kernel}: bias is not supported")
+    _check(comm_turn == 0, f"{kernel}: comm_turn must be 0")
+    _check(hcom in _groups_by_comm_name, f"{kernel}: unknown hcom {hcom!r}")
+    group = _groups_by_comm_name[hcom]
+    _check(group.size() == world_size, f"{kernel}: world_size {world_size} != communicator size {group.size()}")
+    if x1.dtype == torch.int8:
+        _check(comm_mode == "aiv", f"{kernel}: quantized kernel needs comm_mode='aiv'")
+        _check(x2_scale is not None and x2_scale.dtype == torch.float32 and tuple(x2_scale.shape) == (1, x2.shape[1]),
+               f"{kernel}: x2_scale must be float32 (1, n)")
+        _check(x1_scale is None or (x1_scale.dtype == torch.float32 and tuple(x1_scale.shape) == (x1.shape[0], 1)),
+               f"{kernel}: x1_scale must be float32 (m, 1)")
+        _check(output_dtype in OUT_DTYPES, f"{kernel}: output_dtype {output_dtype} not supported")
+    else:
+        _check(x1_scale is None and x2_scale is None and output_dtype is None,
+               f"{kernel}: scales/output_dtype are for the int8 kernel only")
+    _check(comm_mode in (None, "aiv", "ai_cpu"), f"{kernel}: comm_mode {comm_mode!r}")
+    return group
+
+
+def _matmul(x1, x2, x1_scale, x2_scale, output_dtype):
+    if x1.dtype != torch.int8:
+        return torch.mm(x1.float(), x2.float()).to(x1.dtype)
+    acc = torch._int_mm(x1, x2).to(torch.float32) * x2_scale
+    if x1_scale is not None:
+        acc = acc * x1_scale
+    return acc.to(output_dtype)
+
+
+def npu_mm_reduce_scatter_base(input, x2, hcom, world_size, *, reduce_op="sum", bias=None, x1_scale=None,
+                               x2_scale=None, comm_turn=0, output_dtype=None, comm_mode=None):
+    kernel = "npu_mm_reduce_scatter_base"
+    group = _check_common(kernel, input, x2, hcom, world_size, bias, comm_turn, x1_scale, x2_scale,
+                          output_dtype, comm_mode)
+    _check(reduce_op == "sum", f"{kernel}: reduce_op must be 'sum'")
+    _check(input.shape[0] % world_size == 0, f"{kernel}: m={input.shape[0]} not divisible by {world_size}")
+    calls.append((kernel, {"m": input.shape[0], "k": input.shape[1], "dtype": input.dtype,
+                           "quant": input.dtype == torch.int8, "x1_scale": x1_scale is not None}))
+    product = _matmul(input, x2, x1_scale, x2_scale, output_dtype)
+    out = product.new_empty((product.shape[0] // world_size, product.shape[1]))
+    dist.reduce_scatter_tensor(out, product, group=group)
+    return out
+
+
+def npu_all_gather_base_mm(input, x2, hcom, world_size, bias=None, x1_scale=None, x2_scale=None, gather_index=0,
+                           gather_output=True, comm_turn=0, output_dtype=None, comm_mode=None):
+    kernel = "npu_all_gather_base_mm"
+    group = _check_common(kernel, input, x2, hcom, world_size, bias, comm_turn, x1_scale, x2_scale,
+                          output_dtype, comm_mode)
+    _check(gather_index == 0, f"{kernel}: gather_index must be 0")
+    calls.append((kernel, {"m": input.shape[0], "k": input.shape[1], "dtype": input.dtype,
+                           "quant": input.dtype == torch.int8, "x1_scale": x1_scale is not None}))
+    gathered = _gather(input, world_size, group)
+    gathered_scale = None if x1_scale is None else _gather(x1_scale, world_size, group)
+    out = _matmul(gathered, x2, gathered_scale, x2_scale, output_dtype)
+    return out, (gathered if gather_output else input.new_empty(0))
+
+
+def _gather(t, world_size, group):
+    gathered = t.new_empty((t.shape[0] * world_size, *t.shape[1:]))
+    dist.all_gather_into_tensor(gathered, t.contiguous(), group=group)
+    return gathered
+
+
+def _get_hccl_comm_name(backend, rank):
+    """The HCCL backend's comm-name lookup, on a gloo backend registered for "npu"."""
+    for group in dist.distributed_c10d._world.pg_map:
+        try:
+            if group._get_backend(torch.device("npu")) is backend:
+                name = f"standin_hccl_{group.group_name}"
+                _groups_by_comm_name[name] = group
+                return name
+        except RuntimeError:
+            continue
+    raise KernelArgumentError("no process group owns this backend")
+
+
+def install() -> None:
+    """Import as ``torch_npu``; make "npu" a device type whose process-group backend answers HCCL names.
+
+    Groups must then be created with backend "cpu:gloo,npu:gloo".
+    """
+    sys.modules["torch_npu"] = sys.modules[__name__]
+    if torch._C._get_privateuse1_backend_name() != "npu":
+        torch.utils.rename_privateuse1_backend("npu")
+    dist.ProcessGroupGloo.get_hccl_comm_name = _get_hccl_comm_name
