@@ -1,0 +1,99 @@
+"""Bad input fails with an error naming the problem, on every rank, before any collective.
+
+The fake-impl checks run under FakeTensorMode (no process group needed);
+the runtime ones on real gloo ranks, where a hang would be caught by the
+harness deadline.
+"""
+
+import pytest
+import torch
+import torch.distributed as dist
+from torch._subclasses.fake_tensor import FakeTensorMode
+
+import fcpass
+from fcpass.validate import FusedOpInputError
+from multirank import run_ranks
+
+
+def _rs(x, w, bias=None, world_size=2):
+    return torch.ops.fcpass.mm_reduce_scatter(x, w, bias, "tp:0", world_size, 0)
+
+
+@pytest.mark.parametrize(
+    "make, message",
+    [
+        (lambda: _rs(torch.randn(8, 16), torch.randn(12, 4)), "k mismatch, x has k=16 but w has k=12"),
+        (lambda: _rs(torch.randn(8, 16), torch.randn(16, 4, dtype=torch.bfloat16)), "dtype mismatch"),
+        (lambda: _rs(torch.randn(8, 16, dtype=torch.float64), torch.randn(16, 4, dtype=torch.float64)),
+         "dtype torch.float64 not supported"),
+        (lambda: _rs(torch.randn(7, 16), torch.randn(16, 4)), "token count 7 is not divisible by world_size 2"),
+        (lambda: _rs(torch.randn(8, 16), torch.randn(16, 4), torch.randn(5)), r"bias must have shape \(4,\)"),
+        (lambda: _rs(torch.randn(8, 16), torch.randn(16, 4), world_size=0), "world_size must be >= 1"),
+        (lambda: torch.ops.fcpass.all_gather_mm(torch.randn(3, 16), [torch.randn(16, 4)], [], "tp:0", 2, 0),
+         "1 weights but 0 biases"),
+        (lambda: torch.ops.fcpass.mm_reduce_scatter_scaled(
+            torch.zeros(8, 16, dtype=torch.int8), torch.zeros(16, 4, dtype=torch.int8), None, torch.ones(4),
+            torch.zeros(4), torch.bfloat16, "tp:0", 2, 0), "bias dtype must be torch.int32"),
+        (lambda: torch.ops.fcpass.all_gather_scaled_mm(
+            torch.zeros(8, 16, dtype=torch.int8), torch.ones(8, 1), [torch.zeros(16, 4, dtype=torch.int8)],
+            [torch.ones(4)], [None], torch.bfloat16, "tp:0", 2, 0), "x_scale must be per-tensor"),
+    ],
+)
+def test_fake_impl_names_the_problem(make, message):
+    with FakeTensorMode(), pytest.raises(FusedOpInputError, match=message):
+        make()
+
+
+def run_bad_calls(rank, world_size):
+    name = dist.group.WORLD.group_name
+    x, w = torch.randn(8, 16), torch.randn(16, 4)
+    calls = {
+        "unknown_group": lambda: _rs_named(x, w, "no-such-group", world_size),
+        "world_size_mismatch": lambda: _rs_named(x, w, name, world_size + 2),
+        "tokens_not_divisible": lambda: _rs_named(torch.randn(7, 16), w, name, world_size),
+        "one_token": lambda: _rs_named(torch.randn(1, 16), w, name, world_size),
+        "k_mismatch": lambda: _rs_named(x, torch.randn(15, 4), name, world_size),
+    }
+    messages = {}
+    for key, call in calls.items():
+        try:
+            call()
+            messages[key] = None
+        except (ValueError, RuntimeError) as exc:
+            messages[key] = str(exc)
+    dist.barrier()  # the group still works: nothing was left half-way in a collective
+    return messages
+
+
+def _rs_named(x, w, name, world_size):
+    return torch.ops.fcpass.mm_reduce_scatter(x, w, None, name, world_size, 0)
+
+
+def test_runtime_errors_name_the_problem_without_hanging():
+    per_rank = run_ranks(run_bad_calls, 2, timeout=120)
+    expected = {
+        "unknown_group": "unknown process group 'no-such-group'",
+        "world_size_mismatch": "world_size 4 does not match group",
+        "tokens_not_divisible": "token count 7 is not divisible by world_size 2",
+        "one_token": "token count 1 is not divisible by world_size 2",
+        "k_mismatch": "k mismatch",
+    }
+    for messages in per_rank:
+        for key, text in expected.items():
+            assert messages[key] is not None and text in messages[key], (key, messages[key])
+
+
+def run_over_max_world_size(rank, world_size):
+    from cases import Case
+    from op_runs import run_cases
+
+    return run_cases(rank, world_size, [Case(m=16, k=32, threshold=0)], [Case(m=4, k=32, threshold=0)],
+                     fcpass.PassConfig(max_world_size=2))
+
+
+def test_world_size_over_limit_falls_back_to_unfused():
+    per_rank = run_ranks(run_over_max_world_size, 4, timeout=120)
+    for results in per_rank:
+        for r in results:
+            assert r["decision"][1:] == ("unfused", "world_size 4 > max_world_size 2")
+            assert r["error"] <= 1e-5

@@ -1,0 +1,37 @@
+"""The ops resolve vLLM's own group names ("tp:0") on a real vLLM TP group."""
+
+import torch
+
+from cases import Case
+from multirank import run_ranks
+
+
+def run_on_vllm_tp_group(rank, world_size):
+    import torch.distributed as dist
+    from vllm.config import VllmConfig, set_current_vllm_config
+    from vllm.distributed import parallel_state
+
+    from op_runs import run_mm_reduce_scatter, run_all_gather_mm
+
+    with set_current_vllm_config(VllmConfig()):
+        parallel_state.init_distributed_environment(
+            world_size=world_size, rank=rank, local_rank=rank, backend="gloo",
+            distributed_init_method="env://",  # unused: the harness already initialized torch.distributed
+        )
+        parallel_state.initialize_model_parallel(tensor_model_parallel_size=world_size)
+        tp = parallel_state.get_tp_group()
+        assert dist.is_initialized()
+        results = [
+            run_mm_reduce_scatter(Case(m=64, k=32, bias=True, threshold=0), rank, world_size, tp.unique_name),
+            run_all_gather_mm(Case(m=8, k=32, ns=(16, 8), threshold=0), rank, world_size, tp.unique_name),
+        ]
+        parallel_state.destroy_model_parallel()
+        return {"name": tp.unique_name, "results": results}
+
+
+def test_ops_accept_vllm_group_name():
+    per_rank = run_ranks(run_on_vllm_tp_group, 2, timeout=240)
+    for r in per_rank:
+        assert r["name"].startswith("tp:")
+        for res in r["results"]:
+            assert res["decision"][1] == "fused" and res["error"] <= 1e-5
