@@ -67,3 +67,12 @@ def test_pipeline_chunk_counts_are_exact():
     for chunks in (1, 3, 8, 64):
         per_rank = run_ranks(run_cases, 2, rs, ag, fcpass.PassConfig(pipeline_chunks=chunks), timeout=120)
         check_results(per_rank)
+
+
+def test_cuda_backend_without_symmetric_memory_runs_the_generic_pipeline():
+    """backend="cuda" on a group without symmetric memory: still fused, via the generic pipeline."""
+    import fcpass
+
+    rs = [Case(m=64, k=32, bias=True, threshold=0)]
+    ag = [Case(m=16, k=32, ns=(8, 8), bias=True, threshold=0)]
+    check_results(run_ranks(run_cases, 2, rs, ag, fcpass.PassConfig(backend="cuda"), timeout=120))
