@@ -1,5 +1,5 @@
-"""Graph-rewrite passes that swap matmul/collective subgraphs for fcpass ops.
+"""Graph-rewrite passes that swap matmul/collective subgraphs for fcpass ops."""
 
-The pattern families arrive with issue 2/6; this package already ships so
-the distribution layout is final.
-"""
+from passes.manager import FlashCommPass
+
+__all__ = ["FlashCommPass"]

@@ -1,0 +1,125 @@
+"""How collectives and matmuls appear in a post-grad graph, as Inductor patterns.
+
+A pattern family is written once over these forms: it asks "is this node a
+reduce_scatter, in any form?" and "is that node a matmul, in any form?",
+and gets back the same decoded record whatever the form was.
+
+Inner nodes of a pattern match only when they have a single user (the
+pattern matcher's default), so a matmul whose output is used elsewhere too
+never matches: fusing it would compute it twice.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.fx as fx
+from torch._inductor.pattern_matcher import CallFunction, KeywordArg, PatternExpr, is_match
+
+aten = torch.ops.aten
+
+
+def _functional(name: str):
+    return getattr(torch.ops._c10d_functional, name).default
+
+
+def _vllm(name: str):
+    """vLLM's custom-op collective, or None when vLLM is not imported (its ops are not registered)."""
+    namespace = getattr(torch.ops, "vllm", None)
+    try:
+        return getattr(namespace, name).default
+    except (AttributeError, RuntimeError):
+        return None
+
+
+@dataclass(frozen=True)
+class Collective:
+    """A decoded reduce_scatter or all_gather along dim 0."""
+
+    form: str
+    output: fx.Node  # the node whose value is the collective's result
+    input: fx.Node
+    world_size: int
+    group_name: str
+    reduce_op: str
+    nodes: tuple[fx.Node, ...]  # every node of the matched form, output last
+
+
+@dataclass(frozen=True)
+class MatmulNode:
+    """A decoded ``x @ w (+ bias)`` on 2-D rows."""
+
+    form: str
+    output: fx.Node
+    x: fx.Node
+    w: fx.Node
+    bias: fx.Node | None
+
+
+def _wait(inner: PatternExpr) -> PatternExpr:
+    return CallFunction(_functional("wait_tensor"), inner)
+
+
+def reduce_scatter_forms() -> list[tuple[str, PatternExpr]]:
+    forms = [(
+        "c10d_functional",
+        _wait(CallFunction(_functional("reduce_scatter_tensor"), KeywordArg("input"), KeywordArg("reduce_op"),
+                           KeywordArg("world_size"), KeywordArg("group_name"))),
+    )]
+    if _vllm("reduce_scatter") is not None:
+        forms.append(("vllm", CallFunction(_vllm("reduce_scatter"), KeywordArg("input"), 0,
+                                           KeywordArg("world_size"), KeywordArg("group_name"))))
+    return forms
+
+
+def all_gather_forms() -> list[tuple[str, PatternExpr]]:
+    forms = [(
+        "c10d_functional",
+        _wait(CallFunction(_functional("all_gather_into_tensor"), KeywordArg("input"),
+                           KeywordArg("world_size"), KeywordArg("group_name"))),
+    )]
+    if _vllm("all_gather") is not None:
+        forms.append(("vllm", CallFunction(_vllm("all_gather"), KeywordArg("input"), 0,
+                                           KeywordArg("world_size"), KeywordArg("group_name"))))
+    return forms
+
+
+def matmul_forms() -> list[tuple[str, PatternExpr]]:
+    x, w = KeywordArg("x"), KeywordArg("w")
+    return [
+        ("mm", CallFunction(aten.mm.default, x, w)),
+        ("addmm", CallFunction(aten.addmm.default, KeywordArg("bias"), x, w)),
+    ]
+
+
+def match_collective(node: fx.Node, forms) -> Collective | None:
+    for form, pattern in forms:
+        m = pattern.match(node)
+        if is_match(m):
+            return Collective(
+                form=form, output=node, input=m.kwargs["input"], world_size=int(m.kwargs["world_size"]),
+                group_name=str(m.kwargs["group_name"]), reduce_op=str(m.kwargs.get("reduce_op", "sum")),
+                nodes=tuple(m.nodes),
+            )
+    return None
+
+
+def match_matmul(node: fx.Node, forms) -> MatmulNode | None:
+    for form, pattern in forms:
+        m = pattern.match(node)
+        if is_match(m):
+            return MatmulNode(form, node, m.kwargs["x"], m.kwargs["w"], m.kwargs.get("bias"))
+    return None
+
+
+def erase_unused(graph: fx.Graph, nodes) -> None:
+    """Erase the matched nodes the rewrite left without users, consumers first."""
+    for node in sorted(set(nodes), key=_position(graph), reverse=True):
+        if not node.users:
+            graph.erase_node(node)
+
+
+def _position(graph: fx.Graph):
+    order = {n: i for i, n in enumerate(graph.nodes)}
+    return order.__getitem__

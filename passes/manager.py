@@ -1,0 +1,87 @@
+"""FlashCommPass: the families in order, as one Inductor post-grad custom pass.
+
+Picklable and deep-copyable (it holds only its config); ``uuid()`` hashes the
+config and the source of every pass module, so Inductor's cache key changes
+when either does.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import time
+from pathlib import Path
+
+import torch.fx as fx
+from torch._inductor.custom_graph_pass import CustomGraphPass
+from torch._inductor.pattern_matcher import stable_topological_sort
+
+import fcpass  # noqa: F401  (registers torch.ops.fcpass.*)
+from fcpass.config import PassConfig
+from passes import all_gather_mm, mm_reduce_scatter
+from passes.report import PassReport
+
+logger = logging.getLogger(__name__)
+
+# Set to a folder to get each graph before and after the pass written there.
+DEBUG_DUMP_ENV = "FCPASS_DUMP_GRAPHS"
+_PASS_SOURCES = sorted(Path(__file__).parent.glob("*.py"))
+
+# Family order: reduce_scatter first, so an all_gather whose input comes from a
+# rewritten reduce_scatter sees the final graph.
+_FAMILIES = (
+    ("fuse_mm_reduce_scatter", mm_reduce_scatter),
+    ("fuse_all_gather_mm", all_gather_mm),
+)
+
+# The op-level guard resolves the backend's default when the config has none.
+_BACKEND_DEFAULT_THRESHOLD = -1
+
+
+class FlashCommPass(CustomGraphPass):
+    def __init__(self, config: PassConfig | None = None) -> None:
+        self.config = config or PassConfig()
+        self.report = PassReport()
+        self._calls = 0
+
+    @property
+    def matched(self) -> dict[str, dict[str, int]]:
+        """Fused sites per family and form, from the last call."""
+        return self.report.matched()
+
+    def __call__(self, graph: fx.Graph) -> None:
+        start = time.perf_counter()
+        self.report = PassReport()
+        self._calls += 1
+        self._dump(graph, "before")
+        threshold = self.config.threshold_tokens
+        threshold = _BACKEND_DEFAULT_THRESHOLD if threshold is None else threshold
+        for flag, family in _FAMILIES:
+            if getattr(self.config, flag):
+                family.rewrite(graph, threshold, self.report)
+        stable_topological_sort(graph)
+        graph.lint()
+        self._dump(graph, "after")
+        logger.debug("FlashCommPass: %s in %.1f ms", self.matched, (time.perf_counter() - start) * 1e3)
+
+    def uuid(self) -> str:
+        digest = hashlib.sha256(self.config.key().encode())
+        for path in _PASS_SOURCES:
+            digest.update(path.read_bytes())
+        return digest.hexdigest()
+
+    def __getstate__(self):
+        return {"config": self.config}
+
+    def __setstate__(self, state):
+        self.__init__(state["config"])
+
+    def _dump(self, graph: fx.Graph, stage: str) -> None:
+        folder = os.environ.get(DEBUG_DUMP_ENV)
+        if not folder:
+            return
+        os.makedirs(folder, exist_ok=True)
+        path = os.path.join(folder, f"flashcomm_{os.getpid()}_{self._calls:03d}_{stage}.txt")
+        with open(path, "w") as f:
+            f.write(str(graph))

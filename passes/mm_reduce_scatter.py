@@ -1,0 +1,58 @@
+"""matmul -> reduce_scatter  ==>  fcpass.mm_reduce_scatter
+
+    y = mm(x, w)            (or addmm(bias, x, w))
+    out = reduce_scatter(y, dim 0, sum, group)
+        ==>
+    out = fcpass.mm_reduce_scatter(x, w, bias, group, world_size, threshold)
+
+Applies when the reduction is a sum along dim 0 and the matmul's only user
+is the collective (another user would need the unreduced product).
+The rewrite depends only on the matmul form, never on whether this rank
+holds a bias: a biased addmm on rank 0 and a plain mm on rank 1 both become
+the same op, whose protocol does not depend on the bias.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.fx as fx
+
+from passes import forms
+from passes.forms import erase_unused
+from passes.report import FUSED, PassReport
+
+FAMILY = "mm_reduce_scatter"
+
+
+def rewrite(graph: fx.Graph, threshold_tokens: int, report: PassReport) -> None:
+    collective_forms, mm_forms = forms.reduce_scatter_forms(), forms.matmul_forms()
+    for node in list(graph.nodes):
+        rs = forms.match_collective(node, collective_forms)
+        if rs is None:
+            continue
+        producer = rs.input
+        mm = forms.match_matmul(producer, mm_forms)
+        form = f"{rs.form}/{mm.form if mm else getattr(producer, 'target', producer)}"
+        reason = _unfusable(rs, mm, producer)
+        if reason:
+            report.add(FAMILY, form, reason)
+            continue
+        with graph.inserting_before(rs.output):
+            fused = graph.call_function(
+                torch.ops.fcpass.mm_reduce_scatter.default,
+                (mm.x, mm.w, mm.bias, rs.group_name, rs.world_size, threshold_tokens),
+            )
+        fused.meta.update(rs.output.meta)
+        rs.output.replace_all_uses_with(fused)
+        erase_unused(graph, [*rs.nodes, producer])
+        report.add(FAMILY, form, FUSED)
+
+
+def _unfusable(rs: forms.Collective, mm: forms.MatmulNode | None, producer) -> str | None:
+    if rs.reduce_op != "sum":
+        return f"reduce op {rs.reduce_op!r}, not sum"
+    if mm is None:
+        return "no matmul producer"
+    if len(producer.users) > 1:
+        return "matmul output has other users"
+    return None

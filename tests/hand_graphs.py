@@ -1,0 +1,52 @@
+"""Hand-built post-grad-style graphs, one per form, traced with make_fx under fake tensors."""
+
+from __future__ import annotations
+
+import torch
+from torch.fx.experimental.proxy_tensor import make_fx
+
+import vllm.distributed.parallel_state  # noqa: F401  (registers torch.ops.vllm.* collectives)
+
+WS = 2
+M, K, N = 16, 32, 24
+functional = torch.ops._c10d_functional
+
+
+def _rs(form, t, group, reduce_op="sum"):
+    if form == "vllm":
+        return torch.ops.vllm.reduce_scatter(t, 0, WS, group)
+    return functional.wait_tensor(functional.reduce_scatter_tensor(t, reduce_op, WS, group))
+
+
+def _ag(form, t, group):
+    if form == "vllm":
+        return torch.ops.vllm.all_gather(t, 0, WS, group)
+    return functional.wait_tensor(functional.all_gather_into_tensor(t, WS, group))
+
+
+def mm_rs(form="vllm", bias=False, reduce_op="sum", extra_user=False, group="tp:0"):
+    """x @ w.T (+ b) -> reduce_scatter -> relu; w stored (n, k) like a vLLM weight."""
+
+    def f(x, w, b):
+        y = torch.addmm(b, x, w.t()) if bias else torch.mm(x, w.t())
+        out = torch.relu(_rs(form, y, group, reduce_op))
+        return (out, y * 2) if extra_user else out
+
+    return make_fx(f, tracing_mode="fake")(torch.randn(M, K), torch.randn(N, K), torch.randn(N))
+
+
+def ag_mm(form="vllm", bias=False, num_matmuls=2, other_user=True, group="tp:0"):
+    """all_gather -> several matmuls (+ the gathered rows used elsewhere, like a residual)."""
+
+    def f(x, ws, bs):
+        g = _ag(form, x, group)
+        outs = [torch.addmm(b, g, w.t()) if bias else torch.mm(g, w.t()) for w, b in zip(ws, bs)]
+        return (*outs, g + 1) if other_user else tuple(outs)
+
+    ws = [torch.randn(N + i, K) for i in range(num_matmuls)]
+    bs = [torch.randn(N + i) for i in range(num_matmuls)]
+    return make_fx(f, tracing_mode="fake")(torch.randn(M // WS, K), ws, bs)
+
+
+def count(gm, target) -> int:
+    return sum(1 for n in gm.graph.nodes if n.op == "call_function" and n.target == target)

@@ -1,0 +1,76 @@
+"""The pattern families on hand-built graphs: what matches, what must not."""
+
+import pytest
+import torch
+
+import fcpass
+from hand_graphs import ag_mm, count, mm_rs
+from passes import FlashCommPass
+
+fc = torch.ops.fcpass
+vllm_ops = torch.ops.vllm
+functional = torch.ops._c10d_functional
+
+
+def _apply(gm, **config):
+    p = FlashCommPass(fcpass.PassConfig(**config))
+    p(gm.graph)
+    gm.recompile()
+    return p
+
+
+@pytest.mark.parametrize("form", ["vllm", "c10d_functional"])
+@pytest.mark.parametrize("bias", [False, True], ids=["mm", "addmm"])
+def test_mm_reduce_scatter_forms_match(form, bias):
+    gm = mm_rs(form, bias=bias)
+    p = _apply(gm)
+    assert count(gm, fc.mm_reduce_scatter.default) == 1
+    assert count(gm, vllm_ops.reduce_scatter.default) == count(gm, functional.reduce_scatter_tensor.default) == 0
+    assert count(gm, torch.ops.aten.mm.default) == count(gm, torch.ops.aten.addmm.default) == 0
+    assert p.matched == {"mm_reduce_scatter": {f"{form}/{'addmm' if bias else 'mm'}": 1}}
+
+
+@pytest.mark.parametrize("form", ["vllm", "c10d_functional"])
+def test_all_gather_feeding_several_matmuls_becomes_one_op(form):
+    gm = ag_mm(form, bias=True, num_matmuls=3, other_user=True)
+    p = _apply(gm)
+    assert count(gm, fc.all_gather_mm.default) == 1
+    assert count(gm, torch.ops.aten.addmm.default) == 0
+    assert count(gm, vllm_ops.all_gather.default) == count(gm, functional.all_gather_into_tensor.default) == 0
+    assert p.matched == {"all_gather_mm": {f"{form}/addmm": 1}}
+    (fused,) = [n for n in gm.graph.nodes if n.target == fc.all_gather_mm.default]
+    assert len(fused.args[1]) == 3
+    # the residual-like user now reads the fused op's gathered output
+    add = next(n for n in gm.graph.nodes if n.target == torch.ops.aten.add.Tensor)
+    assert add.args[0].args == (fused, 0)
+
+
+def test_avg_reduce_scatter_is_left_alone():
+    gm = mm_rs("c10d_functional", reduce_op="avg")
+    p = _apply(gm)
+    assert count(gm, fc.mm_reduce_scatter.default) == 0
+    assert [o.outcome for o in p.report.outcomes] == ["reduce op 'avg', not sum"]
+
+
+def test_matmul_with_another_user_is_left_alone():
+    gm = mm_rs("vllm", extra_user=True)
+    p = _apply(gm)
+    assert count(gm, fc.mm_reduce_scatter.default) == 0
+    assert count(gm, vllm_ops.reduce_scatter.default) == 1
+    assert [o.outcome for o in p.report.outcomes] == ["matmul output has other users"]
+
+
+@pytest.mark.parametrize("flag", ["fuse_mm_reduce_scatter", "fuse_all_gather_mm"])
+def test_disabled_family_matches_nothing(flag):
+    rs, ag = mm_rs("vllm"), ag_mm("vllm")
+    _apply(rs, **{flag: False})
+    _apply(ag, **{flag: False})
+    fused = count(rs, fc.mm_reduce_scatter.default) + count(ag, fc.all_gather_mm.default)
+    assert fused == 1  # only the family left enabled fused
+
+
+def test_threshold_travels_into_the_op():
+    gm = mm_rs("vllm")
+    _apply(gm, threshold_tokens=4096)
+    (fused,) = [n for n in gm.graph.nodes if n.target == fc.mm_reduce_scatter.default]
+    assert fused.args[3:] == ("tp:0", 2, 4096)
