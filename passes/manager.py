@@ -7,6 +7,7 @@ when either does.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import os
@@ -40,6 +41,18 @@ _BACKEND_DEFAULT_THRESHOLD = -1
 
 
 class FlashCommPass(CustomGraphPass):
+    """SP-less fusion pass: mm -> reduce_scatter and all_gather -> mm(s) into fcpass ops.
+
+    Constructed where vLLM is importable, the instance is also a vLLM
+    ``InductorPass`` (vLLM's pass manager accepts only those), without
+    importing vLLM when this module is imported.
+    """
+
+    def __new__(cls, config: PassConfig | None = None):
+        if cls is FlashCommPass:
+            cls = _vllm_flavour() or cls
+        return super().__new__(cls)
+
     def __init__(self, config: PassConfig | None = None) -> None:
         self.config = config or PassConfig()
         self.report = PassReport()
@@ -71,11 +84,9 @@ class FlashCommPass(CustomGraphPass):
             digest.update(path.read_bytes())
         return digest.hexdigest()
 
-    def __getstate__(self):
-        return {"config": self.config}
-
-    def __setstate__(self, state):
-        self.__init__(state["config"])
+    def __reduce__(self):
+        # Rebuilt from the config alone: picklable whatever flavour this instance is.
+        return (FlashCommPass, (self.config,))
 
     def _dump(self, graph: fx.Graph, stage: str) -> None:
         folder = os.environ.get(DEBUG_DUMP_ENV)
@@ -85,3 +96,12 @@ class FlashCommPass(CustomGraphPass):
         path = os.path.join(folder, f"flashcomm_{os.getpid()}_{self._calls:03d}_{stage}.txt")
         with open(path, "w") as f:
             f.write(str(graph))
+
+
+@functools.cache
+def _vllm_flavour():
+    try:
+        from vllm.compilation.passes.inductor_pass import InductorPass
+    except ImportError:
+        return None
+    return type("VllmFlashCommPass", (FlashCommPass, InductorPass), {"__module__": __name__})

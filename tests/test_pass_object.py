@@ -1,0 +1,46 @@
+"""FlashCommPass as an object: uuid, copy, pickle, vLLM flavour, graph dumps."""
+
+import copy
+import os
+import pickle
+import subprocess
+import sys
+
+import fcpass
+from hand_graphs import mm_rs
+from passes import FlashCommPass
+
+UUID_IN_FRESH_PROCESS = "import fcpass, passes; print(passes.FlashCommPass(fcpass.PassConfig(threshold_tokens=77)).uuid())"
+
+
+def test_uuid_is_stable_across_processes_and_follows_the_config():
+    here = FlashCommPass(fcpass.PassConfig(threshold_tokens=77)).uuid()
+    there = subprocess.run([sys.executable, "-c", UUID_IN_FRESH_PROCESS], capture_output=True, text=True,
+                           timeout=120, check=True).stdout.strip()
+    assert here == there
+    assert FlashCommPass(fcpass.PassConfig(threshold_tokens=78)).uuid() != here
+    assert FlashCommPass(fcpass.PassConfig(threshold_tokens=77, fuse_all_gather_mm=False)).uuid() != here
+
+
+def test_copy_and_pickle_keep_config_and_uuid():
+    p = FlashCommPass(fcpass.PassConfig(threshold_tokens=123, backend="generic"))
+    p(mm_rs().graph)
+    for clone in (copy.deepcopy(p), pickle.loads(pickle.dumps(p))):
+        assert type(clone) is type(p) and clone.config == p.config and clone.uuid() == p.uuid()
+
+
+def test_is_a_vllm_inductor_pass_when_vllm_is_importable():
+    from torch._inductor.custom_graph_pass import CustomGraphPass
+    from vllm.compilation.passes.inductor_pass import InductorPass
+
+    p = FlashCommPass()
+    assert isinstance(p, InductorPass) and isinstance(p, CustomGraphPass) and isinstance(p, FlashCommPass)
+
+
+def test_debug_switch_dumps_graphs_before_and_after(tmp_path, monkeypatch):
+    monkeypatch.setenv("FCPASS_DUMP_GRAPHS", str(tmp_path))
+    FlashCommPass()(mm_rs().graph)
+    files = sorted(os.listdir(tmp_path))
+    assert [f.rsplit("_", 1)[1] for f in files] == ["after.txt", "before.txt"]
+    before, after = (open(tmp_path / f).read() for f in sorted(files, key=lambda f: "after" in f))
+    assert "vllm.reduce_scatter" in before and "fcpass.mm_reduce_scatter" in after
