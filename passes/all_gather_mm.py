@@ -27,11 +27,8 @@ FAMILY = "all_gather_mm"
 
 
 def rewrite(graph: fx.Graph, threshold_tokens: int, report: PassReport) -> None:
-    collective_forms, mm_forms = forms.all_gather_forms(), forms.matmul_forms()
-    for node in list(graph.nodes):
-        ag = forms.match_collective(node, collective_forms)
-        if ag is None:
-            continue
+    mm_forms = forms.matmul_forms()
+    for ag in forms.collectives(graph, forms.all_gather_forms()):
         gathered = ag.output
         matmuls = [
             mm for mm in (forms.match_matmul(user, mm_forms) for user in gathered.users)

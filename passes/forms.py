@@ -93,6 +93,14 @@ def matmul_forms() -> list[tuple[str, PatternExpr]]:
     ]
 
 
+def collectives(graph: fx.Graph, forms):
+    """Every collective of ``forms`` in ``graph`` (a snapshot: the caller may rewrite as it goes)."""
+    for node in list(graph.nodes):
+        found = match_collective(node, forms)
+        if found is not None:
+            yield found
+
+
 def match_collective(node: fx.Node, forms) -> Collective | None:
     for form, pattern in forms:
         m = pattern.match(node)

@@ -25,11 +25,8 @@ FAMILY = "mm_reduce_scatter"
 
 
 def rewrite(graph: fx.Graph, threshold_tokens: int, report: PassReport) -> None:
-    collective_forms, mm_forms = forms.reduce_scatter_forms(), forms.matmul_forms()
-    for node in list(graph.nodes):
-        rs = forms.match_collective(node, collective_forms)
-        if rs is None:
-            continue
+    mm_forms = forms.matmul_forms()
+    for rs in forms.collectives(graph, forms.reduce_scatter_forms()):
         producer = rs.input
         mm = forms.match_matmul(producer, mm_forms)
         form = f"{rs.form}/{mm.form if mm else getattr(producer, 'target', producer)}"
