@@ -27,6 +27,7 @@ test: venv
 	$(PY) -m pytest -q tests
 
 bench: venv
+	$(PY) -m pip install -q matplotlib  # plots only; the tests do not need it
 	$(PY) benchmarks/ops.py
 
 clean:

@@ -70,6 +70,7 @@ class Decision:
 BELOW_THRESHOLD = "tokens <= threshold"
 ABOVE_THRESHOLD = "tokens > threshold"
 BACKEND_OFF = "backend off"
+FAMILY_DISABLED = "family disabled"
 
 
 def decide(
@@ -77,13 +78,14 @@ def decide(
     threshold_tokens: int,
     limits: KernelLimits | None,
     max_world_size: int,
+    off_reason: str = BACKEND_OFF,
 ) -> Decision:
     """Fused iff above the threshold and inside the config's and kernel's limits.
 
-    ``limits is None`` means fusion is switched off for this call.
+    ``limits is None`` means fusion is switched off for this call, for ``off_reason``.
     """
     if limits is None:
-        return Decision(False, BACKEND_OFF)
+        return Decision(False, off_reason)
     if facts.num_tokens <= threshold_tokens:
         return Decision(False, BELOW_THRESHOLD)
     if facts.world_size > max_world_size:

@@ -61,14 +61,17 @@ def dispatch(op: str, family: str, call: FusedCall, threshold_tokens: int):
         k=x.shape[1], n=sum(mm.n for mm in call.matmuls), device_type=x.device.type,
     )
     backend: Backend | None = select_backend(config.backend, x.device)
-    enabled = backend is not None and getattr(config, _FAMILY_FLAG[family])
-    limits = backend.limits(family, call) if enabled else None
+    off_reason = (
+        guard.BACKEND_OFF if backend is None
+        else guard.FAMILY_DISABLED if not getattr(config, _FAMILY_FLAG[family]) else None
+    )
+    limits = None if off_reason else backend.limits(family, call)
     if threshold_tokens < 0:
         threshold_tokens = (
             config.threshold_tokens if config.threshold_tokens is not None
             else backend.default_threshold_tokens if backend is not None else 0
         )
-    decision = guard.decide(facts, threshold_tokens, limits, config.max_world_size)
+    decision = guard.decide(facts, threshold_tokens, limits, config.max_world_size, off_reason or guard.BACKEND_OFF)
     guard.record(facts, decision)
     if family == MM_REDUCE_SCATTER:
         return backend.mm_reduce_scatter(call) if decision.fused else unfused_mm_reduce_scatter(call)

@@ -97,3 +97,21 @@ def test_world_size_over_limit_falls_back_to_unfused():
         for r in results:
             assert r["decision"][1:] == ("unfused", "world_size 4 > max_world_size 2")
             assert r["error"] <= 1e-5
+
+
+def run_switched_off(rank, world_size):
+    from cases import Case
+    from op_runs import run_cases
+
+    rs, ag = [Case(m=16, k=32, threshold=0)], [Case(m=4, k=32, threshold=0)]
+    return (run_cases(rank, world_size, rs, ag, fcpass.PassConfig(fuse_mm_reduce_scatter=False))
+            + run_cases(rank, world_size, rs, ag, fcpass.PassConfig(backend="off")))
+
+
+def test_disabled_family_and_backend_off_run_unfused():
+    for results in run_ranks(run_switched_off, 2, timeout=120):
+        assert [r["decision"][1:] for r in results] == [
+            ("unfused", "family disabled"), ("fused", "tokens > threshold"),
+            ("unfused", "backend off"), ("unfused", "backend off"),
+        ]
+        assert all(r["error"] <= 1e-5 for r in results)
