@@ -2,10 +2,14 @@
 
     g = all_gather(x, dim 0, group)
     y_i = mm(g, w_i)  (or addmm(b_i, g, w_i))   for every matmul user of g
+    z_j = mm(g[:end], v_j)                       the unpad slice before a matmul
     ... other users of g
         ==>
-    fused = fcpass.all_gather_mm(x, [w_i], [b_i], group, world_size, threshold)
-    g = fused[0];  y_i = fused[1][i]
+    fused = fcpass.all_gather_mm(x, [w_i, v_j], [b_i, c_j], group, world_size, threshold)
+    g = fused[0];  y_i = fused[1][i];  z_j = fused[1][j][:end]
+
+The unpad slice moves after the matmul: (g @ v)[:end] == g[:end] @ v, row
+by row, so the result is exact; the padded rows cost a few extra matmul rows.
 
 One gathered tensor often feeds several matmuls; a one-to-one traced
 replacement cannot express that, so the rewrite is built by hand: one fused
@@ -30,10 +34,8 @@ def rewrite(graph: fx.Graph, threshold_tokens: int, report: PassReport) -> None:
     mm_forms = forms.matmul_forms()
     for ag in forms.collectives(graph, forms.all_gather_forms()):
         gathered = ag.output
-        matmuls = [
-            mm for mm in (forms.match_matmul(user, mm_forms) for user in gathered.users)
-            if mm is not None and mm.x is gathered and mm.w is not gathered
-        ]
+        consumers = _matmul_consumers(gathered, mm_forms)
+        matmuls = [mm for mm, _ in consumers]
         if not matmuls:
             report.add(FAMILY, f"{ag.form}/-", "no matmul consumer")
             continue
@@ -49,10 +51,25 @@ def rewrite(graph: fx.Graph, threshold_tokens: int, report: PassReport) -> None:
             new_gathered = graph.call_function(operator.getitem, (fused, 0))
             new_gathered.meta.update(gathered.meta)
             outs = graph.call_function(operator.getitem, (fused, 1))
-            for i, mm in enumerate(matmuls):
+            for i, (mm, end) in enumerate(consumers):
                 out = graph.call_function(operator.getitem, (outs, i))
+                if end is not None:
+                    out = graph.call_function(torch.ops.aten.slice.Tensor, (out, 0, 0, end))
                 out.meta.update(mm.output.meta)
                 mm.output.replace_all_uses_with(out)
         gathered.replace_all_uses_with(new_gathered)
-        erase_unused(graph, [*ag.nodes, *(mm.output for mm in matmuls)])
+        erase_unused(graph, [*ag.nodes, *(mm.output for mm in matmuls), *(mm.x for mm in matmuls)])
         report.add(FAMILY, form, FUSED)
+
+
+def _matmul_consumers(gathered: fx.Node, mm_forms) -> list[tuple[forms.MatmulNode, object]]:
+    """(matmul, unpad end or None) for every matmul reading the gathered rows, directly or via ``[:end]``."""
+    consumers = []
+    for user in list(gathered.users):
+        end = forms.unpad_end(user, gathered)
+        rows = user if end is not None else gathered
+        for candidate in (list(user.users) if end is not None else [user]):
+            mm = forms.match_matmul(candidate, mm_forms)
+            if mm is not None and mm.x is rows and mm.w is not rows:
+                consumers.append((mm, end))
+    return consumers

@@ -93,6 +93,16 @@ def matmul_forms() -> list[tuple[str, PatternExpr]]:
     ]
 
 
+def unpad_end(node: fx.Node, source: fx.Node):
+    """``end`` if ``node`` is ``source[:end]`` along dim 0 (the unpad after a gather), else None."""
+    if node.op != "call_function" or node.target != aten.slice.Tensor or node.args[0] is not source:
+        return None
+    dim, start, end, step = (list(node.args[1:]) + [0, None, None, 1][len(node.args) - 1:])[:4]
+    if dim != 0 or start not in (0, None) or step != 1 or end is None:
+        return None
+    return end
+
+
 def collectives(graph: fx.Graph, forms):
     """Every collective of ``forms`` in ``graph`` (a snapshot: the caller may rewrite as it goes)."""
     for node in list(graph.nodes):

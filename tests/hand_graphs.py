@@ -35,12 +35,16 @@ def mm_rs(form="vllm", bias=False, reduce_op="sum", extra_user=False, group="tp:
     return make_fx(f, tracing_mode="fake")(torch.randn(M, K), torch.randn(N, K), torch.randn(N))
 
 
-def ag_mm(form="vllm", bias=False, num_matmuls=2, other_user=True, group="tp:0"):
-    """all_gather -> several matmuls (+ the gathered rows used elsewhere, like a residual)."""
+def ag_mm(form="vllm", bias=False, num_matmuls=2, other_user=True, group="tp:0", unpad_to=None):
+    """all_gather -> several matmuls (+ the gathered rows used elsewhere, like a residual).
+
+    ``unpad_to``: the matmuls read ``g[:unpad_to]``, vLLM's unpad after a padded gather.
+    """
 
     def f(x, ws, bs):
         g = _ag(form, x, group)
-        outs = [torch.addmm(b, g, w.t()) if bias else torch.mm(g, w.t()) for w, b in zip(ws, bs)]
+        rows = g if unpad_to is None else g[:unpad_to]
+        outs = [torch.addmm(b, rows, w.t()) if bias else torch.mm(rows, w.t()) for w, b in zip(ws, bs)]
         return (*outs, g + 1) if other_user else tuple(outs)
 
     ws = [torch.randn(N + i, K) for i in range(num_matmuls)]

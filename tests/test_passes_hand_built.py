@@ -74,3 +74,14 @@ def test_threshold_travels_into_the_op():
     _apply(gm, threshold_tokens=4096)
     (fused,) = [n for n in gm.graph.nodes if n.target == fc.mm_reduce_scatter.default]
     assert fused.args[3:] == ("tp:0", 2, 4096)
+
+
+def test_unpad_slice_before_the_matmuls_moves_after_the_fused_op():
+    gm = ag_mm("vllm", bias=True, num_matmuls=2, other_user=False, unpad_to=13)
+    p = _apply(gm)
+    assert count(gm, fc.all_gather_mm.default) == 1
+    assert count(gm, torch.ops.aten.addmm.default) == 0
+    slices = [n for n in gm.graph.nodes if n.target == torch.ops.aten.slice.Tensor]
+    assert len(slices) == 2 and all(n.args[0].target.__name__ == "getitem" and n.args[1:] == (0, 0, 13)
+                                    for n in slices)
+    assert p.matched == {"all_gather_mm": {"vllm/addmm": 1}}

@@ -28,6 +28,8 @@ def run_rewritten_vs_original(rank, world_size):
     graphs = {
         "rs": (mm_rs("c10d_functional", bias=(rank == 0), group=group), lambda x: (x, w, b)),
         "ag": (ag_mm("c10d_functional", bias=True, group=group), lambda x: (x[: x.shape[0] // world_size], ws, bs)),
+        "ag_unpad": (ag_mm("c10d_functional", bias=True, group=group, unpad_to=5, other_user=False),
+                     lambda x: (x[: x.shape[0] // world_size], ws, bs)),
     }
     results = {}
     for name, (original, make_args) in graphs.items():
