@@ -61,28 +61,26 @@ def _wait(inner: PatternExpr) -> PatternExpr:
     return CallFunction(_functional("wait_tensor"), inner)
 
 
-def reduce_scatter_forms() -> list[tuple[str, PatternExpr]]:
-    forms = [(
-        "c10d_functional",
-        _wait(CallFunction(_functional("reduce_scatter_tensor"), KeywordArg("input"), KeywordArg("reduce_op"),
-                           KeywordArg("world_size"), KeywordArg("group_name"))),
-    )]
-    if _vllm("reduce_scatter") is not None:
-        forms.append(("vllm", CallFunction(_vllm("reduce_scatter"), KeywordArg("input"), 0,
+def _collective_forms(functional_op: str, functional_args: tuple, vllm_op: str) -> list[tuple[str, PatternExpr]]:
+    """The functional-collective form (op + wait_tensor) and, when vLLM is loaded, vLLM's custom op on dim 0."""
+    forms = [("c10d_functional",
+              _wait(CallFunction(_functional(functional_op), KeywordArg("input"), *functional_args)))]
+    if _vllm(vllm_op) is not None:
+        forms.append(("vllm", CallFunction(_vllm(vllm_op), KeywordArg("input"), 0,
                                            KeywordArg("world_size"), KeywordArg("group_name"))))
     return forms
+
+
+def reduce_scatter_forms() -> list[tuple[str, PatternExpr]]:
+    return _collective_forms(
+        "reduce_scatter_tensor", (KeywordArg("reduce_op"), KeywordArg("world_size"), KeywordArg("group_name")),
+        "reduce_scatter",
+    )
 
 
 def all_gather_forms() -> list[tuple[str, PatternExpr]]:
-    forms = [(
-        "c10d_functional",
-        _wait(CallFunction(_functional("all_gather_into_tensor"), KeywordArg("input"),
-                           KeywordArg("world_size"), KeywordArg("group_name"))),
-    )]
-    if _vllm("all_gather") is not None:
-        forms.append(("vllm", CallFunction(_vllm("all_gather"), KeywordArg("input"), 0,
-                                           KeywordArg("world_size"), KeywordArg("group_name"))))
-    return forms
+    return _collective_forms("all_gather_into_tensor", (KeywordArg("world_size"), KeywordArg("group_name")),
+                             "all_gather")
 
 
 def matmul_forms() -> list[tuple[str, PatternExpr]]:
