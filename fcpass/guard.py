@@ -78,14 +78,14 @@ def decide(
     threshold_tokens: int,
     limits: KernelLimits | None,
     max_world_size: int,
-    off_reason: str = BACKEND_OFF,
+    off_reason: str | None = None,
 ) -> Decision:
     """Fused iff above the threshold and inside the config's and kernel's limits.
 
     ``limits is None`` means fusion is switched off for this call, for ``off_reason``.
     """
     if limits is None:
-        return Decision(False, off_reason)
+        return Decision(False, off_reason or BACKEND_OFF)
     if facts.num_tokens <= threshold_tokens:
         return Decision(False, BELOW_THRESHOLD)
     if facts.world_size > max_world_size:

@@ -66,16 +66,21 @@ def dispatch(op: str, family: str, call: FusedCall, threshold_tokens: int):
         else guard.FAMILY_DISABLED if not getattr(config, _FAMILY_FLAG[family]) else None
     )
     limits = None if off_reason else backend.limits(family, call)
-    if threshold_tokens < 0:
-        threshold_tokens = (
-            config.threshold_tokens if config.threshold_tokens is not None
-            else backend.default_threshold_tokens if backend is not None else 0
-        )
-    decision = guard.decide(facts, threshold_tokens, limits, config.max_world_size, off_reason or guard.BACKEND_OFF)
+    threshold = _resolve_threshold(threshold_tokens, config, backend)
+    decision = guard.decide(facts, threshold, limits, config.max_world_size, off_reason)
     guard.record(facts, decision)
     if family == MM_REDUCE_SCATTER:
         return backend.mm_reduce_scatter(call) if decision.fused else unfused_mm_reduce_scatter(call)
     return backend.all_gather_mm(call) if decision.fused else unfused_all_gather_mm(call)
+
+
+def _resolve_threshold(threshold_tokens: int, config: PassConfig, backend: Backend | None) -> int:
+    """The op's own threshold; if negative, the config's; if unset, the backend's default."""
+    if threshold_tokens >= 0:
+        return threshold_tokens
+    if config.threshold_tokens is not None:
+        return config.threshold_tokens
+    return backend.default_threshold_tokens if backend is not None else 0
 
 
 def unfused_mm_reduce_scatter(call: FusedCall) -> torch.Tensor:
