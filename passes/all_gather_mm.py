@@ -8,6 +8,9 @@
     fused = fcpass.all_gather_mm(x, [w_i, v_j], [b_i, c_j], group, world_size, threshold)
     g = fused[0];  y_i = fused[1][i];  z_j = fused[1][j][:end]
 
+``_scaled_mm`` consumers (one x_scale, one out_dtype) become
+``fcpass.all_gather_scaled_mm`` the same way.
+
 The unpad slice moves after the matmul: (g @ v)[:end] == g[:end] @ v, row
 by row, so the result is exact; the padded rows cost a few extra matmul rows.
 
@@ -40,14 +43,21 @@ def rewrite(graph: fx.Graph, threshold_tokens: int, report: PassReport) -> None:
             report.add(FAMILY, f"{ag.form}/-", "no matmul consumer")
             continue
         form = f"{ag.form}/{'+'.join(sorted({mm.form for mm in matmuls}))}"
+        if len({(mm.scaled, mm.x_scale, mm.out_dtype) for mm in matmuls}) > 1:
+            report.add(FAMILY, form, "matmuls differ in scaling (one fused op needs one kind)")
+            continue
+        first = matmuls[0]
+        if first.scaled:
+            target = torch.ops.fcpass.all_gather_scaled_mm.default
+            op_args = (ag.input, first.x_scale, [mm.w for mm in matmuls], [mm.w_scale for mm in matmuls],
+                       [mm.bias for mm in matmuls], first.out_dtype)
+        else:
+            target = torch.ops.fcpass.all_gather_mm.default
+            op_args = (ag.input, [mm.w for mm in matmuls], [mm.bias for mm in matmuls])
         # Inserted before the first matmul; weights defined later are put in order by the
         # pass's topological sort afterwards.
         with graph.inserting_before(matmuls[0].output):
-            fused = graph.call_function(
-                torch.ops.fcpass.all_gather_mm.default,
-                (ag.input, [mm.w for mm in matmuls], [mm.bias for mm in matmuls],
-                 ag.group_name, ag.world_size, threshold_tokens),
-            )
+            fused = graph.call_function(target, (*op_args, ag.group_name, ag.world_size, threshold_tokens))
             new_gathered = graph.call_function(operator.getitem, (fused, 0))
             new_gathered.meta.update(gathered.meta)
             outs = graph.call_function(operator.getitem, (fused, 1))

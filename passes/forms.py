@@ -48,13 +48,20 @@ class Collective:
 
 @dataclass(frozen=True)
 class MatmulNode:
-    """A decoded ``x @ w (+ bias)`` on 2-D rows."""
+    """A decoded ``x @ w (+ bias)`` on 2-D rows; scaled forms also carry their scales."""
 
     form: str
     output: fx.Node
     x: fx.Node
     w: fx.Node
     bias: fx.Node | None
+    x_scale: fx.Node | None = None
+    w_scale: fx.Node | None = None
+    out_dtype: torch.dtype | None = None
+
+    @property
+    def scaled(self) -> bool:
+        return self.w_scale is not None
 
 
 def _wait(inner: PatternExpr) -> PatternExpr:
@@ -126,7 +133,26 @@ def match_matmul(node: fx.Node, forms) -> MatmulNode | None:
         m = pattern.match(node)
         if is_match(m):
             return MatmulNode(form, node, m.kwargs["x"], m.kwargs["w"], m.kwargs.get("bias"))
-    return None
+    return _match_scaled_mm(node)
+
+
+def _match_scaled_mm(node: fx.Node) -> MatmulNode | None:
+    """fp8 ``aten._scaled_mm`` with the semantics fcpass's scaled ops implement.
+
+    Its arguments come positionally or by keyword, so it is decoded through
+    the op schema rather than a fixed-arity pattern. A result scale or fast
+    accumulation changes the numbers, so such a node is not a match.
+    """
+    if node.op != "call_function" or node.target != aten._scaled_mm.default:
+        return None
+    names = (  # aten::_scaled_mm's schema order
+        "self", "mat2", "scale_a", "scale_b", "bias", "scale_result", "out_dtype", "use_fast_accum")
+    args = dict(zip(names, node.args))
+    args.update(node.kwargs)
+    if args.get("scale_result") is not None or args.get("use_fast_accum", False) or args.get("out_dtype") is None:
+        return None
+    return MatmulNode("scaled_mm", node, args["self"], args["mat2"], args.get("bias"),
+                      x_scale=args["scale_a"], w_scale=args["scale_b"], out_dtype=args["out_dtype"])
 
 
 def erase_unused(graph: fx.Graph, nodes) -> None:

@@ -54,3 +54,33 @@ def ag_mm(form="vllm", bias=False, num_matmuls=2, other_user=True, group="tp:0",
 
 def count(gm, target) -> int:
     return sum(1 for n in gm.graph.nodes if n.op == "call_function" and n.target == target)
+
+
+FP8 = torch.float8_e4m3fn
+
+
+def _fp8_inputs(rows):
+    return (torch.randn(rows, K).to(FP8), torch.randn(N, K).to(FP8), torch.tensor(0.5), torch.tensor(0.25),
+            torch.randn(N).to(torch.bfloat16))
+
+
+def scaled_mm_rs(form="vllm", bias=True, group="tp:0"):
+    """fp8 ``_scaled_mm`` (bf16 out) -> reduce_scatter."""
+
+    def f(x, w, x_scale, w_scale, b):
+        y = torch._scaled_mm(x, w.t(), x_scale, w_scale, bias=b if bias else None, out_dtype=torch.bfloat16)
+        return _rs(form, y, group)
+
+    return make_fx(f, tracing_mode="fake")(*_fp8_inputs(M))
+
+
+def ag_scaled_mm(form="vllm", group="tp:0", mixed=False):
+    """all_gather of fp8 rows -> two ``_scaled_mm``; ``mixed``: the second one outputs fp16, not bf16."""
+
+    def f(x, w, x_scale, w_scale, b):
+        g = _ag(form, x, group)
+        y1 = torch._scaled_mm(g, w.t(), x_scale, w_scale, bias=b, out_dtype=torch.bfloat16)
+        y2 = torch._scaled_mm(g, w.t(), x_scale, w_scale, out_dtype=torch.float16 if mixed else torch.bfloat16)
+        return y1, y2
+
+    return make_fx(f, tracing_mode="fake")(*_fp8_inputs(M // WS))

@@ -85,3 +85,26 @@ def test_unpad_slice_before_the_matmuls_moves_after_the_fused_op():
     assert len(slices) == 2 and all(n.args[0].target.__name__ == "getitem" and n.args[1:] == (0, 0, 13)
                                     for n in slices)
     assert p.matched == {"all_gather_mm": {"vllm/addmm": 1}}
+
+
+@pytest.mark.parametrize("form", ["vllm", "c10d_functional"])
+def test_fp8_scaled_mm_reduce_scatter_matches(form):
+    from hand_graphs import scaled_mm_rs
+
+    gm = scaled_mm_rs(form)
+    p = _apply(gm)
+    assert count(gm, fc.mm_reduce_scatter_scaled.default) == 1
+    assert count(gm, torch.ops.aten._scaled_mm.default) == 0
+    assert p.matched == {"mm_reduce_scatter": {f"{form}/scaled_mm": 1}}
+
+
+def test_fp8_all_gather_scaled_mm_matches_and_mixed_out_dtypes_do_not():
+    from hand_graphs import ag_scaled_mm
+
+    gm = ag_scaled_mm("vllm")
+    _apply(gm)
+    assert count(gm, fc.all_gather_scaled_mm.default) == 1 and count(gm, torch.ops.aten._scaled_mm.default) == 0
+    mixed = ag_scaled_mm("vllm", mixed=True)
+    p = _apply(mixed)
+    assert count(mixed, fc.all_gather_scaled_mm.default) == count(mixed, fc.all_gather_mm.default) == 0
+    assert [o.outcome for o in p.report.outcomes] == ["matmuls differ in scaling (one fused op needs one kind)"]
