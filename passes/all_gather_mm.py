@@ -46,17 +46,17 @@ def rewrite(graph: fx.Graph, threshold_tokens: int, report: PassReport) -> None:
         if len({(mm.scaled, mm.x_scale, mm.out_dtype) for mm in matmuls}) > 1:
             report.add(FAMILY, form, "matmuls differ in scaling (one fused op needs one kind)")
             continue
-        first = matmuls[0]
-        if first.scaled:
-            target = torch.ops.fcpass.all_gather_scaled_mm.default
-            op_args = (ag.input, first.x_scale, [mm.w for mm in matmuls], [mm.w_scale for mm in matmuls],
-                       [mm.bias for mm in matmuls], first.out_dtype)
-        else:
-            target = torch.ops.fcpass.all_gather_mm.default
-            op_args = (ag.input, [mm.w for mm in matmuls], [mm.bias for mm in matmuls])
         # Inserted before the first matmul; weights defined later are put in order by the
         # pass's topological sort afterwards.
         with graph.inserting_before(matmuls[0].output):
+            weights = [mm.kn_weight(graph) for mm in matmuls]
+            first, biases = matmuls[0], [mm.bias for mm in matmuls]
+            if first.scaled:
+                target = torch.ops.fcpass.all_gather_scaled_mm.default
+                op_args = (ag.input, first.x_scale, weights, [mm.w_scale for mm in matmuls], biases, first.out_dtype)
+            else:
+                target = torch.ops.fcpass.all_gather_mm.default
+                op_args = (ag.input, weights, biases)
             fused = graph.call_function(target, (*op_args, ag.group_name, ag.world_size, threshold_tokens))
             new_gathered = graph.call_function(operator.getitem, (fused, 0))
             new_gathered.meta.update(gathered.meta)

@@ -58,10 +58,18 @@ class MatmulNode:
     x_scale: fx.Node | None = None
     w_scale: fx.Node | None = None
     out_dtype: torch.dtype | None = None
+    # Linear-style ops take the weight as stored, (n, k); the fused ops want (k, n).
+    weight_is_nk: bool = False
 
     @property
     def scaled(self) -> bool:
         return self.w_scale is not None
+
+    def kn_weight(self, graph: fx.Graph) -> fx.Node:
+        """The (k, n) weight node, transposing a stored (n, k) weight at the insertion point."""
+        if not self.weight_is_nk:
+            return self.w
+        return graph.call_function(aten.permute.default, (self.w, [1, 0]))
 
 
 def _wait(inner: PatternExpr) -> PatternExpr:
@@ -133,7 +141,31 @@ def match_matmul(node: fx.Node, forms) -> MatmulNode | None:
         m = pattern.match(node)
         if is_match(m):
             return MatmulNode(form, node, m.kwargs["x"], m.kwargs["w"], m.kwargs.get("bias"))
-    return _match_scaled_mm(node)
+    return _match_scaled_mm(node) or _match_linear(node)
+
+
+def _linear_targets() -> dict:
+    """``y = x @ weight.T + bias`` ops, by form name: aten's and vLLM's (vllm-ascend's on NPU)."""
+    targets = {aten.linear.default: "linear"}
+    for name in ("unquantized_gemm", "rocm_unquantized_gemm"):
+        op = _vllm(name)
+        if op is not None:
+            targets[op] = name
+    return targets
+
+
+def _match_linear(node: fx.Node) -> MatmulNode | None:
+    if node.op != "call_function":
+        return None
+    form = _linear_targets().get(node.target)
+    if form is None:
+        return None
+    args = dict(zip(("x", "weight", "bias"), node.args))
+    args.update(node.kwargs)
+    x = args["x"]
+    if getattr(x.meta.get("val"), "dim", lambda: 0)() != 2:
+        return None  # 3-D activations: not matched yet
+    return MatmulNode(form, node, x, args["weight"], args.get("bias"), weight_is_nk=True)
 
 
 def _match_scaled_mm(node: fx.Node) -> MatmulNode | None:

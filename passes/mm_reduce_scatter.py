@@ -6,7 +6,8 @@
     out = fcpass.mm_reduce_scatter(x, w, bias, group, world_size, threshold)
 
 and the same from ``_scaled_mm(x, w, x_scale, w_scale, bias, out_dtype)`` to
-``fcpass.mm_reduce_scatter_scaled``.
+``fcpass.mm_reduce_scatter_scaled``; linear-style matmuls (``aten.linear``,
+``vllm.unquantized_gemm``) get their stored (n, k) weight transposed.
 
 Applies when the reduction is a sum along dim 0 and the matmul's only user
 is the collective (another user would need the unreduced product).
@@ -39,14 +40,15 @@ def rewrite(graph: fx.Graph, threshold_tokens: int, report: PassReport) -> None:
             continue
         collective_args = (rs.group_name, rs.world_size, threshold_tokens)
         with graph.inserting_before(rs.output):
+            w = mm.kn_weight(graph)
             if mm.scaled:
                 fused = graph.call_function(
                     torch.ops.fcpass.mm_reduce_scatter_scaled.default,
-                    (mm.x, mm.w, mm.x_scale, mm.w_scale, mm.bias, mm.out_dtype, *collective_args),
+                    (mm.x, w, mm.x_scale, mm.w_scale, mm.bias, mm.out_dtype, *collective_args),
                 )
             else:
                 fused = graph.call_function(
-                    torch.ops.fcpass.mm_reduce_scatter.default, (mm.x, mm.w, mm.bias, *collective_args)
+                    torch.ops.fcpass.mm_reduce_scatter.default, (mm.x, w, mm.bias, *collective_args)
                 )
         fused.meta.update(rs.output.meta)
         rs.output.replace_all_uses_with(fused)

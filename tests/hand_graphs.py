@@ -6,6 +6,7 @@ import torch
 from torch.fx.experimental.proxy_tensor import make_fx
 
 import vllm.distributed.parallel_state  # noqa: F401  (registers torch.ops.vllm.* collectives)
+import vllm.model_executor.layers.utils  # noqa: F401  (registers torch.ops.vllm.rocm_unquantized_gemm)
 
 WS = 2
 M, K, N = 16, 32, 24
@@ -84,3 +85,42 @@ def ag_scaled_mm(form="vllm", group="tp:0", mixed=False):
         return y1, y2
 
     return make_fx(f, tracing_mode="fake")(*_fp8_inputs(M // WS))
+
+
+def _register_vllm_ascend_gemm():
+    """Stand-in for vllm-ascend's ``vllm.unquantized_gemm(x, weight, bias)`` (a linear), same qualified name."""
+    if hasattr(torch.ops.vllm, "unquantized_gemm"):
+        return
+
+    @torch.library.custom_op("vllm::unquantized_gemm", mutates_args=())
+    def unquantized_gemm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        return torch.nn.functional.linear(x, weight, bias)
+
+    @unquantized_gemm.register_fake
+    def _(x, weight, bias):
+        return x.new_empty((*x.shape[:-1], weight.shape[0]))
+
+
+_register_vllm_ascend_gemm()
+LINEAR_OPS = {
+    "unquantized_gemm": lambda: torch.ops.vllm.unquantized_gemm,
+    "rocm_unquantized_gemm": lambda: torch.ops.vllm.rocm_unquantized_gemm,
+}
+
+
+def linear_rs(op="unquantized_gemm", form="vllm", bias=True, group="tp:0"):
+    """vLLM linear op (weight stored (n, k)) -> reduce_scatter."""
+
+    def f(x, w, b):
+        return _rs(form, LINEAR_OPS[op]()(x, w, b if bias else None), group)
+
+    return make_fx(f, tracing_mode="fake")(torch.randn(M, K), torch.randn(N, K), torch.randn(N))
+
+
+def ag_linear(op="unquantized_gemm", form="vllm", group="tp:0"):
+    def f(x, w1, w2, b):
+        g = _ag(form, x, group)
+        return LINEAR_OPS[op]()(g, w1, b), LINEAR_OPS[op]()(g, w2, None)
+
+    return make_fx(f, tracing_mode="fake")(torch.randn(M // WS, K), torch.randn(N, K), torch.randn(N, K),
+                                           torch.randn(N))

@@ -108,3 +108,16 @@ def test_fp8_all_gather_scaled_mm_matches_and_mixed_out_dtypes_do_not():
     p = _apply(mixed)
     assert count(mixed, fc.all_gather_scaled_mm.default) == count(mixed, fc.all_gather_mm.default) == 0
     assert [o.outcome for o in p.report.outcomes] == ["matmuls differ in scaling (one fused op needs one kind)"]
+
+
+@pytest.mark.parametrize("op", ["unquantized_gemm", "rocm_unquantized_gemm"])
+def test_vllm_linear_ops_match_with_their_weight_transposed(op):
+    from hand_graphs import LINEAR_OPS, ag_linear, linear_rs
+
+    rs, ag = linear_rs(op), ag_linear(op)
+    p_rs, p_ag = _apply(rs), _apply(ag)
+    assert count(rs, fc.mm_reduce_scatter.default) == 1 and count(ag, fc.all_gather_mm.default) == 1
+    assert count(rs, LINEAR_OPS[op]().default) == count(ag, LINEAR_OPS[op]().default) == 0
+    assert count(rs, torch.ops.aten.permute.default) == 1 and count(ag, torch.ops.aten.permute.default) == 2
+    assert p_rs.matched == {"mm_reduce_scatter": {f"vllm/{op}": 1}}
+    assert p_ag.matched == {"all_gather_mm": {f"vllm/{op}": 1}}

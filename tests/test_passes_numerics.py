@@ -17,7 +17,7 @@ THRESHOLD = 16
 
 def run_rewritten_vs_original(rank, world_size):
     import fcpass
-    from hand_graphs import FP8, K, N, ag_mm, count, mm_rs, scaled_mm_rs
+    from hand_graphs import FP8, K, N, ag_mm, count, linear_rs, mm_rs, scaled_mm_rs
     from passes import FlashCommPass
 
     group = dist.group.WORLD.group_name
@@ -32,6 +32,8 @@ def run_rewritten_vs_original(rank, world_size):
                1e-5),
         "ag_unpad": (ag_mm("c10d_functional", bias=True, group=group, unpad_to=5, other_user=False),
                      lambda x: (x[: x.shape[0] // world_size], ws, bs), 1e-5),
+        "rs_vllm_ascend_gemm": (linear_rs("unquantized_gemm", "c10d_functional", bias=(rank == 0), group=group),
+                                lambda x: (x, w, b), 1e-5),
         "rs_fp8": (scaled_mm_rs("c10d_functional", bias=(rank == 0), group=group),
                    lambda x: (x.to(FP8), *fp8_args), 2e-2),
     }
