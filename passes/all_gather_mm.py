@@ -57,15 +57,13 @@ def rewrite(graph: fx.Graph, threshold_tokens: int, report: PassReport) -> None:
             else:
                 target = torch.ops.fcpass.all_gather_mm.default
                 op_args = (ag.input, weights, biases)
-            fused = graph.call_function(target, (*op_args, ag.group_name, ag.world_size, threshold_tokens))
-            new_gathered = graph.call_function(operator.getitem, (fused, 0))
-            new_gathered.meta.update(gathered.meta)
-            outs = graph.call_function(operator.getitem, (fused, 1))
+            fused = forms.call(graph, target, (*op_args, ag.group_name, ag.world_size, threshold_tokens))
+            new_gathered = forms.call(graph, operator.getitem, (fused, 0))
+            outs = forms.call(graph, operator.getitem, (fused, 1))
             for i, (mm, end) in enumerate(consumers):
-                out = graph.call_function(operator.getitem, (outs, i))
+                out = forms.call(graph, operator.getitem, (outs, i))
                 if end is not None:
-                    out = graph.call_function(torch.ops.aten.slice.Tensor, (out, 0, 0, end))
-                out.meta.update(mm.output.meta)
+                    out = forms.call(graph, torch.ops.aten.slice.Tensor, (out, 0, 0, end))
                 mm.output.replace_all_uses_with(out)
         gathered.replace_all_uses_with(new_gathered)
         erase_unused(graph, [*ag.nodes, *(mm.output for mm in matmuls), *(mm.x for mm in matmuls)])

@@ -69,7 +69,7 @@ class MatmulNode:
         """The (k, n) weight node, transposing a stored (n, k) weight at the insertion point."""
         if not self.weight_is_nk:
             return self.w
-        return graph.call_function(aten.permute.default, (self.w, [1, 0]))
+        return call(graph, aten.permute.default, (self.w, [1, 0]))
 
 
 def _wait(inner: PatternExpr) -> PatternExpr:
@@ -185,6 +185,22 @@ def _match_scaled_mm(node: fx.Node) -> MatmulNode | None:
         return None
     return MatmulNode("scaled_mm", node, args["self"], args["mat2"], args.get("bias"),
                       x_scale=args["scale_a"], w_scale=args["scale_b"], out_dtype=args["out_dtype"])
+
+
+def call(graph: fx.Graph, target, args: tuple) -> fx.Node:
+    """Insert ``target(*args)`` with its fake value in ``meta["val"]``, as Inductor lowering expects.
+
+    Computed from the inputs' fake values, never copied from the replaced
+    node: that node's meta (``eager_input_vals`` and the like) describes
+    another op's schema.
+    """
+    node = graph.call_function(target, args)
+    vals = torch.fx.node.map_arg(args, lambda n: n.meta.get("val"))
+    fake_mode = torch._guards.detect_fake_mode(torch.utils._pytree.tree_leaves(vals))
+    if fake_mode is not None:
+        with fake_mode:
+            node.meta["val"] = target(*vals)
+    return node
 
 
 def erase_unused(graph: fx.Graph, nodes) -> None:

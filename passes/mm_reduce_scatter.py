@@ -42,15 +42,14 @@ def rewrite(graph: fx.Graph, threshold_tokens: int, report: PassReport) -> None:
         with graph.inserting_before(rs.output):
             w = mm.kn_weight(graph)
             if mm.scaled:
-                fused = graph.call_function(
-                    torch.ops.fcpass.mm_reduce_scatter_scaled.default,
+                fused = forms.call(
+                    graph, torch.ops.fcpass.mm_reduce_scatter_scaled.default,
                     (mm.x, w, mm.x_scale, mm.w_scale, mm.bias, mm.out_dtype, *collective_args),
                 )
             else:
-                fused = graph.call_function(
-                    torch.ops.fcpass.mm_reduce_scatter.default, (mm.x, w, mm.bias, *collective_args)
+                fused = forms.call(
+                    graph, torch.ops.fcpass.mm_reduce_scatter.default, (mm.x, w, mm.bias, *collective_args)
                 )
-        fused.meta.update(rs.output.meta)
         rs.output.replace_all_uses_with(fused)
         erase_unused(graph, [*rs.nodes, producer])
         report.add(FAMILY, form, FUSED)
