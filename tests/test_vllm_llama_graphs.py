@@ -53,3 +53,33 @@ def test_flashcomm_on_vllm_llama_after_sequence_parallelism(bias):
     assert per_rank[0]["decisions"] == per_rank[1]["decisions"]
     if bias:  # vLLM adds the row-parallel bias on rank 0 only: the ranks' graphs differ
         assert per_rank[0]["counts"]["before"] != per_rank[1]["counts"]["before"]
+
+
+def run_async_tp(rank, world_size, bias):
+    """vLLM 0.31's AsyncTPPass on the same graphs. Its symmetric-memory replacements run on CUDA only,
+    so the graphs are compiled, not run."""
+    from vllm.compilation.passes.fusion.collective_fusion import AsyncTPPass
+
+    return build_and_compare(rank, world_size, bias, (64,), make_pass=AsyncTPPass, run_compiled=False)["counts"]
+
+
+FAMILY_OPS = {  # family: (vLLM AsyncTPPass's replacement, fcpass's)
+    "mm_reduce_scatter": ("symm_mem.fused_matmul_reduce_scatter.default", "fcpass.mm_reduce_scatter.default"),
+    "all_gather_mm": ("symm_mem.fused_all_gather_matmul.default", "fcpass.all_gather_mm.default"),
+}
+
+
+@pytest.mark.parametrize("bias", [False, True], ids=["llama", "llama_bias"])
+def test_flashcomm_matches_every_site_async_tp_matches(bias):
+    async_tp = run_ranks(run_async_tp, 2, bias, setup=rank_setup, timeout=300)
+    flashcomm = run_ranks(run_with_flashcomm, 2, bias, setup=rank_setup, timeout=300)
+    for rank in range(2):
+        for family, (theirs, ours) in FAMILY_OPS.items():
+            vllm_sites = async_tp[rank]["after"].get(theirs, 0)
+            fcpass_sites = flashcomm[rank]["counts"]["after"].get(ours, 0)
+            assert fcpass_sites >= vllm_sites, (family, rank, fcpass_sites, vllm_sites)
+        # the shared baseline: both see the same SP graph
+        assert async_tp[rank]["before"] == flashcomm[rank]["counts"]["before"]
+    # fcpass rewrites a site the same way on every rank, whatever the rank's bias
+    for _, ours in FAMILY_OPS.values():
+        assert flashcomm[0]["counts"]["after"].get(ours) == flashcomm[1]["counts"]["after"].get(ours)

@@ -92,8 +92,14 @@ def _op_counts(graph) -> dict[str, int]:
     return dict(collections.Counter(str(n.target) for n in graph.nodes if n.op == "call_function"))
 
 
-def build_and_compare(rank, world_size, bias: bool, token_counts, extra_pass=None):
-    """Compile the TP=2 model with SP (+ ``extra_pass``) and compare with eager plain TP per token count."""
+def build_and_compare(rank, world_size, bias: bool, token_counts, extra_pass=None, make_pass=None,
+                      run_compiled=True):
+    """Compile the TP=2 model with SP (+ ``extra_pass``) and compare with eager plain TP per token count.
+
+    ``make_pass(vllm_config)`` builds the extra pass inside the vLLM context
+    instead (vLLM's own passes need it). ``run_compiled=False`` only compiles
+    (for passes whose replacement ops cannot run on CPU) and returns the counts.
+    """
     import torch._inductor.config as inductor_config
     from transformers import LlamaConfig
     from vllm.compilation.passes.fusion.sequence_parallelism import SequenceParallelismPass
@@ -126,6 +132,8 @@ def build_and_compare(rank, world_size, bias: bool, token_counts, extra_pass=Non
         for module in model.modules():
             if hasattr(module, "quant_method"):
                 module.cpu_linear = torch.nn.functional.linear
+        if make_pass is not None:
+            extra_pass = make_pass(vllm_config)
         post_grad = _PostGrad(SequenceParallelismPass(vllm_config), extra_pass)
         inductor_config.pre_grad_custom_pass = VllmIRInplaceFunctionalizationPass(vllm_config)
         inductor_config.post_grad_custom_post_pass = post_grad
@@ -133,6 +141,9 @@ def build_and_compare(rank, world_size, bias: bool, token_counts, extra_pass=Non
         compiled = torch.compile(model, backend=_counting_inductor(frames), fullgraph=True)
         errors = []
         with pass_context(Range(1, max(token_counts))):
+            if not run_compiled:
+                _compile_only(compiled, token_counts[0])
+                token_counts = ()
             for tokens in token_counts:
                 hidden = torch.randn(tokens, HIDDEN, generator=torch.Generator().manual_seed(tokens))
                 positions = torch.arange(tokens)
@@ -143,6 +154,17 @@ def build_and_compare(rank, world_size, bias: bool, token_counts, extra_pass=Non
                 errors.append(((got - want).abs().max() / want.abs().max()).item())
         parallel_state.destroy_model_parallel()
     return {"errors": errors, "counts": post_grad.counts, "compilations": len(frames)}
+
+
+def _compile_only(compiled, tokens):
+    """Trigger compilation; the compiled graph's ops may not run here (CUDA-only replacements)."""
+    hidden, positions = torch.randn(tokens, HIDDEN), torch.arange(tokens)
+    torch._dynamo.mark_dynamic(hidden, 0)
+    torch._dynamo.mark_dynamic(positions, 0)
+    try:
+        compiled(positions, hidden)
+    except Exception:  # noqa: BLE001 - only the compile-time counts are wanted
+        pass
 
 
 def _counting_inductor(frames):
