@@ -4,8 +4,9 @@ Each op is opaque to Inductor (a custom op with a fake impl that reads input
 shapes only) and carries the guard inside, so a compiled graph holds the op
 for every token count and never recompiles over the fused/unfused choice:
 
-    mm_reduce_scatter(x, w, bias, group_name, world_size, threshold_tokens)
-        = reduce_scatter(x @ w + bias, dim 0, SUM)              (m/ws, n)
+    mm_reduce_scatter(x, w, bias, group_name, world_size, threshold_tokens, pad_rows=0)
+        = reduce_scatter(pad(x @ w + bias, pad_rows zero rows), dim 0, SUM)
+                                                   ((m + pad_rows)/ws, n)
     all_gather_mm(x, ws, biases, group_name, world_size, threshold_tokens)
         = g = all_gather(x, dim 0); (g, [g @ w_i + b_i])
     mm_reduce_scatter_scaled / all_gather_scaled_mm: the same over
@@ -27,6 +28,7 @@ from fcpass.backends.base import ALL_GATHER_MM, MM_REDUCE_SCATTER, Backend, Fuse
 from fcpass.config import PassConfig
 from fcpass.groups import resolve_group
 from fcpass.matmuls import Matmul
+from fcpass.padding import with_zero_rows
 
 _runtime_config = PassConfig()
 
@@ -55,7 +57,7 @@ def dispatch(op: str, family: str, call: FusedCall, threshold_tokens: int):
             f"{call.group_name!r} of size {call.group.size()}"
         )
     x = call.x
-    num_tokens = x.shape[0] * (call.world_size if family == ALL_GATHER_MM else 1)
+    num_tokens = x.shape[0] * call.world_size if family == ALL_GATHER_MM else x.shape[0] + call.pad_rows
     facts = guard.GuardFacts(
         op=op, num_tokens=num_tokens, world_size=call.world_size, dtype=x.dtype,
         k=x.shape[1], n=sum(mm.n for mm in call.matmuls), device_type=x.device.type,
@@ -70,7 +72,9 @@ def dispatch(op: str, family: str, call: FusedCall, threshold_tokens: int):
     decision = guard.decide(facts, threshold, limits, config.max_world_size, off_reason)
     guard.record(facts, decision)
     if family == MM_REDUCE_SCATTER:
-        return backend.mm_reduce_scatter(call) if decision.fused else unfused_mm_reduce_scatter(call)
+        if decision.fused:
+            return backend.mm_reduce_scatter(with_zero_rows(call))
+        return unfused_mm_reduce_scatter(call)
     return backend.all_gather_mm(call) if decision.fused else unfused_all_gather_mm(call)
 
 
@@ -86,6 +90,8 @@ def _resolve_threshold(threshold_tokens: int, config: PassConfig, backend: Backe
 def unfused_mm_reduce_scatter(call: FusedCall) -> torch.Tensor:
     (mm,) = call.matmuls
     product = mm(call.x, call.row_scale)
+    if call.pad_rows:
+        product = torch.cat([product, product.new_zeros((call.pad_rows, product.shape[1]))])
     out = product.new_empty((product.shape[0] // call.world_size, product.shape[1]))
     comm.reduce_scatter_rows(out, product, call.group)
     return out
@@ -103,13 +109,14 @@ def unfused_all_gather_mm(call: FusedCall) -> tuple[torch.Tensor, list[torch.Ten
 # same validation and return shapes only.
 
 
-def _rs_call(op, x, mm, row_scale, group_name, world_size, resolve=True) -> FusedCall:
+def _rs_call(op, x, mm, row_scale, group_name, world_size, pad_rows, resolve=True) -> FusedCall:
     validate.check_world_size(op, world_size)
     validate.check_matmul(op, x, mm)
     if row_scale is not None:
         validate.check_row_scale(op, x, row_scale)
-    validate.check_divisible(op, x.shape[0], world_size)
-    return _call(x, (mm,), group_name, world_size, row_scale, resolve)
+    validate.check_pad_rows(op, mm, pad_rows)
+    validate.check_divisible(op, x.shape[0] + pad_rows, world_size)
+    return _call(x, (mm,), group_name, world_size, row_scale, resolve, pad_rows)
 
 
 def _ag_call(op, x, mms, group_name, world_size, resolve=True) -> FusedCall:
@@ -121,11 +128,11 @@ def _ag_call(op, x, mms, group_name, world_size, resolve=True) -> FusedCall:
     return _call(x, tuple(mms), group_name, world_size, None, resolve)
 
 
-def _call(x, mms, group_name, world_size, row_scale, resolve) -> FusedCall:
+def _call(x, mms, group_name, world_size, row_scale, resolve, pad_rows=0) -> FusedCall:
     group = resolve_group(group_name) if resolve else None
     return FusedCall(
         x=x, matmuls=mms, group=group, group_name=group_name, world_size=world_size,
-        row_scale=row_scale, pipeline_chunks=_runtime_config.pipeline_chunks,
+        row_scale=row_scale, pipeline_chunks=_runtime_config.pipeline_chunks, pad_rows=pad_rows,
     )
 
 
@@ -148,36 +155,36 @@ def _split_x_scale(x_scale):
 @torch.library.custom_op("fcpass::mm_reduce_scatter", mutates_args=())
 def mm_reduce_scatter(
     x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None,
-    group_name: str, world_size: int, threshold_tokens: int,
+    group_name: str, world_size: int, threshold_tokens: int, pad_rows: int = 0,
 ) -> torch.Tensor:
-    call = _rs_call("mm_reduce_scatter", x, Matmul(w, bias), None, group_name, world_size)
+    call = _rs_call("mm_reduce_scatter", x, Matmul(w, bias), None, group_name, world_size, pad_rows)
     return dispatch("mm_reduce_scatter", MM_REDUCE_SCATTER, call, threshold_tokens)
 
 
 @mm_reduce_scatter.register_fake
-def _(x, w, bias, group_name, world_size, threshold_tokens):
-    _rs_call("mm_reduce_scatter", x, Matmul(w, bias), None, group_name, world_size, resolve=False)
-    return x.new_empty((x.shape[0] // world_size, w.shape[1]))
+def _(x, w, bias, group_name, world_size, threshold_tokens, pad_rows=0):
+    _rs_call("mm_reduce_scatter", x, Matmul(w, bias), None, group_name, world_size, pad_rows, resolve=False)
+    return x.new_empty(((x.shape[0] + pad_rows) // world_size, w.shape[1]))
 
 
 @torch.library.custom_op("fcpass::mm_reduce_scatter_scaled", mutates_args=())
 def mm_reduce_scatter_scaled(
     x: torch.Tensor, w: torch.Tensor, x_scale: torch.Tensor | None, w_scale: torch.Tensor,
     bias: torch.Tensor | None, out_dtype: torch.dtype,
-    group_name: str, world_size: int, threshold_tokens: int,
+    group_name: str, world_size: int, threshold_tokens: int, pad_rows: int = 0,
 ) -> torch.Tensor:
     per_tensor, per_token = _split_x_scale(x_scale)
     mm = Matmul(w, bias, w_scale=w_scale, x_scale=per_tensor, out_dtype=out_dtype)
-    call = _rs_call("mm_reduce_scatter_scaled", x, mm, per_token, group_name, world_size)
+    call = _rs_call("mm_reduce_scatter_scaled", x, mm, per_token, group_name, world_size, pad_rows)
     return dispatch("mm_reduce_scatter_scaled", MM_REDUCE_SCATTER, call, threshold_tokens)
 
 
 @mm_reduce_scatter_scaled.register_fake
-def _(x, w, x_scale, w_scale, bias, out_dtype, group_name, world_size, threshold_tokens):
+def _(x, w, x_scale, w_scale, bias, out_dtype, group_name, world_size, threshold_tokens, pad_rows=0):
     per_tensor, per_token = _split_x_scale(x_scale)
     mm = Matmul(w, bias, w_scale=w_scale, x_scale=per_tensor, out_dtype=out_dtype)
-    _rs_call("mm_reduce_scatter_scaled", x, mm, per_token, group_name, world_size, resolve=False)
-    return x.new_empty((x.shape[0] // world_size, w.shape[1]), dtype=out_dtype)
+    _rs_call("mm_reduce_scatter_scaled", x, mm, per_token, group_name, world_size, pad_rows, resolve=False)
+    return x.new_empty(((x.shape[0] + pad_rows) // world_size, w.shape[1]), dtype=out_dtype)
 
 
 @torch.library.custom_op("fcpass::all_gather_mm", mutates_args=())

@@ -65,6 +65,20 @@ def check_world_size(op: str, world_size: int) -> None:
         raise FusedOpInputError(f"fcpass::{op}: world_size must be >= 1, got {world_size}")
 
 
+def check_pad_rows(op: str, mm: Matmul, pad_rows) -> None:
+    if isinstance(pad_rows, int) and pad_rows < 0:
+        raise FusedOpInputError(f"fcpass::{op}: pad_rows must be >= 0, got {pad_rows}")
+    if mm.bias is not None and mm.scaled and mm.w.dtype in FP8_DTYPES and not _is_zero(pad_rows):
+        raise FusedOpInputError(
+            f"fcpass::{op}: pad_rows with an fp8 bias is not supported (the bias is added after the "
+            "scaling, so it cannot be kept off the padded rows by folding)"
+        )
+
+
+def _is_zero(value) -> bool:
+    return isinstance(value, int) and value == 0
+
+
 def check_divisible(op: str, num_tokens, world_size: int) -> None:
     """reduce_scatter needs m % world_size == 0; checked only for concrete sizes (no guard on a SymInt)."""
     if isinstance(num_tokens, int) and num_tokens % world_size:

@@ -29,6 +29,7 @@ class Case:
     bias: bool = False
     threshold: int = 0
     seed: int = 0
+    pad_rows: int = 0  # mm_reduce_scatter: zero rows after the product, before the scatter
     extra: dict = field(default_factory=dict, hash=False, compare=False)
 
 
@@ -63,7 +64,8 @@ def reference_mm_reduce_scatter(case: Case, rank: int, world_size: int) -> torch
         (b,) = rank_biases(case, r, rank0_only=True)
         y = rank_x(case, r).double() @ w.double()
         total = total + (y if b is None else y + b.double())
-    shard = case.m // world_size
+    total = torch.cat([total, total.new_zeros((case.pad_rows, total.shape[1]))])
+    shard = (case.m + case.pad_rows) // world_size
     return total[rank * shard:(rank + 1) * shard]
 
 

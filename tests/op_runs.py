@@ -27,7 +27,7 @@ def run_mm_reduce_scatter(case: Case, rank: int, world_size: int, group_name: st
     (w,) = rank_weights(case, rank, shared=False)
     (b,) = rank_biases(case, rank, rank0_only=True)
     out, decision = _decision_of(
-        lambda: torch.ops.fcpass.mm_reduce_scatter(x, w, b, group_name, world_size, case.threshold)
+        lambda: torch.ops.fcpass.mm_reduce_scatter(x, w, b, group_name, world_size, case.threshold, case.pad_rows)
     )
     ref = reference_mm_reduce_scatter(case, rank, world_size)
     assert out.shape == ref.shape and out.dtype == case.dtype, (out.shape, ref.shape, out.dtype)

@@ -45,7 +45,7 @@ def check_results(per_rank):
         decisions = {r["decision"] for r in results}
         assert len(decisions) == 1, f"ranks disagree on {case}: {decisions}"
         (op, path, reason) = decisions.pop()
-        tokens = case.m * (len(per_rank) if op.startswith("all_gather") else 1)
+        tokens = case.m * len(per_rank) if op.startswith("all_gather") else case.m + case.pad_rows
         assert path == ("fused" if tokens > case.threshold else "unfused"), (case, path, reason)
         for r in results:
             assert r["error"] <= TOLERANCE[case.dtype], f"{case}: error {r['error']:.2e} on some rank"
@@ -76,3 +76,13 @@ def test_cuda_backend_without_symmetric_memory_runs_the_generic_pipeline():
     rs = [Case(m=64, k=32, bias=True, threshold=0)]
     ag = [Case(m=16, k=32, ns=(8, 8), bias=True, threshold=0)]
     check_results(run_ranks(run_cases, 2, rs, ag, fcpass.PassConfig(backend="cuda"), timeout=120))
+
+
+def test_pad_rows_before_the_scatter_keep_the_rank0_bias_off_the_padded_rows():
+    """vLLM pads the token count up to a multiple of world_size after the matmul: padded rows must stay 0."""
+    rs = [
+        Case(m=m, k=32, ns=(24,), dtype=dtype, bias=bias, threshold=threshold, pad_rows=pad, seed=seed)
+        for seed, ((m, pad), dtype, bias, threshold) in enumerate(itertools.product(
+            ((7, 1), (5, 3)), (torch.float32, torch.bfloat16), (False, True), (0, 64)))
+    ]
+    check_results(run_ranks(run_cases, 2, rs, [], timeout=120))

@@ -20,7 +20,9 @@ class FusedCall:
 
     ``x`` is this rank's input (the full m rows for mm_reduce_scatter, the
     local shard for all_gather_mm); ``row_scale`` is a per-token activation
-    scale that travels with the rows (mm_reduce_scatter only).
+    scale that travels with the rows (mm_reduce_scatter only); ``pad_rows``
+    zero rows follow the product before the scatter (mm_reduce_scatter only;
+    backends receive calls with the padding already applied, pad_rows 0).
     """
 
     x: torch.Tensor
@@ -30,6 +32,7 @@ class FusedCall:
     world_size: int
     row_scale: torch.Tensor | None = None
     pipeline_chunks: int = 0
+    pad_rows: int = 0
 
 
 class Backend:
