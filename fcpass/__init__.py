@@ -4,6 +4,7 @@
 torch_npu nor vLLM is imported here: both are optional.
 """
 
+from fcpass import ascend as _ascend  # noqa: F401  (registers torch.ops.fcpass.drop_token_padding)
 from fcpass import ops as _ops  # registers torch.ops.fcpass.*
 from fcpass.config import PassConfig
 from fcpass.guard import decision_counts, reset_decision_counts

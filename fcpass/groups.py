@@ -36,3 +36,10 @@ def _vllm_coordinator(group_name: str):
         return None
     ref = getattr(parallel_state, "_groups", {}).get(group_name)
     return ref() if ref is not None else None
+
+
+def vllm_tp_group() -> tuple[str, int] | None:
+    """(unique name, world size) of vLLM's tensor-parallel group in this process, if it has one."""
+    parallel_state = sys.modules.get("vllm.distributed.parallel_state")
+    tp = getattr(parallel_state, "_TP", None) if parallel_state is not None else None
+    return (tp.unique_name, tp.world_size) if tp is not None else None

@@ -1,18 +1,24 @@
 """all_gather -> matmul(s)  ==>  fcpass.all_gather_mm
 
     g = all_gather(x, dim 0, group)
-    y_i = mm(g, w_i)  (or addmm(b_i, g, w_i))   for every matmul user of g
+    y_i = mm(g, w_i)  (or addmm(b_i, g, w_i))   for every matmul reading g's rows
     z_j = mm(g[:end], v_j)                       the unpad slice before a matmul
     ... other users of g
         ==>
     fused = fcpass.all_gather_mm(x, [w_i, v_j], [b_i, c_j], group, world_size, threshold)
     g = fused[0];  y_i = fused[1][i];  z_j = fused[1][j][:end]
 
-``_scaled_mm`` consumers (one x_scale, one out_dtype) become
-``fcpass.all_gather_scaled_mm`` the same way.
+A matmul reads g's rows directly, through the unpad slice, through views
+that keep the rows (``unsqueeze``/``reshape`` to 3-D and back), or through
+Ascend's row-wise ``npu_quantize``: quantizing commutes with gathering rows,
+so the quantize moves before the gather (which then moves int8, not floats)
+and the matmuls become one ``fcpass.all_gather_scaled_mm``, as
+``_scaled_mm`` consumers (one x_scale, one out_dtype) do.
 
 The unpad slice moves after the matmul: (g @ v)[:end] == g[:end] @ v, row
 by row, so the result is exact; the padded rows cost a few extra matmul rows.
+vllm-ascend's gather drops its padding at run time: each result goes
+through ``fcpass.drop_token_padding``.
 
 One gathered tensor often feeds several matmuls; a one-to-one traced
 replacement cannot express that, so the rewrite is built by hand: one fused
@@ -22,6 +28,7 @@ op for all matmul users, its gathered output rewired to the other users.
 from __future__ import annotations
 
 import operator
+from dataclasses import dataclass
 
 import torch
 import torch.fx as fx
@@ -33,51 +40,100 @@ from passes.report import FUSED, PassReport
 FAMILY = "all_gather_mm"
 
 
+@dataclass(frozen=True)
+class Consumer:
+    """A matmul reading the gathered rows, and the row-keeping steps in between."""
+
+    mm: forms.MatmulNode
+    steps: tuple[fx.Node, ...]
+    end: object = None  # the unpad slice's end, if any
+    quantize: fx.Node | None = None
+
+
 def rewrite(graph: fx.Graph, threshold_tokens: int, report: PassReport) -> None:
     mm_forms = forms.matmul_forms()
     for ag in forms.collectives(graph, forms.all_gather_forms()):
-        gathered = ag.output
-        consumers = _matmul_consumers(gathered, mm_forms)
-        matmuls = [mm for mm, _ in consumers]
-        if not matmuls:
-            report.add(FAMILY, f"{ag.form}/-", "no matmul consumer")
+        consumers = _consumers(ag.output, mm_forms)
+        steps = [step for c in consumers for step in c.steps]
+        form = forms.site_form(ag, consumers[0].mm if consumers else None, "-", steps)
+        reason = _unfusable(ag, consumers)
+        if reason:
+            report.add(FAMILY, form, reason)
             continue
-        form = f"{ag.form}/{'+'.join(sorted({mm.form for mm in matmuls}))}"
-        if len({(mm.scaled, mm.x_scale, mm.out_dtype) for mm in matmuls}) > 1:
-            report.add(FAMILY, form, "matmuls differ in scaling (one fused op needs one kind)")
-            continue
-        # Inserted before the first matmul; weights defined later are put in order by the
-        # pass's topological sort afterwards.
-        with graph.inserting_before(matmuls[0].output):
-            weights = [mm.kn_weight(graph) for mm in matmuls]
-            first, biases = matmuls[0], [mm.bias for mm in matmuls]
-            if first.scaled:
-                target = torch.ops.fcpass.all_gather_scaled_mm.default
-                op_args = (ag.input, first.x_scale, weights, [mm.w_scale for mm in matmuls], biases, first.out_dtype)
-            else:
-                target = torch.ops.fcpass.all_gather_mm.default
-                op_args = (ag.input, weights, biases)
-            fused = forms.call(graph, target, (*op_args, ag.group_name, ag.world_size, threshold_tokens))
-            new_gathered = forms.call(graph, operator.getitem, (fused, 0))
-            outs = forms.call(graph, operator.getitem, (fused, 1))
-            for i, (mm, end) in enumerate(consumers):
-                out = forms.call(graph, operator.getitem, (outs, i))
-                if end is not None:
-                    out = forms.call(graph, torch.ops.aten.slice.Tensor, (out, 0, 0, end))
-                mm.output.replace_all_uses_with(out)
-        gathered.replace_all_uses_with(new_gathered)
-        erase_unused(graph, [*ag.nodes, *(mm.output for mm in matmuls), *(mm.x for mm in matmuls)])
+        _replace(graph, ag, consumers, threshold_tokens)
         report.add(FAMILY, form, FUSED)
 
 
-def _matmul_consumers(gathered: fx.Node, mm_forms) -> list[tuple[forms.MatmulNode, object]]:
-    """(matmul, unpad end or None) for every matmul reading the gathered rows, directly or via ``[:end]``."""
-    consumers = []
-    for user in list(gathered.users):
-        end = forms.unpad_end(user, gathered)
-        rows = user if end is not None else gathered
-        for candidate in (list(user.users) if end is not None else [user]):
-            mm = forms.match_matmul(candidate, mm_forms)
-            if mm is not None and mm.x is rows and mm.w is not rows:
-                consumers.append((mm, end))
-    return consumers
+def _unfusable(ag: forms.Collective, consumers: list[Consumer]) -> str | None:
+    problem = forms.group_problem(ag)
+    if problem:
+        return problem
+    if not consumers:
+        return "no matmul consumer"
+    matmuls = [c.mm for c in consumers]
+    quantizes = {_quantize_key(c.quantize) for c in consumers}
+    if len({(mm.scaled, mm.x_scale, mm.out_dtype) for mm in matmuls}) > 1 or len(quantizes) > 1:
+        return "matmuls differ in scaling (one fused op needs one kind)"
+    if any(mm.x_scale is not None and forms.dim(mm.x_scale) >= 2 for mm in matmuls):
+        return "per-token activation scale (computed after the gather)"
+    return None
+
+
+def _replace(graph: fx.Graph, ag: forms.Collective, consumers: list[Consumer], threshold_tokens: int) -> None:
+    matmuls = [c.mm for c in consumers]
+    quantize = consumers[0].quantize
+    # Inserted before the first matmul; nodes defined later are put in order by the
+    # pass's topological sort afterwards.
+    with graph.inserting_before(matmuls[0].output):
+        x = ag.input
+        if quantize is not None:
+            x = forms.call(graph, quantize.target, (x, *quantize.args[1:]), dict(quantize.kwargs))
+        weights = [mm.kn_weight(graph) for mm in matmuls]
+        first, biases = matmuls[0], [mm.bias for mm in matmuls]
+        if first.scaled:
+            target = torch.ops.fcpass.all_gather_scaled_mm.default
+            op_args = (x, first.x_scale, weights, [mm.w_scale for mm in matmuls], biases, first.out_dtype)
+        else:
+            target = torch.ops.fcpass.all_gather_mm.default
+            op_args = (x, weights, biases)
+        fused = forms.call(graph, target, (*op_args, ag.group_name, ag.world_size, threshold_tokens))
+        if quantize is None:  # with a quantize, other users keep the float gather
+            ag.output.replace_all_uses_with(_unpadded(graph, ag, forms.call(graph, operator.getitem, (fused, 0))))
+        outs = forms.call(graph, operator.getitem, (fused, 1))
+        for i, c in enumerate(consumers):
+            out = _unpadded(graph, ag, forms.call(graph, operator.getitem, (outs, i)))
+            if c.end is not None:
+                out = forms.call(graph, torch.ops.aten.slice.Tensor, (out, 0, 0, c.end))
+            c.mm.output.replace_all_uses_with(out)
+    erase_unused(graph, [*ag.nodes, *(mm.output for mm in matmuls), *(s for c in consumers for s in c.steps)])
+
+
+def _unpadded(graph: fx.Graph, ag: forms.Collective, rows: fx.Node) -> fx.Node:
+    if not ag.pads_tokens:
+        return rows
+    return forms.call(graph, torch.ops.fcpass.drop_token_padding.default, (rows,))
+
+
+def _consumers(gathered: fx.Node, mm_forms) -> list[Consumer]:
+    """Every matmul reading ``gathered``'s rows: directly, via ``[:end]``, row-keeping views, a row-wise quantize."""
+    found = []
+
+    def walk(node: fx.Node, steps: tuple, end, quantize) -> None:
+        for user in list(node.users):
+            mm = forms.match_matmul(user, mm_forms)
+            if mm is not None and mm.x is node and mm.w is not node and forms.dim(node) == 2:
+                found.append(Consumer(mm, steps, end, quantize))
+                continue
+            if not steps and forms.unpad_end(user, node) is not None:
+                walk(user, (*steps, user), forms.unpad_end(user, node), quantize)
+            elif forms.row_view_source(user) is node:
+                walk(user, (*steps, user), end, quantize)
+            elif quantize is None and forms.rowwise_quantize(user) and user.args[0] is node:
+                walk(user, (*steps, user), end, user)
+
+    walk(gathered, (), None, None)
+    return found
+
+
+def _quantize_key(quantize: fx.Node | None):
+    return None if quantize is None else (quantize.target, quantize.args[1:], tuple(quantize.kwargs.items()))

@@ -11,11 +11,15 @@ never matches: fusing it would compute it twice.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
 import torch.fx as fx
 from torch._inductor.pattern_matcher import CallFunction, KeywordArg, PatternExpr, is_match
+from torch.fx.experimental.symbolic_shapes import statically_known_true
+
+from fcpass.groups import resolve_group, vllm_tp_group
 
 aten = torch.ops.aten
 
@@ -44,6 +48,9 @@ class Collective:
     group_name: str
     reduce_op: str
     nodes: tuple[fx.Node, ...]  # every node of the matched form, output last
+    # vllm-ascend's FlashComm ops pad the tokens to a multiple of world_size before a
+    # reduce_scatter and drop that padding (sized at run time) after an all_gather.
+    pads_tokens: bool = False
 
 
 @dataclass(frozen=True)
@@ -86,16 +93,42 @@ def _collective_forms(functional_op: str, functional_args: tuple, vllm_op: str) 
     return forms
 
 
-def reduce_scatter_forms() -> list[tuple[str, PatternExpr]]:
+def reduce_scatter_forms() -> list:
     return _collective_forms(
         "reduce_scatter_tensor", (KeywordArg("reduce_op"), KeywordArg("world_size"), KeywordArg("group_name")),
         "reduce_scatter",
-    )
+    ) + [("vllm_ascend", functools.partial(_ascend_collective, "maybe_pad_and_reduce"))]
 
 
-def all_gather_forms() -> list[tuple[str, PatternExpr]]:
+def all_gather_forms() -> list:
     return _collective_forms("all_gather_into_tensor", (KeywordArg("world_size"), KeywordArg("group_name")),
-                             "all_gather")
+                             "all_gather") + [
+        ("vllm_ascend", functools.partial(_ascend_collective, "maybe_all_gather_and_maybe_unpad"))]
+
+
+def _ascend_collective(op_name: str, node: fx.Node) -> Collective | None:
+    """vllm-ascend's ``maybe_pad_and_reduce(x)`` / ``maybe_all_gather_and_maybe_unpad(x, label)``.
+
+    Both talk on vLLM's TP group and decide from vllm-ascend's forward
+    context whether to communicate at all (else all_reduce / identity); the
+    traced shape records that decision, so only a node whose output rows
+    differ from its input rows is a scatter or gather. Without a vLLM TP
+    group in this process the collective is returned with world_size 0.
+    """
+    target = _vllm(op_name)
+    if target is None or node.op != "call_function" or node.target != target:
+        return None
+    args = bound_args(node)
+    x = list(args.values())[0]
+    if args.get("is_ep_comm") or args.get("label") is False or args.get("do_comm") is False:
+        return None
+    out, inp = _val(node), _val(x)
+    if out is None or inp is None or statically_known_true(out.shape[0] == inp.shape[0]):
+        return None
+    tp = vllm_tp_group()
+    name, size = tp if tp is not None else ("", 0)
+    return Collective(form="vllm_ascend", output=node, input=x, world_size=size, group_name=name,
+                      reduce_op="sum", nodes=(node,), pads_tokens=True)
 
 
 def matmul_forms() -> list[tuple[str, PatternExpr]]:
@@ -126,6 +159,11 @@ def collectives(graph: fx.Graph, forms):
 
 def match_collective(node: fx.Node, forms) -> Collective | None:
     for form, pattern in forms:
+        if not isinstance(pattern, PatternExpr):
+            found = pattern(node)
+            if found is not None:
+                return found
+            continue
         m = pattern.match(node)
         if is_match(m):
             return Collective(
@@ -136,12 +174,39 @@ def match_collective(node: fx.Node, forms) -> Collective | None:
     return None
 
 
+def group_problem(collective: Collective) -> str | None:
+    """Why the collective's group cannot be used as named, where the group exists at compile time.
+
+    A world_size that disagrees with the named group's size is a graph the
+    fused op would reject at run time; leaving it alone keeps the original
+    error path. A group unknown here (graphs compiled away from their ranks)
+    is checked by the op when it runs.
+    """
+    if collective.world_size < 1:
+        return "vllm-ascend collective without a vLLM TP group at compile time"
+    try:
+        group = resolve_group(collective.group_name)
+    except ValueError:
+        return None
+    if group.size() != collective.world_size:
+        return (f"world_size {collective.world_size} does not match group {collective.group_name!r} "
+                f"of size {group.size()}")
+    return None
+
+
 def match_matmul(node: fx.Node, forms) -> MatmulNode | None:
     for form, pattern in forms:
         m = pattern.match(node)
         if is_match(m):
             return MatmulNode(form, node, m.kwargs["x"], m.kwargs["w"], m.kwargs.get("bias"))
-    return _match_scaled_mm(node) or _match_linear(node)
+    return _match_scaled_mm(node) or _match_linear(node) or _match_npu_quant_matmul(node)
+
+
+def bound_args(node: fx.Node) -> dict:
+    """The op's arguments by schema name, defaults filled in, however the call passed them."""
+    schema_args = node.target._schema.arguments
+    given = dict(zip((a.name for a in schema_args), node.args), **node.kwargs)
+    return {a.name: given.get(a.name, a.default_value if a.has_default_value() else None) for a in schema_args}
 
 
 def _linear_targets() -> dict:
@@ -160,46 +225,140 @@ def _match_linear(node: fx.Node) -> MatmulNode | None:
     form = _linear_targets().get(node.target)
     if form is None:
         return None
-    args = dict(zip(("x", "weight", "bias"), node.args))
-    args.update(node.kwargs)
-    x = args["x"]
-    if getattr(x.meta.get("val"), "dim", lambda: 0)() != 2:
-        return None  # 3-D activations: not matched yet
-    return MatmulNode(form, node, x, args["weight"], args.get("bias"), weight_is_nk=True)
+    x, weight, bias = list(bound_args(node).values())[:3]  # (x, weight, bias) in every linear op's schema
+    if dim(x) != 2:
+        return None  # an opaque linear on 3-D rows: its output rows are not a plain view away
+    return MatmulNode(form, node, x, weight, bias, weight_is_nk=True)
 
 
 def _match_scaled_mm(node: fx.Node) -> MatmulNode | None:
     """fp8 ``aten._scaled_mm`` with the semantics fcpass's scaled ops implement.
 
-    Its arguments come positionally or by keyword, so it is decoded through
-    the op schema rather than a fixed-arity pattern. A result scale or fast
-    accumulation changes the numbers, so such a node is not a match.
+    A result scale or fast accumulation changes the numbers, so such a node
+    is not a match.
     """
     if node.op != "call_function" or node.target != aten._scaled_mm.default:
         return None
-    names = (  # aten::_scaled_mm's schema order
-        "self", "mat2", "scale_a", "scale_b", "bias", "scale_result", "out_dtype", "use_fast_accum")
-    args = dict(zip(names, node.args))
-    args.update(node.kwargs)
-    if args.get("scale_result") is not None or args.get("use_fast_accum", False) or args.get("out_dtype") is None:
+    args = bound_args(node)
+    if args["scale_result"] is not None or args["use_fast_accum"] or args["out_dtype"] is None:
         return None
-    return MatmulNode("scaled_mm", node, args["self"], args["mat2"], args.get("bias"),
+    return MatmulNode("scaled_mm", node, args["self"], args["mat2"], args["bias"],
                       x_scale=args["scale_a"], w_scale=args["scale_b"], out_dtype=args["out_dtype"])
 
 
-def call(graph: fx.Graph, target, args: tuple) -> fx.Node:
-    """Insert ``target(*args)`` with its fake value in ``meta["val"]``, as Inductor lowering expects.
+def _npu(name: str):
+    """torch_npu's op, or None where torch_npu is not loaded."""
+    try:
+        return getattr(torch.ops.npu, name).default
+    except (AttributeError, RuntimeError):
+        return None
 
-    Computed from the inputs' fake values, never copied from the replaced
-    node: that node's meta (``eager_input_vals`` and the like) describes
-    another op's schema.
+
+def _match_npu_quant_matmul(node: fx.Node) -> MatmulNode | None:
+    """Ascend W8A8 ``npu_quant_matmul(x_int8, w_int8 (k, n), deq_scale, bias=int32, output_dtype)``.
+
+    Its result is ``(x @ w + bias) * scale [* pertoken_scale]``, fcpass's W8A8
+    Matmul. Matched only with a float32 dequant scale (a scale packed into
+    int64 by ``npu_trans_quant_param`` means something else) and no offset.
     """
-    node = graph.call_function(target, args)
-    vals = torch.fx.node.map_arg(args, lambda n: n.meta.get("val"))
-    fake_mode = torch._guards.detect_fake_mode(torch.utils._pytree.tree_leaves(vals))
+    target = _npu("npu_quant_matmul")
+    if target is None or node.op != "call_function" or node.target != target:
+        return None
+    args = bound_args(node)
+    scale = _val(args["scale"])
+    if (args.get("offset") is not None or args.get("output_dtype") is None or scale is None
+            or scale.dtype != torch.float32):
+        return None
+    return MatmulNode("npu_quant_matmul", node, args["x1"], args["x2"], args.get("bias"),
+                      x_scale=args.get("pertoken_scale"), w_scale=args["scale"], out_dtype=args["output_dtype"])
+
+
+# ---------------------------------------------------------------------------
+# Row-preserving steps between a matmul and its collective.
+
+_ROW_VIEWS = frozenset({
+    aten.view.default, aten.reshape.default, aten._unsafe_view.default, aten.unsqueeze.default,
+    aten.squeeze.dim, aten.squeeze.dims, aten.squeeze.default, aten.flatten.using_ints,
+})
+
+
+def _val(node):
+    return node.meta.get("val") if isinstance(node, fx.Node) else None
+
+
+def dim(node) -> int:
+    val = _val(node)
+    return val.dim() if isinstance(val, torch.Tensor) else -1
+
+
+def row_view_source(node: fx.Node) -> fx.Node | None:
+    """The input of a reshape-like ``node`` that keeps the rows (3-D <-> 2-D around a matmul), else None.
+
+    Reshapes keep the element count and row-major order by definition, so an
+    unchanged last dim means the same rows.
+    """
+    if node.op != "call_function" or node.target not in _ROW_VIEWS:
+        return None
+    out, source = _val(node), _val(node.args[0])
+    if not isinstance(out, torch.Tensor) or not isinstance(source, torch.Tensor) or min(out.dim(), source.dim()) < 1:
+        return None
+    return node.args[0] if statically_known_true(out.shape[-1] == source.shape[-1]) else None
+
+
+def row_pad(node: fx.Node):
+    """``p`` if ``node`` appends p zero rows to a 2-D tensor (``F.pad(t, (0, 0, 0, p))``), else None."""
+    if node.op != "call_function" or node.target != aten.constant_pad_nd.default or dim(node.args[0]) != 2:
+        return None
+    args = bound_args(node)
+    pad = list(args["pad"])
+    if len(pad) != 4 or pad[:3] != [0, 0, 0] or args["value"] != 0:
+        return None
+    return pad[3]
+
+
+def rowwise_quantize(node: fx.Node) -> bool:
+    """Ascend static ``npu_quantize`` with a per-tensor or per-channel scale: each row on its own, so it
+    commutes with gathering rows."""
+    target = _npu("npu_quantize")
+    if target is None or node.op != "call_function" or node.target != target:
+        return False
+    args = bound_args(node)
+    scales = _val(args["scales"])
+    along_k = args["axis"] in (-1, dim(args["input"]) - 1)
+    return scales is not None and (scales.numel() == 1 or along_k)
+
+
+def site_form(collective: Collective, mm: MatmulNode | None, other, steps) -> str:
+    """How a site is named in reports: collective form / matmul form, plus the steps between them."""
+    name = f"{collective.form}/{mm.form if mm else getattr(other, 'target', other)}"
+    return "+".join([name, *sorted({_step_name(step) for step in steps})])
+
+
+def _step_name(step: fx.Node) -> str:
+    if step.target == aten.constant_pad_nd.default:
+        return "pad"
+    if step.target == aten.slice.Tensor:
+        return "unpad"
+    return "quantize" if rowwise_quantize(step) else "view"
+
+
+def call(graph: fx.Graph, target, args: tuple, kwargs: dict | None = None) -> fx.Node:
+    """Insert ``target(*args, **kwargs)`` with its fake value in ``meta["val"]``, as Inductor lowering expects.
+
+    Computed from the inputs' fake values (or symbolic ints), never copied
+    from the replaced node: that node's meta (``eager_input_vals`` and the
+    like) describes another op's schema.
+    """
+    kwargs = kwargs or {}
+    node = graph.call_function(target, args, kwargs)
+    vals, kwvals = torch.fx.node.map_arg((args, kwargs), lambda n: n.meta.get("val"))
+    leaves = torch.utils._pytree.tree_leaves((vals, kwvals))
+    fake_mode = torch._guards.detect_fake_mode(leaves)
     if fake_mode is not None:
         with fake_mode:
-            node.meta["val"] = target(*vals)
+            node.meta["val"] = target(*vals, **kwvals)
+    elif leaves and all(isinstance(v, (int, torch.SymInt)) for v in leaves):
+        node.meta["val"] = target(*vals, **kwvals)  # size arithmetic
     return node
 
 

@@ -18,6 +18,8 @@ the same op, whose protocol does not depend on the bias.
 
 from __future__ import annotations
 
+import operator
+
 import torch
 import torch.fx as fx
 
@@ -31,16 +33,18 @@ FAMILY = "mm_reduce_scatter"
 def rewrite(graph: fx.Graph, threshold_tokens: int, report: PassReport) -> None:
     mm_forms = forms.matmul_forms()
     for rs in forms.collectives(graph, forms.reduce_scatter_forms()):
-        producer = rs.input
+        producer, pad, steps = _rows_source(rs.input)
         mm = forms.match_matmul(producer, mm_forms)
-        form = f"{rs.form}/{mm.form if mm else getattr(producer, 'target', producer)}"
-        reason = _unfusable(rs, mm, producer)
+        form = forms.site_form(rs, mm, producer, steps)
+        reason = _unfusable(rs, mm, producer, pad, steps)
         if reason:
             report.add(FAMILY, form, reason)
             continue
-        collective_args = (rs.group_name, rs.world_size, threshold_tokens)
         with graph.inserting_before(rs.output):
+            if rs.pads_tokens:
+                pad = _pad_to_multiple(graph, mm.x, rs.world_size)
             w = mm.kn_weight(graph)
+            collective_args = (rs.group_name, rs.world_size, threshold_tokens, pad)
             if mm.scaled:
                 fused = forms.call(
                     graph, torch.ops.fcpass.mm_reduce_scatter_scaled.default,
@@ -51,15 +55,56 @@ def rewrite(graph: fx.Graph, threshold_tokens: int, report: PassReport) -> None:
                     graph, torch.ops.fcpass.mm_reduce_scatter.default, (mm.x, w, mm.bias, *collective_args)
                 )
         rs.output.replace_all_uses_with(fused)
-        erase_unused(graph, [*rs.nodes, producer])
+        erase_unused(graph, [*rs.nodes, *steps, producer])
         report.add(FAMILY, form, FUSED)
 
 
-def _unfusable(rs: forms.Collective, mm: forms.MatmulNode | None, producer) -> str | None:
+def _rows_source(node: fx.Node):
+    """Walk back from the scattered tensor through row-keeping views and one zero-row pad.
+
+    Returns (the node before them, rows padded, the steps walked).
+    """
+    steps, pad = [], 0
+    while isinstance(node, fx.Node):
+        source = forms.row_view_source(node)
+        if source is None and not _padded(steps):
+            rows = forms.row_pad(node)
+            if rows is not None:
+                source, pad = node.args[0], rows
+        if source is None:
+            break
+        steps.append(node)
+        node = source
+    return node, pad, steps
+
+
+def _padded(steps) -> bool:
+    return any(step.target == torch.ops.aten.constant_pad_nd.default for step in steps)
+
+
+def _pad_to_multiple(graph: fx.Graph, x: fx.Node, world_size: int):
+    """``(-rows) % world_size``: vllm-ascend's pad_size for this token count, as graph arithmetic."""
+    rows = x.meta["val"].shape[0]
+    if isinstance(rows, int):
+        return -rows % world_size
+    size = forms.call(graph, torch.ops.aten.sym_size.int, (x, 0))
+    return forms.call(graph, operator.mod, (forms.call(graph, operator.neg, (size,)), world_size))
+
+
+def _unfusable(rs: forms.Collective, mm: forms.MatmulNode | None, producer, pad, steps) -> str | None:
     if rs.reduce_op != "sum":
         return f"reduce op {rs.reduce_op!r}, not sum"
+    problem = forms.group_problem(rs)
+    if problem:
+        return problem
+    if forms.dim(rs.input) != 2:
+        return "reduce_scatter input is not 2-D rows"
     if mm is None:
         return "no matmul producer"
-    if len(producer.users) > 1:
+    if any(len(node.users) > 1 for node in [producer, *steps]):
         return "matmul output has other users"
+    if (pad or rs.pads_tokens) and mm.form == "scaled_mm":  # never on bias presence: it differs per rank
+        return "fp8 matmul before a padded scatter (a bias could not be kept off the padded rows)"
+    if pad and rs.pads_tokens:
+        return "padded twice (explicit pad into a padding collective)"
     return None

@@ -13,10 +13,10 @@ M, K, N = 16, 32, 24
 functional = torch.ops._c10d_functional
 
 
-def _rs(form, t, group, reduce_op="sum"):
+def _rs(form, t, group, reduce_op="sum", world_size=WS):
     if form == "vllm":
-        return torch.ops.vllm.reduce_scatter(t, 0, WS, group)
-    return functional.wait_tensor(functional.reduce_scatter_tensor(t, reduce_op, WS, group))
+        return torch.ops.vllm.reduce_scatter(t, 0, world_size, group)
+    return functional.wait_tensor(functional.reduce_scatter_tensor(t, reduce_op, world_size, group))
 
 
 def _ag(form, t, group):
@@ -25,12 +25,12 @@ def _ag(form, t, group):
     return functional.wait_tensor(functional.all_gather_into_tensor(t, WS, group))
 
 
-def mm_rs(form="vllm", bias=False, reduce_op="sum", extra_user=False, group="tp:0"):
+def mm_rs(form="vllm", bias=False, reduce_op="sum", extra_user=False, group="tp:0", world_size=WS):
     """x @ w.T (+ b) -> reduce_scatter -> relu; w stored (n, k) like a vLLM weight."""
 
     def f(x, w, b):
         y = torch.addmm(b, x, w.t()) if bias else torch.mm(x, w.t())
-        out = torch.relu(_rs(form, y, group, reduce_op))
+        out = torch.relu(_rs(form, y, group, reduce_op, world_size))
         return (out, y * 2) if extra_user else out
 
     return make_fx(f, tracing_mode="fake")(torch.randn(M, K), torch.randn(N, K), torch.randn(N))
@@ -124,3 +124,108 @@ def ag_linear(op="unquantized_gemm", form="vllm", group="tp:0"):
 
     return make_fx(f, tracing_mode="fake")(torch.randn(M // WS, K), torch.randn(N, K), torch.randn(N, K),
                                            torch.randn(N))
+
+
+# ---------------------------------------------------------------------------
+# Forms traced with symbolic sizes (the token count is a symbol, as in vLLM's
+# graphs), so padding and unpadding are graph arithmetic, not constants.
+
+def _symbolic(f, *inputs):
+    return make_fx(f, tracing_mode="symbolic")(*inputs)
+
+
+def mm_pad_rs(form="vllm", bias=False, group="tp:0", rows=M - 1):
+    """Model-level SP of vLLM's MoE models (DeepSeek-V2, Qwen3-Next): the attention output is padded to a
+    multiple of world_size, then reduce-scattered: ``F.pad(y, (0, 0, 0, (-m) % ws))``."""
+
+    def f(x, w, b):
+        y = torch.addmm(b, x, w.t()) if bias else torch.mm(x, w.t())
+        y = torch.nn.functional.pad(y, (0, 0, 0, (-y.shape[0]) % WS))
+        return torch.relu(_rs(form, y, group))
+
+    return _symbolic(f, torch.randn(rows, K), torch.randn(N, K), torch.randn(N))
+
+
+def ag_unpad_tokens_mm(form="vllm", group="tp:0"):
+    """The other half: ``all_gather(h)[:num_tokens]`` before qkv_proj, num_tokens the unpadded count."""
+
+    def f(x, positions, w1, w2):
+        g = _ag(form, x, group)[: positions.shape[0]]
+        return torch.mm(g, w1.t()), torch.mm(g, w2.t())
+
+    return _symbolic(f, torch.randn(M // WS, K), torch.arange(M - 1), torch.randn(N, K), torch.randn(N + 1, K))
+
+
+def mm_3d_rs(form="vllm", bias=False, group="tp:0"):
+    """A linear on 3-D hidden states [1, s, k]: views to 2-D around the matmul, the scatter on 2-D rows."""
+
+    def f(x, w, b):
+        y = torch.nn.functional.linear(x.unsqueeze(0), w, b if bias else None).squeeze(0)
+        return _rs(form, y, group)
+
+    return _symbolic(f, torch.randn(M, K), torch.randn(N, K), torch.randn(N))
+
+
+def ag_3d_mm(form="vllm", group="tp:0"):
+    def f(x, w1, w2):
+        g = _ag(form, x, group).unsqueeze(0)
+        return (torch.nn.functional.linear(g, w1).squeeze(0), torch.nn.functional.linear(g, w2).squeeze(0))
+
+    return _symbolic(f, torch.randn(M // WS, K), torch.randn(N, K), torch.randn(N + 1, K))
+
+
+# Ascend static W8A8 (vllm-ascend's W8A8 linear): npu_quantize, then npu_quant_matmul with the int8
+# weight stored (k, n), a float32 dequant scale and an int32 bias. Stand-ins: tests/npu_standin.
+
+def _npu_ops():
+    import sys
+    from pathlib import Path
+
+    standin = str(Path(__file__).parent / "npu_standin")
+    if standin not in sys.path:
+        sys.path.insert(0, standin)
+    import torch_npu  # noqa: F401  (the stand-in: registers torch.ops.npu.npu_quantize / npu_quant_matmul)
+
+    return torch.ops.npu
+
+
+def _quant_linear(x_int8, w, deq_scale, bias):
+    return _npu_ops().npu_quant_matmul(x_int8, w, deq_scale, bias=bias, output_dtype=torch.bfloat16)
+
+
+def _quantize(x, in_scale):
+    return _npu_ops().npu_quantize(x, in_scale, None, torch.qint8, -1, False)
+
+
+def quant_inputs(rows, num_weights=1, seed=0):
+    """(x float rows, input scale, [(w int8 (k, n), dequant scale, int32 bias)] * num_weights)."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(rows, K, generator=g)
+    weights = [(torch.randint(-127, 128, (K, N + i), generator=g, dtype=torch.int8),
+                torch.rand(N + i, generator=g) * 1e-3, torch.randint(-1000, 1000, (N + i,), generator=g,
+                                                                     dtype=torch.int32))
+               for i in range(num_weights)]
+    return x, torch.tensor([20.0]), weights
+
+
+def npu_quant_mm_rs(form="vllm", bias=True, group="tp:0"):
+    """quantize -> npu_quant_matmul (row-parallel, bias on rank 0 only) -> reduce_scatter."""
+
+    def f(x, in_scale, weights):
+        (w, scale, b), = weights
+        return _rs(form, _quant_linear(_quantize(x, in_scale), w, scale, b if bias else None), group)
+
+    _npu_ops()
+    return make_fx(f, tracing_mode="fake")(*quant_inputs(M))
+
+
+def ag_npu_quant_mm(form="vllm", group="tp:0"):
+    """all_gather -> quantize -> two npu_quant_matmul (qkv-like), the float rows also used elsewhere."""
+
+    def f(x, in_scale, weights):
+        g = _ag(form, x, group)
+        q = _quantize(g, in_scale)
+        return (*(_quant_linear(q, w, scale, b) for w, scale, b in weights), g + 1)
+
+    _npu_ops()
+    return make_fx(f, tracing_mode="fake")(*quant_inputs(M // WS, num_weights=2))

@@ -73,7 +73,7 @@ def test_threshold_travels_into_the_op():
     gm = mm_rs("vllm")
     _apply(gm, threshold_tokens=4096)
     (fused,) = [n for n in gm.graph.nodes if n.target == fc.mm_reduce_scatter.default]
-    assert fused.args[3:] == ("tp:0", 2, 4096)
+    assert fused.args[3:] == ("tp:0", 2, 4096, 0)  # group, world size, threshold, no padding
 
 
 def test_unpad_slice_before_the_matmuls_moves_after_the_fused_op():
@@ -84,7 +84,7 @@ def test_unpad_slice_before_the_matmuls_moves_after_the_fused_op():
     slices = [n for n in gm.graph.nodes if n.target == torch.ops.aten.slice.Tensor]
     assert len(slices) == 2 and all(n.args[0].target.__name__ == "getitem" and n.args[1:] == (0, 0, 13)
                                     for n in slices)
-    assert p.matched == {"all_gather_mm": {"vllm/addmm": 1}}
+    assert p.matched == {"all_gather_mm": {"vllm/addmm+unpad": 1}}
 
 
 @pytest.mark.parametrize("form", ["vllm", "c10d_functional"])

@@ -1,66 +1,109 @@
 """FlashCommPass on real vLLM Llama graphs (TP=2, gloo) after vLLM 0.31's SequenceParallelismPass.
 
-Expectation from the model (a decoder stack without the embedding, so the
-first layer's input is replicated and has no all_reduce/SP split before it):
-- mm -> reduce_scatter: o_proj and down_proj of every layer, 2 per layer;
-- all_gather -> mm: gate_up_proj of every layer and qkv_proj of every layer
-  but the first, 2 per layer - 1;
-- one all_gather after the final norm restores the full token rows and feeds
-  no matmul: left alone with "no matmul consumer".
+The model is vLLM's LlamaModel (embedding, 2 decoder layers, final norm);
+see vllm_tp_graphs for how it is built and compiled. Expectation from its
+structure, per rank, whatever the rank's bias:
+- 5 reduce_scatters: o_proj and down_proj of each layer (fused, 2 per
+  layer) and the embedding's (no matmul before it: left alone);
+- 5 all_gathers: before qkv_proj and gate_up_proj of each layer (fused, 2
+  per layer) and after the final norm (no matmul after it: left alone);
+- so no aten.mm/addmm is left: all 8 matmuls are inside fcpass ops.
+"llama_3d" has the same sites with views around each matmul.
 """
 
 import pytest
 
 from multirank import run_ranks
-from vllm_tp_model import LAYERS, build_and_compare, rank_setup
+from vllm_tp_graphs import LAYERS, MODEL_KINDS, compile_and_run, rank_setup
 
 THRESHOLD = 32
-TOKENS = (8, 16, 32, 64, 256, 1024)  # 3 at or below the threshold, 3 above; all even (SP needs divisible)
+TOKENS = (7, 16, 32, 64, 256, 1024)  # padded to 8, 16, 32 (unfused) and 64, 256, 1024 (fused)
+RS_FUSED, AG_FUSED = 2 * LAYERS, 2 * LAYERS
 
 
-def run_with_flashcomm(rank, world_size, bias):
+def _flashcomm_factory(made):
+    def make():
+        import fcpass
+        from passes import FlashCommPass
+
+        made.append(FlashCommPass(fcpass.PassConfig(threshold_tokens=THRESHOLD)))
+        return made[-1]
+
+    return make
+
+
+def run_with_flashcomm(rank, world_size, kinds):
     import fcpass
-    from passes import FlashCommPass
 
-    flashcomm = FlashCommPass(fcpass.PassConfig(threshold_tokens=THRESHOLD))
-    fcpass.reset_decision_counts()
-    result = build_and_compare(rank, world_size, bias, TOKENS, flashcomm)
-    outcomes = [(o.family, o.outcome) for o in flashcomm.report.outcomes]
-    return {**result, "matched": flashcomm.matched, "outcomes": outcomes, "decisions": fcpass.decision_counts()}
+    results = {}
+    for kind in kinds:
+        made = []
+        fcpass.reset_decision_counts()
+        r = compile_and_run(rank, world_size, kind, TOKENS, _flashcomm_factory(made))
+        flashcomm = made[0]
+        results[kind] = {
+            "counts_before": r["counts_before"], "counts_after": r["counts_after"],
+            "errors": r["max_rel_error"], "compilations": r["compilations"], "matched": flashcomm.matched,
+            "outcomes": sorted((o.family, o.outcome) for o in flashcomm.report.outcomes),
+            "decisions": fcpass.decision_counts(),
+        }
+    return results
 
 
-@pytest.mark.parametrize("bias", [False, True], ids=["llama", "llama_bias"])
-def test_flashcomm_on_vllm_llama_after_sequence_parallelism(bias):
-    per_rank = run_ranks(run_with_flashcomm, 2, bias, setup=rank_setup, timeout=300)
+@pytest.fixture(scope="module")
+def flashcomm_runs():
+    return run_ranks(run_with_flashcomm, 2, MODEL_KINDS, setup=rank_setup, timeout=420)
+
+
+@pytest.mark.parametrize("kind", MODEL_KINDS)
+def test_flashcomm_on_vllm_llama_after_sequence_parallelism(flashcomm_runs, kind):
+    per_rank = [results[kind] for results in flashcomm_runs]
     for r in per_rank:
-        before, after = r["counts"]["before"], r["counts"]["after"]
-        assert before.get("vllm.reduce_scatter.default") == 2 * LAYERS
-        assert before.get("vllm.all_gather.default") == 2 * LAYERS
-        assert after.get("fcpass.mm_reduce_scatter.default") == 2 * LAYERS
-        assert after.get("fcpass.all_gather_mm.default") == 2 * LAYERS - 1
-        assert after.get("vllm.all_gather.default") == 1  # the final one, after the norm
-        # the first layer's qkv_proj reads the replicated input: the one matmul left unfused
-        assert after.get("aten.mm.default", 0) + after.get("aten.addmm.default", 0) == 1
-        assert "vllm.reduce_scatter.default" not in after
-        assert sorted(r["outcomes"]) == sorted(
-            [("mm_reduce_scatter", "fused")] * (2 * LAYERS)
-            + [("all_gather_mm", "fused")] * (2 * LAYERS - 1) + [("all_gather_mm", "no matmul consumer")])
+        before, after = r["counts_before"], r["counts_after"]
+        assert before["vllm.reduce_scatter.default"] == RS_FUSED + 1
+        assert before["vllm.all_gather.default"] == AG_FUSED + 1
+        assert after["fcpass.mm_reduce_scatter.default"] == RS_FUSED
+        assert after["fcpass.all_gather_mm.default"] == AG_FUSED
+        assert after["vllm.reduce_scatter.default"] == 1  # the embedding's
+        assert after["vllm.all_gather.default"] == 1  # after the final norm
+        assert after.get("aten.mm.default", 0) + after.get("aten.addmm.default", 0) == 0
+        assert r["outcomes"] == sorted(
+            [("mm_reduce_scatter", "fused")] * RS_FUSED + [("mm_reduce_scatter", "no matmul producer")]
+            + [("all_gather_mm", "fused")] * AG_FUSED + [("all_gather_mm", "no matmul consumer")])
         assert r["compilations"] == 1
         assert max(r["errors"]) <= 1e-5, r["errors"]
         paths = {(op, path) for (op, path, _) in r["decisions"]}
-        assert {("mm_reduce_scatter", "fused"), ("mm_reduce_scatter", "unfused"),
-                ("all_gather_mm", "fused"), ("all_gather_mm", "unfused")} <= paths
+        assert paths == {("mm_reduce_scatter", "fused"), ("mm_reduce_scatter", "unfused"),
+                         ("all_gather_mm", "fused"), ("all_gather_mm", "unfused")}
     assert per_rank[0]["decisions"] == per_rank[1]["decisions"]
-    if bias:  # vLLM adds the row-parallel bias on rank 0 only: the ranks' graphs differ
-        assert per_rank[0]["counts"]["before"] != per_rank[1]["counts"]["before"]
+    fused_per_family = [{family: sum(forms.values()) for family, forms in r["matched"].items()} for r in per_rank]
+    assert fused_per_family[0] == fused_per_family[1] == {"mm_reduce_scatter": RS_FUSED, "all_gather_mm": AG_FUSED}
+    if kind == "llama_3d":
+        assert per_rank[0]["matched"] == {"mm_reduce_scatter": {"vllm/mm+view": RS_FUSED},
+                                          "all_gather_mm": {"vllm/mm+view": AG_FUSED}}
 
 
-def run_async_tp(rank, world_size, bias):
+def test_rank0_only_bias_gives_different_graphs_and_the_same_protocol(flashcomm_runs):
+    """vLLM adds the row-parallel bias on rank 0 only: addmm there, mm on rank 1, the same fused ops."""
+    rank0, rank1 = (results["llama_bias"] for results in flashcomm_runs)
+    assert rank0["counts_before"]["aten.addmm.default"] == 4 * LAYERS
+    assert rank1["counts_before"]["aten.mm.default"] == 2 * LAYERS
+    assert rank0["matched"]["mm_reduce_scatter"] == {"vllm/addmm": RS_FUSED}
+    assert rank1["matched"]["mm_reduce_scatter"] == {"vllm/mm": RS_FUSED}
+
+
+def _async_tp_factory():
+    from vllm.compilation.passes.fusion.collective_fusion import AsyncTPPass
+    from vllm.config import get_current_vllm_config
+
+    return AsyncTPPass(get_current_vllm_config())
+
+
+def run_async_tp(rank, world_size, kinds):
     """vLLM 0.31's AsyncTPPass on the same graphs. Its symmetric-memory replacements run on CUDA only,
     so the graphs are compiled, not run."""
-    from vllm.compilation.passes.fusion.collective_fusion import AsyncTPPass
-
-    return build_and_compare(rank, world_size, bias, (64,), make_pass=AsyncTPPass, run_compiled=False)["counts"]
+    return {kind: compile_and_run(rank, world_size, kind, (64,), _async_tp_factory, run_compiled=False)
+            for kind in kinds}
 
 
 FAMILY_OPS = {  # family: (vLLM AsyncTPPass's replacement, fcpass's)
@@ -69,17 +112,18 @@ FAMILY_OPS = {  # family: (vLLM AsyncTPPass's replacement, fcpass's)
 }
 
 
-@pytest.mark.parametrize("bias", [False, True], ids=["llama", "llama_bias"])
-def test_flashcomm_matches_every_site_async_tp_matches(bias):
-    async_tp = run_ranks(run_async_tp, 2, bias, setup=rank_setup, timeout=300)
-    flashcomm = run_ranks(run_with_flashcomm, 2, bias, setup=rank_setup, timeout=300)
-    for rank in range(2):
-        for family, (theirs, ours) in FAMILY_OPS.items():
-            vllm_sites = async_tp[rank]["after"].get(theirs, 0)
-            fcpass_sites = flashcomm[rank]["counts"]["after"].get(ours, 0)
-            assert fcpass_sites >= vllm_sites, (family, rank, fcpass_sites, vllm_sites)
-        # the shared baseline: both see the same SP graph
-        assert async_tp[rank]["before"] == flashcomm[rank]["counts"]["before"]
-    # fcpass rewrites a site the same way on every rank, whatever the rank's bias
-    for _, ours in FAMILY_OPS.values():
-        assert flashcomm[0]["counts"]["after"].get(ours) == flashcomm[1]["counts"]["after"].get(ours)
+def test_flashcomm_matches_every_site_async_tp_matches(flashcomm_runs):
+    async_tp = run_ranks(run_async_tp, 2, MODEL_KINDS, setup=rank_setup, timeout=300)
+    table = []
+    for kind in MODEL_KINDS:
+        for rank in range(2):
+            theirs_run, ours_run = async_tp[rank][kind], flashcomm_runs[rank][kind]
+            assert theirs_run["counts_before"] == ours_run["counts_before"]  # the same SP graph
+            for family, (theirs, ours) in FAMILY_OPS.items():
+                vllm_sites = theirs_run["counts_after"].get(theirs, 0)
+                fcpass_sites = ours_run["counts_after"].get(ours, 0)
+                table.append((kind, rank, family, vllm_sites, fcpass_sites))
+                assert fcpass_sites >= vllm_sites, (kind, rank, family, fcpass_sites, vllm_sites)
+    print("\nkind rank family AsyncTPPass fcpass")
+    for row in table:
+        print(*row)

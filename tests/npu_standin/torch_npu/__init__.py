@@ -139,3 +139,71 @@ def install() -> None:
     if torch._C._get_privateuse1_backend_name() != "npu":
         torch.utils.rename_privateuse1_backend("npu")
     dist.ProcessGroupGloo.get_hccl_comm_name = _get_hccl_comm_name
+
+
+# ---------------------------------------------------------------------------
+# The static W8A8 linear as vllm-ascend emits it: npu_quantize, then
+# npu_quant_matmul, registered under torch_npu's qualified names
+# (torch.ops.npu.*) with their documented schemas. Emulated:
+# - npu_quantize: y = round(x * scales + zero_points) (div_mode False) or
+#   round(x / scales + zero_points) (div_mode True), saturated to int8;
+#   scales per tensor or per channel along ``axis``;
+# - npu_quant_matmul: (x1 @ x2 in int32 + bias) * scale [* pertoken_scale],
+#   cast to output_dtype; x1, x2 int8; bias int32 (n,); scale float32 (1,)
+#   or (n,) (the int64 form packed by npu_trans_quant_param is not emulated);
+#   pertoken_scale float32 (m,); offset not emulated.
+
+_npu_lib = torch.library.Library("npu", "FRAGMENT")
+_QUANT_SCHEMAS = {
+    "npu_quantize": "npu_quantize(Tensor input, Tensor scales, Tensor? zero_points, ScalarType dtype, int axis=1, "
+                    "bool div_mode=True) -> Tensor",
+    "npu_quant_matmul": "npu_quant_matmul(Tensor x1, Tensor x2, Tensor scale, *, Tensor? offset=None, "
+                        "Tensor? pertoken_scale=None, Tensor? bias=None, ScalarType? output_dtype=None) -> Tensor",
+}
+
+
+def _npu_quantize(input, scales, zero_points, dtype, axis=1, div_mode=True):
+    _check(dtype in (torch.qint8, torch.int8), f"npu_quantize: dtype {dtype} not emulated (qint8 only)")
+    _check(scales.numel() == 1 or axis in (-1, input.dim() - 1), "npu_quantize: scales per tensor or along axis")
+    y = input.float() / scales.float() if div_mode else input.float() * scales.float()
+    if zero_points is not None:
+        y = y + zero_points.float()
+    return torch.round(y).clamp(-128, 127).to(torch.int8)
+
+
+def _npu_quant_matmul(x1, x2, scale, *, offset=None, pertoken_scale=None, bias=None, output_dtype=None):
+    kernel = "npu_quant_matmul"
+    _check(x1.dtype == torch.int8 and x2.dtype == torch.int8, f"{kernel}: x1 and x2 must be int8")
+    _check(x1.dim() == 2 and x2.dim() == 2 and x1.shape[1] == x2.shape[0], f"{kernel}: shapes {x1.shape} @ {x2.shape}")
+    n = x2.shape[1]
+    _check(scale.dtype == torch.float32 and scale.numel() in (1, n), f"{kernel}: scale must be float32 (1,) or (n,)")
+    _check(offset is None, f"{kernel}: offset is not emulated")
+    _check(bias is None or (bias.dtype == torch.int32 and tuple(bias.shape) == (n,)), f"{kernel}: bias int32 (n,)")
+    _check(output_dtype in OUT_DTYPES, f"{kernel}: output_dtype {output_dtype} not emulated")
+    acc = torch._int_mm(x1, x2)
+    if bias is not None:
+        acc = acc + bias
+    out = acc.float() * scale.reshape(1, -1)
+    if pertoken_scale is not None:
+        out = out * pertoken_scale.reshape(-1, 1)
+    return out.to(output_dtype)
+
+
+def _npu_quant_matmul_fake(x1, x2, scale, *, offset=None, pertoken_scale=None, bias=None, output_dtype=None):
+    return x1.new_empty((x1.shape[0], x2.shape[1]), dtype=output_dtype)
+
+
+def _register_quant_ops() -> None:
+    if hasattr(torch.ops.npu, "npu_quant_matmul"):
+        return
+    for name, schema in _QUANT_SCHEMAS.items():
+        _npu_lib.define(schema)
+    _npu_lib.impl("npu_quantize", _npu_quantize, "CompositeExplicitAutograd")
+    _npu_lib.impl("npu_quant_matmul", _npu_quant_matmul, "CompositeExplicitAutograd")
+    torch.library.register_fake("npu::npu_quantize", lambda input, *a, **k: input.new_empty(input.shape,
+                                                                                          dtype=torch.int8),
+                                lib=_npu_lib)
+    torch.library.register_fake("npu::npu_quant_matmul", _npu_quant_matmul_fake, lib=_npu_lib)
+
+
+_register_quant_ops()

@@ -1,0 +1,36 @@
+"""vllm-ascend's run-time token padding, for the fused replacement of its FlashComm all_gather.
+
+``vllm.maybe_all_gather_and_maybe_unpad(x, True)`` gathers the token shards
+and drops the last ``pad_size`` rows, a number vllm-ascend keeps in its
+forward context (its fake impl does not drop them). The fused replacement
+gathers inside ``fcpass.all_gather_mm`` and drops the same rows from each
+result with :func:`drop_token_padding`, read from the same place.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def forward_context_pad_size() -> int:
+    """vllm-ascend's current ``pad_size``: its extra-context proxy (newer), else vLLM's forward context."""
+    try:
+        from vllm_ascend.ascend_forward_context import _EXTRA_CTX
+
+        return int(_EXTRA_CTX.pad_size or 0)
+    except (ImportError, AttributeError):
+        from vllm.forward_context import get_forward_context
+
+        return int(getattr(get_forward_context(), "pad_size", 0) or 0)
+
+
+@torch.library.custom_op("fcpass::drop_token_padding", mutates_args=())
+def drop_token_padding(rows: torch.Tensor) -> torch.Tensor:
+    """``rows`` without vllm-ascend's trailing padding rows (a copy: custom ops may not return views)."""
+    pad = forward_context_pad_size()
+    return rows[: rows.shape[0] - pad].clone()
+
+
+@drop_token_padding.register_fake
+def _(rows):
+    return rows.new_empty(rows.shape)  # as vllm-ascend's gather fake: the padding is invisible when tracing
