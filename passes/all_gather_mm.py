@@ -98,7 +98,9 @@ def _replace(graph: fx.Graph, ag: forms.Collective, consumers: list[Consumer], t
             op_args = (x, weights, biases)
         fused = forms.call(graph, target, (*op_args, ag.group_name, ag.world_size, threshold_tokens))
         if quantize is None:  # with a quantize, other users keep the float gather
-            ag.output.replace_all_uses_with(_unpadded(graph, ag, forms.call(graph, operator.getitem, (fused, 0))))
+            gathered = forms.call(graph, operator.getitem, (fused, 0))
+            ag.output.replace_all_uses_with(_unpadded(graph, ag, gathered))
+            forms.redirect_size_reads(ag, gathered)
         outs = forms.call(graph, operator.getitem, (fused, 1))
         for i, c in enumerate(consumers):
             out = _unpadded(graph, ag, forms.call(graph, operator.getitem, (outs, i)))

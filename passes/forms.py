@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.fx as fx
-from torch._inductor.pattern_matcher import CallFunction, KeywordArg, PatternExpr, is_match
+from torch._inductor.pattern_matcher import MULTIPLE, CallFunction, KeywordArg, PatternExpr, is_match
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from fcpass.groups import resolve_group, vllm_tp_group
@@ -85,8 +85,9 @@ def _wait(inner: PatternExpr) -> PatternExpr:
 
 def _collective_forms(functional_op: str, functional_args: tuple, vllm_op: str) -> list[tuple[str, PatternExpr]]:
     """The functional-collective form (op + wait_tensor) and, when vLLM is loaded, vLLM's custom op on dim 0."""
-    forms = [("c10d_functional",
-              _wait(CallFunction(_functional(functional_op), KeywordArg("input"), *functional_args)))]
+    # The collective's handle may also have its size read (``sym_size``); see redirect_size_reads.
+    issue = CallFunction(_functional(functional_op), KeywordArg("input"), *functional_args, _users=MULTIPLE)
+    forms = [("c10d_functional", _wait(issue))]
     if _vllm(vllm_op) is not None:
         forms.append(("vllm", CallFunction(_vllm(vllm_op), KeywordArg("input"), 0,
                                            KeywordArg("world_size"), KeywordArg("group_name"))))
@@ -165,7 +166,7 @@ def match_collective(node: fx.Node, forms) -> Collective | None:
                 return found
             continue
         m = pattern.match(node)
-        if is_match(m):
+        if is_match(m) and _only_waited_or_sized(m.nodes, node):
             return Collective(
                 form=form, output=node, input=m.kwargs["input"], world_size=int(m.kwargs["world_size"]),
                 group_name=str(m.kwargs["group_name"]), reduce_op=str(m.kwargs.get("reduce_op", "sum")),
@@ -192,6 +193,19 @@ def group_problem(collective: Collective) -> str | None:
         return (f"world_size {collective.world_size} does not match group {collective.group_name!r} "
                 f"of size {group.size()}")
     return None
+
+
+def _only_waited_or_sized(nodes, output: fx.Node) -> bool:
+    """Inner nodes of a matched collective are used by the form itself or have their size read only."""
+    return all(user in nodes or user.target == aten.sym_size.int for n in nodes if n is not output for user in n.users)
+
+
+def redirect_size_reads(collective: Collective, replacement: fx.Node) -> None:
+    """Size reads of the collective's inner nodes read the same-shaped ``replacement`` instead."""
+    for node in collective.nodes:
+        for user in list(node.users):
+            if user.target == aten.sym_size.int and node is not collective.output:
+                user.replace_input_with(node, replacement)
 
 
 def match_matmul(node: fx.Node, forms) -> MatmulNode | None:

@@ -55,6 +55,7 @@ def rewrite(graph: fx.Graph, threshold_tokens: int, report: PassReport) -> None:
                     graph, torch.ops.fcpass.mm_reduce_scatter.default, (mm.x, w, mm.bias, *collective_args)
                 )
         rs.output.replace_all_uses_with(fused)
+        forms.redirect_size_reads(rs, fused)
         erase_unused(graph, [*rs.nodes, *steps, producer])
         report.add(FAMILY, form, FUSED)
 

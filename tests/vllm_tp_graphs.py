@@ -371,6 +371,32 @@ def _pad_to_multiple(n, multiple):
 
 # --------------------------------------------------------------------------- entry point
 
+@contextlib.contextmanager
+def vllm_tp(rank, world_size):
+    """vLLM's config and TP=world_size group in this rank (VLLM_CPU.md steps 1, 2): yields (vllm_config, tp_group).
+
+    Call inside a rank of ``run_ranks(..., setup=rank_setup)``.
+    """
+    from vllm.config import VllmConfig, set_current_vllm_config
+    from vllm.distributed import parallel_state
+
+    _custom_op_collectives_on()
+    _agree_on_dist_ident()
+    vllm_config = VllmConfig()
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(_all_reduce_clone_fix())
+        stack.enter_context(set_current_vllm_config(vllm_config))
+        parallel_state.init_distributed_environment(
+            world_size=world_size, rank=rank, local_rank=rank, backend="gloo", distributed_init_method="env://")
+        parallel_state.initialize_model_parallel(tensor_model_parallel_size=world_size)
+        stack.callback(parallel_state.destroy_model_parallel)
+        tp_group = parallel_state.get_tp_group()
+        if not tp_group.use_custom_op_call:
+            raise RuntimeError("vLLM TP group does not use custom-op collectives: pass setup=rank_setup to "
+                               "run_ranks (VLLM_CPU.md step 1)")
+        yield vllm_config, tp_group
+
+
 def compile_and_run(rank, world_size, kind, token_counts=DEFAULT_TOKEN_COUNTS, extra_pass_factory=None, seed=0,
                     vllm_tail_passes=True, run_compiled=True):
     """Build ``kind`` at TP=world_size, compile with SP + ``extra_pass_factory()``, run it and the eager reference.
@@ -406,31 +432,17 @@ def compile_and_run(rank, world_size, kind, token_counts=DEFAULT_TOKEN_COUNTS, e
     from vllm.compilation.passes.fusion.sequence_parallelism import SequenceParallelismPass
     from vllm.compilation.passes.inductor_pass import pass_context
     from vllm.compilation.passes.ir.inplace_functionalization import VllmIRInplaceFunctionalizationPass
-    from vllm.config import VllmConfig, set_current_vllm_config
     from vllm.config.utils import Range
-    from vllm.distributed import parallel_state
 
     if kind not in MODEL_KINDS:
         raise ValueError(f"unknown model kind {kind!r}; one of {MODEL_KINDS}")
     token_counts = tuple(int(n) for n in token_counts)
     padded_counts = tuple(_pad_to_multiple(n, world_size) for n in token_counts)
-    _custom_op_collectives_on()
-    _agree_on_dist_ident()
     torch._dynamo.reset()
     counters.clear()
 
-    vllm_config = VllmConfig()
     with contextlib.ExitStack() as stack:
-        stack.enter_context(_all_reduce_clone_fix())
-        stack.enter_context(set_current_vllm_config(vllm_config))
-        parallel_state.init_distributed_environment(
-            world_size=world_size, rank=rank, local_rank=rank, backend="gloo", distributed_init_method="env://")
-        parallel_state.initialize_model_parallel(tensor_model_parallel_size=world_size)
-        stack.callback(parallel_state.destroy_model_parallel)
-        tp_group = parallel_state.get_tp_group()
-        if not tp_group.use_custom_op_call:
-            raise RuntimeError("vLLM TP group does not use custom-op collectives: pass setup=rank_setup to "
-                               "run_ranks (VLLM_CPU.md step 1)")
+        vllm_config, tp_group = stack.enter_context(vllm_tp(rank, world_size))
 
         model = build_model(kind, vllm_config, seed)
         extra_pass = extra_pass_factory() if extra_pass_factory is not None else None
