@@ -8,6 +8,7 @@ compute through it (or through a kernel documented to compute the same).
 from __future__ import annotations
 
 import collections
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -83,7 +84,7 @@ def _row_vector_or_scalar(scale: torch.Tensor) -> torch.Tensor:
 MAX_FOLD_COLUMNS = 16
 _INT8_MAX = 127
 
-_fold_cache: collections.OrderedDict[tuple, torch.Tensor] = collections.OrderedDict()
+_fold_cache: collections.OrderedDict[tuple, tuple] = collections.OrderedDict()
 _FOLD_CACHE_SIZE = 256
 
 
@@ -96,20 +97,35 @@ def fold_bias(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor) -> tuple[tor
 
 def _bias_rows(w: torch.Tensor, bias: torch.Tensor) -> tuple[list[int], torch.Tensor]:
     """The widened weight, cached: weights and biases are constants at inference."""
-    key = (w.data_ptr(), w._version, tuple(w.shape), w.dtype, bias.data_ptr(), bias._version)
+    (w_base, w_key), (b_base, b_key) = _identity(w), _identity(bias)
+    key = (w_key, b_key)
     cached = _fold_cache.get(key)
-    if cached is not None:
+    if cached is not None and cached[0]() is w_base and cached[1]() is b_base:
         _fold_cache.move_to_end(key)
-        return _fold_coefficients(cached.shape[0] - w.shape[0]), cached
+        widened = cached[2]
+        return _fold_coefficients(widened.shape[0] - w.shape[0]), widened
     if w.dtype == torch.int8:
         digits = _int8_digits(bias)
     else:
         digits = bias.to(w.dtype).reshape(1, -1)
     widened = torch.cat([w, digits], dim=0)
-    _fold_cache[key] = widened
+    _fold_cache[key] = (weakref.ref(w_base), weakref.ref(b_base), widened)
     if len(_fold_cache) > _FOLD_CACHE_SIZE:
         _fold_cache.popitem(last=False)
     return _fold_coefficients(digits.shape[0]), widened
+
+
+def _identity(t: torch.Tensor):
+    """The tensor object owning t's memory, and a key for t's view of it at its current version.
+
+    A freed tensor's memory is reused by the next allocation of that size, so
+    an address alone could serve a stale fold for a new weight; the entry
+    keeps a weak reference to the owner and is used only while it is alive
+    and the same object. (A weight passed as a fresh transpose view each call
+    still hits: the view's base is the parameter.)
+    """
+    base = t._base if t._base is not None else t
+    return base, (id(base), t.data_ptr(), tuple(t.shape), tuple(t.stride()), t.dtype, base._version)
 
 
 def _fold_coefficients(num_rows: int) -> list[int]:

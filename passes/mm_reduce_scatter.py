@@ -1,16 +1,21 @@
 """matmul -> reduce_scatter  ==>  fcpass.mm_reduce_scatter
 
     y = mm(x, w)            (or addmm(bias, x, w))
+    [y = view(y, ...)]      row-keeping views (3-D hidden states), any number
+    [y = pad(y, (0, 0, 0, p))]   zero rows up to a multiple of world_size
     out = reduce_scatter(y, dim 0, sum, group)
         ==>
-    out = fcpass.mm_reduce_scatter(x, w, bias, group, world_size, threshold)
+    out = fcpass.mm_reduce_scatter(x, w, bias, group, world_size, threshold, p)
 
-and the same from ``_scaled_mm(x, w, x_scale, w_scale, bias, out_dtype)`` to
+and the same from ``_scaled_mm`` and Ascend's ``npu_quant_matmul`` to
 ``fcpass.mm_reduce_scatter_scaled``; linear-style matmuls (``aten.linear``,
 ``vllm.unquantized_gemm``) get their stored (n, k) weight transposed.
+vllm-ascend's ``maybe_pad_and_reduce(y)`` pads by ``(-m) % world_size``
+itself (its ``pad_size``): the same rewrite with that pad computed in the graph.
 
-Applies when the reduction is a sum along dim 0 and the matmul's only user
-is the collective (another user would need the unreduced product).
+Applies when the reduction is a sum along dim 0 of 2-D rows, the group
+agrees with the world size, and the matmul's only user is the collective
+(another user would need the unreduced product).
 The rewrite depends only on the matmul form, never on whether this rank
 holds a bias: a biased addmm on rank 0 and a plain mm on rank 1 both become
 the same op, whose protocol does not depend on the bias.

@@ -229,3 +229,14 @@ def ag_npu_quant_mm(form="vllm", group="tp:0"):
 
     _npu_ops()
     return make_fx(f, tracing_mode="fake")(*quant_inputs(M // WS, num_weights=2))
+
+
+def apply_pass(gm, **config):
+    """Run FlashCommPass(PassConfig(**config)) on ``gm`` in place; returns the pass (for matched/report)."""
+    import fcpass
+    from passes import FlashCommPass
+
+    flashcomm = FlashCommPass(fcpass.PassConfig(**config))
+    flashcomm(gm.graph)
+    gm.recompile()
+    return flashcomm

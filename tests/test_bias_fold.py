@@ -28,3 +28,17 @@ def test_int8_fold_refuses_a_bias_it_cannot_hold():
     x, w = torch.zeros(4, 8, dtype=torch.int8), torch.zeros(8, 2, dtype=torch.int8)
     with pytest.raises(ValueError, match="MAX_FOLD_COLUMNS"):
         fold_bias(x, w, torch.tensor([2**30, 0], dtype=torch.int32))
+
+
+def test_a_new_weight_at_a_used_address_gets_its_own_fold():
+    """The fold cache must not serve another tensor's widened copy because it sits at the same address
+    (memory reused after a free; here two tensors over one numpy buffer, each at version 0)."""
+    import numpy as np
+
+    x, b = torch.randn(4, 8), torch.randn(6)
+    buffer = np.zeros((8, 6), dtype=np.float32)
+    for seed in range(3):
+        buffer[:] = np.random.default_rng(seed).standard_normal((8, 6))
+        w = torch.from_numpy(buffer)  # a new tensor object, same data_ptr, version 0
+        x_wide, w_wide = fold_bias(x, w, b)
+        torch.testing.assert_close(x_wide @ w_wide, x @ w + b)

@@ -9,21 +9,12 @@ vLLM's TP group, in test_passes_vllm_ascend.)
 import pytest
 import torch
 
-import fcpass
 from hand_graphs import (
-    ag_3d_mm, ag_npu_quant_mm, ag_unpad_tokens_mm, count, mm_3d_rs, mm_pad_rs, npu_quant_mm_rs,
+    apply_pass, ag_3d_mm, ag_npu_quant_mm, ag_unpad_tokens_mm, count, mm_3d_rs, mm_pad_rs, npu_quant_mm_rs,
 )
-from passes import FlashCommPass
 
 fc = torch.ops.fcpass
 aten = torch.ops.aten
-
-
-def _apply(gm, **config):
-    p = FlashCommPass(fcpass.PassConfig(**config))
-    p(gm.graph)
-    gm.recompile()
-    return p
 
 
 def _fused(gm, op):
@@ -35,7 +26,7 @@ def _fused(gm, op):
 @pytest.mark.parametrize("form", ["vllm", "c10d_functional"])
 def test_pad_to_a_multiple_of_world_size_before_the_scatter(form, bias):
     gm = mm_pad_rs(form, bias=bias)
-    p = _apply(gm)
+    p = apply_pass(gm)
     fused = _fused(gm, fc.mm_reduce_scatter.default)
     assert count(gm, aten.constant_pad_nd.default) == 0
     pad = fused.args[6]  # the pad amount stays graph arithmetic on the symbolic token count
@@ -46,7 +37,7 @@ def test_pad_to_a_multiple_of_world_size_before_the_scatter(form, bias):
 @pytest.mark.parametrize("form", ["vllm", "c10d_functional"])
 def test_all_gather_then_slice_to_the_token_count(form):
     gm = ag_unpad_tokens_mm(form)
-    p = _apply(gm)
+    p = apply_pass(gm)
     fused = _fused(gm, fc.all_gather_mm.default)
     assert len(fused.args[1]) == 2 and count(gm, aten.mm.default) == 0
     assert count(gm, aten.slice.Tensor) == 2  # one per matmul result, after the fused op
@@ -56,7 +47,7 @@ def test_all_gather_then_slice_to_the_token_count(form):
 @pytest.mark.parametrize("bias", [False, True], ids=["mm", "addmm"])
 def test_3d_hidden_states_views_around_the_matmul(bias):
     rs, ag = mm_3d_rs(bias=bias), ag_3d_mm()
-    p_rs, p_ag = _apply(rs), _apply(ag)
+    p_rs, p_ag = apply_pass(rs), apply_pass(ag)
     assert count(rs, fc.mm_reduce_scatter.default) == 1 and count(ag, fc.all_gather_mm.default) == 1
     assert count(rs, aten.mm.default) + count(rs, aten.addmm.default) + count(ag, aten.mm.default) == 0
     assert p_rs.matched == {"mm_reduce_scatter": {f"vllm/{'addmm' if bias else 'mm'}+view": 1}}
@@ -65,7 +56,7 @@ def test_3d_hidden_states_views_around_the_matmul(bias):
 
 def test_npu_quant_matmul_before_the_scatter():
     gm = npu_quant_mm_rs()
-    p = _apply(gm)
+    p = apply_pass(gm)
     fused = _fused(gm, fc.mm_reduce_scatter_scaled.default)
     assert count(gm, torch.ops.npu.npu_quant_matmul.default) == 0
     assert fused.args[0].target == torch.ops.npu.npu_quantize.default  # int8 rows in
@@ -75,7 +66,7 @@ def test_npu_quant_matmul_before_the_scatter():
 
 def test_npu_quantize_moves_before_the_gather_and_the_float_rows_stay_for_other_users():
     gm = ag_npu_quant_mm()
-    p = _apply(gm)
+    p = apply_pass(gm)
     fused = _fused(gm, fc.all_gather_scaled_mm.default)
     quantize = fused.args[0]
     assert quantize.target == torch.ops.npu.npu_quantize.default
@@ -87,6 +78,6 @@ def test_npu_quantize_moves_before_the_gather_and_the_float_rows_stay_for_other_
 
 def test_npu_quant_forms_follow_the_family_flags():
     rs, ag = npu_quant_mm_rs(), ag_npu_quant_mm()
-    _apply(rs, fuse_mm_reduce_scatter=False)
-    _apply(ag, fuse_all_gather_mm=False)
+    apply_pass(rs, fuse_mm_reduce_scatter=False)
+    apply_pass(ag, fuse_all_gather_mm=False)
     assert count(rs, fc.mm_reduce_scatter_scaled.default) == count(ag, fc.all_gather_scaled_mm.default) == 0

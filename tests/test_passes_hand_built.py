@@ -3,27 +3,18 @@
 import pytest
 import torch
 
-import fcpass
-from hand_graphs import ag_mm, count, mm_rs
-from passes import FlashCommPass
+from hand_graphs import ag_mm, apply_pass, count, mm_rs
 
 fc = torch.ops.fcpass
 vllm_ops = torch.ops.vllm
 functional = torch.ops._c10d_functional
 
 
-def _apply(gm, **config):
-    p = FlashCommPass(fcpass.PassConfig(**config))
-    p(gm.graph)
-    gm.recompile()
-    return p
-
-
 @pytest.mark.parametrize("form", ["vllm", "c10d_functional"])
 @pytest.mark.parametrize("bias", [False, True], ids=["mm", "addmm"])
 def test_mm_reduce_scatter_forms_match(form, bias):
     gm = mm_rs(form, bias=bias)
-    p = _apply(gm)
+    p = apply_pass(gm)
     assert count(gm, fc.mm_reduce_scatter.default) == 1
     assert count(gm, vllm_ops.reduce_scatter.default) == count(gm, functional.reduce_scatter_tensor.default) == 0
     assert count(gm, torch.ops.aten.mm.default) == count(gm, torch.ops.aten.addmm.default) == 0
@@ -33,7 +24,7 @@ def test_mm_reduce_scatter_forms_match(form, bias):
 @pytest.mark.parametrize("form", ["vllm", "c10d_functional"])
 def test_all_gather_feeding_several_matmuls_becomes_one_op(form):
     gm = ag_mm(form, bias=True, num_matmuls=3, other_user=True)
-    p = _apply(gm)
+    p = apply_pass(gm)
     assert count(gm, fc.all_gather_mm.default) == 1
     assert count(gm, torch.ops.aten.addmm.default) == 0
     assert count(gm, vllm_ops.all_gather.default) == count(gm, functional.all_gather_into_tensor.default) == 0
@@ -47,14 +38,14 @@ def test_all_gather_feeding_several_matmuls_becomes_one_op(form):
 
 def test_avg_reduce_scatter_is_left_alone():
     gm = mm_rs("c10d_functional", reduce_op="avg")
-    p = _apply(gm)
+    p = apply_pass(gm)
     assert count(gm, fc.mm_reduce_scatter.default) == 0
     assert [o.outcome for o in p.report.outcomes] == ["reduce op 'avg', not sum"]
 
 
 def test_matmul_with_another_user_is_left_alone():
     gm = mm_rs("vllm", extra_user=True)
-    p = _apply(gm)
+    p = apply_pass(gm)
     assert count(gm, fc.mm_reduce_scatter.default) == 0
     assert count(gm, vllm_ops.reduce_scatter.default) == 1
     assert [o.outcome for o in p.report.outcomes] == ["matmul output has other users"]
@@ -63,22 +54,22 @@ def test_matmul_with_another_user_is_left_alone():
 @pytest.mark.parametrize("flag", ["fuse_mm_reduce_scatter", "fuse_all_gather_mm"])
 def test_disabled_family_matches_nothing(flag):
     rs, ag = mm_rs("vllm"), ag_mm("vllm")
-    _apply(rs, **{flag: False})
-    _apply(ag, **{flag: False})
+    apply_pass(rs, **{flag: False})
+    apply_pass(ag, **{flag: False})
     fused = count(rs, fc.mm_reduce_scatter.default) + count(ag, fc.all_gather_mm.default)
     assert fused == 1  # only the family left enabled fused
 
 
 def test_threshold_travels_into_the_op():
     gm = mm_rs("vllm")
-    _apply(gm, threshold_tokens=4096)
+    apply_pass(gm, threshold_tokens=4096)
     (fused,) = [n for n in gm.graph.nodes if n.target == fc.mm_reduce_scatter.default]
     assert fused.args[3:] == ("tp:0", 2, 4096, 0)  # group, world size, threshold, no padding
 
 
 def test_unpad_slice_before_the_matmuls_moves_after_the_fused_op():
     gm = ag_mm("vllm", bias=True, num_matmuls=2, other_user=False, unpad_to=13)
-    p = _apply(gm)
+    p = apply_pass(gm)
     assert count(gm, fc.all_gather_mm.default) == 1
     assert count(gm, torch.ops.aten.addmm.default) == 0
     slices = [n for n in gm.graph.nodes if n.target == torch.ops.aten.slice.Tensor]
@@ -92,7 +83,7 @@ def test_fp8_scaled_mm_reduce_scatter_matches(form):
     from hand_graphs import scaled_mm_rs
 
     gm = scaled_mm_rs(form)
-    p = _apply(gm)
+    p = apply_pass(gm)
     assert count(gm, fc.mm_reduce_scatter_scaled.default) == 1
     assert count(gm, torch.ops.aten._scaled_mm.default) == 0
     assert p.matched == {"mm_reduce_scatter": {f"{form}/scaled_mm": 1}}
@@ -102,10 +93,10 @@ def test_fp8_all_gather_scaled_mm_matches_and_mixed_out_dtypes_do_not():
     from hand_graphs import ag_scaled_mm
 
     gm = ag_scaled_mm("vllm")
-    _apply(gm)
+    apply_pass(gm)
     assert count(gm, fc.all_gather_scaled_mm.default) == 1 and count(gm, torch.ops.aten._scaled_mm.default) == 0
     mixed = ag_scaled_mm("vllm", mixed=True)
-    p = _apply(mixed)
+    p = apply_pass(mixed)
     assert count(mixed, fc.all_gather_scaled_mm.default) == count(mixed, fc.all_gather_mm.default) == 0
     assert [o.outcome for o in p.report.outcomes] == ["matmuls differ in scaling (one fused op needs one kind)"]
 
@@ -115,7 +106,7 @@ def test_vllm_linear_ops_match_with_their_weight_transposed(op):
     from hand_graphs import LINEAR_OPS, ag_linear, linear_rs
 
     rs, ag = linear_rs(op), ag_linear(op)
-    p_rs, p_ag = _apply(rs), _apply(ag)
+    p_rs, p_ag = apply_pass(rs), apply_pass(ag)
     assert count(rs, fc.mm_reduce_scatter.default) == 1 and count(ag, fc.all_gather_mm.default) == 1
     assert count(rs, LINEAR_OPS[op]().default) == count(ag, LINEAR_OPS[op]().default) == 0
     assert count(rs, torch.ops.aten.permute.default) == 1 and count(ag, torch.ops.aten.permute.default) == 2
