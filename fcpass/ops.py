@@ -28,7 +28,7 @@ from fcpass.backends.base import ALL_GATHER_MM, MM_REDUCE_SCATTER, Backend, Fuse
 from fcpass.config import PassConfig
 from fcpass.groups import resolve_group
 from fcpass.matmuls import Matmul
-from fcpass.padding import with_zero_rows
+from fcpass.padding import append_zero_rows, with_zero_rows
 
 _runtime_config = PassConfig()
 
@@ -91,7 +91,7 @@ def unfused_mm_reduce_scatter(call: FusedCall) -> torch.Tensor:
     (mm,) = call.matmuls
     product = mm(call.x, call.row_scale)
     if call.pad_rows:
-        product = torch.cat([product, product.new_zeros((call.pad_rows, product.shape[1]))])
+        product = append_zero_rows(product, call.pad_rows)
     out = product.new_empty((product.shape[0] // call.world_size, product.shape[1]))
     comm.reduce_scatter_rows(out, product, call.group)
     return out

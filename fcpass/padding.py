@@ -26,12 +26,12 @@ def with_zero_rows(call: FusedCall) -> FusedCall:
     x, w = call.x, mm.w
     if mm.bias is not None:
         x, w = fold_bias(x, w, mm.bias)
-    x = _append_zero_rows(x, call.pad_rows)
-    row_scale = None if call.row_scale is None else _append_zero_rows(call.row_scale, call.pad_rows)
+    x = append_zero_rows(x, call.pad_rows)
+    row_scale = None if call.row_scale is None else append_zero_rows(call.row_scale, call.pad_rows)
     return dataclasses.replace(
         call, x=x, matmuls=(dataclasses.replace(mm, w=w, bias=None),), row_scale=row_scale, pad_rows=0
     )
 
 
-def _append_zero_rows(t: torch.Tensor, rows: int) -> torch.Tensor:
+def append_zero_rows(t: torch.Tensor, rows: int) -> torch.Tensor:
     return torch.cat([t, t.new_zeros((rows, *t.shape[1:]))])

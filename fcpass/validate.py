@@ -68,7 +68,7 @@ def check_world_size(op: str, world_size: int) -> None:
 def check_pad_rows(op: str, mm: Matmul, pad_rows) -> None:
     if isinstance(pad_rows, int) and pad_rows < 0:
         raise FusedOpInputError(f"fcpass::{op}: pad_rows must be >= 0, got {pad_rows}")
-    if mm.bias is not None and mm.scaled and mm.w.dtype in FP8_DTYPES and not _is_zero(pad_rows):
+    if mm.bias is not None and mm.w.dtype in FP8_DTYPES and not _is_zero(pad_rows):
         raise FusedOpInputError(
             f"fcpass::{op}: pad_rows with an fp8 bias is not supported (the bias is added after the "
             "scaling, so it cannot be kept off the padded rows by folding)"

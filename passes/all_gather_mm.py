@@ -126,8 +126,9 @@ def _consumers(gathered: fx.Node, mm_forms) -> list[Consumer]:
             if mm is not None and mm.x is node and mm.w is not node and forms.dim(node) == 2:
                 found.append(Consumer(mm, steps, end, quantize))
                 continue
-            if not steps and forms.unpad_end(user, node) is not None:
-                walk(user, (*steps, user), forms.unpad_end(user, node), quantize)
+            unpad = forms.unpad_end(user, node) if not steps else None
+            if unpad is not None:
+                walk(user, (*steps, user), unpad, quantize)
             elif forms.row_view_source(user) is node:
                 walk(user, (*steps, user), end, quantize)
             elif quantize is None and forms.rowwise_quantize(user) and user.args[0] is node:

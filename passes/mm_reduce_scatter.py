@@ -70,22 +70,18 @@ def _rows_source(node: fx.Node):
 
     Returns (the node before them, rows padded, the steps walked).
     """
-    steps, pad = [], 0
+    steps, pad, padded = [], 0, False
     while isinstance(node, fx.Node):
         source = forms.row_view_source(node)
-        if source is None and not _padded(steps):
+        if source is None and not padded:
             rows = forms.row_pad(node)
             if rows is not None:
-                source, pad = node.args[0], rows
+                source, pad, padded = node.args[0], rows, True
         if source is None:
             break
         steps.append(node)
         node = source
     return node, pad, steps
-
-
-def _padded(steps) -> bool:
-    return any(step.target == torch.ops.aten.constant_pad_nd.default for step in steps)
 
 
 def _pad_to_multiple(graph: fx.Graph, x: fx.Node, world_size: int):
