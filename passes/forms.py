@@ -271,20 +271,22 @@ def _npu(name: str):
 def _match_npu_quant_matmul(node: fx.Node) -> MatmulNode | None:
     """Ascend W8A8 ``npu_quant_matmul(x_int8, w_int8 (k, n), deq_scale, bias=int32, output_dtype)``.
 
-    Its result is ``(x @ w + bias) * scale [* pertoken_scale]``, fcpass's W8A8
-    Matmul. Matched only with a float32 dequant scale (a scale packed into
-    int64 by ``npu_trans_quant_param`` means something else) and no offset.
+    Its result is ``(x @ w + bias) * scale``, fcpass's W8A8 Matmul. Matched
+    only with a float32 dequant scale (a scale packed into int64 by
+    ``npu_trans_quant_param`` means something else), no offset and no
+    ``pertoken_scale`` (1-D (m,) there, where a 1-D scale means per-tensor to
+    the fused ops).
     """
     target = _npu("npu_quant_matmul")
     if target is None or node.op != "call_function" or node.target != target:
         return None
     args = bound_args(node)
     scale = _val(args["scale"])
-    if (args.get("offset") is not None or args.get("output_dtype") is None or scale is None
-            or scale.dtype != torch.float32):
+    if (args.get("offset") is not None or args.get("pertoken_scale") is not None
+            or args.get("output_dtype") is None or scale is None or scale.dtype != torch.float32):
         return None
     return MatmulNode("npu_quant_matmul", node, args["x1"], args["x2"], args.get("bias"),
-                      x_scale=args.get("pertoken_scale"), w_scale=args["scale"], out_dtype=args["output_dtype"])
+                      w_scale=args["scale"], out_dtype=args["output_dtype"])
 
 
 # ---------------------------------------------------------------------------

@@ -81,3 +81,22 @@ def test_npu_quant_forms_follow_the_family_flags():
     apply_pass(rs, fuse_mm_reduce_scatter=False)
     apply_pass(ag, fuse_all_gather_mm=False)
     assert count(rs, fc.mm_reduce_scatter_scaled.default) == count(ag, fc.all_gather_scaled_mm.default) == 0
+
+
+def test_npu_quant_matmul_with_a_per_token_scale_is_not_matched():
+    """torch_npu's pertoken_scale is 1-D (m,); the fused ops' per-token scale is (m, 1), and a 1-D scale
+    there means per-tensor. Such a matmul is left alone rather than rewritten with the wrong meaning."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    from hand_graphs import K, M, N, WS
+
+    def f(x, w, scale, token_scale):
+        y = torch.ops.npu.npu_quant_matmul(x, w, scale, pertoken_scale=token_scale, output_dtype=torch.bfloat16)
+        return torch.ops.vllm.reduce_scatter(y, 0, WS, "tp:0")
+
+    npu_quant_mm_rs()  # loads the torch_npu stand-in ops
+    gm = make_fx(f, tracing_mode="fake")(torch.zeros(M, K, dtype=torch.int8), torch.zeros(K, N, dtype=torch.int8),
+                                         torch.ones(N), torch.ones(M))
+    p = apply_pass(gm)
+    assert count(gm, fc.mm_reduce_scatter_scaled.default) == 0
+    assert [o.outcome for o in p.report.outcomes] == ["no matmul producer"]
