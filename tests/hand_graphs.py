@@ -179,11 +179,11 @@ def ag_3d_mm(form="vllm", group="tp:0"):
 
 def _npu_ops():
     import sys
-    from pathlib import Path
 
-    standin = str(Path(__file__).parent / "npu_standin")
-    if standin not in sys.path:
-        sys.path.insert(0, standin)
+    from npu_runs import STANDIN_DIR
+
+    if STANDIN_DIR not in sys.path:
+        sys.path.insert(0, STANDIN_DIR)
     import torch_npu  # noqa: F401  (the stand-in: registers torch.ops.npu.npu_quantize / npu_quant_matmul)
 
     return torch.ops.npu
