@@ -35,7 +35,7 @@ import torch.fx as fx
 
 from passes import forms
 from passes.forms import erase_unused
-from passes.report import FUSED, PassReport
+from passes.report import FAMILY_DISABLED, FUSED, PassReport
 
 FAMILY = "all_gather_mm"
 
@@ -50,13 +50,17 @@ class Consumer:
     quantize: fx.Node | None = None
 
 
-def rewrite(graph: fx.Graph, threshold_tokens: int, report: PassReport) -> None:
+def rewrite(graph: fx.Graph, threshold_tokens: int, report: PassReport, enabled: bool = True) -> None:
+    """Fuse every site; record each all_gather seen with what was done or why not (disabled: record only)."""
     mm_forms = forms.matmul_forms()
-    for ag in forms.collectives(graph, forms.all_gather_forms()):
+    collective_forms = forms.all_gather_forms()
+    for form, reason in forms.unsupported_collectives(graph, collective_forms, "all_gather"):
+        report.add(FAMILY, f"{form}/-", reason)
+    for ag in forms.collectives(graph, collective_forms):
         consumers = _consumers(ag.output, mm_forms)
         steps = [step for c in consumers for step in c.steps]
         form = forms.site_form(ag, consumers[0].mm if consumers else None, "-", steps)
-        reason = _unfusable(ag, consumers)
+        reason = _unfusable(ag, consumers) if enabled else FAMILY_DISABLED
         if reason:
             report.add(FAMILY, form, reason)
             continue

@@ -158,6 +158,30 @@ def collectives(graph: fx.Graph, forms):
             yield found
 
 
+def unsupported_collectives(graph: fx.Graph, forms, kind: str):
+    """(form, reason) for each ``kind`` collective ("reduce_scatter" or "all_gather") no form of ``forms`` decodes.
+
+    So the report can say why a collective that looks fusable was not even a
+    candidate (another dim, a functional handle used directly, ...).
+    """
+    decoded = {n for node in graph.nodes if (c := match_collective(node, forms)) is not None for n in c.nodes}
+    functional_op, vllm_op = _COLLECTIVE_OPS[kind]
+    for node in graph.nodes:
+        if node.op != "call_function" or node in decoded:
+            continue
+        if node.target == _functional(functional_op):
+            yield "c10d_functional", "unsupported form (its handle is used other than by wait_tensor)"
+        elif node.target is not None and node.target == _vllm(vllm_op):
+            dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
+            yield "vllm", f"unsupported form ({kind} along dim {dim}, not 0)"
+
+
+_COLLECTIVE_OPS = {
+    "reduce_scatter": ("reduce_scatter_tensor", "reduce_scatter"),
+    "all_gather": ("all_gather_into_tensor", "all_gather"),
+}
+
+
 def match_collective(node: fx.Node, forms) -> Collective | None:
     for form, pattern in forms:
         if not isinstance(pattern, PatternExpr):

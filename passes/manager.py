@@ -55,28 +55,32 @@ class FlashCommPass(CustomGraphPass):
 
     def __init__(self, config: PassConfig | None = None) -> None:
         self.config = config or PassConfig()
-        self.report = PassReport()
+        self.last_report = PassReport()
         self._calls = 0
 
     @property
     def matched(self) -> dict[str, dict[str, int]]:
         """Fused sites per family and form, from the last call."""
-        return self.report.matched()
+        return self.last_report.matched()
+
+    def report(self) -> str:
+        """Why-not-fused table of the last graph: every collective seen, fused or the reason it was left alone."""
+        return self.last_report.table()
 
     def __call__(self, graph: fx.Graph) -> None:
         start = time.perf_counter()
-        self.report = PassReport()
+        self.last_report = PassReport()
         self._calls += 1
         self._dump(graph, "before")
         threshold = self.config.threshold_tokens
         threshold = _BACKEND_DEFAULT_THRESHOLD if threshold is None else threshold
         for flag, family in _FAMILIES:
-            if getattr(self.config, flag):
-                family.rewrite(graph, threshold, self.report)
+            family.rewrite(graph, threshold, self.last_report, enabled=getattr(self.config, flag))
         stable_topological_sort(graph)
         graph.lint()
         self._dump(graph, "after")
-        logger.debug("FlashCommPass: %s in %.1f ms", self.matched, (time.perf_counter() - start) * 1e3)
+        logger.info("FlashCommPass on graph %d of this process (%.1f ms):\n%s", self._calls,
+                    (time.perf_counter() - start) * 1e3, self.report())
 
     def uuid(self) -> str:
         digest = hashlib.sha256(self.config.key().encode())

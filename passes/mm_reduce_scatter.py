@@ -30,18 +30,22 @@ import torch.fx as fx
 
 from passes import forms
 from passes.forms import erase_unused
-from passes.report import FUSED, PassReport
+from passes.report import FAMILY_DISABLED, FUSED, PassReport
 
 FAMILY = "mm_reduce_scatter"
 
 
-def rewrite(graph: fx.Graph, threshold_tokens: int, report: PassReport) -> None:
+def rewrite(graph: fx.Graph, threshold_tokens: int, report: PassReport, enabled: bool = True) -> None:
+    """Fuse every site; record each reduce_scatter seen with what was done or why not (disabled: record only)."""
     mm_forms = forms.matmul_forms()
-    for rs in forms.collectives(graph, forms.reduce_scatter_forms()):
+    collective_forms = forms.reduce_scatter_forms()
+    for form, reason in forms.unsupported_collectives(graph, collective_forms, "reduce_scatter"):
+        report.add(FAMILY, f"{form}/-", reason)
+    for rs in forms.collectives(graph, collective_forms):
         producer, pad, steps = _rows_source(rs.input)
         mm = forms.match_matmul(producer, mm_forms)
         form = forms.site_form(rs, mm, producer, steps)
-        reason = _unfusable(rs, mm, producer, pad, steps)
+        reason = _unfusable(rs, mm, producer, pad, steps) if enabled else FAMILY_DISABLED
         if reason:
             report.add(FAMILY, form, reason)
             continue

@@ -6,6 +6,7 @@ import collections
 from dataclasses import dataclass
 
 FUSED = "fused"
+FAMILY_DISABLED = "family disabled (PassConfig flag off)"
 
 
 @dataclass(frozen=True)
@@ -30,8 +31,16 @@ class PassReport:
                 counts[o.family][o.form] = counts[o.family].get(o.form, 0) + 1
         return {family: dict(forms) for family, forms in counts.items()}
 
+    def reasons(self) -> list[str]:
+        """Every outcome other than fused, one per site, in graph order."""
+        return [o.outcome for o in self.outcomes if o.outcome != FUSED]
+
     def table(self) -> str:
+        """One row per (family, form, outcome) with its site count: what was fused, and why the rest was not."""
         rows = collections.Counter((o.family, o.form, o.outcome) for o in self.outcomes)
-        lines = [f"{'family':<18} {'form':<24} {'outcome':<40} count"]
-        lines += [f"{f:<18} {form:<24} {outcome:<40} {n}" for (f, form, outcome), n in sorted(rows.items())]
+        if not rows:
+            return "no reduce_scatter or all_gather in the graph"
+        width = max(len(outcome) for _, _, outcome in rows)
+        lines = [f"{'family':<18} {'form':<28} {'outcome':<{width}} sites"]
+        lines += [f"{f:<18} {form:<28} {outcome:<{width}} {n:>5}" for (f, form, outcome), n in sorted(rows.items())]
         return "\n".join(lines)

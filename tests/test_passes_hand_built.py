@@ -40,7 +40,7 @@ def test_avg_reduce_scatter_is_left_alone():
     gm = mm_rs("c10d_functional", reduce_op="avg")
     p = apply_pass(gm)
     assert count(gm, fc.mm_reduce_scatter.default) == 0
-    assert [o.outcome for o in p.report.outcomes] == ["reduce op 'avg', not sum"]
+    assert [o.outcome for o in p.last_report.outcomes] == ["reduce op 'avg', not sum"]
 
 
 def test_matmul_with_another_user_is_left_alone():
@@ -48,7 +48,7 @@ def test_matmul_with_another_user_is_left_alone():
     p = apply_pass(gm)
     assert count(gm, fc.mm_reduce_scatter.default) == 0
     assert count(gm, vllm_ops.reduce_scatter.default) == 1
-    assert [o.outcome for o in p.report.outcomes] == ["matmul output has other users"]
+    assert [o.outcome for o in p.last_report.outcomes] == ["matmul output has other users"]
 
 
 @pytest.mark.parametrize("flag", ["fuse_mm_reduce_scatter", "fuse_all_gather_mm"])
@@ -98,7 +98,7 @@ def test_fp8_all_gather_scaled_mm_matches_and_mixed_out_dtypes_do_not():
     mixed = ag_scaled_mm("vllm", mixed=True)
     p = apply_pass(mixed)
     assert count(mixed, fc.all_gather_scaled_mm.default) == count(mixed, fc.all_gather_mm.default) == 0
-    assert [o.outcome for o in p.report.outcomes] == ["matmuls differ in scaling (one fused op needs one kind)"]
+    assert [o.outcome for o in p.last_report.outcomes] == ["matmuls differ in scaling (one fused op needs one kind)"]
 
 
 @pytest.mark.parametrize("op", ["unquantized_gemm", "rocm_unquantized_gemm"])

@@ -99,7 +99,7 @@ def run_mismatched_group(rank, world_size):
     p = FlashCommPass(fcpass.PassConfig())
     p(gm.graph)
     return {"fused": count(gm, torch.ops.fcpass.mm_reduce_scatter.default),
-            "outcomes": [o.outcome for o in p.report.outcomes], "group": dist.group.WORLD.group_name}
+            "outcomes": [o.outcome for o in p.last_report.outcomes], "group": dist.group.WORLD.group_name}
 
 
 def test_collective_whose_world_size_disagrees_with_its_group_is_left_alone():

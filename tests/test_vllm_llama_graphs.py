@@ -44,7 +44,7 @@ def run_with_flashcomm(rank, world_size, kinds):
         results[kind] = {
             "counts_before": r["counts_before"], "counts_after": r["counts_after"],
             "errors": r["max_rel_error"], "compilations": r["compilations"], "matched": flashcomm.matched,
-            "outcomes": sorted((o.family, o.outcome) for o in flashcomm.report.outcomes),
+            "outcomes": sorted((o.family, o.outcome) for o in flashcomm.last_report.outcomes),
             "decisions": fcpass.decision_counts(),
         }
     return results
