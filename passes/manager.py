@@ -44,8 +44,9 @@ class FlashCommPass(CustomGraphPass):
     """SP-less fusion pass: mm -> reduce_scatter and all_gather -> mm(s) into fcpass ops.
 
     Constructed where vLLM is importable, the instance is also a vLLM
-    ``InductorPass`` (vLLM's pass manager accepts only those), without
-    importing vLLM when this module is imported.
+    ``VllmInductorPass`` (vLLM's pass manager accepts only InductorPass,
+    vllm-ascend's only VllmInductorPass), without importing vLLM when this
+    module is imported.
     """
 
     def __new__(cls, config: PassConfig | None = None):
@@ -105,7 +106,9 @@ class FlashCommPass(CustomGraphPass):
 @functools.cache
 def _vllm_flavour():
     try:
-        from vllm.compilation.passes.inductor_pass import InductorPass
+        from vllm.compilation.passes.vllm_inductor_pass import VllmInductorPass
     except ImportError:
         return None
-    return type("VllmFlashCommPass", (FlashCommPass, InductorPass), {"__module__": __name__})
+    # VllmInductorPass.__init__ (which wants a VllmConfig) is never called: the pass needs
+    # none of its state, only its type and InductorPass's is_applicable_for_range.
+    return type("VllmFlashCommPass", (FlashCommPass, VllmInductorPass), {"__module__": __name__})

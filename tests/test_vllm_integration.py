@@ -1,0 +1,209 @@
+"""fcpass.vllm: the compilation config a vLLM user passes, vLLM's own registration code, the plugin."""
+
+import copy
+import json
+import os
+import pickle
+import subprocess
+import sys
+import types
+
+import pytest
+import torch
+
+import fcpass
+import fcpass.vllm as fcpass_vllm
+from fcpass.vllm import POST_GRAD_PASS_KEY
+
+pytest.importorskip("vllm")
+
+
+def _installed(config) -> "fcpass.FlashCommPass":
+    inductor = config["inductor_compile_config"] if isinstance(config, dict) else config.inductor_compile_config
+    return inductor[POST_GRAD_PASS_KEY]
+
+
+def test_compilation_config_carries_the_pass_through_vllms_config():
+    from vllm.compilation.passes.inductor_pass import InductorPass
+    from vllm.config import VllmConfig
+
+    config = fcpass_vllm.compilation_config(fcpass.PassConfig(threshold_tokens=64))
+    vllm_config = VllmConfig(compilation_config=config)
+    flashcomm = _installed(vllm_config.compilation_config)
+    assert isinstance(flashcomm, fcpass.FlashCommPass) and isinstance(flashcomm, InductorPass)
+    assert flashcomm.config.threshold_tokens == 64
+    assert vllm_config.compute_hash()  # vLLM's own cache hash takes the config with the pass in it
+
+
+def test_base_is_copied_and_async_tp_gives_way():
+    from vllm.config import CompilationConfig
+
+    base = {"pass_config": {"fuse_gemm_comms": True}, "inductor_compile_config": {"max_autotune": False}}
+    config = fcpass_vllm.compilation_config({"threshold_tokens": 8}, base=base)
+    assert config["pass_config"] == {"fuse_gemm_comms": False, "enable_sp": True}
+    assert config["inductor_compile_config"]["max_autotune"] is False
+    assert base == {"pass_config": {"fuse_gemm_comms": True}, "inductor_compile_config": {"max_autotune": False}}
+
+    base_object = CompilationConfig(pass_config={"fuse_gemm_comms": True})
+    merged = fcpass_vllm.compilation_config(base=base_object)
+    assert isinstance(merged, CompilationConfig)
+    assert (merged.pass_config.fuse_gemm_comms, merged.pass_config.enable_sp) == (False, True)
+    assert POST_GRAD_PASS_KEY not in base_object.inductor_compile_config and base_object.pass_config.fuse_gemm_comms
+
+
+def test_another_user_pass_or_a_second_differing_fcpass_is_refused():
+    with pytest.raises(ValueError, match="already holds"):
+        fcpass_vllm.compilation_config(base={"inductor_compile_config": {POST_GRAD_PASS_KEY: print}})
+    once = fcpass_vllm.compilation_config({"threshold_tokens": 8})
+    assert fcpass_vllm.compilation_config({"threshold_tokens": 8}, base=once)  # the same again is fine
+    with pytest.raises(ValueError, match="configured twice"):
+        fcpass_vllm.compilation_config({"threshold_tokens": 9}, base=once)
+
+
+@pytest.mark.parametrize("bad, field", [({"threshold_tokens": -3}, "threshold_tokens"),
+                                        ({"thresold_tokens": 3}, "thresold_tokens"),
+                                        ({"backend": "tpu"}, "backend")])
+def test_bad_settings_name_the_field(bad, field):
+    with pytest.raises(ValueError, match=field):
+        fcpass_vllm.compilation_config(bad)
+
+
+def test_config_with_the_pass_deep_copies_and_pickles():
+    from vllm.config import CompilationConfig
+
+    for config in (fcpass_vllm.compilation_config({"threshold_tokens": 77}),
+                   fcpass_vllm.compilation_config({"threshold_tokens": 77}, base=CompilationConfig())):
+        original = _installed(config)
+        for copied in (copy.deepcopy(config), pickle.loads(pickle.dumps(config))):
+            flashcomm = _installed(copied)
+            assert flashcomm is not original and type(flashcomm) is type(original)
+            assert flashcomm.config == original.config and flashcomm.uuid() == original.uuid()
+
+
+def test_inductor_cache_key_changes_with_the_threshold():
+    import torch._inductor.config as inductor_config
+    from torch._inductor.codecache import compiled_fx_graph_hash
+
+    gm = torch.fx.symbolic_trace(lambda x, w: torch.mm(x, w))
+    inputs = [torch.randn(4, 4), torch.randn(4, 4)]
+
+    def key(threshold):
+        flashcomm = _installed(fcpass_vllm.compilation_config({"threshold_tokens": threshold}))
+        with inductor_config.patch({POST_GRAD_PASS_KEY: flashcomm, "fx_graph_cache": True}):
+            return compiled_fx_graph_hash(gm, inputs, {}, [])[0]
+
+    assert key(100) == key(100)
+    assert key(100) != key(200)
+
+
+def test_vllm_pass_manager_runs_it_after_sequence_parallelism_in_place_of_async_tp(monkeypatch):
+    """vLLM's own backend code registers the pass: VllmBackend.configure_post_pass into PostGradPassManager."""
+    import vllm.compilation.passes.pass_manager as pass_manager
+    from vllm.compilation.passes.inductor_pass import InductorPass
+    from vllm.config import ParallelConfig, VllmConfig
+
+    class SequenceParallelismPass(InductorPass):
+        """Stands in for vLLM's (whose constructor needs a live TP group): only its place in the order matters."""
+
+        def __init__(self, config):
+            pass
+
+        def __call__(self, graph):
+            pass
+
+    # vLLM 0.31 imports SequenceParallelismPass into the manager on CUDA/XPU only; put one where the
+    # manager looks, so its CUDA configuration runs here.
+    monkeypatch.setattr(pass_manager, "SequenceParallelismPass", SequenceParallelismPass, raising=False)
+    from vllm.compilation.passes.inductor_pass import pass_context
+    from vllm.config.utils import Range
+
+    def manager_for(threshold):
+        config = fcpass_vllm.compilation_config(
+            {"threshold_tokens": threshold}, base={"pass_config": {"fuse_gemm_comms": True, "sp_min_token_num": 1}})
+        vllm_config = VllmConfig(compilation_config=config, parallel_config=ParallelConfig(tensor_parallel_size=2))
+        return _configure_post_pass(vllm_config, pass_manager.PostGradPassManager(), POST_GRAD_PASS_KEY)
+
+    manager = manager_for(16)
+    names = [type(p).__name__ for p in manager.passes]
+    assert "AsyncTPPass" not in names
+    assert names.index("SequenceParallelismPass") < names.index("VllmFlashCommPass") == len(names) - 1
+    with pass_context(Range(1, 8)):  # vLLM's cache key (the manager's uuid) follows the threshold
+        assert manager.uuid() == manager_for(16).uuid() != manager_for(32).uuid()
+
+
+class GraphFusionPassManagerStandIn:
+    """vllm-ascend's GraphFusionPassManager as far as registration goes: add() takes VllmInductorPass only."""
+
+    def __init__(self):
+        self.passes = []
+
+    def configure(self, config):
+        pass
+
+    def add(self, pass_):
+        from vllm.compilation.passes.vllm_inductor_pass import VllmInductorPass
+
+        assert isinstance(pass_, VllmInductorPass)
+        self.passes.append(pass_)
+
+
+def test_vllm_ascend_graph_fusion_manager_gets_the_pass(monkeypatch):
+    from vllm.config import VllmConfig
+    from vllm.platforms import current_platform
+
+    monkeypatch.setattr(type(current_platform), "pass_key", property(lambda self: "graph_fusion_manager"))
+    config = fcpass_vllm.compilation_config({"threshold_tokens": 16})
+    assert set(config["inductor_compile_config"]) == {"graph_fusion_manager"}
+    vllm_config = VllmConfig(compilation_config=config)
+    manager = _configure_post_pass(vllm_config, GraphFusionPassManagerStandIn(), "graph_fusion_manager")
+    assert [type(p).__name__ for p in manager.passes] == ["VllmFlashCommPass"]
+    assert manager.passes[0].config.threshold_tokens == 16
+
+
+def _configure_post_pass(vllm_config, manager, key):
+    """Run vLLM's VllmBackend.configure_post_pass (the real registration code) with ``manager``."""
+    from vllm.compilation.backends import VllmBackend
+    from vllm.config import set_current_vllm_config
+
+    backend = types.SimpleNamespace(
+        pass_key=key, vllm_config=vllm_config, compilation_config=vllm_config.compilation_config,
+        inductor_config=copy.deepcopy(vllm_config.compilation_config.inductor_compile_config), pass_manager=manager)
+    with set_current_vllm_config(vllm_config):
+        VllmBackend.configure_post_pass(backend)
+    assert backend.inductor_config[key] is manager
+    return manager
+
+
+PLUGIN_PROBE = r"""
+import json, sys
+from vllm.config import VllmConfig
+from vllm.plugins import load_general_plugins
+
+load_general_plugins()
+result = {}
+for name, additional in json.loads(sys.argv[1]).items():
+    try:
+        config = VllmConfig(additional_config=additional).compilation_config.inductor_compile_config
+        flashcomm = config.get("post_grad_custom_post_pass")
+        result[name] = None if flashcomm is None else [type(flashcomm).__name__, flashcomm.config.to_dict()]
+    except Exception as exc:
+        result[name] = "error: " + str(exc)
+print("PROBE" + json.dumps(result))
+"""
+
+
+def test_plugin_entry_point_installs_the_pass_from_additional_config():
+    """The plugin as vLLM loads it (entry point, load_general_plugins), in a fresh process."""
+    cases = {"set": {"fcpass": {"threshold_tokens": 96, "fuse_all_gather_mm": False}},
+             "not set": {}, "other keys only": {"ascend_compilation_config": {}},
+             "bad value": {"fcpass": {"pipeline_chunks": 1000}}, "unknown field": {"fcpass": {"threshold": 5}}}
+    run = subprocess.run([sys.executable, "-c", PLUGIN_PROBE, json.dumps(cases)], capture_output=True, text=True,
+                         timeout=240, env={**os.environ, "VLLM_PLUGINS": "fcpass"})
+    assert run.returncode == 0, run.stderr[-3000:]
+    result = json.loads(run.stdout.split("PROBE", 1)[1])
+    name, config = result["set"]
+    assert name == "VllmFlashCommPass"
+    assert config == {**fcpass.PassConfig().to_dict(), "threshold_tokens": 96, "fuse_all_gather_mm": False}
+    assert result["not set"] is None and result["other keys only"] is None
+    assert result["bad value"].startswith("error:") and "pipeline_chunks" in result["bad value"]
+    assert result["unknown field"].startswith("error:") and "'threshold'" in result["unknown field"]
