@@ -18,6 +18,18 @@ from fcpass.vllm import POST_GRAD_PASS_KEY
 pytest.importorskip("vllm")
 
 
+def _vllm_has_async_tp() -> bool:
+    """vLLM <= 0.31 has SequenceParallelismPass/AsyncTPPass and their PassConfig flags; 0.32 removed them."""
+    import dataclasses
+
+    from vllm.config import PassConfig as VllmPassConfig
+
+    return "fuse_gemm_comms" in {f.name for f in dataclasses.fields(VllmPassConfig)}
+
+
+needs_async_tp = pytest.mark.skipif(not _vllm_has_async_tp(), reason="this vLLM has no SP/AsyncTP passes (>= 0.32)")
+
+
 def _installed(config) -> "fcpass.FlashCommPass":
     inductor = config["inductor_compile_config"] if isinstance(config, dict) else config.inductor_compile_config
     return inductor[POST_GRAD_PASS_KEY]
@@ -35,7 +47,15 @@ def test_compilation_config_carries_the_pass_through_vllms_config():
     assert vllm_config.compute_hash()  # vLLM's own cache hash takes the config with the pass in it
 
 
-def test_base_is_copied_and_async_tp_gives_way():
+def test_base_is_copied():
+    base = {"inductor_compile_config": {"max_autotune": False}, "mode": 3}
+    config = fcpass_vllm.compilation_config({"threshold_tokens": 8}, base=base)
+    assert config["inductor_compile_config"]["max_autotune"] is False and config["mode"] == 3
+    assert base == {"inductor_compile_config": {"max_autotune": False}, "mode": 3}
+
+
+@needs_async_tp
+def test_async_tp_gives_way():
     from vllm.config import CompilationConfig
 
     base = {"pass_config": {"fuse_gemm_comms": True}, "inductor_compile_config": {"max_autotune": False}}
@@ -96,39 +116,51 @@ def test_inductor_cache_key_changes_with_the_threshold():
     assert key(100) != key(200)
 
 
-def test_vllm_pass_manager_runs_it_after_sequence_parallelism_in_place_of_async_tp(monkeypatch):
-    """vLLM's own backend code registers the pass: VllmBackend.configure_post_pass into PostGradPassManager."""
+class SequenceParallelismPass:
+    """Stands in for vLLM's (whose constructor needs a live TP group): only its place in the order matters."""
+
+    def __init__(self, config):
+        pass
+
+    def __call__(self, graph):
+        pass
+
+    def uuid(self):
+        return "sequence-parallelism-stand-in"
+
+
+def _manager_for(threshold, vllm_pass_config):
+    """vLLM's PostGradPassManager as VllmBackend configures it for fcpass at ``threshold``."""
     import vllm.compilation.passes.pass_manager as pass_manager
-    from vllm.compilation.passes.inductor_pass import InductorPass
     from vllm.config import ParallelConfig, VllmConfig
 
-    class SequenceParallelismPass(InductorPass):
-        """Stands in for vLLM's (whose constructor needs a live TP group): only its place in the order matters."""
+    config = fcpass_vllm.compilation_config({"threshold_tokens": threshold}, base={"pass_config": vllm_pass_config})
+    vllm_config = VllmConfig(compilation_config=config, parallel_config=ParallelConfig(tensor_parallel_size=2))
+    return _configure_post_pass(vllm_config, pass_manager.PostGradPassManager(), POST_GRAD_PASS_KEY)
 
-        def __init__(self, config):
-            pass
 
-        def __call__(self, graph):
-            pass
+def test_vllm_pass_manager_runs_it_last_and_keys_its_cache_on_it():
+    """vLLM's own backend code registers the pass: VllmBackend.configure_post_pass into PostGradPassManager."""
+    from vllm.compilation.passes.inductor_pass import pass_context
+    from vllm.config.utils import Range
+
+    manager = _manager_for(16, {})
+    assert type(manager.passes[-1]).__name__ == "VllmFlashCommPass"
+    with pass_context(Range(1, 8)):  # vLLM's cache key (the manager's uuid) follows the threshold
+        assert manager.uuid() == _manager_for(16, {}).uuid() != _manager_for(32, {}).uuid()
+
+
+@needs_async_tp
+def test_vllm_pass_manager_runs_it_after_sequence_parallelism_in_place_of_async_tp(monkeypatch):
+    import vllm.compilation.passes.pass_manager as pass_manager
 
     # vLLM 0.31 imports SequenceParallelismPass into the manager on CUDA/XPU only; put one where the
     # manager looks, so its CUDA configuration runs here.
     monkeypatch.setattr(pass_manager, "SequenceParallelismPass", SequenceParallelismPass, raising=False)
-    from vllm.compilation.passes.inductor_pass import pass_context
-    from vllm.config.utils import Range
-
-    def manager_for(threshold):
-        config = fcpass_vllm.compilation_config(
-            {"threshold_tokens": threshold}, base={"pass_config": {"fuse_gemm_comms": True, "sp_min_token_num": 1}})
-        vllm_config = VllmConfig(compilation_config=config, parallel_config=ParallelConfig(tensor_parallel_size=2))
-        return _configure_post_pass(vllm_config, pass_manager.PostGradPassManager(), POST_GRAD_PASS_KEY)
-
-    manager = manager_for(16)
+    manager = _manager_for(16, {"fuse_gemm_comms": True, "sp_min_token_num": 1})
     names = [type(p).__name__ for p in manager.passes]
     assert "AsyncTPPass" not in names
     assert names.index("SequenceParallelismPass") < names.index("VllmFlashCommPass") == len(names) - 1
-    with pass_context(Range(1, 8)):  # vLLM's cache key (the manager's uuid) follows the threshold
-        assert manager.uuid() == manager_for(16).uuid() != manager_for(32).uuid()
 
 
 class GraphFusionPassManagerStandIn:
