@@ -1,81 +1,92 @@
-"""Demo: the fused ops on 2 gloo ranks, both sides of the token threshold.
+"""Demo: vLLM's Llama at TP=2 on 2 gloo ranks, compiled with sequence parallelism, with and without fcpass.
 
-    python -m fcpass.demo
+    python -m fcpass.demo [--kind llama|llama_bias|llama_3d] [--threshold 256] [--tokens 7,64,256,1024,2048]
 
-For each token count it prints, per op, the guard's decision (the same on
-every rank), the max relative error against matmul + plain collective, and
-the time of the fused op vs the unfused path. The vLLM-model demo grows
-from this one as the passes land.
+The model is vLLM's own ``LlamaModel`` class with random weights (no
+download; see fcpass.vllm_cpu_llama for what it takes on CPU). fcpass is
+turned on as a vLLM user does, ``fcpass.vllm.compilation_config(PassConfig(...))``
+in vLLM's config; vLLM 0.31's SequenceParallelismPass runs first. It prints
+the pass's why-not-fused report, the matches per family, and per prefill
+size the guard's decisions, the max abs difference from the same model
+compiled without fcpass, and the time per prefill both ways.
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
 import time
-
-import torch
-import torch.distributed as dist
 
 from fcpass.launch import run_ranks
 
-TOKENS = (64, 512, 2048, 4096, 8192)
-THRESHOLD = 2048
-K, N = 1024, 1024
+TOKENS = (7, 64, 256, 1024, 2048)
+THRESHOLD = 256
 REPEATS = 3
 
 
-def _timed(fn):
-    dist.barrier()
-    start = time.perf_counter()
-    for _ in range(REPEATS):
-        result = fn()
-    dist.barrier()
-    return result, (time.perf_counter() - start) / REPEATS * 1e3
-
-
-def demo_rank(rank: int, world_size: int, tokens, threshold: int) -> list[dict]:
+def demo_rank(rank: int, world_size: int, kind: str, tokens, threshold: int) -> dict:
     import fcpass
+    import fcpass.vllm
+    from fcpass.vllm_cpu_llama import compile_and_run
 
-    name = dist.group.WORLD.group_name
-    g = torch.Generator().manual_seed(rank)
-    w_row = torch.randn(K, N, generator=g) / K**0.5
-    bias = torch.randn(N, generator=g) if rank == 0 else None  # vLLM's RowParallelLinear: rank 0 only
-    w_col = torch.randn(K, N, generator=torch.Generator().manual_seed(99)) / K**0.5
-    never = 1 << 24
-    rows = []
-    for m in tokens:
-        x = torch.randn(m, K, generator=g)
-        for op, call in (
-            ("mm_reduce_scatter", lambda t: torch.ops.fcpass.mm_reduce_scatter(x, w_row, bias, name, world_size, t)),
-            ("all_gather_mm",
-             lambda t: torch.ops.fcpass.all_gather_mm(x[: m // world_size], [w_col], [None], name, world_size, t)[1][0]),
-        ):
-            call(threshold), call(never)  # warm-up: first-call allocations stay out of the timings
-            fcpass.reset_decision_counts()
-            guarded, guarded_ms = _timed(lambda: call(threshold))
-            (decision,) = fcpass.decision_counts()
-            unfused, unfused_ms = _timed(lambda: call(never))
-            error = ((guarded - unfused).abs().max() / unfused.abs().max()).item()
-            rows.append({"tokens": m, "op": op, "path": decision[1], "reason": decision[2],
-                         "error": error, "guarded_ms": guarded_ms, "unfused_ms": unfused_ms})
-    return rows
+    plain = compile_and_run(rank, world_size, kind, tokens, timed_repeats=REPEATS)
+    config = fcpass.vllm.compilation_config(fcpass.PassConfig(threshold_tokens=threshold))
+    fused = compile_and_run(rank, world_size, kind, tokens, compilation_config=config, timed_repeats=REPEATS)
+    report = fused["extra_pass_report"]
+    return {
+        "report": report.table(), "matched": report.matched(), "padded": fused["padded_counts"],
+        "decisions": fused["decisions"], "compilations": (plain["compilations"], fused["compilations"]),
+        "max_abs_diff": [(a - b).abs().max().item() for a, b in zip(fused["outputs"], plain["outputs"])],
+        "max_rel_error_vs_eager": max(fused["max_rel_error"]),
+        "plain_ms": plain["times_ms"], "fused_ms": fused["times_ms"],
+    }
+
+
+def _paths(decisions: dict) -> str:
+    """'fused x4' / 'unfused x4' for one family's calls in one prefill."""
+    counts = collections.Counter()
+    for (_, path, _), n in decisions.items():
+        counts[path] += n
+    return ", ".join(f"{path} x{n}" for path, n in sorted(counts.items())) or "-"
+
+
+def _family(decisions: dict, family: str) -> dict:
+    return {key: n for key, n in decisions.items() if key[0] == family}
 
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--tokens", default=",".join(map(str, TOKENS)))
+    parser.add_argument("--kind", default="llama", choices=("llama", "llama_bias", "llama_3d"))
     parser.add_argument("--threshold", type=int, default=THRESHOLD)
+    parser.add_argument("--tokens", default=",".join(map(str, TOKENS)))
     args = parser.parse_args(argv)
     tokens = [int(t) for t in args.tokens.split(",")]
-    per_rank = run_ranks(demo_rank, 2, tokens, args.threshold, timeout=600)
-    print(f"2 gloo ranks, fp32, k={K} n={N}, threshold_tokens={args.threshold} (fuse when tokens > threshold)")
-    print(f"{'tokens':>7} {'op':<18} {'decision':<9} {'same on all ranks':<18} {'max rel err':>11} "
-          f"{'op ms':>8} {'unfused ms':>10}")
-    for rows in zip(*per_rank):
-        r = rows[0]
-        agree = len({(x["path"], x["reason"]) for x in rows}) == 1
-        print(f"{r['tokens']:>7} {r['op']:<18} {r['path']:<9} {str(agree):<18} "
-              f"{max(x['error'] for x in rows):>11.2e} {r['guarded_ms']:>8.1f} {r['unfused_ms']:>10.1f}")
+
+    from fcpass.vllm_cpu_llama import HIDDEN, LAYERS, rank_setup
+
+    start = time.perf_counter()
+    per_rank = run_ranks(demo_rank, 2, args.kind, tokens, args.threshold, setup=rank_setup, timeout=600)
+    r0 = per_rank[0]
+    print(f"vLLM LlamaModel ({args.kind}: {LAYERS} decoder layers, hidden {HIDDEN}, fp32, random weights), "
+          f"TP=2 on 2 gloo ranks, SequenceParallelismPass then FlashCommPass(threshold_tokens={args.threshold})")
+    print("\nWhy-not-fused report (rank 0; rank 1 "
+          f"{'the same' if per_rank[1]['report'] == r0['report'] else 'differs'}):")
+    print(r0["report"])
+    print("\nFused sites per family (per rank):",
+          "; ".join(f"{family} {sum(forms.values())} = {sum(forms.values()) // LAYERS} per layer x {LAYERS}"
+                    for family, forms in sorted(r0["matched"].items())))
+    print(f"Compilations per rank (without / with fcpass): {r0['compilations'][0]} / {r0['compilations'][1]}")
+    print(f"\n{'tokens':>6} {'padded':>6} {'mm_reduce_scatter':>18} {'all_gather_mm':>14} "
+          f"{'max|diff| vs no fcpass':>22} {'no fcpass ms':>12} {'fcpass ms':>9}")
+    for i, n in enumerate(tokens):
+        decisions = r0["decisions"][i]
+        agree = all(r["decisions"][i] == decisions for r in per_rank)
+        diff = max(r["max_abs_diff"][i] for r in per_rank)
+        print(f"{n:>6} {r0['padded'][i]:>6} {_paths(_family(decisions, 'mm_reduce_scatter')):>18} "
+              f"{_paths(_family(decisions, 'all_gather_mm')):>14} {diff:>22.2e} "
+              f"{r0['plain_ms'][i]:>12.1f} {r0['fused_ms'][i]:>9.1f}" + ("" if agree else "  (ranks disagree!)"))
+    print(f"\nmax relative error vs eager plain TP: {max(r['max_rel_error_vs_eager'] for r in per_rank):.1e}; "
+          f"decisions the same on both ranks; total {time.perf_counter() - start:.0f} s")
 
 
 if __name__ == "__main__":

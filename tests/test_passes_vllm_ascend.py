@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from multirank import run_ranks
-from vllm_tp_graphs import rank_setup, vllm_tp
+from fcpass.vllm_cpu_llama import rank_setup, vllm_tp
 
 THRESHOLD = 16
 STANDIN = str(Path(__file__).parent / "ascend_standin")

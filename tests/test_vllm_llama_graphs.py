@@ -1,7 +1,8 @@
 """FlashCommPass on real vLLM Llama graphs (TP=2, gloo) after vLLM 0.31's SequenceParallelismPass.
 
 The model is vLLM's LlamaModel (embedding, 2 decoder layers, final norm);
-see vllm_tp_graphs for how it is built and compiled. Expectation from its
+see fcpass.vllm_cpu_llama for how it is built and compiled. fcpass comes in as a user
+turns it on: ``fcpass.vllm.compilation_config(...)`` in vLLM's config. Expectation from its
 structure, per rank, whatever the rank's bias:
 - 5 reduce_scatters: o_proj and down_proj of each layer (fused, 2 per
   layer) and the embedding's (no matmul before it: left alone);
@@ -14,38 +15,27 @@ structure, per rank, whatever the rank's bias:
 import pytest
 
 from multirank import run_ranks
-from vllm_tp_graphs import LAYERS, MODEL_KINDS, compile_and_run, rank_setup
+from fcpass.vllm_cpu_llama import LAYERS, MODEL_KINDS, compile_and_run, rank_setup
 
 THRESHOLD = 32
 TOKENS = (7, 16, 32, 64, 256, 1024)  # padded to 8, 16, 32 (unfused) and 64, 256, 1024 (fused)
 RS_FUSED, AG_FUSED = 2 * LAYERS, 2 * LAYERS
 
 
-def _flashcomm_factory(made):
-    def make():
-        import fcpass
-        from passes import FlashCommPass
-
-        made.append(FlashCommPass(fcpass.PassConfig(threshold_tokens=THRESHOLD)))
-        return made[-1]
-
-    return make
-
-
 def run_with_flashcomm(rank, world_size, kinds):
     import fcpass
+    import fcpass.vllm
 
     results = {}
     for kind in kinds:
-        made = []
-        fcpass.reset_decision_counts()
-        r = compile_and_run(rank, world_size, kind, TOKENS, _flashcomm_factory(made))
-        flashcomm = made[0]
+        config = fcpass.vllm.compilation_config(fcpass.PassConfig(threshold_tokens=THRESHOLD))
+        r = compile_and_run(rank, world_size, kind, TOKENS, compilation_config=config)
+        report = r["extra_pass_report"]
         results[kind] = {
             "counts_before": r["counts_before"], "counts_after": r["counts_after"],
-            "errors": r["max_rel_error"], "compilations": r["compilations"], "matched": flashcomm.matched,
-            "outcomes": sorted((o.family, o.outcome) for o in flashcomm.last_report.outcomes),
-            "decisions": fcpass.decision_counts(),
+            "errors": r["max_rel_error"], "compilations": r["compilations"], "matched": report.matched(),
+            "outcomes": sorted((o.family, o.outcome) for o in report.outcomes),
+            "decisions": r["decisions"], "padded_counts": r["padded_counts"],
         }
     return results
 
@@ -72,9 +62,10 @@ def test_flashcomm_on_vllm_llama_after_sequence_parallelism(flashcomm_runs, kind
             + [("all_gather_mm", "fused")] * AG_FUSED + [("all_gather_mm", "no matmul consumer")])
         assert r["compilations"] == 1
         assert max(r["errors"]) <= 1e-5, r["errors"]
-        paths = {(op, path) for (op, path, _) in r["decisions"]}
-        assert paths == {("mm_reduce_scatter", "fused"), ("mm_reduce_scatter", "unfused"),
-                         ("all_gather_mm", "fused"), ("all_gather_mm", "unfused")}
+        for padded, decisions in zip(r["padded_counts"], r["decisions"]):  # the guard, per prefill size
+            path = "fused" if padded > THRESHOLD else "unfused"
+            calls = {(op, p): n for (op, p, _), n in decisions.items()}
+            assert calls == {("mm_reduce_scatter", path): RS_FUSED, ("all_gather_mm", path): AG_FUSED}, padded
     assert per_rank[0]["decisions"] == per_rank[1]["decisions"]
     fused_per_family = [{family: sum(forms.values()) for family, forms in r["matched"].items()} for r in per_rank]
     assert fused_per_family[0] == fused_per_family[1] == {"mm_reduce_scatter": RS_FUSED, "all_gather_mm": AG_FUSED}

@@ -3,7 +3,7 @@
 import torch
 
 from fcpass.launch import run_ranks
-from vllm_tp_graphs import LAYERS, compile_and_run, rank_setup
+from fcpass.vllm_cpu_llama import LAYERS, compile_and_run, rank_setup
 
 KINDS = ("llama", "llama_bias")
 TOKENS = (7, 8, 64, 2048)  # 7: the harness pads to 8 outside the graph, as vLLM's model runner does

@@ -1,4 +1,4 @@
-"""Real vLLM 0.31 tensor-parallel graphs for pass tests: a harness, not a test.
+"""A real vLLM Llama at TP=N on CPU gloo ranks, compiled with SP + a post-grad pass: the demo's and tests' harness.
 
 Inside one rank of a 2-rank (or N-rank) gloo run started by
 ``fcpass.launch.run_ranks(fn, world_size, ..., setup=rank_setup)``,
@@ -52,7 +52,7 @@ The model (``MODEL_KINDS``)
 Attention: vLLM's ``Attention`` needs a KV cache and a forward context. The
 test model replaces it (only while the model is built) with
 ``_CausalAttention``, which calls an opaque custom op
-``fcpass_test::tp_graphs_causal_sdpa`` (causal SDPA over the rank's heads,
+``fcpass_demo::causal_sdpa`` (causal SDPA over the rank's heads,
 with a fake impl). Everything else is vLLM's code.
 
 Graph counts after SP (2 layers, every kind, each rank): 5
@@ -106,10 +106,13 @@ import collections
 import contextlib
 import io
 import os
+import time
 import uuid as _uuid
 
 import torch
 from torch._inductor.custom_graph_pass import CustomGraphPass
+
+import fcpass
 
 MODEL_KINDS = ("llama", "llama_bias", "llama_3d")
 
@@ -129,14 +132,14 @@ def _custom_op_collectives_on():
     from vllm.platforms import current_platform
 
     cls = type(current_platform)
-    if not getattr(cls, "_fcpass_test_custom_op_collectives", False):
+    if not getattr(cls, "_fcpass_custom_op_collectives", False):
         cls.use_custom_op_collectives = classmethod(lambda cls: True)
-        cls._fcpass_test_custom_op_collectives = True
+        cls._fcpass_custom_op_collectives = True
 
 
 # --------------------------------------------------------------------------- attention stand-in
 
-@torch.library.custom_op("fcpass_test::tp_graphs_causal_sdpa", mutates_args=())
+@torch.library.custom_op("fcpass_demo::causal_sdpa", mutates_args=())
 def causal_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, num_heads: int, num_kv_heads: int,
                 head_dim: int) -> torch.Tensor:
     """Causal SDPA over one rank's heads; q [..., tokens, heads*d], k/v [..., tokens, kv_heads*d]."""
@@ -164,7 +167,7 @@ class _CausalAttention(torch.nn.Module):
         self.num_kv_heads = num_kv_heads or num_heads
 
     def forward(self, q, k, v):
-        return torch.ops.fcpass_test.tp_graphs_causal_sdpa(q, k, v, self.num_heads, self.num_kv_heads,
+        return torch.ops.fcpass_demo.causal_sdpa(q, k, v, self.num_heads, self.num_kv_heads,
                                                           self.head_dim)
 
 
@@ -372,17 +375,19 @@ def _pad_to_multiple(n, multiple):
 # --------------------------------------------------------------------------- entry point
 
 @contextlib.contextmanager
-def vllm_tp(rank, world_size):
+def vllm_tp(rank, world_size, compilation_config=None):
     """vLLM's config and TP=world_size group in this rank (VLLM_CPU.md steps 1, 2): yields (vllm_config, tp_group).
 
-    Call inside a rank of ``run_ranks(..., setup=rank_setup)``.
+    Call inside a rank of ``run_ranks(..., setup=rank_setup)``. ``compilation_config``
+    (a dict or vLLM CompilationConfig, e.g. from ``fcpass.vllm.compilation_config``)
+    goes into the VllmConfig as a user's would.
     """
     from vllm.config import VllmConfig, set_current_vllm_config
     from vllm.distributed import parallel_state
 
     _custom_op_collectives_on()
     _agree_on_dist_ident()
-    vllm_config = VllmConfig()
+    vllm_config = VllmConfig() if compilation_config is None else VllmConfig(compilation_config=compilation_config)
     with contextlib.ExitStack() as stack:
         stack.enter_context(_all_reduce_clone_fix())
         stack.enter_context(set_current_vllm_config(vllm_config))
@@ -398,8 +403,12 @@ def vllm_tp(rank, world_size):
 
 
 def compile_and_run(rank, world_size, kind, token_counts=DEFAULT_TOKEN_COUNTS, extra_pass_factory=None, seed=0,
-                    vllm_tail_passes=True, run_compiled=True):
-    """Build ``kind`` at TP=world_size, compile with SP + ``extra_pass_factory()``, run it and the eager reference.
+                    vllm_tail_passes=True, run_compiled=True, compilation_config=None, timed_repeats=0):
+    """Build ``kind`` at TP=world_size, compile with SP + an extra pass, run it and the eager reference.
+
+    The extra pass is the user pass of ``compilation_config`` (the
+    ``post_grad_custom_post_pass`` that vLLM's config holds after taking it in,
+    as vLLM's pass manager would run it after SP), else ``extra_pass_factory()``.
 
     Call inside a rank of ``run_ranks(..., setup=rank_setup)`` (torch.distributed
     already initialized). ``extra_pass_factory()`` is called once, inside
@@ -442,10 +451,12 @@ def compile_and_run(rank, world_size, kind, token_counts=DEFAULT_TOKEN_COUNTS, e
     counters.clear()
 
     with contextlib.ExitStack() as stack:
-        vllm_config, tp_group = stack.enter_context(vllm_tp(rank, world_size))
+        vllm_config, tp_group = stack.enter_context(vllm_tp(rank, world_size, compilation_config))
 
         model = build_model(kind, vllm_config, seed)
-        extra_pass = extra_pass_factory() if extra_pass_factory is not None else None
+        extra_pass = vllm_config.compilation_config.inductor_compile_config.get("post_grad_custom_post_pass")
+        if extra_pass is None and extra_pass_factory is not None:
+            extra_pass = extra_pass_factory()
         tail = _vllm_tail_passes(vllm_config) if vllm_tail_passes else ()
         post_grad = SPThenExtraPass(SequenceParallelismPass(vllm_config), extra_pass, tail,
                                     stop_after=not run_compiled)
@@ -457,7 +468,7 @@ def compile_and_run(rank, world_size, kind, token_counts=DEFAULT_TOKEN_COUNTS, e
         stack.enter_context(functorch_config.patch({"enable_autograd_cache": False}))
         compiled = torch.compile(model, backend="inductor", fullgraph=True)
 
-        outputs, reference, errors = [], [], []
+        outputs, reference, errors, decisions, times_ms = [], [], [], [], []
         with torch.no_grad(), pass_context(Range(1, max(padded_counts))):
             if not run_compiled:
                 _compile_only(compiled, padded_counts[0])
@@ -472,7 +483,11 @@ def compile_and_run(rank, world_size, kind, token_counts=DEFAULT_TOKEN_COUNTS, e
                 pos_p = torch.nn.functional.pad(positions, (0, padded - n))
                 torch._dynamo.mark_dynamic(ids_p, 0)
                 torch._dynamo.mark_dynamic(pos_p, 0)
+                fcpass.reset_decision_counts()
                 got = compiled(ids_p, pos_p)[:n]
+                decisions.append(fcpass.decision_counts())
+                if timed_repeats:
+                    times_ms.append(_mean_ms(lambda: compiled(ids_p, pos_p), timed_repeats))
                 outputs.append(by_value(got))
                 reference.append(by_value(want))
                 errors.append(((got - want).abs().max() / want.abs().max()).item())
@@ -488,7 +503,21 @@ def compile_and_run(rank, world_size, kind, token_counts=DEFAULT_TOKEN_COUNTS, e
         "compilations": compilations, "post_grad_calls": len(post_grad.records),
         "sp_matched": first["sp_matched"], "token_counts": list(token_counts),
         "padded_counts": list(padded_counts), "tp_group": tp_group.unique_name,
+        "decisions": decisions, "times_ms": times_ms,
+        "extra_pass_report": getattr(extra_pass, "last_report", None),  # FlashCommPass's, of the last graph
     }
+
+
+def _mean_ms(call, repeats):
+    """Mean wall time of ``call`` over ``repeats`` calls, every rank starting together."""
+    import torch.distributed as dist
+
+    dist.barrier()
+    start = time.perf_counter()
+    for _ in range(repeats):
+        call()
+    dist.barrier()
+    return (time.perf_counter() - start) / repeats * 1e3
 
 
 def _compile_only(compiled, padded):
