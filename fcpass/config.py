@@ -34,6 +34,15 @@ class PassConfig:
         else generic); "off" keeps every op on its unfused path.
     pipeline_chunks: chunks of the generic overlapped pipeline; 0 picks by
         token count.
+    sequence_parallel: split each all_reduce before an RMSNorm into
+        reduce_scatter -> norm on the token shard -> all_gather (FlashComm v1),
+        so the fusion families have collectives to fuse. A compile-time
+        rewrite: applied only to graphs compiled for token counts all above
+        ``sequence_parallel_threshold_tokens`` (vLLM compile ranges).
+    sequence_parallel_threshold_tokens: SP applies to compile ranges whose
+        smallest token count is above this. Default 1000, the Ascend fusion
+        threshold: below it the fused ops would run unfused anyway, so the
+        split would only add a pad and a slice.
     """
 
     fuse_mm_reduce_scatter: bool = True
@@ -42,9 +51,11 @@ class PassConfig:
     max_world_size: int = 8
     backend: str = "auto"
     pipeline_chunks: int = 0
+    sequence_parallel: bool = False
+    sequence_parallel_threshold_tokens: int = 1000
 
     def __post_init__(self) -> None:
-        for flag in ("fuse_mm_reduce_scatter", "fuse_all_gather_mm"):
+        for flag in ("fuse_mm_reduce_scatter", "fuse_all_gather_mm", "sequence_parallel"):
             if not isinstance(getattr(self, flag), bool):
                 raise ValueError(f"PassConfig.{flag} must be a bool, got {getattr(self, flag)!r}")
         t = self.threshold_tokens
@@ -52,6 +63,10 @@ class PassConfig:
             raise ValueError(
                 f"PassConfig.threshold_tokens must be None or an int in [0, {MAX_THRESHOLD_TOKENS}], got {t!r}"
             )
+        t = self.sequence_parallel_threshold_tokens
+        if not _is_int(t) or not 0 <= t <= MAX_THRESHOLD_TOKENS:
+            raise ValueError(f"PassConfig.sequence_parallel_threshold_tokens must be an int in "
+                             f"[0, {MAX_THRESHOLD_TOKENS}], got {t!r}")
         lo, hi = WORLD_SIZE_RANGE
         if not _is_int(self.max_world_size) or not lo <= self.max_world_size <= hi:
             raise ValueError(f"PassConfig.max_world_size must be an int in [{lo}, {hi}], got {self.max_world_size!r}")

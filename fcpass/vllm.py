@@ -10,7 +10,11 @@ pass itself from the same key.
 
 fcpass fuses the collectives that vLLM's AsyncTPPass would: with fcpass on,
 AsyncTPPass (``fuse_gemm_comms``) is switched off and sequence parallelism
-(``enable_sp``) kept, so the two never compete for the same sites.
+(``enable_sp``) kept, so the two never compete for the same sites. With
+fcpass's own sequence parallelism (``PassConfig.sequence_parallel``) vLLM's
+must be off (vLLM <= 0.31; later releases have none), and its threshold
+becomes a compile range endpoint, so vLLM compiles a graph for the token
+counts above it, where the split applies, apart from the one below it.
 
 vLLM is imported lazily: this module imports on machines without it.
 """
@@ -38,15 +42,20 @@ def compilation_config(pass_config: PassConfig | Mapping[str, Any] | None = None
     ``fcpass.PassConfig`` or a dict of its fields.
     """
     flashcomm = make_pass(pass_config)
+    sp_threshold = _sp_threshold(flashcomm.config)
     if base is None or isinstance(base, Mapping):
         config = copy.deepcopy(dict(base or {}))
         config["inductor_compile_config"] = dict(config.get("inductor_compile_config") or {})
         if config.get("pass_config") is not None:
-            config["pass_config"] = _instead_of_async_tp(config["pass_config"])
+            config["pass_config"] = _instead_of_async_tp(config["pass_config"], flashcomm.config)
+        if sp_threshold is not None:
+            config["compile_ranges_endpoints"] = _with_endpoint(config.get("compile_ranges_endpoints"), sp_threshold)
         _install(config["inductor_compile_config"], flashcomm)
         return config
     config = copy.deepcopy(base)
-    _instead_of_async_tp(config.pass_config)
+    _instead_of_async_tp(config.pass_config, flashcomm.config)
+    if sp_threshold is not None:
+        config.compile_ranges_endpoints = _with_endpoint(config.compile_ranges_endpoints, sp_threshold)
     _install(config.inductor_compile_config, flashcomm)
     return config
 
@@ -65,7 +74,17 @@ def install_from_additional_config(vllm_config) -> bool:
     except ValueError as exc:
         raise ValueError(f"additional_config[{ADDITIONAL_CONFIG_KEY!r}]: {exc}") from None
     compilation = vllm_config.compilation_config
-    _instead_of_async_tp(compilation.pass_config)
+    try:
+        _instead_of_async_tp(compilation.pass_config, flashcomm.config)
+    except ValueError as exc:
+        raise ValueError(f"additional_config[{ADDITIONAL_CONFIG_KEY!r}]: {exc}") from None
+    sp_threshold = _sp_threshold(flashcomm.config)
+    max_tokens = getattr(getattr(vllm_config, "scheduler_config", None), "max_num_batched_tokens", None)
+    if sp_threshold is not None and compilation.compile_ranges_endpoints is not None and (
+            max_tokens is None or sp_threshold < max_tokens):
+        # vLLM has already computed its ranges (this runs after VllmConfig.__post_init__): add the
+        # endpoint as its _set_compile_ranges would have.
+        compilation.compile_ranges_endpoints = _with_endpoint(compilation.compile_ranges_endpoints, sp_threshold)
     _install(compilation.inductor_compile_config, flashcomm)
     return True
 
@@ -111,13 +130,31 @@ def _is_flashcomm(value) -> bool:
     return isinstance(value, FlashCommPass)
 
 
-def _instead_of_async_tp(pass_config):
-    """vLLM's pass_config (dict or PassConfig) with AsyncTPPass off and SP kept on if AsyncTP had asked for it."""
+def _instead_of_async_tp(pass_config, fcpass_config: PassConfig):
+    """vLLM's pass_config (dict or PassConfig) with AsyncTPPass off, and vLLM's SP on if AsyncTP had asked
+    for it, unless fcpass does SP itself; vLLM's SP and fcpass's together is an error."""
     get = pass_config.get if isinstance(pass_config, Mapping) else lambda name: getattr(pass_config, name, None)
+    if fcpass_config.sequence_parallel and get("enable_sp"):
+        raise ValueError("sequence_parallel: fcpass's and vLLM's sequence parallelism (pass_config.enable_sp) "
+                         "would both split the all_reduces; turn one off")
     if not get("fuse_gemm_comms"):
         return pass_config
-    logger.info("fcpass: vLLM's fuse_gemm_comms (AsyncTPPass) off, enable_sp on; fcpass fuses those sites")
+    vllm_sp = not fcpass_config.sequence_parallel
+    logger.info("fcpass: vLLM's fuse_gemm_comms (AsyncTPPass) off%s; fcpass fuses those sites",
+                ", enable_sp on" if vllm_sp else "")
     if isinstance(pass_config, Mapping):
-        return {**pass_config, "fuse_gemm_comms": False, "enable_sp": True}
-    pass_config.fuse_gemm_comms, pass_config.enable_sp = False, True
+        return {**pass_config, "fuse_gemm_comms": False, **({"enable_sp": True} if vllm_sp else {})}
+    pass_config.fuse_gemm_comms = False
+    if vllm_sp:
+        pass_config.enable_sp = True
     return pass_config
+
+
+def _sp_threshold(config: PassConfig) -> int | None:
+    return config.sequence_parallel_threshold_tokens if config.sequence_parallel else None
+
+
+def _with_endpoint(endpoints, threshold: int) -> list[int]:
+    """Compile range endpoints plus ``threshold``: ranges [.., threshold] and [threshold + 1, ..] (vLLM ranges
+    are inclusive), so one graph serves exactly the counts above the threshold."""
+    return sorted(set(endpoints or []) | ({threshold} if threshold > 1 else set()))

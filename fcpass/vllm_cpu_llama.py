@@ -292,7 +292,8 @@ class SPThenExtraPass(CustomGraphPass):
         self.records: list[dict] = []
 
     def __call__(self, graph):
-        self.sp_pass(graph)
+        if self.sp_pass is not None:
+            self.sp_pass(graph)
         record = {"sp_matched": getattr(self.sp_pass, "matched_count", None),
                   "counts_before": op_counts(graph), "graph_before": str(graph)}
         if self.extra_pass is not None:
@@ -403,8 +404,15 @@ def vllm_tp(rank, world_size, compilation_config=None):
 
 
 def compile_and_run(rank, world_size, kind, token_counts=DEFAULT_TOKEN_COUNTS, extra_pass_factory=None, seed=0,
-                    vllm_tail_passes=True, run_compiled=True, compilation_config=None, timed_repeats=0):
+                    vllm_tail_passes=True, run_compiled=True, compilation_config=None, timed_repeats=0,
+                    vllm_sp=True):
     """Build ``kind`` at TP=world_size, compile with SP + an extra pass, run it and the eager reference.
+
+    ``vllm_sp=False``: no vLLM SequenceParallelismPass (vLLM 0.32+ has none):
+    the extra pass sees the plain TP graph (``aten.mm -> vllm.all_reduce``),
+    and the compiled model gets the unpadded token counts (only vLLM's SP
+    needs them padded). Compiled calls run inside vLLM's pass context with
+    the compile range ``[min(token counts), max]``.
 
     The extra pass is the user pass of ``compilation_config`` (the
     ``post_grad_custom_post_pass`` that vLLM's config holds after taking it in,
@@ -438,7 +446,6 @@ def compile_and_run(rank, world_size, kind, token_counts=DEFAULT_TOKEN_COUNTS, e
     import torch._functorch.config as functorch_config
     import torch._inductor.config as inductor_config
     from torch._dynamo.utils import counters
-    from vllm.compilation.passes.fusion.sequence_parallelism import SequenceParallelismPass
     from vllm.compilation.passes.inductor_pass import pass_context
     from vllm.compilation.passes.ir.inplace_functionalization import VllmIRInplaceFunctionalizationPass
     from vllm.config.utils import Range
@@ -446,7 +453,7 @@ def compile_and_run(rank, world_size, kind, token_counts=DEFAULT_TOKEN_COUNTS, e
     if kind not in MODEL_KINDS:
         raise ValueError(f"unknown model kind {kind!r}; one of {MODEL_KINDS}")
     token_counts = tuple(int(n) for n in token_counts)
-    padded_counts = tuple(_pad_to_multiple(n, world_size) for n in token_counts)
+    padded_counts = tuple(_pad_to_multiple(n, world_size if vllm_sp else 1) for n in token_counts)
     torch._dynamo.reset()
     counters.clear()
 
@@ -458,7 +465,7 @@ def compile_and_run(rank, world_size, kind, token_counts=DEFAULT_TOKEN_COUNTS, e
         if extra_pass is None and extra_pass_factory is not None:
             extra_pass = extra_pass_factory()
         tail = _vllm_tail_passes(vllm_config) if vllm_tail_passes else ()
-        post_grad = SPThenExtraPass(SequenceParallelismPass(vllm_config), extra_pass, tail,
+        post_grad = SPThenExtraPass(_vllm_sp_pass(vllm_config) if vllm_sp else None, extra_pass, tail,
                                     stop_after=not run_compiled)
         stack.enter_context(inductor_config.patch({
             "pre_grad_custom_pass": VllmIRInplaceFunctionalizationPass(vllm_config),
@@ -469,7 +476,7 @@ def compile_and_run(rank, world_size, kind, token_counts=DEFAULT_TOKEN_COUNTS, e
         compiled = torch.compile(model, backend="inductor", fullgraph=True)
 
         outputs, reference, errors, decisions, times_ms = [], [], [], [], []
-        with torch.no_grad(), pass_context(Range(1, max(padded_counts))):
+        with torch.no_grad(), pass_context(Range(min(padded_counts), max(padded_counts))):
             if not run_compiled:
                 _compile_only(compiled, padded_counts[0])
             for n, padded in zip(token_counts if run_compiled else (), padded_counts):
@@ -544,6 +551,16 @@ def _caused_by(exc, kind) -> bool:
             return True
         exc = exc.__cause__ or exc.__context__
     return False
+
+
+def _vllm_sp_pass(vllm_config):
+    """vLLM's SequenceParallelismPass (vLLM <= 0.31 only), built directly (VLLM_CPU.md step 8)."""
+    try:
+        from vllm.compilation.passes.fusion.sequence_parallelism import SequenceParallelismPass
+    except ImportError as exc:
+        raise RuntimeError("this vLLM has no SequenceParallelismPass (removed in 0.32): use vllm_sp=False "
+                           "and fcpass.PassConfig(sequence_parallel=True)") from exc
+    return SequenceParallelismPass(vllm_config)
 
 
 def _vllm_tail_passes(vllm_config):

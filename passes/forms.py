@@ -123,13 +123,55 @@ def _ascend_collective(op_name: str, node: fx.Node) -> Collective | None:
     x = list(args.values())[0]
     if args.get("is_ep_comm") or args.get("label") is False or args.get("do_comm") is False:
         return None
-    out, inp = _val(node), _val(x)
+    out, inp = fake_value(node), fake_value(x)
     if out is None or inp is None or statically_known_true(out.shape[0] == inp.shape[0]):
         return None
     tp = vllm_tp_group()
     name, size = tp if tp is not None else ("", 0)
     return Collective(form="vllm_ascend", output=node, input=x, world_size=size, group_name=name,
                       reduce_op="sum", nodes=(node,), pads_tokens=True)
+
+
+@dataclass(frozen=True)
+class AllReduce:
+    """A decoded sum all_reduce: vLLM's ``all_reduce(x, group)`` or functional ``all_reduce`` + ``wait_tensor``."""
+
+    form: str
+    output: fx.Node
+    input: fx.Node
+    group_name: str
+    nodes: tuple[fx.Node, ...]  # every node of the form, output last
+
+
+def match_all_reduce(node: fx.Node) -> AllReduce | None:
+    if node.op != "call_function":
+        return None
+    if node.target is not None and node.target == _vllm("all_reduce"):
+        x, group_name = list(bound_args(node).values())[:2]
+        return AllReduce("vllm", node, x, str(group_name), (node,))
+    if node.target != _functional("wait_tensor"):
+        return None
+    issue = node.args[0]
+    if (not isinstance(issue, fx.Node) or issue.target != _functional("all_reduce")
+            or issue.args[1] != "sum" or len(issue.users) != 1):
+        return None
+    return AllReduce("c10d_functional", node, issue.args[0], str(issue.args[2]), (issue, node))
+
+
+def emit_reduce_scatter(graph: fx.Graph, form: str, x: fx.Node, world_size: int, group_name: str) -> fx.Node:
+    """A sum reduce_scatter of ``x``'s rows in ``form`` ("vllm" or "c10d_functional"), as the families match it."""
+    if form == "vllm":
+        return call(graph, _vllm("reduce_scatter"), (x, 0, world_size, group_name))
+    issue = call(graph, _functional("reduce_scatter_tensor"), (x, "sum", world_size, group_name))
+    return call(graph, _functional("wait_tensor"), (issue,))
+
+
+def emit_all_gather(graph: fx.Graph, form: str, x: fx.Node, world_size: int, group_name: str) -> fx.Node:
+    """An all_gather of ``x``'s rows in ``form`` ("vllm" or "c10d_functional"), as the families match it."""
+    if form == "vllm":
+        return call(graph, _vllm("all_gather"), (x, 0, world_size, group_name))
+    issue = call(graph, _functional("all_gather_into_tensor"), (x, world_size, group_name))
+    return call(graph, _functional("wait_tensor"), (issue,))
 
 
 def matmul_forms() -> list[tuple[str, PatternExpr]]:
@@ -305,7 +347,7 @@ def _match_npu_quant_matmul(node: fx.Node) -> MatmulNode | None:
     if target is None or node.op != "call_function" or node.target != target:
         return None
     args = bound_args(node)
-    scale = _val(args["scale"])
+    scale = fake_value(args["scale"])
     if (args.get("offset") is not None or args.get("pertoken_scale") is not None
             or args.get("output_dtype") is None or scale is None or scale.dtype != torch.float32):
         return None
@@ -322,12 +364,12 @@ _ROW_VIEWS = frozenset({
 })
 
 
-def _val(node):
+def fake_value(node):
     return node.meta.get("val") if isinstance(node, fx.Node) else None
 
 
 def dim(node) -> int:
-    val = _val(node)
+    val = fake_value(node)
     return val.dim() if isinstance(val, torch.Tensor) else -1
 
 
@@ -339,7 +381,7 @@ def row_view_source(node: fx.Node) -> fx.Node | None:
     """
     if node.op != "call_function" or node.target not in _ROW_VIEWS:
         return None
-    out, source = _val(node), _val(node.args[0])
+    out, source = fake_value(node), fake_value(node.args[0])
     if not isinstance(out, torch.Tensor) or not isinstance(source, torch.Tensor) or min(out.dim(), source.dim()) < 1:
         return None
     return node.args[0] if statically_known_true(out.shape[-1] == source.shape[-1]) else None
@@ -363,7 +405,7 @@ def rowwise_quantize(node: fx.Node) -> bool:
     if target is None or node.op != "call_function" or node.target != target:
         return False
     args = bound_args(node)
-    scales = _val(args["scales"])
+    scales = fake_value(args["scales"])
     along_k = args["axis"] in (-1, dim(args["input"]) - 1)
     return scales is not None and (scales.numel() == 1 or along_k)
 
@@ -389,17 +431,21 @@ def call(graph: fx.Graph, target, args: tuple, kwargs: dict | None = None) -> fx
     from the replaced node: that node's meta (``eager_input_vals`` and the
     like) describes another op's schema.
     """
-    kwargs = kwargs or {}
-    node = graph.call_function(target, args, kwargs)
-    vals, kwvals = torch.fx.node.map_arg((args, kwargs), lambda n: n.meta.get("val"))
+    node = graph.call_function(target, args, kwargs or {})
+    refresh_val(node)
+    return node
+
+
+def refresh_val(node: fx.Node) -> None:
+    """Recompute ``meta["val"]`` of ``node`` from its inputs' (after the rewrite changed an input's shape)."""
+    vals, kwvals = torch.fx.node.map_arg((node.args, node.kwargs), lambda n: n.meta.get("val"))
     leaves = torch.utils._pytree.tree_leaves((vals, kwvals))
     fake_mode = torch._guards.detect_fake_mode(leaves)
     if fake_mode is not None:
         with fake_mode:
-            node.meta["val"] = target(*vals, **kwvals)
+            node.meta["val"] = node.target(*vals, **kwvals)
     elif leaves and all(isinstance(v, (int, torch.SymInt)) for v in leaves):
-        node.meta["val"] = target(*vals, **kwvals)  # size arithmetic
-    return node
+        node.meta["val"] = node.target(*vals, **kwvals)  # size arithmetic
 
 
 def erase_unused(graph: fx.Graph, nodes) -> None:

@@ -1,4 +1,4 @@
-"""FlashCommPass: the families in order, as one Inductor post-grad custom pass.
+"""FlashCommPass: sequence parallelism, then the fusion families, as one Inductor post-grad custom pass.
 
 Picklable and deep-copyable (it holds only its config); ``uuid()`` hashes the
 config and the source of every pass module, so Inductor's cache key changes
@@ -20,7 +20,7 @@ from torch._inductor.pattern_matcher import stable_topological_sort
 
 import fcpass  # noqa: F401  (registers torch.ops.fcpass.*)
 from fcpass.config import PassConfig
-from passes import all_gather_mm, mm_reduce_scatter
+from passes import all_gather_mm, mm_reduce_scatter, sequence_parallel
 from passes.report import PassReport
 
 logger = logging.getLogger(__name__)
@@ -29,11 +29,14 @@ logger = logging.getLogger(__name__)
 DEBUG_DUMP_ENV = "FCPASS_DUMP_GRAPHS"
 _PASS_SOURCES = sorted(Path(__file__).parent.glob("*.py"))
 
-# Family order: reduce_scatter first, so an all_gather whose input comes from a
-# rewritten reduce_scatter sees the final graph.
+# Family order: sequence parallelism first (it creates the reduce_scatters and
+# all_gathers the others fuse), then reduce_scatter, so an all_gather whose input
+# comes from a rewritten reduce_scatter sees the final graph. Each family gets its
+# own threshold.
 _FAMILIES = (
-    ("fuse_mm_reduce_scatter", mm_reduce_scatter),
-    ("fuse_all_gather_mm", all_gather_mm),
+    ("sequence_parallel", "sequence_parallel_threshold_tokens", sequence_parallel),
+    ("fuse_mm_reduce_scatter", "threshold_tokens", mm_reduce_scatter),
+    ("fuse_all_gather_mm", "threshold_tokens", all_gather_mm),
 )
 
 # The op-level guard resolves the backend's default when the config has none.
@@ -41,7 +44,8 @@ _BACKEND_DEFAULT_THRESHOLD = -1
 
 
 class FlashCommPass(CustomGraphPass):
-    """SP-less fusion pass: mm -> reduce_scatter and all_gather -> mm(s) into fcpass ops.
+    """Sequence parallelism (all_reduce -> norm split), then fusion of mm -> reduce_scatter and
+    all_gather -> mm(s) into fcpass ops.
 
     Constructed where vLLM is importable, the instance is also a vLLM
     ``VllmInductorPass`` (vLLM's pass manager accepts only InductorPass,
@@ -73,9 +77,9 @@ class FlashCommPass(CustomGraphPass):
         self.last_report = PassReport()
         self._calls += 1
         self._dump(graph, "before")
-        threshold = self.config.threshold_tokens
-        threshold = _BACKEND_DEFAULT_THRESHOLD if threshold is None else threshold
-        for flag, family in _FAMILIES:
+        for flag, threshold_field, family in _FAMILIES:
+            threshold = getattr(self.config, threshold_field)
+            threshold = _BACKEND_DEFAULT_THRESHOLD if threshold is None else threshold
             family.rewrite(graph, threshold, self.last_report, enabled=getattr(self.config, flag))
         stable_topological_sort(graph)
         graph.lint()

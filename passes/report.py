@@ -6,6 +6,8 @@ import collections
 from dataclasses import dataclass
 
 FUSED = "fused"
+SPLIT = "split (reduce_scatter, norm on the token shard, all_gather)"
+APPLIED = (FUSED, SPLIT)
 FAMILY_DISABLED = "family disabled (PassConfig flag off)"
 
 
@@ -13,7 +15,7 @@ FAMILY_DISABLED = "family disabled (PassConfig flag off)"
 class SiteOutcome:
     family: str
     form: str  # collective form + matmul form, e.g. "vllm/mm"
-    outcome: str  # FUSED or the reason it was not
+    outcome: str  # FUSED / SPLIT or the reason it was not
 
 
 class PassReport:
@@ -24,22 +26,22 @@ class PassReport:
         self.outcomes.append(SiteOutcome(family, form, outcome))
 
     def matched(self) -> dict[str, dict[str, int]]:
-        """Fused sites per family and form."""
+        """Rewritten sites (fused, or split by sequence parallelism) per family and form."""
         counts: dict[str, dict[str, int]] = collections.defaultdict(dict)
         for o in self.outcomes:
-            if o.outcome == FUSED:
+            if o.outcome in APPLIED:
                 counts[o.family][o.form] = counts[o.family].get(o.form, 0) + 1
         return {family: dict(forms) for family, forms in counts.items()}
 
     def reasons(self) -> list[str]:
-        """Every outcome other than fused, one per site, in graph order."""
-        return [o.outcome for o in self.outcomes if o.outcome != FUSED]
+        """Every outcome other than fused or split, one per site, in graph order."""
+        return [o.outcome for o in self.outcomes if o.outcome not in APPLIED]
 
     def table(self) -> str:
         """One row per (family, form, outcome) with its site count: what was fused, and why the rest was not."""
         rows = collections.Counter((o.family, o.form, o.outcome) for o in self.outcomes)
         if not rows:
-            return "no reduce_scatter or all_gather in the graph"
+            return "no all_reduce, reduce_scatter or all_gather in the graph"
         width = max(len(outcome) for _, _, outcome in rows)
         lines = [f"{'family':<18} {'form':<28} {'outcome':<{width}} sites"]
         lines += [f"{f:<18} {form:<28} {outcome:<{width}} {n:>5}" for (f, form, outcome), n in sorted(rows.items())]

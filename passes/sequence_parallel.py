@@ -1,0 +1,290 @@
+"""all_reduce -> (residual add) -> RMSNorm  ==>  reduce_scatter -> norm on the token shard -> all_gather
+
+FlashComm v1 as a graph rewrite (vLLM <= 0.31's SequenceParallelismPass,
+vllm-ascend's FlashComm linear ops, both gone from current releases):
+
+    y = all_reduce(x)                        x: (tokens, hidden), every rank
+    h, r = fused_add_rms_norm(y, residual)   and the rest of the residual chain
+    z = mm(h, w_qkv)
+        ==>
+    s = reduce_scatter(pad(x, to a multiple of world_size))   (tokens / ws, hidden)
+    h, r = fused_add_rms_norm(s, residual_shard)              1/ws of the norm work
+    z = mm(all_gather(h)[:tokens], w_qkv)
+
+The all_reduce's traffic splits into a reduce_scatter and an all_gather that
+the fusion families then fuse into the matmuls on either side.
+
+Pattern: every sum all_reduce of 2-D token rows (vLLM's ``all_reduce`` op
+or functional ``all_reduce`` + ``wait_tensor``). Sharding then spreads
+forward through row-local ops (vLLM's ``rms_norm``/``fused_add_rms_norm``
+IR ops, their decomposed aten math, the residual adds) whose every
+token-row input is sharded, so a residual becomes a shard only when all its
+producers are (the embedding's all_reduce in the first layer, the norms
+after it). Connected sharded nodes form a region; each region's
+all_reduces are rewritten together.
+
+Replacement: pad + reduce_scatter for each all_reduce; all_gather +
+``[:tokens]`` for each sharded value read by anything that is not row-local
+(a matmul, attention, the graph output after the final norm); size reads of
+a shard read the unsharded token count instead.
+
+Applies to a region when it contains a norm (otherwise the split buys
+nothing), needs no more all_gathers than it had all_reduces (never more
+traffic), and the graph is compiled only for token counts above
+``sequence_parallel_threshold_tokens``: the rewrite changes activation
+shapes, so it is decided per compiled graph (vLLM's compile range start,
+else the token count's lower bound), unlike the fused ops' runtime guard.
+"""
+
+from __future__ import annotations
+
+import operator
+import sys
+
+import torch
+import torch.fx as fx
+from torch.fx.experimental.symbolic_shapes import statically_known_true
+
+from fcpass.groups import resolve_group
+from passes import forms
+from passes.report import FAMILY_DISABLED, SPLIT, PassReport
+
+FAMILY = "sequence_parallel"
+
+aten, prims = torch.ops.aten, torch.ops.prims
+
+_ELEMENTWISE = frozenset({
+    aten.add.Tensor, aten.add.Scalar, aten.sub.Tensor, aten.mul.Tensor, aten.mul.Scalar, aten.div.Tensor,
+    aten.pow.Tensor_Scalar, aten.rsqrt.default, aten.sqrt.default, aten.neg.default, aten.clone.default,
+    aten._to_copy.default, prims.convert_element_type.default, operator.getitem,
+})
+_ROW_REDUCTIONS = frozenset({aten.mean.dim, aten.sum.dim_IntList})
+
+
+def _norm_ops() -> frozenset:
+    """vLLM's IR norms (row-local: each token row normalized on its own), where vLLM is loaded."""
+    namespace = getattr(torch.ops, "vllm_ir", None)
+    found = set()
+    for name in ("rms_norm", "fused_add_rms_norm"):
+        try:
+            found.add(getattr(namespace, name).default)
+        except (AttributeError, RuntimeError):
+            pass
+    return frozenset(found)
+
+
+class _Region:
+    """All_reduces whose results meet through row-local ops, and the nodes that become token shards."""
+
+    def __init__(self, all_reduce: forms.AllReduce) -> None:
+        self.all_reduces = [all_reduce]
+        self.sharded: list[fx.Node] = []
+
+    def merge(self, other: "_Region") -> None:
+        self.all_reduces += other.all_reduces
+        self.sharded += other.sharded
+
+
+def rewrite(graph: fx.Graph, threshold_tokens: int, report: PassReport, enabled: bool = True) -> None:
+    """Split every applicable all_reduce region; record each all_reduce with what was done or why not."""
+    all_reduces = [ar for node in list(graph.nodes) if (ar := forms.match_all_reduce(node)) is not None]
+    if not all_reduces:
+        return
+    if not enabled:
+        for ar in all_reduces:
+            report.add(FAMILY, ar.form, FAMILY_DISABLED)
+        return
+    candidates = []
+    for ar in all_reduces:
+        reason = _unsupported(ar) or _below_threshold(ar, threshold_tokens)
+        if reason:
+            report.add(FAMILY, ar.form, reason)
+        else:
+            candidates.append(ar)
+    for region in _regions(graph, candidates):
+        reason = _unprofitable(region)
+        for ar in region.all_reduces:
+            report.add(FAMILY, ar.form, reason or SPLIT)
+        if not reason:
+            _split(graph, region)
+
+
+def _unsupported(ar: forms.AllReduce) -> str | None:
+    if forms.dim(ar.input) != 2:
+        return "all_reduce input is not 2-D token rows"
+    try:
+        resolve_group(ar.group_name)
+    except ValueError:
+        return f"group {ar.group_name!r} unknown at compile time (its world size decides the shard size)"
+    return None
+
+
+def _below_threshold(ar: forms.AllReduce, threshold_tokens: int) -> str | None:
+    smallest = smallest_token_count(_rows(ar.input))
+    if smallest > threshold_tokens:
+        return None
+    return f"compiled for {smallest} tokens and up, not above sequence_parallel_threshold_tokens {threshold_tokens}"
+
+
+def smallest_token_count(rows) -> int:
+    """The fewest tokens a graph with ``rows`` token rows runs with: exact for a static count, else vLLM's
+    compile range start where vLLM compiles, else the symbolic size's lower bound."""
+    if isinstance(rows, int):
+        return rows
+    start = _vllm_compile_range_start()
+    if start is not None:
+        return start
+    lower = rows.node.shape_env.bound_sympy(rows.node.expr).lower
+    return int(lower) if lower.is_finite else 0
+
+
+def _vllm_compile_range_start() -> int | None:
+    module = sys.modules.get("vllm.compilation.passes.inductor_pass")
+    try:
+        return module.get_pass_context().compile_range.start if module is not None else None
+    except (AssertionError, AttributeError):  # no pass context: compiled outside vLLM's backend
+        return None
+
+
+# --------------------------------------------------------------------------- condition
+
+def _regions(graph: fx.Graph, candidates: list[forms.AllReduce]) -> list[_Region]:
+    """Spread sharding forward from the candidates through row-local ops; group what connects."""
+    region_of: dict[fx.Node, _Region] = {}
+    for ar in candidates:
+        region_of[ar.output] = _Region(ar)
+        region_of[ar.output].sharded.append(ar.output)
+    for node in graph.nodes:
+        if node in region_of or not _row_local(node):
+            continue
+        inputs = [i for i in node.all_input_nodes if isinstance(forms.fake_value(i), (torch.Tensor, tuple))]
+        sharded = [i for i in inputs if i in region_of]
+        if not sharded or not all(i in region_of or _replicated(i) for i in inputs):
+            continue
+        region = region_of[sharded[0]]
+        if not all(_same_rows(v, region.all_reduces[0]) for v in _tensors(forms.fake_value(node))):
+            continue
+        for other in {id(region_of[i]): region_of[i] for i in sharded}.values():
+            if other is not region:
+                region.merge(other)
+                for n in other.sharded:
+                    region_of[n] = region
+        region.sharded.append(node)
+        region_of[node] = region
+    return list({id(r): r for r in region_of.values()}.values())
+
+
+def _unprofitable(region: _Region) -> str | None:
+    if len({(ar.form, ar.group_name) for ar in region.all_reduces}) > 1:
+        return "all_reduces of different forms or groups meet in one region"
+    if not any(n.target in _norm_ops() or n.target == aten.rsqrt.default for n in region.sharded):
+        return "no RMSNorm on the all_reduce's result (splitting it would shard nothing)"
+    gathers = len(_gathered(region))
+    if gathers > len(region.all_reduces):
+        return f"would need {gathers} all_gathers for {len(region.all_reduces)} all_reduces"
+    return None
+
+
+def _row_local(node: fx.Node) -> bool:
+    """Each output row depends on the same input row only (elementwise, a norm, a reduction over hidden)."""
+    if node.op != "call_function":
+        return False
+    if node.target in _ELEMENTWISE or node.target in _norm_ops():
+        return True
+    if node.target in _ROW_REDUCTIONS:
+        args = forms.bound_args(node)
+        dims = [d % 2 for d in (args["dim"] or [])]
+        return forms.dim(node.args[0]) == 2 and bool(dims) and 0 not in dims and bool(args["keepdim"])
+    return False
+
+
+def _replicated(node: fx.Node) -> bool:
+    """A tensor without token rows (a norm weight, a scalar): it broadcasts over a shard as over all rows."""
+    val = forms.fake_value(node)
+    return isinstance(val, torch.Tensor) and (val.dim() < 2 or statically_known_true(val.shape[0] == 1))
+
+
+def _tensors(val):
+    return [v for v in (val if isinstance(val, tuple) else (val,)) if isinstance(v, torch.Tensor)]
+
+
+def _rows(node: fx.Node):
+    return forms.fake_value(node).shape[0]
+
+
+def _same_rows(val, ar: forms.AllReduce) -> bool:
+    return val.dim() == 2 and statically_known_true(val.shape[0] == _rows(ar.input))
+
+
+def _gathered(region: _Region) -> dict[fx.Node, list[fx.Node]]:
+    """Sharded tensors read by something that needs all rows, with those readers."""
+    inside = set(region.sharded)
+    readers = {}
+    for node in region.sharded:
+        if isinstance(forms.fake_value(node), torch.Tensor):
+            outside = [u for u in node.users if u not in inside and not _reads_token_count(u, node)]
+            if outside:
+                readers[node] = outside
+    return readers
+
+
+def _reads_token_count(user: fx.Node, node: fx.Node) -> bool:
+    return user.target == aten.sym_size.int and user.args[0] is node
+
+
+# --------------------------------------------------------------------------- replacement
+
+def _split(graph: fx.Graph, region: _Region) -> None:
+    order = {n: i for i, n in enumerate(graph.nodes)}
+    all_reduces = sorted(region.all_reduces, key=lambda ar: order[ar.output])
+    world_size = resolve_group(all_reduces[0].group_name).size()
+    sharded, shards = set(region.sharded), []
+    for ar in all_reduces:
+        with graph.inserting_before(ar.nodes[0]):
+            padded = _pad_rows(graph, ar.input, world_size)
+            shard = forms.emit_reduce_scatter(graph, ar.form, padded, world_size, ar.group_name)
+        ar.output.replace_all_uses_with(shard)
+        sharded.discard(ar.output)
+        shards.append(shard)
+        forms.erase_unused(graph, ar.nodes)
+    # The earliest all_reduce's input precedes every sharded value and has their unsharded row count.
+    token_source = all_reduces[0].input
+    derived = [n for n in graph.nodes if n in sharded]
+    for node in derived:
+        forms.refresh_val(node)
+    region.sharded = shards + derived
+    for node in region.sharded:
+        for user in list(node.users):
+            if _reads_token_count(user, node) and user.args[1] == 0:
+                user.replace_input_with(node, token_source)
+    for node, readers in _gathered(region).items():
+        with graph.inserting_before(node.next):
+            full = forms.emit_all_gather(graph, all_reduces[0].form, node, world_size, all_reduces[0].group_name)
+            full = forms.call(graph, aten.slice.Tensor, (full, 0, 0, _token_count(graph, token_source)))
+        for reader in readers:
+            reader.replace_input_with(node, full)
+
+
+def _pad_rows(graph: fx.Graph, x: fx.Node, world_size: int) -> fx.Node:
+    """``x`` with zero rows appended up to a multiple of world_size (as a graph op when the count is symbolic)."""
+    rows = _token_count(graph, x)
+    if isinstance(rows, int):
+        pad = -rows % world_size
+        return x if pad == 0 else forms.call(graph, aten.constant_pad_nd.default, (x, [0, 0, 0, pad]))
+    pad = forms.call(graph, operator.mod, (forms.call(graph, operator.neg, (rows,)), world_size))
+    return forms.call(graph, aten.constant_pad_nd.default, (x, [0, 0, 0, pad]))
+
+
+def _token_count(graph: fx.Graph, x: fx.Node):
+    """``x``'s row count: an int, the graph's own size input (a symbolic token count is one), else a size read.
+
+    Reading the size off the graph input keeps ``x`` (a matmul output) single-user, as fusion needs.
+    """
+    rows = _rows(x)
+    if isinstance(rows, int):
+        return rows
+    for node in graph.find_nodes(op="placeholder"):
+        val = forms.fake_value(node)
+        if isinstance(val, torch.SymInt) and val.node.expr == rows.node.expr:
+            return node
+    return forms.call(graph, aten.sym_size.int, (x, 0))

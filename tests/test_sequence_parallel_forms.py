@@ -1,0 +1,132 @@
+"""fcpass's sequence parallelism on torch functional collectives and a decomposed RMSNorm, with plain Inductor.
+
+No vLLM here: the all_reduces are ``funcol.all_reduce`` (``_c10d_functional.all_reduce`` +
+``wait_tensor`` in the graph), the norms plain aten math (pow, mean, add, rsqrt, mul),
+and with no vLLM compile range the token count's own bounds decide the threshold:
+a static count exactly, a dynamic one by its lower bound.
+"""
+
+import collections
+
+import pytest
+import torch
+from torch._inductor.custom_graph_pass import CustomGraphPass
+
+from multirank import run_ranks
+
+HIDDEN, FFN = 64, 128
+SPLIT = "split (reduce_scatter, norm on the token shard, all_gather)"
+
+
+def rms_norm(x, weight, eps=1e-6):
+    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * weight
+
+
+class TinyTP(torch.nn.Module):
+    """A TP residual stream: two row-parallel all_reduces, each followed by (residual add +) RMSNorm.
+
+    The first all_reduce's result is also the residual, as the embedding's is in vLLM's Llama.
+    """
+
+    def __init__(self, rank, world_size, group):
+        super().__init__()
+        shared = torch.Generator().manual_seed(0)  # replicated norm weights
+        own = torch.Generator().manual_seed(1 + rank)  # this rank's weight shards
+        self.group = group
+        self.w_in = torch.nn.Parameter(torch.randn(HIDDEN, HIDDEN, generator=own) / HIDDEN ** 0.5)
+        self.w_up = torch.nn.Parameter(torch.randn(HIDDEN, FFN // world_size, generator=own) / HIDDEN ** 0.5)
+        self.w_down = torch.nn.Parameter(torch.randn(FFN // world_size, HIDDEN, generator=own) / FFN ** 0.5)
+        self.norm1 = torch.nn.Parameter(1 + 0.1 * torch.randn(HIDDEN, generator=shared))
+        self.norm2 = torch.nn.Parameter(1 + 0.1 * torch.randn(HIDDEN, generator=shared))
+
+    def forward(self, x):
+        from torch.distributed._functional_collectives import all_reduce
+
+        h = all_reduce(x @ self.w_in, "sum", self.group)
+        residual = h
+        up = rms_norm(h, self.norm1) @ self.w_up
+        down = all_reduce(torch.relu(up) @ self.w_down, "sum", self.group)
+        return rms_norm(down + residual, self.norm2)
+
+
+class Recorded(CustomGraphPass):
+    """The pass under test, plus the op counts it leaves; ``uuid() -> None`` keeps Inductor from caching."""
+
+    def __init__(self, inner):
+        self.inner, self.counts = inner, None
+
+    def __call__(self, graph):
+        self.inner(graph)
+        self.counts = collections.Counter(str(n.target) for n in graph.nodes if n.op == "call_function")
+
+    def uuid(self):
+        return None
+
+
+CASES = {  # name: (token counts, dynamic, sequence_parallel_threshold_tokens)
+    "dynamic": ((7, 64), True, 1),
+    "static_odd": ((7,), False, 4),
+    "static_below": ((8,), False, 100),
+}
+
+
+def run_cases(rank, world_size):
+    return {name: run_case(rank, world_size, name) for name in CASES}
+
+
+def run_case(rank, world_size, name):
+    import torch._inductor.config as inductor_config
+    import torch.distributed as dist
+
+    import fcpass
+    from passes import FlashCommPass
+
+    counts, dynamic, sp_threshold = CASES[name]
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = TinyTP(rank, world_size, dist.group.WORLD)
+    flashcomm = FlashCommPass(fcpass.PassConfig(threshold_tokens=16, sequence_parallel=True,
+                                                sequence_parallel_threshold_tokens=sp_threshold))
+    recorded = Recorded(flashcomm)
+    errors = []
+    with inductor_config.patch({"post_grad_custom_post_pass": recorded, "fx_graph_cache": False}), torch.no_grad():
+        compiled = torch.compile(model, fullgraph=True, dynamic=None if dynamic else False)
+        for n in counts:
+            x = torch.randn(n, HIDDEN, generator=torch.Generator().manual_seed(n))  # the same on every rank
+            if dynamic:
+                torch._dynamo.mark_dynamic(x, 0)  # sizes 0 and 1 are specialized: its lower bound is 2
+            want, got = model(x), compiled(x)
+            errors.append(((got - want).abs().max() / want.abs().max()).item())
+    return {"counts": recorded.counts, "errors": errors, "outcomes": [(o.family, o.form, o.outcome)
+                                                                       for o in flashcomm.last_report.outcomes]}
+
+
+@pytest.fixture(scope="module")
+def runs():
+    per_rank = run_ranks(run_cases, 2, timeout=240)
+    return {name: [cases[name] for cases in per_rank] for name in CASES}
+
+
+@pytest.mark.parametrize("name", ["dynamic", "static_odd"])
+def test_functional_all_reduce_and_aten_norm_are_split_and_fused(runs, name):
+    for r in runs[name]:
+        counts = r["counts"]
+        assert counts["_c10d_functional.all_reduce.default"] == 0
+        assert counts["fcpass.mm_reduce_scatter.default"] == 2  # both all_reduce inputs are matmuls
+        assert counts["fcpass.all_gather_mm.default"] == 1  # before w_up
+        assert counts["_c10d_functional.all_gather_into_tensor.default"] == 1  # the output's
+        assert sorted(r["outcomes"]) == sorted(
+            [("sequence_parallel", "c10d_functional", SPLIT)] * 2
+            + [("mm_reduce_scatter", "c10d_functional/mm+pad", "fused")] * 2
+            + [("all_gather_mm", "c10d_functional/mm+unpad", "fused"),
+               ("all_gather_mm", "c10d_functional/-", "no matmul consumer")])
+        assert max(r["errors"]) <= 1e-5, r["errors"]
+
+
+def test_static_count_below_threshold_is_left_alone(runs):
+    for r in runs["static_below"]:
+        assert r["counts"]["_c10d_functional.all_reduce.default"] == 2
+        assert r["counts"]["_c10d_functional.reduce_scatter_tensor.default"] == 0
+        assert r["outcomes"] == [("sequence_parallel", "c10d_functional",
+                                  "compiled for 8 tokens and up, not above sequence_parallel_threshold_tokens 100")] * 2
+        assert max(r["errors"]) <= 1e-5
