@@ -4,9 +4,10 @@ Inside one rank of a 2-rank (or N-rank) gloo run started by
 ``fcpass.launch.run_ranks(fn, world_size, ..., setup=rank_setup)``,
 :func:`compile_and_run` builds a small vLLM Llama with random weights at
 TP=world_size, compiles it with Inductor with vLLM's SequenceParallelismPass
-followed by an arbitrary extra post-grad pass, runs it, runs the same model
-eagerly (plain TP, no compile) as the reference, and returns what the extra
-pass saw (op counts and graph text before/after it) and the numbers.
+(``vllm_sp=True``, vLLM <= 0.31) or none (the plain TP graph, for fcpass's
+own SP) followed by an arbitrary extra post-grad pass, runs it, runs the
+same model eagerly (plain TP, no compile) as the reference, and returns what
+the extra pass saw (op counts and graph text before/after it) and the numbers.
 
 The model (``MODEL_KINDS``)
 ---------------------------
@@ -274,7 +275,7 @@ def op_counts(graph) -> collections.Counter:
 
 
 class SPThenExtraPass(CustomGraphPass):
-    """vLLM's SequenceParallelismPass, then the pass under test; records the graph around the latter.
+    """vLLM's SequenceParallelismPass (if given), then the pass under test; records the graph around the latter.
 
     ``records`` gets one dict per Inductor compilation: counts_before /
     counts_after (Counter), graph_before / graph_after (``str(graph)``),

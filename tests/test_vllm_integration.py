@@ -71,6 +71,32 @@ def test_async_tp_gives_way():
     assert POST_GRAD_PASS_KEY not in base_object.inductor_compile_config and base_object.pass_config.fuse_gemm_comms
 
 
+SP_ON = {"sequence_parallel": True, "sequence_parallel_threshold_tokens": 512}
+
+
+def test_sequence_parallel_threshold_becomes_a_compile_range_endpoint():
+    """vLLM then compiles [1, 512] (left unsplit) apart from [513, max] (split): SP is decided per range."""
+    from vllm.config import CompilationConfig, VllmConfig
+
+    assert fcpass_vllm.compilation_config(SP_ON)["compile_ranges_endpoints"] == [512]
+    merged = fcpass_vllm.compilation_config(SP_ON, base=CompilationConfig(compile_ranges_endpoints=[2048]))
+    assert [(r.start, r.end) for r in merged.get_compile_ranges()] == [(1, 512), (513, 2048)]
+    assert "compile_ranges_endpoints" not in fcpass_vllm.compilation_config({"threshold_tokens": 8})
+    # from --additional-config: installed after vLLM computed its ranges, the endpoint is added to them
+    vllm_config = VllmConfig(compilation_config={"compile_ranges_endpoints": [2048]},
+                             additional_config={"fcpass": SP_ON})
+    assert fcpass_vllm.install_from_additional_config(vllm_config)
+    assert vllm_config.compilation_config.compile_ranges_endpoints == [512, 2048]
+
+
+def test_vllm_sequence_parallelism_and_fcpass_sequence_parallelism_never_both():
+    with pytest.raises(ValueError, match="sequence_parallel: fcpass's and vLLM's sequence parallelism"):
+        fcpass_vllm.compilation_config(SP_ON, base={"pass_config": {"enable_sp": True}})
+    # AsyncTP asked for: it gives way to fcpass, and vLLM's SP stays off since fcpass splits the all_reduces
+    config = fcpass_vllm.compilation_config(SP_ON, base={"pass_config": {"fuse_gemm_comms": True}})
+    assert config["pass_config"] == {"fuse_gemm_comms": False}
+
+
 def test_another_user_pass_or_a_second_differing_fcpass_is_refused():
     with pytest.raises(ValueError, match="already holds"):
         fcpass_vllm.compilation_config(base={"inductor_compile_config": {POST_GRAD_PASS_KEY: print}})
