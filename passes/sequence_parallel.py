@@ -101,8 +101,9 @@ def rewrite(graph: fx.Graph, threshold_tokens: int, report: PassReport, enabled:
             report.add(FAMILY, ar.form, reason)
         else:
             candidates.append(ar)
-    for region in _regions(graph, candidates):
-        reason = _unprofitable(region)
+    norms = _norm_ops()
+    for region in _regions(graph, candidates, norms):
+        reason = _unprofitable(region, norms)
         for ar in region.all_reduces:
             report.add(FAMILY, ar.form, reason or SPLIT)
         if not reason:
@@ -148,14 +149,14 @@ def _vllm_compile_range_start() -> int | None:
 
 # --------------------------------------------------------------------------- condition
 
-def _regions(graph: fx.Graph, candidates: list[forms.AllReduce]) -> list[_Region]:
+def _regions(graph: fx.Graph, candidates: list[forms.AllReduce], norms: frozenset) -> list[_Region]:
     """Spread sharding forward from the candidates through row-local ops; group what connects."""
     region_of: dict[fx.Node, _Region] = {}
     for ar in candidates:
         region_of[ar.output] = _Region(ar)
         region_of[ar.output].sharded.append(ar.output)
     for node in graph.nodes:
-        if node in region_of or not _row_local(node):
+        if node in region_of or not _row_local(node, norms):
             continue
         inputs = [i for i in node.all_input_nodes if isinstance(forms.fake_value(i), (torch.Tensor, tuple))]
         sharded = [i for i in inputs if i in region_of]
@@ -174,10 +175,10 @@ def _regions(graph: fx.Graph, candidates: list[forms.AllReduce]) -> list[_Region
     return list({id(r): r for r in region_of.values()}.values())
 
 
-def _unprofitable(region: _Region) -> str | None:
+def _unprofitable(region: _Region, norms: frozenset) -> str | None:
     if len({(ar.form, ar.group_name) for ar in region.all_reduces}) > 1:
         return "all_reduces of different forms or groups meet in one region"
-    if not any(n.target in _norm_ops() or n.target == aten.rsqrt.default for n in region.sharded):
+    if not any(n.target in norms or n.target == aten.rsqrt.default for n in region.sharded):
         return "no RMSNorm on the all_reduce's result (splitting it would shard nothing)"
     gathers = len(_gathered(region))
     if gathers > len(region.all_reduces):
@@ -185,11 +186,11 @@ def _unprofitable(region: _Region) -> str | None:
     return None
 
 
-def _row_local(node: fx.Node) -> bool:
+def _row_local(node: fx.Node, norms: frozenset) -> bool:
     """Each output row depends on the same input row only (elementwise, a norm, a reduction over hidden)."""
     if node.op != "call_function":
         return False
-    if node.target in _ELEMENTWISE or node.target in _norm_ops():
+    if node.target in _ELEMENTWISE or node.target in norms:
         return True
     if node.target in _ROW_REDUCTIONS:
         args = forms.bound_args(node)

@@ -92,6 +92,14 @@ def describe_sp_graph(graph):
             "all_reduces": sum(n.target == ops.vllm.all_reduce.default for n in graph.nodes), "tokens": str(symbol)}
 
 
+def _has_vllm_sequence_parallelism():
+    try:
+        import vllm.compilation.passes.fusion.sequence_parallelism  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
 def run_sp(rank, world_size):
     import fcpass.vllm
 
@@ -113,6 +121,10 @@ def run_sp(rank, world_size):
                                 _config(sequence_parallel_threshold_tokens=1000)))
     runs["below"] = summary(below)
     runs["below"]["report"] = below["extra_pass_report"].reasons()
+    if _has_vllm_sequence_parallelism():  # vLLM 0.31's own SP, then fcpass fusion only: the reference structure
+        runs["vllm_sp"] = summary(compile_and_run(
+            rank, world_size, "llama", TOKENS,
+            compilation_config=fcpass.vllm.compilation_config(_config(sequence_parallel=False))))
     return runs
 
 
@@ -195,28 +207,12 @@ def test_compile_range_below_the_threshold_is_left_alone(sp_runs):
                                    ] * ALL_REDUCES
 
 
-def _has_vllm_sequence_parallelism():
-    try:
-        import vllm.compilation.passes.fusion.sequence_parallelism  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
-def run_vllm_sp_then_fusion(rank, world_size):
-    import fcpass.vllm
-
-    config = fcpass.vllm.compilation_config(_config(sequence_parallel=False))
-    r = compile_and_run(rank, world_size, "llama", TOKENS, compilation_config=config)
-    return {"counts_after": r["counts_after"], "errors": r["max_rel_error"]}
-
-
 @pytest.mark.skipif(not _has_vllm_sequence_parallelism(), reason="vLLM >= 0.32 has no SequenceParallelismPass")
 def test_same_structure_as_vllm_sequence_parallelism(sp_runs):
     """vLLM 0.31's SP + fcpass fusion vs fcpass SP + fusion: the same collectives, fused ops, norms, matmuls."""
-    vllm_runs = run_ranks(run_vllm_sp_then_fusion, 2, setup=rank_setup, timeout=300)
-    for ours, theirs in zip(sp_runs, vllm_runs):
-        ours_counts = {op: ours["llama"]["counts_after"][op] for op in COMPARED_OPS}
+    for runs in sp_runs:
+        ours, theirs = runs["llama"], runs["vllm_sp"]
+        ours_counts = {op: ours["counts_after"][op] for op in COMPARED_OPS}
         assert ours_counts == {op: theirs["counts_after"][op] for op in COMPARED_OPS}
         assert ours_counts["fcpass.mm_reduce_scatter.default"] == RS_FUSED
         assert max(theirs["errors"]) <= 1e-5

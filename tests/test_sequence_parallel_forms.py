@@ -49,6 +49,15 @@ class TinyTP(torch.nn.Module):
         return rms_norm(down + residual, self.norm2)
 
 
+class NoNorm(TinyTP):
+    """An all_reduce read by a matmul directly: splitting it would shard nothing."""
+
+    def forward(self, x):
+        from torch.distributed._functional_collectives import all_reduce
+
+        return all_reduce(x @ self.w_in, "sum", self.group) @ self.w_up
+
+
 class Recorded(CustomGraphPass):
     """The pass under test, plus the op counts it leaves; ``uuid() -> None`` keeps Inductor from caching."""
 
@@ -63,10 +72,11 @@ class Recorded(CustomGraphPass):
         return None
 
 
-CASES = {  # name: (token counts, dynamic, sequence_parallel_threshold_tokens)
-    "dynamic": ((7, 64), True, 1),
-    "static_odd": ((7,), False, 4),
-    "static_below": ((8,), False, 100),
+CASES = {  # name: (model, token counts, dynamic, sequence_parallel_threshold_tokens)
+    "dynamic": (TinyTP, (7, 64), True, 1),
+    "static_odd": (TinyTP, (7,), False, 4),
+    "static_below": (TinyTP, (8,), False, 100),
+    "no_norm": (NoNorm, (8,), False, 4),
 }
 
 
@@ -81,10 +91,10 @@ def run_case(rank, world_size, name):
     import fcpass
     from passes import FlashCommPass
 
-    counts, dynamic, sp_threshold = CASES[name]
+    model_class, counts, dynamic, sp_threshold = CASES[name]
     torch._dynamo.reset()
     torch.manual_seed(0)
-    model = TinyTP(rank, world_size, dist.group.WORLD)
+    model = model_class(rank, world_size, dist.group.WORLD)
     flashcomm = FlashCommPass(fcpass.PassConfig(threshold_tokens=16, sequence_parallel=True,
                                                 sequence_parallel_threshold_tokens=sp_threshold))
     recorded = Recorded(flashcomm)
@@ -129,4 +139,12 @@ def test_static_count_below_threshold_is_left_alone(runs):
         assert r["counts"]["_c10d_functional.reduce_scatter_tensor.default"] == 0
         assert r["outcomes"] == [("sequence_parallel", "c10d_functional",
                                   "compiled for 8 tokens and up, not above sequence_parallel_threshold_tokens 100")] * 2
+        assert max(r["errors"]) <= 1e-5
+
+
+def test_all_reduce_without_a_norm_is_left_alone(runs):
+    for r in runs["no_norm"]:
+        assert r["counts"]["_c10d_functional.all_reduce.default"] == 1
+        assert r["outcomes"] == [("sequence_parallel", "c10d_functional",
+                                  "no RMSNorm on the all_reduce's result (splitting it would shard nothing)")]
         assert max(r["errors"]) <= 1e-5
