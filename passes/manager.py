@@ -25,7 +25,7 @@ from passes.report import PassReport
 
 logger = logging.getLogger(__name__)
 
-# Set to a folder to get each graph before and after the pass written there.
+# Set to a folder to get each graph before and after the pass written there (after: with its report).
 DEBUG_DUMP_ENV = "FCPASS_DUMP_GRAPHS"
 _PASS_SOURCES = sorted(Path(__file__).parent.glob("*.py"))
 
@@ -105,6 +105,8 @@ class FlashCommPass(CustomGraphPass):
         path = os.path.join(folder, f"flashcomm_{os.getpid()}_{self._calls:03d}_{stage}.txt")
         with open(path, "w") as f:
             f.write(str(graph))
+            if stage == "after":
+                f.write("\n# FlashCommPass report\n" + self.report() + "\n")
 
 
 @functools.cache
