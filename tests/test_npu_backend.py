@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from cases import Case
-from multirank import run_ranks
+from multirank import run_batch, run_ranks
 from npu_runs import NPU_GROUP_BACKEND, npu_setup, run_npu_cases, run_npu_scaled
 from scaled_runs import QUANT_TOLERANCE
 from test_ops_multirank import check_results
@@ -21,6 +21,23 @@ K = 256  # the kernels' minimum k
 
 def _run(fn, world_size, *args):
     return run_ranks(fn, world_size, *args, backend=NPU_GROUP_BACKEND, setup=npu_setup, timeout=180)
+
+
+def _fallback_cases():
+    rs = [Case(m=64, k=K, dtype=torch.float32, threshold=0), Case(m=64, k=128, dtype=torch.bfloat16, threshold=0)]
+    ag = [Case(m=8, k=100, ns=(16,), dtype=torch.bfloat16, threshold=0)]
+    return rs, ag
+
+
+@pytest.fixture(scope="module")
+def two_rank_runs():
+    """The 2-rank cases below, in one set of ranks."""
+    m = 64
+    cases = {"fallback": (run_npu_cases, _fallback_cases()),
+             "ag_w8a8": (run_npu_scaled, ("ag", torch.int8, 16, K, (64, 32), 0))}
+    for per_token in (False, True):
+        cases[("rs_w8a8", per_token)] = (run_npu_scaled, ("rs", torch.int8, m, K, 64, m - 1, per_token))
+    return run_batch(cases, 2, backend=NPU_GROUP_BACKEND, setup=npu_setup, timeout=180)
 
 
 def _fused_count(results):
@@ -46,11 +63,9 @@ def test_npu_kernels_match_reference(world_size):
         assert kernels.count("npu_all_gather_base_mm") == len(ag) // 2
 
 
-def test_npu_falls_back_where_kernel_cannot_take_the_case():
+def test_npu_falls_back_where_kernel_cannot_take_the_case(two_rank_runs):
     """fp32 and k outside [256, 65535) stay unfused above the threshold, on every rank alike."""
-    rs = [Case(m=64, k=K, dtype=torch.float32, threshold=0), Case(m=64, k=128, dtype=torch.bfloat16, threshold=0)]
-    ag = [Case(m=8, k=100, ns=(16,), dtype=torch.bfloat16, threshold=0)]
-    per_rank = _run(run_npu_cases, 2, rs, ag)
+    per_rank = two_rank_runs["fallback"]
     for r in per_rank:
         assert r["calls"] == []
         reasons = [res["decision"] for res in r["results"]]
@@ -63,9 +78,8 @@ def test_npu_falls_back_where_kernel_cannot_take_the_case():
 
 
 @pytest.mark.parametrize("per_token", [False, True], ids=["per_tensor", "per_token"])
-def test_npu_w8a8_mm_reduce_scatter_with_rank0_quant_bias(per_token):
-    m = 64
-    per_rank = _run(run_npu_scaled, 2, "rs", torch.int8, m, K, 64, m - 1, per_token)
+def test_npu_w8a8_mm_reduce_scatter_with_rank0_quant_bias(two_rank_runs, per_token):
+    per_rank = two_rank_runs[("rs_w8a8", per_token)]
     for r in per_rank:
         assert r["decision"][1] == "fused"
         assert r["error"] <= QUANT_TOLERANCE
@@ -75,8 +89,8 @@ def test_npu_w8a8_mm_reduce_scatter_with_rank0_quant_bias(per_token):
     assert per_rank[0]["calls"][0][1]["k"] > K == per_rank[1]["calls"][0][1]["k"]
 
 
-def test_npu_w8a8_all_gather_mm_with_quant_bias():
-    per_rank = _run(run_npu_scaled, 2, "ag", torch.int8, 16, K, (64, 32), 0)
+def test_npu_w8a8_all_gather_mm_with_quant_bias(two_rank_runs):
+    per_rank = two_rank_runs["ag_w8a8"]
     for r in per_rank:
         assert r["decision"][1] == "fused" and r["error"] <= QUANT_TOLERANCE
         ((kernel, facts),) = r["calls"]

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from cases import TOLERANCE, Case
-from multirank import run_ranks
+from multirank import run_batch, run_ranks
 from op_runs import run_cases
 
 
@@ -64,8 +64,8 @@ def test_pipeline_chunk_counts_are_exact():
 
     rs = [Case(m=2 * 37, k=40, threshold=0, seed=s) for s in range(2)]
     ag = [Case(m=37, k=40, ns=(24, 8), bias=True, threshold=0, seed=10 + s) for s in range(2)]
-    for chunks in (1, 3, 8, 64):
-        per_rank = run_ranks(run_cases, 2, rs, ag, fcpass.PassConfig(pipeline_chunks=chunks), timeout=120)
+    cases = {chunks: (run_cases, (rs, ag, fcpass.PassConfig(pipeline_chunks=chunks))) for chunks in (1, 3, 8, 64)}
+    for per_rank in run_batch(cases, 2, timeout=180).values():
         check_results(per_rank)
 
 

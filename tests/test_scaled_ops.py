@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from multirank import run_ranks
+from multirank import run_batch
 from scaled_runs import QUANT_TOLERANCE, run_scaled_all_gather, run_scaled_reduce_scatter
 
 
@@ -15,22 +15,39 @@ def _check(per_rank, fused):
         assert r["error"] <= QUANT_TOLERANCE, r
 
 
-@pytest.mark.parametrize("dtype", [torch.int8, torch.float8_e4m3fn], ids=["w8a8", "fp8"])
-@pytest.mark.parametrize("fused", [True, False], ids=["fused", "unfused"])
-def test_scaled_mm_reduce_scatter_rank0_bias(dtype, fused):
-    m = 256
-    per_rank = run_ranks(run_scaled_reduce_scatter, 2, dtype, m, 64, 40, m - 1 if fused else m, False)
-    _check(per_rank, fused)
+DTYPES = {"w8a8": torch.int8, "fp8": torch.float8_e4m3fn}
+FUSED = {"fused": True, "unfused": False}
 
 
-def test_w8a8_mm_reduce_scatter_per_token_scale():
-    per_rank = run_ranks(run_scaled_reduce_scatter, 2, torch.int8, 128, 64, 40, 0, True)
-    _check(per_rank, True)
+def _cases():
+    cases = {("per_token",): (run_scaled_reduce_scatter, (torch.int8, 128, 64, 40, 0, True))}
+    for dtype_id, dtype in DTYPES.items():
+        for fused_id, fused in FUSED.items():
+            m = 256
+            cases[("rs", dtype_id, fused_id)] = (run_scaled_reduce_scatter,
+                                                 (dtype, m, 64, 40, m - 1 if fused else m, False))
+            m = 64
+            cases[("ag", dtype_id, fused_id)] = (run_scaled_all_gather,
+                                                 (dtype, m, 64, (40, 24), 2 * m - 1 if fused else 2 * m))
+    return cases
 
 
-@pytest.mark.parametrize("dtype", [torch.int8, torch.float8_e4m3fn], ids=["w8a8", "fp8"])
-@pytest.mark.parametrize("fused", [True, False], ids=["fused", "unfused"])
-def test_scaled_all_gather_mm_several_weights(dtype, fused):
-    m = 64
-    per_rank = run_ranks(run_scaled_all_gather, 2, dtype, m, 64, (40, 24), 2 * m - 1 if fused else 2 * m)
-    _check(per_rank, fused)
+@pytest.fixture(scope="module")
+def scaled_runs():
+    return run_batch(_cases(), 2, timeout=240)
+
+
+@pytest.mark.parametrize("dtype_id", DTYPES)
+@pytest.mark.parametrize("fused_id", FUSED)
+def test_scaled_mm_reduce_scatter_rank0_bias(scaled_runs, dtype_id, fused_id):
+    _check(scaled_runs[("rs", dtype_id, fused_id)], FUSED[fused_id])
+
+
+def test_w8a8_mm_reduce_scatter_per_token_scale(scaled_runs):
+    _check(scaled_runs[("per_token",)], True)
+
+
+@pytest.mark.parametrize("dtype_id", DTYPES)
+@pytest.mark.parametrize("fused_id", FUSED)
+def test_scaled_all_gather_mm_several_weights(scaled_runs, dtype_id, fused_id):
+    _check(scaled_runs[("ag", dtype_id, fused_id)], FUSED[fused_id])
