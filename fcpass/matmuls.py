@@ -64,6 +64,28 @@ class Matmul:
         )
 
 
+@dataclass(frozen=True, eq=False)
+class OneDNNMatmul:
+    """``x @ W + bias`` through vLLM's CPU kernel ``_C.onednn_mm(out, x, bias, handler)``.
+
+    vLLM packs W into a oneDNN handler when the weights load and drops the
+    weight tensor, so the graph holds only the handler (an int64 tensor):
+    this matmul is called on row chunks like the others, but never sees W.
+    """
+
+    handler: torch.Tensor
+    n: int
+    result_dtype: torch.dtype
+    bias: torch.Tensor | None = None
+    scaled = False
+    w_scale = x_scale = out_dtype = None
+
+    def __call__(self, x: torch.Tensor, row_scale: torch.Tensor | None = None) -> torch.Tensor:
+        out = x.new_empty((x.shape[0], self.n))
+        torch.ops._C.onednn_mm(out, x, self.bias, self.handler)
+        return out
+
+
 def _row_vector_or_scalar(scale: torch.Tensor) -> torch.Tensor:
     return scale if scale.numel() == 1 else scale.reshape(1, -1)
 

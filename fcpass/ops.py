@@ -12,6 +12,9 @@ for every token count and never recompiles over the fused/unfused choice:
     mm_reduce_scatter_scaled / all_gather_scaled_mm: the same over
         W8A8 (int8, per-channel dequant scale, int32 quant bias) and fp8
         (``_scaled_mm``) matmuls, with an output dtype.
+    mm_reduce_scatter_onednn / all_gather_onednn_mm: the same over vLLM's
+        CPU oneDNN matmul, whose weight exists only inside its handler:
+        (x, handler, n, bias, ...) in place of (x, w, bias, ...).
 
 ``threshold_tokens < 0`` means "the backend's default".
 """
@@ -27,7 +30,7 @@ from fcpass.backends import select_backend
 from fcpass.backends.base import ALL_GATHER_MM, MM_REDUCE_SCATTER, Backend, FusedCall
 from fcpass.config import PassConfig
 from fcpass.groups import resolve_group
-from fcpass.matmuls import Matmul
+from fcpass.matmuls import Matmul, OneDNNMatmul
 from fcpass.padding import append_zero_rows, with_zero_rows
 
 _runtime_config = PassConfig()
@@ -65,7 +68,8 @@ def dispatch(op: str, family: str, call: FusedCall, threshold_tokens: int):
     backend: Backend | None = select_backend(config.backend, x.device)
     off_reason = (
         guard.BACKEND_OFF if backend is None
-        else guard.FAMILY_DISABLED if not getattr(config, _FAMILY_FLAG[family]) else None
+        else guard.FAMILY_DISABLED if not getattr(config, _FAMILY_FLAG[family])
+        else guard.PADDED_ONEDNN if call.pad_rows and isinstance(call.matmuls[0], OneDNNMatmul) else None
     )
     limits = None if off_reason else backend.limits(family, call)
     threshold = _resolve_threshold(threshold_tokens, config, backend)
@@ -237,3 +241,44 @@ def _(x, x_scale, ws, w_scales, biases, out_dtype, group_name, world_size, thres
     _ag_call("all_gather_scaled_mm", x, mms, group_name, world_size, resolve=False)
     rows = x.shape[0] * world_size
     return x.new_empty((rows, x.shape[1])), [x.new_empty((rows, w.shape[1]), dtype=out_dtype) for w in ws]
+
+
+@torch.library.custom_op("fcpass::mm_reduce_scatter_onednn", mutates_args=())
+def mm_reduce_scatter_onednn(
+    x: torch.Tensor, handler: torch.Tensor, n: int, bias: torch.Tensor | None,
+    group_name: str, world_size: int, threshold_tokens: int, pad_rows: int = 0,
+) -> torch.Tensor:
+    mm = OneDNNMatmul(handler, n, x.dtype, bias)
+    call = _rs_call("mm_reduce_scatter_onednn", x, mm, None, group_name, world_size, pad_rows)
+    return dispatch("mm_reduce_scatter_onednn", MM_REDUCE_SCATTER, call, threshold_tokens)
+
+
+@mm_reduce_scatter_onednn.register_fake
+def _(x, handler, n, bias, group_name, world_size, threshold_tokens, pad_rows=0):
+    mm = OneDNNMatmul(handler, n, x.dtype, bias)
+    _rs_call("mm_reduce_scatter_onednn", x, mm, None, group_name, world_size, pad_rows, resolve=False)
+    return x.new_empty(((x.shape[0] + pad_rows) // world_size, n))
+
+
+def _onednn_matmuls(op, x, handlers, ns, biases):
+    _zip_lists(op, handlers, ns, "ns")
+    return [OneDNNMatmul(h, n, x.dtype, b) for (h, b), n in zip(_zip_lists(op, handlers, biases, "biases"), ns)]
+
+
+@torch.library.custom_op("fcpass::all_gather_onednn_mm", mutates_args=())
+def all_gather_onednn_mm(
+    x: torch.Tensor, handlers: Sequence[torch.Tensor], ns: Sequence[int], biases: Sequence[torch.Tensor | None],
+    group_name: str, world_size: int, threshold_tokens: int,
+) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    mms = _onednn_matmuls("all_gather_onednn_mm", x, handlers, ns, biases)
+    call = _ag_call("all_gather_onednn_mm", x, mms, group_name, world_size)
+    gathered, outs = dispatch("all_gather_onednn_mm", ALL_GATHER_MM, call, threshold_tokens)
+    return gathered, list(outs)
+
+
+@all_gather_onednn_mm.register_fake
+def _(x, handlers, ns, biases, group_name, world_size, threshold_tokens):
+    mms = _onednn_matmuls("all_gather_onednn_mm", x, handlers, ns, biases)
+    _ag_call("all_gather_onednn_mm", x, mms, group_name, world_size, resolve=False)
+    rows = x.shape[0] * world_size
+    return x.new_empty((rows, x.shape[1])), [x.new_empty((rows, n)) for n in ns]

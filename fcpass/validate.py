@@ -8,15 +8,18 @@ from __future__ import annotations
 
 import torch
 
-from fcpass.matmuls import FLOAT_DTYPES, FP8_DTYPES, QUANT_OUT_DTYPES, Matmul
+from fcpass.matmuls import FLOAT_DTYPES, FP8_DTYPES, QUANT_OUT_DTYPES, Matmul, OneDNNMatmul
 
 
 class FusedOpInputError(ValueError):
     pass
 
 
-def check_matmul(op: str, x: torch.Tensor, mm: Matmul, index: int = 0) -> None:
+def check_matmul(op: str, x: torch.Tensor, mm: Matmul | OneDNNMatmul, index: int = 0) -> None:
     where = f"fcpass::{op}" + (f" (weight {index})" if index else "")
+    if isinstance(mm, OneDNNMatmul):
+        _check_onednn(where, x, mm)
+        return
     if x.dim() != 2 or mm.w.dim() != 2:
         raise FusedOpInputError(f"{where}: x and w must be 2-D, got x {tuple(x.shape)}, w {tuple(mm.w.shape)}")
     if x.shape[1] != mm.w.shape[0]:
@@ -65,10 +68,22 @@ def check_world_size(op: str, world_size: int) -> None:
         raise FusedOpInputError(f"fcpass::{op}: world_size must be >= 1, got {world_size}")
 
 
-def check_pad_rows(op: str, mm: Matmul, pad_rows) -> None:
+def _check_onednn(where: str, x: torch.Tensor, mm: OneDNNMatmul) -> None:
+    """Only what the graph shows: the packed weight's k is inside the handler, the kernel checks it."""
+    if x.dim() != 2:
+        raise FusedOpInputError(f"{where}: x must be 2-D, got {tuple(x.shape)}")
+    if x.dtype not in FLOAT_DTYPES or x.dtype != mm.result_dtype:
+        raise FusedOpInputError(f"{where}: oneDNN matmul of {x.dtype} x into {mm.result_dtype} not supported")
+    if mm.handler.dtype != torch.int64 or mm.handler.numel() != 1:
+        raise FusedOpInputError(f"{where}: oneDNN handler must be one int64, got {mm.handler.dtype} "
+                                f"{tuple(mm.handler.shape)}")
+    _check_bias(where, mm.bias, mm.n, x.dtype)
+
+
+def check_pad_rows(op: str, mm: Matmul | OneDNNMatmul, pad_rows) -> None:
     if isinstance(pad_rows, int) and pad_rows < 0:
         raise FusedOpInputError(f"fcpass::{op}: pad_rows must be >= 0, got {pad_rows}")
-    if mm.bias is not None and mm.w.dtype in FP8_DTYPES and not _is_zero(pad_rows):
+    if mm.bias is not None and mm.scaled and mm.w.dtype in FP8_DTYPES and not _is_zero(pad_rows):
         raise FusedOpInputError(
             f"fcpass::{op}: pad_rows with an fp8 bias is not supported (the bias is added after the "
             "scaling, so it cannot be kept off the padded rows by folding)"

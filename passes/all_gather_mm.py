@@ -76,8 +76,8 @@ def _unfusable(ag: forms.Collective, consumers: list[Consumer]) -> str | None:
         return "no matmul consumer"
     matmuls = [c.mm for c in consumers]
     quantizes = {_quantize_key(c.quantize) for c in consumers}
-    if len({(mm.scaled, mm.x_scale, mm.out_dtype) for mm in matmuls}) > 1 or len(quantizes) > 1:
-        return "matmuls differ in scaling (one fused op needs one kind)"
+    if len({(mm.kind, mm.x_scale, mm.out_dtype) for mm in matmuls}) > 1 or len(quantizes) > 1:
+        return "matmuls differ in kind or scaling (one fused op needs one kind)"
     if any(mm.x_scale is not None and forms.dim(mm.x_scale) >= 2 for mm in matmuls):
         return "per-token activation scale (computed after the gather)"
     return None
@@ -92,14 +92,7 @@ def _replace(graph: fx.Graph, ag: forms.Collective, consumers: list[Consumer], t
         x = ag.input
         if quantize is not None:
             x = forms.call(graph, quantize.target, (x, *quantize.args[1:]), dict(quantize.kwargs))
-        weights = [mm.kn_weight(graph) for mm in matmuls]
-        first, biases = matmuls[0], [mm.bias for mm in matmuls]
-        if first.scaled:
-            target = torch.ops.fcpass.all_gather_scaled_mm.default
-            op_args = (x, first.x_scale, weights, [mm.w_scale for mm in matmuls], biases, first.out_dtype)
-        else:
-            target = torch.ops.fcpass.all_gather_mm.default
-            op_args = (x, weights, biases)
+        target, op_args = _fused_op(graph, x, matmuls)
         fused = forms.call(graph, target, (*op_args, ag.group_name, ag.world_size, threshold_tokens))
         if quantize is None:  # with a quantize, other users keep the float gather
             gathered = forms.call(graph, operator.getitem, (fused, 0))
@@ -111,7 +104,21 @@ def _replace(graph: fx.Graph, ag: forms.Collective, consumers: list[Consumer], t
             if c.end is not None:
                 out = forms.call(graph, torch.ops.aten.slice.Tensor, (out, 0, 0, c.end))
             c.mm.output.replace_all_uses_with(out)
-    erase_unused(graph, [*ag.nodes, *(mm.output for mm in matmuls), *(s for c in consumers for s in c.steps)])
+    erase_unused(graph, [*ag.nodes, *(n for mm in matmuls for n in (mm.output, *mm.inner)),
+                         *(s for c in consumers for s in c.steps)])
+
+
+def _fused_op(graph: fx.Graph, x: fx.Node, matmuls: list[forms.MatmulNode]):
+    """The fused op for the matmuls' (one) kind, and its arguments before the collective's."""
+    first, biases = matmuls[0], [mm.bias for mm in matmuls]
+    if first.kind == "onednn":
+        return torch.ops.fcpass.all_gather_onednn_mm.default, (
+            x, [mm.w for mm in matmuls], [mm.handler_n for mm in matmuls], biases)
+    weights = [mm.kn_weight(graph) for mm in matmuls]
+    if first.kind == "scaled":
+        return torch.ops.fcpass.all_gather_scaled_mm.default, (
+            x, first.x_scale, weights, [mm.w_scale for mm in matmuls], biases, first.out_dtype)
+    return torch.ops.fcpass.all_gather_mm.default, (x, weights, biases)
 
 
 def _unpadded(graph: fx.Graph, ag: forms.Collective, rows: fx.Node) -> fx.Node:

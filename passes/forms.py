@@ -12,6 +12,7 @@ never matches: fusing it would compute it twice.
 from __future__ import annotations
 
 import functools
+import operator
 from dataclasses import dataclass
 
 import torch
@@ -67,10 +68,18 @@ class MatmulNode:
     out_dtype: torch.dtype | None = None
     # Linear-style ops take the weight as stored, (n, k); the fused ops want (k, n).
     weight_is_nk: bool = False
+    # vLLM's CPU oneDNN matmul: ``w`` is its handler (the weight is packed inside), this its output width.
+    handler_n: int | None = None
+    inner: tuple[fx.Node, ...] = ()  # nodes of the form besides the output, erased with it
 
     @property
     def scaled(self) -> bool:
         return self.w_scale is not None
+
+    @property
+    def kind(self) -> str:
+        """Which fused op family member takes it: "plain", "scaled" or "onednn"."""
+        return "onednn" if self.handler_n is not None else "scaled" if self.scaled else "plain"
 
     def kn_weight(self, graph: fx.Graph) -> fx.Node:
         """The (k, n) weight node, transposing a stored (n, k) weight at the insertion point."""
@@ -279,7 +288,7 @@ def match_matmul(node: fx.Node, forms) -> MatmulNode | None:
         m = pattern.match(node)
         if is_match(m):
             return MatmulNode(form, node, m.kwargs["x"], m.kwargs["w"], m.kwargs.get("bias"))
-    return _match_scaled_mm(node) or _match_linear(node) or _match_npu_quant_matmul(node)
+    return _match_scaled_mm(node) or _match_linear(node) or _match_npu_quant_matmul(node) or _match_onednn_mm(node)
 
 
 def bound_args(node: fx.Node) -> dict:
@@ -324,6 +333,39 @@ def _match_scaled_mm(node: fx.Node) -> MatmulNode | None:
         return None
     return MatmulNode("scaled_mm", node, args["self"], args["mat2"], args["bias"],
                       x_scale=args["scale_a"], w_scale=args["scale_b"], out_dtype=args["out_dtype"])
+
+
+_AUTO_FUNCTIONALIZED = (torch.ops.higher_order.auto_functionalized, torch.ops.higher_order.auto_functionalized_v2)
+
+
+def _match_onednn_mm(node: fx.Node) -> MatmulNode | None:
+    """vLLM's CPU linear, ``out = empty(m, n); _C.onednn_mm(out, x, bias, handler)``, functionalized:
+    ``auto_functionalized(_C.onednn_mm, c=empty, a=x, bias, handler_tensor)`` then ``[1]`` (``out``);
+    vLLM compiles with that v1 form, torch's default is v2 (``_all_bases=[empty]``, ``_c_base_index=0``).
+
+    Matched from either node: the reduce_scatter family walks back to the
+    ``[1]``, the all_gather family forward to the ``auto_functionalized``.
+    """
+    try:
+        target = torch.ops._C.onednn_mm.default
+    except (AttributeError, RuntimeError):
+        return None
+    if node.op != "call_function":
+        return None
+    if node.target is operator.getitem and node.args[1] == 1:
+        functionalized, output = node.args[0], node
+    else:
+        functionalized = node
+        output = next((u for u in node.users if u.target is operator.getitem and u.args[1] == 1), None)
+    if (getattr(functionalized, "target", None) not in _AUTO_FUNCTIONALIZED
+            or functionalized.args[0] is not target or output is None or len(functionalized.users) != 1):
+        return None
+    args = functionalized.kwargs
+    buffer = args["c"] if "c" in args else args["_all_bases"][args["_c_base_index"]]
+    if buffer.target != aten.empty.memory_format or len(buffer.users) != 1 or dim(args["a"]) != 2:
+        return None
+    return MatmulNode("onednn_mm", output, args["a"], args["handler_tensor"], args["bias"],
+                      handler_n=fake_value(output).shape[1], inner=(functionalized, buffer))
 
 
 def _npu(name: str):

@@ -52,21 +52,23 @@ def rewrite(graph: fx.Graph, threshold_tokens: int, report: PassReport, enabled:
         with graph.inserting_before(rs.output):
             if rs.pads_tokens:
                 pad = _pad_to_multiple(graph, mm.x, rs.world_size)
-            w = mm.kn_weight(graph)
-            collective_args = (rs.group_name, rs.world_size, threshold_tokens, pad)
-            if mm.scaled:
-                fused = forms.call(
-                    graph, torch.ops.fcpass.mm_reduce_scatter_scaled.default,
-                    (mm.x, w, mm.x_scale, mm.w_scale, mm.bias, mm.out_dtype, *collective_args),
-                )
-            else:
-                fused = forms.call(
-                    graph, torch.ops.fcpass.mm_reduce_scatter.default, (mm.x, w, mm.bias, *collective_args)
-                )
+            target, matmul_args = _fused_op(graph, mm)
+            fused = forms.call(graph, target, (*matmul_args, rs.group_name, rs.world_size, threshold_tokens, pad))
         rs.output.replace_all_uses_with(fused)
         forms.redirect_size_reads(rs, fused)
-        erase_unused(graph, [*rs.nodes, *steps, producer])
+        erase_unused(graph, [*rs.nodes, *steps, producer, *mm.inner])
         report.add(FAMILY, form, FUSED)
+
+
+def _fused_op(graph: fx.Graph, mm: forms.MatmulNode):
+    """The fused op for the matmul's kind, and its arguments before the collective's."""
+    if mm.kind == "onednn":
+        return torch.ops.fcpass.mm_reduce_scatter_onednn.default, (mm.x, mm.w, mm.handler_n, mm.bias)
+    w = mm.kn_weight(graph)
+    if mm.kind == "scaled":
+        return torch.ops.fcpass.mm_reduce_scatter_scaled.default, (
+            mm.x, w, mm.x_scale, mm.w_scale, mm.bias, mm.out_dtype)
+    return torch.ops.fcpass.mm_reduce_scatter.default, (mm.x, w, mm.bias)
 
 
 def _rows_source(node: fx.Node):

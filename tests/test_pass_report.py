@@ -55,7 +55,7 @@ NEGATIVE_CASES = {
     "no matmul producer": (_no_matmul_producer, {}, {"mm_reduce_scatter": ["no matmul producer"]}),
     "no matmul consumer": (_no_matmul_consumer, {}, {"all_gather_mm": ["no matmul consumer"]}),
     "matmuls differ in scaling": (lambda: hg.ag_scaled_mm("vllm", mixed=True), {},
-                                  {"all_gather_mm": ["matmuls differ in scaling (one fused op needs one kind)"]}),
+                                  {"all_gather_mm": ["matmuls differ in kind or scaling (one fused op needs one kind)"]}),
     "scatter along dim 1": (_scatter_along_dim_1, {},
                             {"mm_reduce_scatter": ["unsupported form (reduce_scatter along dim 1, not 0)"]}),
     "3-D rows": (_scatter_of_3d_rows, {}, {"mm_reduce_scatter": ["reduce_scatter input is not 2-D rows"]}),

@@ -42,11 +42,31 @@ class TinyTP(torch.nn.Module):
     def forward(self, x):
         from torch.distributed._functional_collectives import all_reduce
 
-        h = all_reduce(x @ self.w_in, "sum", self.group)
+        h = all_reduce(self.matmul(x, "w_in"), "sum", self.group)
         residual = h
-        up = rms_norm(h, self.norm1) @ self.w_up
-        down = all_reduce(torch.relu(up) @ self.w_down, "sum", self.group)
+        up = self.matmul(rms_norm(h, self.norm1), "w_up")
+        down = all_reduce(self.matmul(torch.relu(up), "w_down"), "sum", self.group)
         return rms_norm(down + residual, self.norm2)
+
+    def matmul(self, x, weight_name):
+        return x @ getattr(self, weight_name)
+
+
+class OneDNNTinyTP(TinyTP):
+    """The same with vLLM's CPU linear kernel (``_C.onednn_mm`` through a handler), as vLLM's CPU engine
+    compiles its linears: the weight is packed into the handler, the graph never sees it."""
+
+    def __init__(self, rank, world_size, group):
+        from vllm import _custom_ops
+
+        super().__init__(rank, world_size, group)
+        self.handlers = {name: _custom_ops.create_onednn_mm(getattr(self, name).detach(), 32)
+                         for name in ("w_in", "w_up", "w_down")}
+
+    def matmul(self, x, weight_name):
+        from vllm import _custom_ops
+
+        return _custom_ops.onednn_mm(self.handlers[weight_name], x, None)
 
 
 class NoNorm(TinyTP):
@@ -77,6 +97,7 @@ CASES = {  # name: (model, token counts, dynamic, sequence_parallel_threshold_to
     "static_odd": (TinyTP, (7,), False, 4),
     "static_below": (TinyTP, (8,), False, 100),
     "no_norm": (NoNorm, (8,), False, 4),
+    "onednn": (OneDNNTinyTP, (8, 64, 33), True, 1),
 }
 
 
@@ -98,16 +119,19 @@ def run_case(rank, world_size, name):
     flashcomm = FlashCommPass(fcpass.PassConfig(threshold_tokens=16, sequence_parallel=True,
                                                 sequence_parallel_threshold_tokens=sp_threshold))
     recorded = Recorded(flashcomm)
-    errors = []
+    errors, decisions = [], []
     with inductor_config.patch({"post_grad_custom_post_pass": recorded, "fx_graph_cache": False}), torch.no_grad():
         compiled = torch.compile(model, fullgraph=True, dynamic=None if dynamic else False)
         for n in counts:
             x = torch.randn(n, HIDDEN, generator=torch.Generator().manual_seed(n))  # the same on every rank
             if dynamic:
                 torch._dynamo.mark_dynamic(x, 0)  # sizes 0 and 1 are specialized: its lower bound is 2
-            want, got = model(x), compiled(x)
+            want = model(x)
+            fcpass.reset_decision_counts()
+            got = compiled(x)
+            decisions.append({(op, path): n for (op, path, _), n in fcpass.decision_counts().items()})
             errors.append(((got - want).abs().max() / want.abs().max()).item())
-    return {"counts": recorded.counts, "errors": errors, "outcomes": [(o.family, o.form, o.outcome)
+    return {"counts": recorded.counts, "errors": errors, "decisions": decisions, "outcomes": [(o.family, o.form, o.outcome)
                                                                        for o in flashcomm.last_report.outcomes]}
 
 
@@ -148,3 +172,21 @@ def test_all_reduce_without_a_norm_is_left_alone(runs):
         assert r["outcomes"] == [("sequence_parallel", "c10d_functional",
                                   "no RMSNorm on the all_reduce's result (splitting it would shard nothing)")]
         assert max(r["errors"]) <= 1e-5
+
+
+def test_vllm_cpu_onednn_linears_fuse_with_their_handlers(runs):
+    """vLLM's CPU linears (handler, no weight tensor) fuse into the oneDNN forms of the fused ops."""
+    for r in runs["onednn"]:
+        counts = r["counts"]
+        assert counts["_c10d_functional.all_reduce.default"] == 0
+        assert counts["fcpass.mm_reduce_scatter_onednn.default"] == 2
+        assert counts["fcpass.all_gather_onednn_mm.default"] == 1
+        assert counts["higher_order.auto_functionalized"] == 0  # every onednn_mm went into a fused op
+        assert ("all_gather_mm", "c10d_functional/onednn_mm+unpad", "fused") in r["outcomes"]
+        assert max(r["errors"]) <= 1e-5, r["errors"]
+        # 8 tokens: at or below the threshold 16; 64: fused; 33: the scatters get a padded row, which a oneDNN
+        # matmul cannot keep a (rank 0) bias off, so they run unfused on every rank; the gather (34) fuses
+        assert r["decisions"] == [
+            {("mm_reduce_scatter_onednn", "unfused"): 2, ("all_gather_onednn_mm", "unfused"): 1},
+            {("mm_reduce_scatter_onednn", "fused"): 2, ("all_gather_onednn_mm", "fused"): 1},
+            {("mm_reduce_scatter_onednn", "unfused"): 2, ("all_gather_onednn_mm", "fused"): 1}]
