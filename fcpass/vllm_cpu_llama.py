@@ -1,4 +1,4 @@
-"""A real vLLM Llama at TP=N on CPU gloo ranks, compiled with SP + a post-grad pass: the demo's and tests' harness.
+"""A real vLLM Llama at TP=N on CPU gloo ranks, compiled with (vLLM's SP or none) + a post-grad pass: the tests' harness.
 
 Inside one rank of a 2-rank (or N-rank) gloo run started by
 ``fcpass.launch.run_ranks(fn, world_size, ..., setup=rank_setup)``,

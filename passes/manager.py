@@ -7,6 +7,7 @@ when either does.
 
 from __future__ import annotations
 
+import collections
 import functools
 import hashlib
 import logging
@@ -38,6 +39,10 @@ _FAMILIES = (
     ("fuse_mm_reduce_scatter", "threshold_tokens", mm_reduce_scatter),
     ("fuse_all_gather_mm", "threshold_tokens", all_gather_mm),
 )
+
+# The reports of this process's last graphs, for callers that cannot reach the pass instance (vLLM workers
+# hold copies of it; fcpass.engine reads them with collective_rpc).
+_RECENT_REPORTS: collections.deque = collections.deque(maxlen=16)
 
 # The op-level guard resolves the backend's default when the config has none.
 _BACKEND_DEFAULT_THRESHOLD = -1
@@ -81,6 +86,7 @@ class FlashCommPass(CustomGraphPass):
             threshold = getattr(self.config, threshold_field)
             threshold = _BACKEND_DEFAULT_THRESHOLD if threshold is None else threshold
             family.rewrite(graph, threshold, self.last_report, enabled=getattr(self.config, flag))
+        _RECENT_REPORTS.append(self.last_report)
         stable_topological_sort(graph)
         graph.lint()
         self._dump(graph, "after")
@@ -118,3 +124,8 @@ def _vllm_flavour():
     # VllmInductorPass.__init__ (which wants a VllmConfig) is never called: the pass needs
     # none of its state, only its type and InductorPass's is_applicable_for_range.
     return type("VllmFlashCommPass", (FlashCommPass, VllmInductorPass), {"__module__": __name__})
+
+
+def recent_reports() -> list[PassReport]:
+    """The reports of the last graphs FlashCommPass rewrote in this process, oldest first."""
+    return list(_RECENT_REPORTS)

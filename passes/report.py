@@ -22,6 +22,14 @@ class PassReport:
     def __init__(self) -> None:
         self.outcomes: list[SiteOutcome] = []
 
+    @classmethod
+    def from_rows(cls, rows) -> "PassReport":
+        """A report rebuilt from (family, form, outcome) rows, as read back from another process."""
+        report = cls()
+        for family, form, outcome in rows:
+            report.add(family, form, outcome)
+        return report
+
     def add(self, family: str, form: str, outcome: str) -> None:
         self.outcomes.append(SiteOutcome(family, form, outcome))
 
@@ -42,7 +50,9 @@ class PassReport:
         rows = collections.Counter((o.family, o.form, o.outcome) for o in self.outcomes)
         if not rows:
             return "no all_reduce, reduce_scatter or all_gather in the graph"
+        form_width = max(28, *(len(form) for _, form, _ in rows))
         width = max(len(outcome) for _, _, outcome in rows)
-        lines = [f"{'family':<18} {'form':<28} {'outcome':<{width}} sites"]
-        lines += [f"{f:<18} {form:<28} {outcome:<{width}} {n:>5}" for (f, form, outcome), n in sorted(rows.items())]
+        lines = [f"{'family':<18} {'form':<{form_width}} {'outcome':<{width}} sites"]
+        lines += [f"{f:<18} {form:<{form_width}} {outcome:<{width}} {n:>5}"
+                  for (f, form, outcome), n in sorted(rows.items())]
         return "\n".join(lines)

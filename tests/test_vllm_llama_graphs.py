@@ -35,7 +35,8 @@ def run_with_flashcomm(rank, world_size, kinds):
             "counts_before": r["counts_before"], "counts_after": r["counts_after"],
             "errors": r["max_rel_error"], "compilations": r["compilations"], "matched": report.matched(),
             "outcomes": sorted((o.family, o.outcome) for o in report.outcomes),
-            "decisions": r["decisions"], "padded_counts": r["padded_counts"],
+            "decisions": r["decisions"], "padded_counts": r["padded_counts"], "outputs": r["outputs"],
+            "post_grad_calls": r["post_grad_calls"],
         }
     results["async_tp"] = run_async_tp(rank, world_size, kinds)  # same ranks: one spawn for both
     return results
@@ -82,6 +83,18 @@ def test_rank0_only_bias_gives_different_graphs_and_the_same_protocol(flashcomm_
     assert rank1["counts_before"]["aten.mm.default"] == 2 * LAYERS
     assert rank0["matched"]["mm_reduce_scatter"] == {"vllm/addmm": RS_FUSED}
     assert rank1["matched"]["mm_reduce_scatter"] == {"vllm/mm": RS_FUSED}
+
+
+def test_tp_outputs_are_replicated_and_the_pass_ran_once_per_rank(flashcomm_runs):
+    """Same inputs on both ranks: TP outputs are the same tensors; one graph, one post-grad pass call."""
+    import torch
+
+    for kind in MODEL_KINDS:
+        rank0, rank1 = (results[kind] for results in flashcomm_runs)
+        assert rank0["post_grad_calls"] == rank1["post_grad_calls"] == 1
+        for a, b in zip(rank0["outputs"], rank1["outputs"]):
+            torch.testing.assert_close(a, b, rtol=0, atol=0)
+        assert [tuple(o.shape) for o in rank0["outputs"]] == [(n, 256) for n in TOKENS]
 
 
 def _async_tp_factory():

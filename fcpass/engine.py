@@ -1,0 +1,171 @@
+"""vLLM's real engine on a CPU machine: ``vllm.LLM(tensor_parallel_size=2)`` with and without fcpass.
+
+What it takes here (../shared/VLLM_CPU.md, "The real engine"): a tiny random
+Llama checkpoint written with transformers (no download), the CPU KV cache
+capped (``VLLM_CPU_KVCACHE_SPACE=1``), one core per worker
+(``VLLM_CPU_OMP_THREADS_BIND="0|1"``), Inductor's caches off (a cache hit
+would skip the pass). fcpass comes in as a user turns it on:
+``compilation_config=fcpass.vllm.compilation_config(PassConfig(...))``.
+
+On vLLM's CPU backend the whole model is one graph for every token count
+(no compile ranges): its all_reduces are ``_c10d_functional.all_reduce`` on
+the TP group's c10d name, its norms aten math, its linears
+``auto_functionalized(_C.onednn_mm)`` with a packed-weight handler. The
+sequence-parallel split therefore applies to every batch size or to none:
+``sequence_parallel_threshold_tokens`` below 2 (the symbolic size's lower
+bound) turns it on; the fused ops' guard still decides per call.
+
+Each worker's decisions and the pass's reports are read with vLLM's own
+``LLM.collective_rpc``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+
+ENGINE_ENV = {
+    "VLLM_CPU_KVCACHE_SPACE": "1",
+    "VLLM_CPU_OMP_THREADS_BIND": "0|1",
+    "TORCHINDUCTOR_FX_GRAPH_CACHE": "0",
+    "TORCHINDUCTOR_AUTOGRAD_CACHE": "0",
+    # collective_rpc with a function (this module's readers) needs vLLM's pickle fallback; local engine only
+    "VLLM_ALLOW_INSECURE_SERIALIZATION": "1",
+}
+HIDDEN, INTERMEDIATE, HEADS, KV_HEADS, LAYERS, VOCAB = 256, 512, 4, 2, 2, 1024
+
+
+def write_tiny_llama(path: str, seed: int = 0) -> str:
+    """A random Llama checkpoint (safetensors) at ``path``; initializer 0.2 keeps greedy ids off near-ties."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    if not os.path.exists(os.path.join(path, "config.json")):
+        torch.manual_seed(seed)
+        config = LlamaConfig(vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=INTERMEDIATE,
+                             num_attention_heads=HEADS, num_key_value_heads=KV_HEADS, num_hidden_layers=LAYERS,
+                             max_position_embeddings=1024, initializer_range=0.2, torch_dtype="float32")
+        LlamaForCausalLM(config).save_pretrained(path, safe_serialization=True)
+    return path
+
+
+def prompt_ids(length: int, salt: int = 0) -> list[int]:
+    return [(7 * salt + 13 * j) % (VOCAB - 1) + 1 for j in range(length)]
+
+
+def run_engine(model_dir: str, pass_config=None, prompt_lengths=(5, 40, 100), max_tokens: int = 8) -> dict:
+    """Start ``vllm.LLM`` at TP=2 (with FlashCommPass when ``pass_config`` is given) and run the prompts.
+
+    Returns {"ids": greedy ids per prompt, "decisions": per prompt, each worker's fused/unfused counts of
+    that prompt's prefill, "reports": each worker's last pass report (family, form, outcome) rows,
+    "start_s", "generate_s"}.
+    """
+    os.environ.update(ENGINE_ENV)
+    from vllm import LLM, SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    kwargs = {}
+    if pass_config is not None:
+        import fcpass.vllm
+
+        kwargs["compilation_config"] = fcpass.vllm.compilation_config(pass_config)
+    start = time.perf_counter()
+    llm = LLM(model=model_dir, tensor_parallel_size=2, skip_tokenizer_init=True, max_model_len=512, seed=0,
+              dtype="float32", enable_prefix_caching=False, **kwargs)
+    started = time.perf_counter()
+    prompts = [TokensPrompt(prompt_token_ids=prompt_ids(n, i)) for i, n in enumerate(prompt_lengths)]
+    decisions = []
+    for prompt in prompts:  # one prefill at a time (max_tokens=1: no decode step), its decisions per worker
+        llm.collective_rpc(_reset_decisions)
+        llm.generate([prompt], SamplingParams(temperature=0, max_tokens=1), use_tqdm=False)
+        decisions.append(llm.collective_rpc(_decisions))
+    outputs = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=max_tokens), use_tqdm=False)
+    finished = time.perf_counter()
+    result = {"ids": [list(o.outputs[0].token_ids) for o in outputs], "decisions": decisions,
+              "reports": llm.collective_rpc(_reports), "start_s": started - start,
+              "generate_s": finished - started}
+    del llm
+    return result
+
+
+def _reset_decisions(worker) -> None:
+    import fcpass
+
+    fcpass.reset_decision_counts()
+
+
+def _decisions(worker) -> dict:
+    import fcpass
+
+    counts: dict[str, int] = {}
+    for (op, path, _), n in fcpass.decision_counts().items():
+        counts[f"{op}/{path}"] = counts.get(f"{op}/{path}", 0) + n
+    return counts
+
+
+def _reports(worker) -> list:
+    from passes.manager import recent_reports
+
+    return [[[o.family, o.form, o.outcome] for o in report.outcomes] for report in recent_reports()]
+
+
+RESULT_MARK = "FCPASS_ENGINE_RESULT "
+
+
+def start(model_dir: str, fcpass_fields: dict | None = None, prompt_lengths=(5, 40, 100)):
+    """``python -m fcpass.engine`` in a new process (one engine per process); pass it to :func:`result`."""
+    import subprocess
+    import sys
+
+    command = [sys.executable, "-m", "fcpass.engine", model_dir, "--prompt-lengths", ",".join(map(str, prompt_lengths))]
+    if fcpass_fields is not None:
+        command += ["--fcpass", json.dumps(fcpass_fields)]
+    return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def result(process, timeout: float) -> dict:
+    """The run's result, or an error with the end of its stderr; the process is killed at the deadline."""
+    import subprocess
+
+    try:
+        stdout, stderr = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.communicate()
+        raise TimeoutError(f"engine run did not finish within {timeout:.0f} s") from None
+    lines = [line for line in stdout.splitlines() if line.startswith(RESULT_MARK)]
+    if process.returncode != 0 or not lines:
+        raise RuntimeError(f"engine run failed (exit code {process.returncode}):\n{stderr[-4000:]}")
+    return json.loads(lines[-1][len(RESULT_MARK):])
+
+
+def run_both(model_dir: str, fcpass_fields: dict, prompt_lengths, timeout: float = 480) -> dict:
+    """The engine without and with fcpass, side by side (most of a start is waiting, not computing)."""
+    processes = {"plain": start(model_dir, None, prompt_lengths), "fcpass": start(model_dir, fcpass_fields, prompt_lengths)}
+    try:
+        return {name: result(process, timeout) for name, process in processes.items()}
+    finally:
+        for process in processes.values():
+            if process.poll() is None:
+                process.kill()
+
+
+def main(argv=None) -> None:
+    """One engine run in this process, its result as one JSON line (tests and the demo start one per run)."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("model_dir")
+    parser.add_argument("--fcpass", help="PassConfig fields as JSON; without it the engine runs without fcpass")
+    parser.add_argument("--prompt-lengths", default="5,40,100")
+    args = parser.parse_args(argv)
+    import fcpass
+
+    pass_config = fcpass.PassConfig.from_dict(json.loads(args.fcpass)) if args.fcpass else None
+    lengths = tuple(int(n) for n in args.prompt_lengths.split(","))
+    result = run_engine(write_tiny_llama(args.model_dir), pass_config, lengths)
+    print(RESULT_MARK + json.dumps(result), flush=True)
+
+
+if __name__ == "__main__":
+    main()
