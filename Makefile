@@ -16,7 +16,7 @@ NEXT_PY := $(NEXT_VENV)/bin/python
 # Tests that touch vLLM's config, pass manager, plugin loader and model graphs: what changes between releases
 # (0.32 has no SequenceParallelismPass: fcpass's own SP end to end runs there too).
 NEXT_TESTS := tests/test_vllm_integration.py tests/test_pass_report.py tests/test_passes_hand_built.py \
-	tests/test_pass_object.py tests/test_sequence_parallel.py tests/test_vllm_moe_sp_form.py
+	tests/test_pass_object.py tests/test_sequence_parallel.py tests/test_vllm_moe_sp_form.py tests/test_vllm_engine.py
 
 .PHONY: venv venv-next demo test test-main test-next bench clean
 
