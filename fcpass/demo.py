@@ -20,7 +20,6 @@ from fcpass import engine
 from passes.report import PassReport
 
 THRESHOLD = 16
-PROMPT_LENGTHS = (5, 40, 100)
 
 
 def fcpass_fields(threshold: int) -> dict:
@@ -53,7 +52,7 @@ def render(results: dict, fields: dict, prompt_lengths) -> str:
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threshold", type=int, default=THRESHOLD)
-    parser.add_argument("--prompt-lengths", default=",".join(map(str, PROMPT_LENGTHS)))
+    parser.add_argument("--prompt-lengths", default=",".join(map(str, engine.PROMPT_LENGTHS)))
     args = parser.parse_args(argv)
     lengths = tuple(int(n) for n in args.prompt_lengths.split(","))
     fields = fcpass_fields(args.threshold)

@@ -35,6 +35,7 @@ ENGINE_ENV = {
     "VLLM_ALLOW_INSECURE_SERIALIZATION": "1",
 }
 HIDDEN, INTERMEDIATE, HEADS, KV_HEADS, LAYERS, VOCAB = 256, 512, 4, 2, 2, 1024
+PROMPT_LENGTHS = (5, 40, 100)  # below and above the demo's threshold of 16 tokens
 
 
 def write_tiny_llama(path: str, seed: int = 0) -> str:
@@ -55,7 +56,7 @@ def prompt_ids(length: int, salt: int = 0) -> list[int]:
     return [(7 * salt + 13 * j) % (VOCAB - 1) + 1 for j in range(length)]
 
 
-def run_engine(model_dir: str, pass_config=None, prompt_lengths=(5, 40, 100), max_tokens: int = 8) -> dict:
+def run_engine(model_dir: str, pass_config=None, prompt_lengths=PROMPT_LENGTHS, max_tokens: int = 8) -> dict:
     """Start ``vllm.LLM`` at TP=2 (with FlashCommPass when ``pass_config`` is given) and run the prompts.
 
     Returns {"ids": greedy ids per prompt, "decisions": per prompt, each worker's fused/unfused counts of
@@ -114,7 +115,7 @@ def _reports(worker) -> list:
 RESULT_MARK = "FCPASS_ENGINE_RESULT "
 
 
-def start(model_dir: str, fcpass_fields: dict | None = None, prompt_lengths=(5, 40, 100)):
+def start(model_dir: str, fcpass_fields: dict | None = None, prompt_lengths=PROMPT_LENGTHS):
     """``python -m fcpass.engine`` in a new process (one engine per process); pass it to :func:`result`."""
     import subprocess
     import sys
@@ -157,7 +158,7 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("model_dir")
     parser.add_argument("--fcpass", help="PassConfig fields as JSON; without it the engine runs without fcpass")
-    parser.add_argument("--prompt-lengths", default="5,40,100")
+    parser.add_argument("--prompt-lengths", default=",".join(map(str, PROMPT_LENGTHS)))
     args = parser.parse_args(argv)
     import fcpass
 

@@ -29,13 +29,18 @@ def _functional(name: str):
     return getattr(torch.ops._c10d_functional, name).default
 
 
-def _vllm(name: str):
-    """vLLM's custom-op collective, or None when vLLM is not imported (its ops are not registered)."""
-    namespace = getattr(torch.ops, "vllm", None)
+def registered_op(namespace: str, name: str):
+    """``torch.ops.<namespace>.<name>.default``, or None where the library that registers it is not loaded
+    (vLLM, vLLM's ``_C``, torch_npu: all optional)."""
     try:
-        return getattr(namespace, name).default
+        return getattr(getattr(torch.ops, namespace), name).default
     except (AttributeError, RuntimeError):
         return None
+
+
+def _vllm(name: str):
+    """vLLM's custom op (collectives, linears), or None when vLLM is not imported."""
+    return registered_op("vllm", name)
 
 
 @dataclass(frozen=True)
@@ -346,11 +351,8 @@ def _match_onednn_mm(node: fx.Node) -> MatmulNode | None:
     Matched from either node: the reduce_scatter family walks back to the
     ``[1]``, the all_gather family forward to the ``auto_functionalized``.
     """
-    try:
-        target = torch.ops._C.onednn_mm.default
-    except (AttributeError, RuntimeError):
-        return None
-    if node.op != "call_function":
+    target = registered_op("_C", "onednn_mm")
+    if target is None or node.op != "call_function":
         return None
     if node.target is operator.getitem and node.args[1] == 1:
         functionalized, output = node.args[0], node
@@ -370,10 +372,7 @@ def _match_onednn_mm(node: fx.Node) -> MatmulNode | None:
 
 def _npu(name: str):
     """torch_npu's op, or None where torch_npu is not loaded."""
-    try:
-        return getattr(torch.ops.npu, name).default
-    except (AttributeError, RuntimeError):
-        return None
+    return registered_op("npu", name)
 
 
 def _match_npu_quant_matmul(node: fx.Node) -> MatmulNode | None:

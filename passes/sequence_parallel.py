@@ -63,14 +63,8 @@ _ROW_REDUCTIONS = frozenset({aten.mean.dim, aten.sum.dim_IntList})
 
 def _norm_ops() -> frozenset:
     """vLLM's IR norms (row-local: each token row normalized on its own), where vLLM is loaded."""
-    namespace = getattr(torch.ops, "vllm_ir", None)
-    found = set()
-    for name in ("rms_norm", "fused_add_rms_norm"):
-        try:
-            found.add(getattr(namespace, name).default)
-        except (AttributeError, RuntimeError):
-            pass
-    return frozenset(found)
+    return frozenset(op for name in ("rms_norm", "fused_add_rms_norm")
+                     if (op := forms.registered_op("vllm_ir", name)) is not None)
 
 
 class _Region:
