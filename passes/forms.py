@@ -20,7 +20,7 @@ import torch.fx as fx
 from torch._inductor.pattern_matcher import MULTIPLE, CallFunction, KeywordArg, PatternExpr, is_match
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
-from fcpass.groups import resolve_group, vllm_tp_group
+from fcpass.groups import resolve_group, vllm_shm_group, vllm_tp_group
 
 aten = torch.ops.aten
 
@@ -163,6 +163,8 @@ def match_all_reduce(node: fx.Node) -> AllReduce | None:
     if node.target is not None and node.target == _vllm("all_reduce"):
         x, group_name = list(bound_args(node).values())[:2]
         return AllReduce("vllm", node, x, str(group_name), (node,))
+    if node.target is operator.getitem:
+        return _match_shm_all_reduce(node)
     if node.target != _functional("wait_tensor"):
         return None
     issue = node.args[0]
@@ -172,8 +174,32 @@ def match_all_reduce(node: fx.Node) -> AllReduce | None:
     return AllReduce("c10d_functional", node, issue.args[0], str(issue.args[2]), (issue, node))
 
 
+def _match_shm_all_reduce(node: fx.Node) -> AllReduce | None:
+    """vLLM's CPU shared-memory all_reduce (``_C`` builds with it, e.g. AVX-512), in place on its input:
+    ``_C.shm_allreduce(handle, data)`` functionalized, ``auto_functionalized(..., handle=h, data=x)[1]``.
+
+    The graph carries the communicator's handle, not a group: the group is the
+    vLLM group whose communicator owns that handle, and the split emits
+    functional collectives on its c10d device group.
+    """
+    target = registered_op("_C", "shm_allreduce")
+    functionalized = node.args[0]
+    if (target is None or node.args[1] != 1 or getattr(functionalized, "target", None) not in _AUTO_FUNCTIONALIZED
+            or functionalized.args[0] is not target or len(functionalized.users) != 1):
+        return None
+    handle = functionalized.kwargs["handle"]
+    group_name = vllm_shm_group(handle) or f"<vLLM shm handle {handle}: no vLLM group owns it>"
+    return AllReduce("shm", node, _mutated_arg(functionalized, "data"), group_name, (functionalized, node))
+
+
+def _mutated_arg(functionalized: fx.Node, name: str) -> fx.Node:
+    """The tensor an ``auto_functionalized`` (v1: by name) or ``auto_functionalized_v2`` (v2: a base) mutates."""
+    kwargs = functionalized.kwargs
+    return kwargs[name] if name in kwargs else kwargs["_all_bases"][kwargs[f"_{name}_base_index"]]
+
+
 def emit_reduce_scatter(graph: fx.Graph, form: str, x: fx.Node, world_size: int, group_name: str) -> fx.Node:
-    """A sum reduce_scatter of ``x``'s rows in ``form`` ("vllm" or "c10d_functional"), as the families match it."""
+    """A sum reduce_scatter of ``x``'s rows, vLLM's op for form "vllm", else functional (as the families match it)."""
     if form == "vllm":
         return call(graph, _vllm("reduce_scatter"), (x, 0, world_size, group_name))
     issue = call(graph, _functional("reduce_scatter_tensor"), (x, "sum", world_size, group_name))
@@ -181,7 +207,7 @@ def emit_reduce_scatter(graph: fx.Graph, form: str, x: fx.Node, world_size: int,
 
 
 def emit_all_gather(graph: fx.Graph, form: str, x: fx.Node, world_size: int, group_name: str) -> fx.Node:
-    """An all_gather of ``x``'s rows in ``form`` ("vllm" or "c10d_functional"), as the families match it."""
+    """An all_gather of ``x``'s rows, vLLM's op for form "vllm", else functional (as the families match it)."""
     if form == "vllm":
         return call(graph, _vllm("all_gather"), (x, 0, world_size, group_name))
     issue = call(graph, _functional("all_gather_into_tensor"), (x, world_size, group_name))
@@ -363,7 +389,7 @@ def _match_onednn_mm(node: fx.Node) -> MatmulNode | None:
             or functionalized.args[0] is not target or output is None or len(functionalized.users) != 1):
         return None
     args = functionalized.kwargs
-    buffer = args["c"] if "c" in args else args["_all_bases"][args["_c_base_index"]]
+    buffer = _mutated_arg(functionalized, "c")
     if buffer.target != aten.empty.memory_format or len(buffer.users) != 1 or dim(args["a"]) != 2:
         return None
     return MatmulNode("onednn_mm", output, args["a"], args["handler_tensor"], args["bias"],

@@ -10,6 +10,7 @@ from __future__ import annotations
 import collections
 import functools
 import hashlib
+import json
 import logging
 import os
 import time
@@ -113,6 +114,9 @@ class FlashCommPass(CustomGraphPass):
             f.write(str(graph))
             if stage == "after":
                 f.write("\n# FlashCommPass report\n" + self.report() + "\n")
+        if stage == "after":  # the same report, machine-readable (tests read it back from server workers)
+            with open(path.replace("_after.txt", "_report.json"), "w") as f:
+                json.dump(self.last_report.rows(), f)
 
 
 @functools.cache

@@ -30,6 +30,10 @@ class PassReport:
             report.add(family, form, outcome)
         return report
 
+    def rows(self) -> list[list[str]]:
+        """[family, form, outcome] per site, the inverse of :meth:`from_rows`."""
+        return [[o.family, o.form, o.outcome] for o in self.outcomes]
+
     def add(self, family: str, form: str, outcome: str) -> None:
         self.outcomes.append(SiteOutcome(family, form, outcome))
 

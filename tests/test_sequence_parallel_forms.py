@@ -7,11 +7,13 @@ a static count exactly, a dynamic one by its lower bound.
 """
 
 import collections
+import contextlib
 
 import pytest
 import torch
 from torch._inductor.custom_graph_pass import CustomGraphPass
 
+import shm_standin
 from multirank import run_ranks
 
 HIDDEN, FFN = 64, 128
@@ -40,16 +42,19 @@ class TinyTP(torch.nn.Module):
         self.norm2 = torch.nn.Parameter(1 + 0.1 * torch.randn(HIDDEN, generator=shared))
 
     def forward(self, x):
-        from torch.distributed._functional_collectives import all_reduce
-
-        h = all_reduce(self.matmul(x, "w_in"), "sum", self.group)
+        h = self.all_reduce(self.matmul(x, "w_in"))
         residual = h
         up = self.matmul(rms_norm(h, self.norm1), "w_up")
-        down = all_reduce(self.matmul(torch.relu(up), "w_down"), "sum", self.group)
+        down = self.all_reduce(self.matmul(torch.relu(up), "w_down"))
         return rms_norm(down + residual, self.norm2)
 
     def matmul(self, x, weight_name):
         return x @ getattr(self, weight_name)
+
+    def all_reduce(self, x):
+        from torch.distributed._functional_collectives import all_reduce
+
+        return all_reduce(x, "sum", self.group)
 
 
 class OneDNNTinyTP(TinyTP):
@@ -69,13 +74,27 @@ class OneDNNTinyTP(TinyTP):
         return _custom_ops.onednn_mm(self.handlers[weight_name], x, None)
 
 
+class ShmTinyTP(OneDNNTinyTP):
+    """vLLM's CPU engine on a machine whose ``_C`` has shared-memory collectives (AVX-512 builds): the
+    all_reduces go through vLLM's own ``CpuCommunicator`` in its shared-memory mode, in place on their input
+    (``_C.shm_allreduce(handle, data)``; kernels from tests/shm_standin.py, this machine's ``_C`` has none)."""
+
+    def __init__(self, rank, world_size, group):
+        from vllm.distributed import parallel_state
+
+        super().__init__(rank, world_size, group)
+        self.communicator = parallel_state.get_tp_group().device_communicator
+        assert type(self.communicator.dist_module).__name__ == "_CPUSHMDistributed"
+
+    def all_reduce(self, x):
+        return self.communicator.all_reduce(x)
+
+
 class NoNorm(TinyTP):
     """An all_reduce read by a matmul directly: splitting it would shard nothing."""
 
     def forward(self, x):
-        from torch.distributed._functional_collectives import all_reduce
-
-        return all_reduce(x @ self.w_in, "sum", self.group) @ self.w_up
+        return self.all_reduce(x @ self.w_in) @ self.w_up
 
 
 class Recorded(CustomGraphPass):
@@ -98,11 +117,33 @@ CASES = {  # name: (model, token counts, dynamic, sequence_parallel_threshold_to
     "static_below": (TinyTP, (8,), False, 100),
     "no_norm": (NoNorm, (8,), False, 4),
     "onednn": (OneDNNTinyTP, (8, 64, 33), True, 1),
+    "shm": (ShmTinyTP, (8, 64, 33), True, 1),
 }
 
 
 def run_cases(rank, world_size):
-    return {name: run_case(rank, world_size, name) for name in CASES}
+    with vllm_tp_group_in_shm_mode(rank, world_size):
+        return {name: run_case(rank, world_size, name) for name in CASES}
+
+
+@contextlib.contextmanager
+def vllm_tp_group_in_shm_mode(rank, world_size):
+    """vLLM's TP group over this world, its communicator in shared-memory mode (stand-in kernels)."""
+    from vllm.config import VllmConfig, set_current_vllm_config
+    from vllm.distributed import parallel_state
+
+    from fcpass.vllm_cpu_llama import agree_on_dist_ident
+
+    shm_standin.register()
+    agree_on_dist_ident()  # the communicator checks that every rank names the segment alike
+    with set_current_vllm_config(VllmConfig()):
+        parallel_state.init_distributed_environment(world_size=world_size, rank=rank, local_rank=rank,
+                                                    backend="gloo", distributed_init_method="env://")
+        parallel_state.initialize_model_parallel(tensor_model_parallel_size=world_size)
+        try:
+            yield
+        finally:
+            parallel_state.destroy_model_parallel()
 
 
 def run_case(rank, world_size, name):
@@ -174,14 +215,18 @@ def test_all_reduce_without_a_norm_is_left_alone(runs):
         assert max(r["errors"]) <= 1e-5
 
 
-def test_vllm_cpu_onednn_linears_fuse_with_their_handlers(runs):
-    """vLLM's CPU linears (handler, no weight tensor) fuse into the oneDNN forms of the fused ops."""
-    for r in runs["onednn"]:
+@pytest.mark.parametrize("name", ["onednn", "shm"])
+def test_vllm_cpu_onednn_linears_fuse_with_their_handlers(runs, name):
+    """vLLM's CPU linears (handler, no weight tensor) fuse into the oneDNN forms of the fused ops; with
+    the shared-memory all_reduce the same, its split emitted on the group that owns the handle."""
+    for r in runs[name]:
         counts = r["counts"]
         assert counts["_c10d_functional.all_reduce.default"] == 0
         assert counts["fcpass.mm_reduce_scatter_onednn.default"] == 2
         assert counts["fcpass.all_gather_onednn_mm.default"] == 1
         assert counts["higher_order.auto_functionalized"] == 0  # every onednn_mm went into a fused op
+        assert counts["_C.shm_allreduce.default"] == 0
+        assert ("sequence_parallel", "shm" if name == "shm" else "c10d_functional", SPLIT) in r["outcomes"]
         assert ("all_gather_mm", "c10d_functional/onednn_mm+unpad", "fused") in r["outcomes"]
         assert max(r["errors"]) <= 1e-5, r["errors"]
         # 8 tokens: at or below the threshold 16; 64: fused; 33: the scatters get a padded row, which a oneDNN

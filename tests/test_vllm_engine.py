@@ -1,25 +1,17 @@
 """The real engine: ``vllm.LLM(tensor_parallel_size=2)`` on CPU with fcpass turned on the way a user does.
 
 These are the demo's runs (``make demo``): each engine in its own process
-(``python -m fcpass.engine``), with a deadline. Expectation from the model (tiny random Llama, 2 decoder layers,
-see fcpass/engine.py), per worker: the engine's one whole-model graph has 5
-all_reduces (embedding, o_proj and down_proj of each layer), each before an
-RMSNorm: all 5 split by sequence parallelism; then per layer 2
-onednn_mm->reduce_scatter and 2 all_gather->onednn_mm fuse (the embedding's
-scatter has no matmul, the final norm's gather none after it). Prefills of
-40 and 100 tokens (above the threshold 16, even) take the fused path, 5
-tokens the unfused one. Greedy ids equal the engine without fcpass.
+(``python -m fcpass.engine``), with a deadline. Expectation per worker from the model: see
+tests/engine_expectations.py. Prefills of 40 and 100 tokens (above the threshold 16, even) take the fused path,
+5 tokens the unfused one. Greedy ids equal the engine without fcpass.
 """
 
 import pytest
 
+from engine_expectations import FCPASS, THRESHOLD, WORKER_REPORT, sorted_rows
 from fcpass import demo, engine
-from fcpass.engine import LAYERS
-
-PROMPT_LENGTHS = (5, 40, 100)
-THRESHOLD = 16
-FCPASS = demo.fcpass_fields(THRESHOLD)
-SPLIT = "split (reduce_scatter, norm on the token shard, all_gather)"
+from fcpass.engine import LAYERS, PROMPT_LENGTHS
+from passes.report import SPLIT
 
 
 @pytest.fixture(scope="module")
@@ -38,13 +30,7 @@ def test_workers_split_every_all_reduce_and_fuse_two_sites_each_way_per_layer(en
     reports = engine_runs["fcpass"]["reports"]
     assert len(reports) == 2  # one per worker
     for worker_reports in reports:
-        outcomes = sorted(tuple(row) for row in worker_reports[-1])
-        assert outcomes == sorted(
-            [("sequence_parallel", "c10d_functional", SPLIT)] * (2 * LAYERS + 1)
-            + [("mm_reduce_scatter", "c10d_functional/onednn_mm+pad", "fused")] * (2 * LAYERS)
-            + [("mm_reduce_scatter", "c10d_functional/aten.where.self+pad", "no matmul producer")]
-            + [("all_gather_mm", "c10d_functional/onednn_mm+unpad", "fused")] * (2 * LAYERS)
-            + [("all_gather_mm", "c10d_functional/-", "no matmul consumer")])
+        assert sorted_rows(worker_reports[-1]) == WORKER_REPORT
 
 
 def test_prefills_above_the_threshold_took_the_fused_path(engine_runs):

@@ -1,0 +1,24 @@
+"""What FlashCommPass does to the CPU engine's graph of fcpass.engine's tiny Llama, per worker (both tests of it).
+
+The engine's one whole-model graph has 2 * LAYERS + 1 all_reduces (embedding, o_proj and down_proj of each
+layer), each before an RMSNorm: all split by sequence parallelism; then per layer 2 onednn_mm->reduce_scatter and
+2 all_gather->onednn_mm fuse (the embedding's scatter has no matmul before it, the final norm's gather none after).
+"""
+
+from fcpass.demo import fcpass_fields
+from fcpass.engine import LAYERS
+from passes.report import SPLIT
+
+THRESHOLD = 16
+FCPASS = fcpass_fields(THRESHOLD)
+
+WORKER_REPORT = sorted(
+    [("sequence_parallel", "c10d_functional", SPLIT)] * (2 * LAYERS + 1)
+    + [("mm_reduce_scatter", "c10d_functional/onednn_mm+pad", "fused")] * (2 * LAYERS)
+    + [("mm_reduce_scatter", "c10d_functional/aten.where.self+pad", "no matmul producer")]
+    + [("all_gather_mm", "c10d_functional/onednn_mm+unpad", "fused")] * (2 * LAYERS)
+    + [("all_gather_mm", "c10d_functional/-", "no matmul consumer")])
+
+
+def sorted_rows(rows) -> list[tuple]:
+    return sorted(tuple(row) for row in rows)
