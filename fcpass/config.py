@@ -3,7 +3,9 @@
 Defaults are defined here and nowhere else. The config is hashed into the
 pass uuid (so a changed threshold changes the compile cache key) and travels
 through vLLM's ``--additional-config`` as a plain dict, hence the strict
-``from_dict``/``to_dict`` pair.
+``from_dict``/``to_dict`` pair. A threshold table travels as its path; the
+config loads it once, at construction, and its content digest goes into
+``key()``, so editing the table changes the cache key too.
 """
 
 from __future__ import annotations
@@ -43,6 +45,11 @@ class PassConfig:
         smallest token count is above this. Default 1000, the Ascend fusion
         threshold: below it the fused ops would run unfused anyway, so the
         split would only add a pad and a slice.
+    threshold_table: path of a measured threshold table (fcpass.thresholds,
+        written by benchmarks/calibrate.py). An op's threshold is, first
+        found: the op's own, ``threshold_tokens``, the table's bucket, the
+        backend's default. Its pipeline_chunks apply where
+        ``pipeline_chunks`` is 0. Loaded and validated here, once.
     """
 
     fuse_mm_reduce_scatter: bool = True
@@ -53,6 +60,7 @@ class PassConfig:
     pipeline_chunks: int = 0
     sequence_parallel: bool = False
     sequence_parallel_threshold_tokens: int = 1000
+    threshold_table: str | None = None
 
     def __post_init__(self) -> None:
         for flag in ("fuse_mm_reduce_scatter", "fuse_all_gather_mm", "sequence_parallel"):
@@ -75,6 +83,31 @@ class PassConfig:
         c = self.pipeline_chunks
         if not _is_int(c) or not 0 <= c <= MAX_PIPELINE_CHUNKS:
             raise ValueError(f"PassConfig.pipeline_chunks must be an int in [0, {MAX_PIPELINE_CHUNKS}], got {c!r}")
+        # Not a field: the dict form stays the path, the instance keeps the content it was built with.
+        object.__setattr__(self, "_table", self._load_table())
+
+    def _load_table(self):
+        path = self.threshold_table
+        if path is None:
+            return None
+        if not isinstance(path, str) or not path:
+            raise ValueError(f"PassConfig.threshold_table must be None or a file path, got {path!r}")
+        from fcpass import thresholds  # lazily: thresholds reads this module's bounds
+
+        try:
+            return thresholds.load(path)
+        except thresholds.ThresholdTableError as exc:
+            raise ValueError(f"PassConfig.threshold_table: {exc}") from None
+
+    def __eq__(self, other: object) -> bool:
+        # The same path with other content is another config (as key() says).
+        if not isinstance(other, PassConfig):
+            return NotImplemented
+        return self.key() == other.key()
+
+    def table(self):
+        """The loaded ``fcpass.thresholds.ThresholdTable``, or None without ``threshold_table``."""
+        return self._table
 
     @classmethod
     def from_dict(cls, values: Mapping[str, Any]) -> "PassConfig":
@@ -90,8 +123,11 @@ class PassConfig:
         return dataclasses.asdict(self)
 
     def key(self) -> str:
-        """Stable text of the whole config, for cache keys."""
-        return json.dumps(self.to_dict(), sort_keys=True)
+        """Stable text of the whole config, for cache keys: the table by its content, not only its path."""
+        values = self.to_dict()
+        if self._table is not None:
+            values["threshold_table_sha256"] = self._table.digest
+        return json.dumps(values, sort_keys=True)
 
 
 def _is_int(value: Any) -> bool:

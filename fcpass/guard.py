@@ -74,6 +74,8 @@ FAMILY_DISABLED = "family disabled"
 # A packed oneDNN weight cannot be widened to fold a bias, so its padded rows would carry the bias of the
 # rank holding one; decided on the padding (global), never on the bias (rank 0 only).
 PADDED_ONEDNN = "padded rows with a oneDNN matmul (its bias could not be kept off them)"
+# vLLM's CPU linear has no weight tensor, only a packed handler: only the generic pipeline can call it.
+ONEDNN_GENERIC_ONLY = "oneDNN matmul (vLLM CPU linear) runs on the generic pipeline only"
 
 
 def decide(
@@ -88,15 +90,27 @@ def decide(
     ``limits is None`` means fusion is switched off for this call, for ``off_reason``.
     """
     if limits is None:
-        return Decision(False, off_reason or BACKEND_OFF)
+        reason = off_reason or BACKEND_OFF
+        return _CONSTANT_DECISIONS.get((False, reason)) or Decision(False, reason)
     if facts.num_tokens <= threshold_tokens:
-        return Decision(False, BELOW_THRESHOLD)
+        return _BELOW
     if facts.world_size > max_world_size:
         return Decision(False, f"world_size {facts.world_size} > max_world_size {max_world_size}")
     violation = limits.violation(facts)
     if violation is not None:
         return Decision(False, violation)
-    return Decision(True, ABOVE_THRESHOLD)
+    return _ABOVE
+
+
+# Built once: the common decisions are constants, and building a frozen dataclass per call would
+# cost more than the whole decision.
+_CONSTANT_DECISIONS = {
+    (fused, reason): Decision(fused, reason)
+    for fused, reason in ((False, BELOW_THRESHOLD), (True, ABOVE_THRESHOLD), (False, BACKEND_OFF),
+                          (False, FAMILY_DISABLED), (False, PADDED_ONEDNN), (False, ONEDNN_GENERIC_ONLY))
+}
+_BELOW = _CONSTANT_DECISIONS[(False, BELOW_THRESHOLD)]
+_ABOVE = _CONSTANT_DECISIONS[(True, ABOVE_THRESHOLD)]
 
 
 # (op, "fused" | "unfused", reason) -> calls. A Counter increment is the

@@ -16,11 +16,13 @@ for every token count and never recompiles over the fused/unfused choice:
         CPU oneDNN matmul, whose weight exists only inside its handler:
         (x, handler, n, bias, ...) in place of (x, w, bias, ...).
 
-``threshold_tokens < 0`` means "the backend's default".
+``threshold_tokens < 0`` means "the runtime config's": its threshold_tokens,
+else its threshold table's bucket, else the backend's default.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 
 import torch
@@ -59,22 +61,25 @@ def dispatch(op: str, family: str, call: FusedCall, threshold_tokens: int):
             f"fcpass::{op}: world_size {call.world_size} does not match group "
             f"{call.group_name!r} of size {call.group.size()}"
         )
-    x = call.x
-    num_tokens = x.shape[0] * call.world_size if family == ALL_GATHER_MM else x.shape[0] + call.pad_rows
+    x, device, mms = call.x, call.x.device, call.matmuls
+    rows, k = x.shape
+    num_tokens = rows * call.world_size if family == ALL_GATHER_MM else rows + call.pad_rows
     facts = guard.GuardFacts(
         op=op, num_tokens=num_tokens, world_size=call.world_size, dtype=x.dtype,
-        k=x.shape[1], n=sum(mm.n for mm in call.matmuls), device_type=x.device.type,
+        k=k, n=mms[0].n if len(mms) == 1 else sum(mm.n for mm in mms), device_type=device.type,
     )
-    backend: Backend | None = select_backend(config.backend, x.device)
+    backend: Backend | None = select_backend(config.backend, device)
     off_reason = (
         guard.BACKEND_OFF if backend is None
         else guard.FAMILY_DISABLED if not getattr(config, _FAMILY_FLAG[family])
-        else guard.PADDED_ONEDNN if call.pad_rows and isinstance(call.matmuls[0], OneDNNMatmul) else None
+        else _onednn_off_reason(call, backend)
     )
     limits = None if off_reason else backend.limits(family, call)
-    threshold = _resolve_threshold(threshold_tokens, config, backend)
+    threshold = _resolve_threshold(threshold_tokens, config, backend, family, facts)
     decision = guard.decide(facts, threshold, limits, config.max_world_size, off_reason)
     guard.record(facts, decision)
+    if decision.fused:
+        call = _with_table_chunks(call, config, backend, family, facts)
     if family == MM_REDUCE_SCATTER:
         if decision.fused:
             return backend.mm_reduce_scatter(with_zero_rows(call))
@@ -82,13 +87,47 @@ def dispatch(op: str, family: str, call: FusedCall, threshold_tokens: int):
     return backend.all_gather_mm(call) if decision.fused else unfused_all_gather_mm(call)
 
 
-def _resolve_threshold(threshold_tokens: int, config: PassConfig, backend: Backend | None) -> int:
-    """The op's own threshold; if negative, the config's; if unset, the backend's default."""
+def _onednn_off_reason(call: FusedCall, backend: Backend) -> str | None:
+    if not isinstance(call.matmuls[0], OneDNNMatmul):
+        return None
+    if backend.name != "generic":
+        return guard.ONEDNN_GENERIC_ONLY
+    return guard.PADDED_ONEDNN if call.pad_rows else None
+
+
+def _resolve_threshold(
+    threshold_tokens: int, config: PassConfig, backend: Backend | None, family: str, facts: guard.GuardFacts,
+) -> int:
+    """The first set of: the op's own threshold (>= 0), the config's, the table's bucket, the backend's default.
+
+    Every input is rank-equal (the table is looked up by world_size, dtype, k, n), so the threshold is too.
+    """
     if threshold_tokens >= 0:
         return threshold_tokens
     if config.threshold_tokens is not None:
         return config.threshold_tokens
-    return backend.default_threshold_tokens if backend is not None else 0
+    if backend is None:
+        return 0
+    entry = _table_entry(config, backend, family, facts)
+    return entry.threshold_tokens if entry is not None else backend.default_threshold_tokens
+
+
+def _with_table_chunks(call: FusedCall, config: PassConfig, backend: Backend, family: str,
+                       facts: guard.GuardFacts) -> FusedCall:
+    """The table's measured chunk count for the bucket, where the config leaves the choice open (0)."""
+    if config.pipeline_chunks:
+        return call
+    entry = _table_entry(config, backend, family, facts)
+    if entry is None or entry.pipeline_chunks is None:
+        return call
+    return dataclasses.replace(call, pipeline_chunks=entry.pipeline_chunks)
+
+
+def _table_entry(config: PassConfig, backend: Backend, family: str, facts: guard.GuardFacts):
+    table = config.table()
+    if table is None:
+        return None
+    return table.lookup(backend.name, family, facts.world_size, facts.dtype, facts.k, facts.n)
 
 
 def unfused_mm_reduce_scatter(call: FusedCall) -> torch.Tensor:

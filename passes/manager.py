@@ -20,7 +20,7 @@ import torch.fx as fx
 from torch._inductor.custom_graph_pass import CustomGraphPass
 from torch._inductor.pattern_matcher import stable_topological_sort
 
-import fcpass  # noqa: F401  (registers torch.ops.fcpass.*)
+import fcpass  # registers torch.ops.fcpass.*
 from fcpass.config import PassConfig
 from passes import all_gather_mm, mm_reduce_scatter, sequence_parallel
 from passes.report import PassReport
@@ -83,6 +83,9 @@ class FlashCommPass(CustomGraphPass):
         self.last_report = PassReport()
         self._calls += 1
         self._dump(graph, "before")
+        # The graph compiled here runs in this process (a vLLM worker): its fused ops read this config at run
+        # time (backend, limits, chunks, threshold table), not the defaults.
+        fcpass.configure(self.config)
         for flag, threshold_field, family in _FAMILIES:
             threshold = getattr(self.config, threshold_field)
             threshold = _BACKEND_DEFAULT_THRESHOLD if threshold is None else threshold

@@ -1,6 +1,7 @@
 """FlashCommPass as an object: uuid, copy, pickle, vLLM flavour, graph dumps."""
 
 import copy
+import json
 import os
 import pickle
 import subprocess
@@ -41,7 +42,9 @@ def test_is_a_vllm_inductor_pass_when_vllm_is_importable():
 def test_debug_switch_dumps_graphs_before_and_after(tmp_path, monkeypatch):
     monkeypatch.setenv("FCPASS_DUMP_GRAPHS", str(tmp_path))
     FlashCommPass()(mm_rs().graph)
-    files = sorted(os.listdir(tmp_path))
-    assert [f.rsplit("_", 1)[1] for f in files] == ["after.txt", "before.txt"]
-    before, after = (open(tmp_path / f).read() for f in sorted(files, key=lambda f: "after" in f))
+    files = {f.rsplit("_", 1)[1]: f for f in os.listdir(tmp_path)}
+    assert sorted(files) == ["after.txt", "before.txt", "report.json"]
+    before, after = (open(tmp_path / files[stage]).read() for stage in ("before.txt", "after.txt"))
     assert "vllm.reduce_scatter" in before and "fcpass.mm_reduce_scatter" in after
+    with open(tmp_path / files["report.json"]) as f:
+        assert json.load(f) == [["mm_reduce_scatter", "vllm/mm", "fused"]]

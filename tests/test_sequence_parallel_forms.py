@@ -14,6 +14,7 @@ import torch
 from torch._inductor.custom_graph_pass import CustomGraphPass
 
 import shm_standin
+from fcpass.guard import ONEDNN_GENERIC_ONLY
 from multirank import run_ranks
 
 HIDDEN, FFN = 64, 128
@@ -172,6 +173,15 @@ def run_case(rank, world_size, name):
             got = compiled(x)
             decisions.append({(op, path): n for (op, path, _), n in fcpass.decision_counts().items()})
             errors.append(((got - want).abs().max() / want.abs().max()).item())
+        if name == "onednn":  # a backend forced by the user that cannot call a oneDNN handler: unfused, same result
+            fcpass.reset_decision_counts()
+            fcpass.configure(fcpass.PassConfig(backend="cuda", threshold_tokens=16))
+            try:
+                got = compiled(x)
+            finally:
+                fcpass.configure(fcpass.PassConfig())
+            decisions.append(fcpass.decision_counts())
+            errors.append(((got - want).abs().max() / want.abs().max()).item())
     return {"counts": recorded.counts, "errors": errors, "decisions": decisions, "outcomes": [(o.family, o.form, o.outcome)
                                                                        for o in flashcomm.last_report.outcomes]}
 
@@ -231,7 +241,10 @@ def test_vllm_cpu_onednn_linears_fuse_with_their_handlers(runs, name):
         assert max(r["errors"]) <= 1e-5, r["errors"]
         # 8 tokens: at or below the threshold 16; 64: fused; 33: the scatters get a padded row, which a oneDNN
         # matmul cannot keep a (rank 0) bias off, so they run unfused on every rank; the gather (34) fuses
-        assert r["decisions"] == [
+        assert r["decisions"][:3] == [
             {("mm_reduce_scatter_onednn", "unfused"): 2, ("all_gather_onednn_mm", "unfused"): 1},
             {("mm_reduce_scatter_onednn", "fused"): 2, ("all_gather_onednn_mm", "fused"): 1},
             {("mm_reduce_scatter_onednn", "unfused"): 2, ("all_gather_onednn_mm", "fused"): 1}]
+    for r in runs["onednn"]:  # backend="cuda" forced at run time, 33 tokens again
+        assert r["decisions"][3] == {("mm_reduce_scatter_onednn", "unfused", ONEDNN_GENERIC_ONLY): 2,
+                                     ("all_gather_onednn_mm", "unfused", ONEDNN_GENERIC_ONLY): 1}
