@@ -1,138 +1,151 @@
 """Fused (generic pipeline) vs unfused fcpass ops on 2 gloo ranks, side by side.
 
-    python benchmarks/ops.py [--quick] [--tokens 64,256,...] [--out benchmarks/results/ops.json]
+    python benchmarks/ops.py [--quick] [--only llama,small,design] [--op mm_reduce_scatter]
+                             [--tokens 16,256,...] [--out benchmarks/results/ops.json]
 
 Per (op, shape, tokens) point, measured interleaved in one run so machine
 noise hits every variant alike: the unfused path (matmul + collective), the
 fused path at each candidate chunk count, and the matmul and the collective
-alone. Reported: speedup = unfused / best fused, the chunk count that won,
-and fraction of the limit = max(matmul, collective) / best fused (1.0 would
-be perfect overlap). fp32, one thread per rank, tokens = total rows entering
-the matmul (m for mm_reduce_scatter, world_size x local rows for all_gather_mm).
+alone. Reported: speedup = unfused / best fused, the chunk count that won
+(chosen by measurement), fraction of the limit = max(matmul, collective) /
+best fused (1.0 would be perfect overlap), and per shape the measured
+crossover. fp32, one thread per rank, tokens = total rows entering the
+matmul (m for mm_reduce_scatter, world_size x local rows for all_gather_mm).
+
+Shapes (groups, for --only):
+  llama: Llama-3-70B at TP=8, per-rank shapes with every dimension divided
+      by 8 for this 2-core machine (hidden 8192, intermediate 28672, 64 heads,
+      8 kv heads, head dim 128; tokens not scaled):
+        o_proj   mm->RS  k = 8192/8/8 = 128,  n = 8192/8 = 1024
+        down     mm->RS  k = 28672/8/8 = 448, n = 8192/8 = 1024
+        qkv      AG->mm  k = 8192/8 = 1024,   n = (64+2*8)*128/8/8 = 160
+        gate_up  AG->mm  k = 8192/8 = 1024,   n = 2*28672/8/8 = 896
+  small: 1024x1024 and 512x2048 (k x n), both ops.
+  design: the four (m, k, n) mm->RS points of ../shared/DESIGN.md
+      "Performance facts", at their m; the naive pipeline's numbers there
+      are the baseline (stored next to ours; compare ratios, not ms).
+
+Token sweep 16..16384 (powers of two). Durations on this 2-core machine when
+idle (estimated from the per-point cost model: (1 + repeats) x 6 variants of
+about matmul + collective each; 3-5x longer while other jobs load it):
+--quick (256 and 4096 tokens, the 4 design points) ~1-1.5 min; the full run
+(92 points) ~7 min, two thirds of it the 8k-16k points.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
-import platform
-import statistics
 import sys
-import time
-
-import torch
-import torch.distributed as dist
+from dataclasses import asdict, dataclass
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import cli  # noqa: E402
+import measure  # noqa: E402
 from fcpass.launch import run_ranks  # noqa: E402
 
+logger = logging.getLogger(__name__)
+
 WORLD_SIZE = 2
-SHAPES = ((1024, 1024), (512, 2048))  # (k, n)
-TOKENS = tuple(2**p for p in range(6, 15))  # 64 .. 16384
+RS, AG = measure.OPS
+TOKENS = tuple(2**p for p in range(4, 15))  # 16 .. 16384
 QUICK_TOKENS = (256, 4096)
-CHUNK_CANDIDATES = (2, 4, 8)
-NEVER_FUSE, ALWAYS_FUSE = 1 << 24, 0
-OPS = ("mm_reduce_scatter", "all_gather_mm")
+LLAMA_SCALE = 8
 
 
-def _repeats(tokens: int) -> int:
-    """Fewer repeats where one call already takes long."""
-    return 7 if tokens <= 1024 else 5 if tokens <= 4096 else 3
+@dataclass(frozen=True)
+class Shape:
+    group: str
+    name: str
+    op: str
+    k: int
+    n: int
+    tokens: tuple[int, ...] | None = None  # fixed token counts; None: the sweep
+
+    @property
+    def key(self) -> str:
+        return f"{self.op} k={self.k} n={self.n}"
 
 
-def _time_ms(fn) -> float:
-    dist.barrier()
-    start = time.perf_counter()
-    fn()
-    elapsed = torch.tensor([time.perf_counter() - start])
-    dist.all_reduce(elapsed, op=dist.ReduceOp.MAX)  # the slowest rank is the op's time
-    return elapsed.item() * 1e3
+def _llama(name: str, op: str, k: int, n: int) -> Shape:
+    return Shape("llama", name, op, k // LLAMA_SCALE, n // LLAMA_SCALE)
 
 
-def _variants(op: str, tokens: int, k: int, n: int, world_size: int):
-    """name -> zero-arg callable, for one point; every variant computes on the same tensors."""
-    import fcpass
+SHAPES = (
+    # Llama-3-70B, TP=8 per-rank (k, n), then / LLAMA_SCALE.
+    _llama("o_proj", RS, 8192 // 8, 8192),
+    _llama("down_proj", RS, 28672 // 8, 8192),
+    _llama("qkv_proj", AG, 8192, (64 + 2 * 8) * 128 // 8),
+    _llama("gate_up_proj", AG, 8192, 2 * 28672 // 8),
+    *(Shape("small", f"{k}x{n}", op, k, n) for op in measure.OPS for k, n in ((1024, 1024), (512, 2048))),
+    *(Shape("design", f"m={m} k={k} n={n}", RS, k, n, (m,))
+      for m, k, n in ((1024, 1024, 1024), (4096, 512, 2048), (4096, 1024, 1024), (8192, 512, 1024))),
+)
+GROUPS = ("llama", "small", "design")
 
-    name = dist.group.WORLD.group_name
-    g = torch.Generator().manual_seed(dist.get_rank())
-    w = torch.randn(k, n, generator=g) / k**0.5
-    if op == "mm_reduce_scatter":
-        x = torch.randn(tokens, k, generator=g)
-        product = x @ w
-        shard = product.new_empty((tokens // world_size, n))
-        run = lambda t: torch.ops.fcpass.mm_reduce_scatter(x, w, None, name, world_size, t)  # noqa: E731
-        collective = lambda: dist.reduce_scatter_tensor(shard, product)  # noqa: E731
-        matmul = lambda: x @ w  # noqa: E731
-    else:
-        x = torch.randn(tokens // world_size, k, generator=g)
-        gathered = x.new_empty((tokens, k))
-        run = lambda t: torch.ops.fcpass.all_gather_mm(x, [w], [None], name, world_size, t)  # noqa: E731
-        collective = lambda: dist.all_gather_into_tensor(gathered, x)  # noqa: E731
-        matmul = lambda: gathered @ w  # noqa: E731
-
-    def fused(chunks):
-        def call():
-            fcpass.configure(fcpass.PassConfig(pipeline_chunks=chunks))
-            run(ALWAYS_FUSE)
-        return call
-
-    variants = {"unfused": lambda: run(NEVER_FUSE), "matmul": matmul, "collective": collective}
-    variants.update({f"fused_{c}": fused(c) for c in CHUNK_CANDIDATES})
-    return variants
+# ../shared/DESIGN.md "Performance facts": 2 gloo ranks, fp32, naive pipeline; (m, k, n) -> ms.
+NAIVE_PIPELINE_BASELINE = {
+    (1024, 1024, 1024): {"matmul": 22, "reduce_scatter": 12, "unfused": 32, "chunks_4": 36, "chunks_8": 44},
+    (4096, 512, 2048): {"matmul": 112, "reduce_scatter": 106, "unfused": 161, "chunks_4": 131, "chunks_8": 136},
+    (4096, 1024, 1024): {"matmul": 105, "reduce_scatter": 37, "unfused": 135, "chunks_4": 125, "chunks_8": 147},
+    (8192, 512, 1024): {"matmul": 113, "reduce_scatter": 85, "unfused": 180, "chunks_4": 139, "chunks_8": 147},
+}
 
 
-def measure_point(op: str, tokens: int, k: int, n: int, world_size: int) -> dict:
-    variants = _variants(op, tokens, k, n, world_size)
-    for fn in variants.values():  # warm-up
-        fn()
-    samples = {name: [] for name in variants}
-    for _ in range(_repeats(tokens)):
-        for name, fn in variants.items():  # interleaved: noise lands on every variant alike
-            samples[name].append(_time_ms(fn))
-    ms = {name: statistics.median(values) for name, values in samples.items()}
-    fused = {str(c): ms[f"fused_{c}"] for c in CHUNK_CANDIDATES}
-    best_chunks = min(fused, key=fused.get)
-    best = fused[best_chunks]
+def baseline_summary(m: int, k: int, n: int) -> dict:
+    ms = NAIVE_PIPELINE_BASELINE[(m, k, n)]
+    best = min(ms["chunks_4"], ms["chunks_8"])
+    return {"ms": ms, "speedup": ms["unfused"] / best,
+            "fraction_of_limit": max(ms["matmul"], ms["reduce_scatter"]) / best}
+
+
+def measure_point(shape: Shape, tokens: int, world_size: int) -> dict:
+    point = measure.Point(shape.op, tokens, shape.k, shape.n, world_size)
+    variants = {"unfused": point.unfused(), "matmul": point.matmul(), "collective": point.collective(),
+                **point.fused_variants()}
+    ms = measure.medians(variants, measure.repeats_for(tokens))
+    best_chunks, best, fused = measure.best_fused(ms)
     limit = max(ms["matmul"], ms["collective"])
-    return {
-        "op": op, "k": k, "n": n, "tokens": tokens,
+    result = {
+        "op": shape.op, "group": shape.group, "shape": shape.name, "k": shape.k, "n": shape.n, "tokens": tokens,
         "matmul_ms": ms["matmul"], "collective_ms": ms["collective"], "unfused_ms": ms["unfused"],
-        "fused_ms": fused, "best_chunks": int(best_chunks), "best_fused_ms": best,
+        "fused_ms": fused, "best_chunks": best_chunks, "best_fused_ms": best,
         "speedup": ms["unfused"] / best, "fraction_of_limit": limit / best,
     }
-
-
-def bench_rank(rank: int, world_size: int, tokens_list) -> list[dict]:
-    points = []
-    total = len(OPS) * len(SHAPES) * len(tokens_list)
-    for op in OPS:
-        for k, n in SHAPES:
-            for tokens in tokens_list:
-                point = measure_point(op, tokens, k, n, world_size)
-                points.append(point)
-                if rank == 0:
-                    print(f"[{len(points)}/{total}] {op} k={k} n={n} tokens={tokens}: "
-                          f"speedup {point['speedup']:.2f}x", flush=True)
-    return points
-
-
-def crossovers(points: list[dict]) -> dict[str, int | None]:
-    """Per op/shape: the smallest measured token count from which fused stays ahead."""
-    result = {}
-    for op in OPS:
-        for k, n in SHAPES:
-            series = sorted((p for p in points if (p["op"], p["k"], p["n"]) == (op, k, n)), key=lambda p: p["tokens"])
-            ahead = None
-            for p in reversed(series):
-                if p["speedup"] <= 1.0:
-                    break
-                ahead = p["tokens"]
-            result[f"{op} k={k} n={n}"] = ahead
+    if shape.group == "design":
+        result["naive_pipeline_baseline"] = baseline_summary(tokens, shape.k, shape.n)
     return result
 
 
-def plot(points: list[dict], path: str) -> bool:
+def plan(shapes, sweep) -> list[tuple[Shape, int]]:
+    return [(shape, tokens) for shape in shapes for tokens in (shape.tokens or sweep)]
+
+
+def bench_rank(rank: int, world_size: int, points) -> list[dict]:
+    measure.start_rank(rank)
+    results = []
+    for shape, tokens in points:
+        result = measure_point(shape, tokens, world_size)
+        results.append(result)
+        logger.info("[%d/%d] %s %s tokens=%d: speedup %.2fx (%d chunks), %.2f of limit", len(results),
+                    len(points), shape.op, shape.name, tokens, result["speedup"], result["best_chunks"],
+                    result["fraction_of_limit"])
+    return results
+
+
+def crossovers(shapes, points: list[dict]) -> dict[str, int | None]:
+    """Per swept shape: the smallest measured token count from which fused stays ahead."""
+    return {
+        shape.key: measure.crossover([(p["tokens"], p["speedup"]) for p in points
+                                      if (p["op"], p["k"], p["n"], p["shape"]) == (shape.op, shape.k, shape.n,
+                                                                                  shape.name)])
+        for shape in shapes if shape.tokens is None
+    }
+
+
+def plot(shapes, points: list[dict], path: str) -> bool:
     try:
         import matplotlib
 
@@ -141,48 +154,81 @@ def plot(points: list[dict], path: str) -> bool:
     except ImportError:
         return False
     fig, ax = plt.subplots(figsize=(7, 4))
-    for op in OPS:
-        for k, n in SHAPES:
-            series = sorted((p for p in points if (p["op"], p["k"], p["n"]) == (op, k, n)), key=lambda p: p["tokens"])
-            ax.plot([p["tokens"] for p in series], [p["speedup"] for p in series], marker="o", label=f"{op} k={k} n={n}")
+    for shape in shapes:
+        if shape.tokens is not None:
+            continue
+        series = sorted((p for p in points if (p["op"], p["shape"]) == (shape.op, shape.name)),
+                        key=lambda p: p["tokens"])
+        ax.plot([p["tokens"] for p in series], [p["speedup"] for p in series], marker="o",
+                label=f"{shape.op} {shape.name} (k={shape.k} n={shape.n})")
     ax.axhline(1.0, color="grey", linewidth=0.8)
     ax.set_xscale("log", base=2)
     ax.set_xlabel("tokens")
     ax.set_ylabel("unfused / fused time")
     ax.set_title("fcpass generic pipeline, 2 gloo ranks, fp32")
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=6)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     return True
 
 
+def select(only: str | None, op: str | None) -> tuple[Shape, ...]:
+    groups = GROUPS
+    if only:
+        groups = tuple(g.strip() for g in only.split(","))
+        unknown = sorted(set(groups) - set(GROUPS))
+        if unknown:
+            raise argparse.ArgumentTypeError(f"--only: unknown group(s) {unknown}; groups: {list(GROUPS)}")
+    if op is not None and op not in measure.OPS:
+        raise argparse.ArgumentTypeError(f"--op: {op!r} is not one of {list(measure.OPS)}")
+    return tuple(s for s in SHAPES if s.group in groups and (op is None or s.op == op))
+
+
+def print_table(points: list[dict]) -> None:
+    print(f"\n{'op':<18} {'shape':<22} {'k':>5} {'n':>5} {'tokens':>6} {'matmul':>8} {'collect':>8} "
+          f"{'unfused':>8} {'fused':>8} {'chunks':>6} {'speedup':>7} {'of limit':>8} {'naive':>7}")
+    for p in points:
+        naive = p.get("naive_pipeline_baseline")
+        print(f"{p['op']:<18} {p['shape']:<22} {p['k']:>5} {p['n']:>5} {p['tokens']:>6} {p['matmul_ms']:>8.1f} "
+              f"{p['collective_ms']:>8.1f} {p['unfused_ms']:>8.1f} {p['best_fused_ms']:>8.1f} {p['best_chunks']:>6} "
+              f"{p['speedup']:>6.2f}x {p['fraction_of_limit']:>8.2f} "
+              + (f"{naive['speedup']:>6.2f}x" if naive else f"{'':>7}"))
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help=f"only tokens {QUICK_TOKENS}")
-    parser.add_argument("--tokens", help="comma-separated token counts (multiples of 2)")
-    parser.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "ops.json"))
+    parser.add_argument("--quick", action="store_true", help=f"swept shapes at tokens {QUICK_TOKENS} only (~1 min)")
+    parser.add_argument("--tokens", help="comma-separated token counts for the swept shapes (even numbers)")
+    parser.add_argument("--only", help=f"comma-separated shape groups, of {list(GROUPS)}")
+    parser.add_argument("--op", help=f"one op family, of {list(measure.OPS)}")
+    parser.add_argument("--out", default=os.path.join(cli.RESULTS_DIR, "ops.json"))
     args = parser.parse_args(argv)
-    tokens = QUICK_TOKENS if args.quick else TOKENS
-    if args.tokens:
-        tokens = tuple(int(t) for t in args.tokens.split(","))
-    points = run_ranks(bench_rank, WORLD_SIZE, tokens, timeout=1800)[0]
+    try:
+        shapes = select(args.only, args.op)
+        sweep = QUICK_TOKENS if args.quick else TOKENS
+        if args.tokens:
+            sweep = cli.int_list(args.tokens, "--tokens", multiple_of=WORLD_SIZE)
+    except argparse.ArgumentTypeError as exc:
+        parser.error(str(exc))
+    if not shapes:
+        parser.error(f"no shape is in --only {args.only} with --op {args.op}")
+    cli.setup_logging()
+    todo = plan(shapes, sweep)
+    logger.info("%d points on %d gloo ranks", len(todo), WORLD_SIZE)
+    points = run_ranks(bench_rank, WORLD_SIZE, todo, timeout=4 * 3600)[0]
     result = {
-        "machine": f"{platform.machine()} {os.cpu_count()} cores, torch {torch.__version__}",
-        "world_size": WORLD_SIZE, "dtype": "float32", "threads_per_rank": 1, "backend": "gloo",
-        "points": points, "crossover_tokens": crossovers(points),
+        **cli.machine(), "world_size": WORLD_SIZE, "dtype": "float32",
+        "llama_scaling": f"Llama-3-70B TP=8 per-rank k and n divided by {LLAMA_SCALE}; tokens not scaled",
+        "shapes": [asdict(s) for s in shapes],
+        "points": points, "crossover_tokens": crossovers(shapes, points),
+        "naive_pipeline_baseline": {"source": "../shared/DESIGN.md Performance facts", "ms": [
+            {"m": m, "k": k, "n": n, **ms} for (m, k, n), ms in NAIVE_PIPELINE_BASELINE.items()]},
     }
-    os.makedirs(os.path.dirname(args.out), exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(result, f, indent=1)
-    print(f"\n{'op':<18} {'k':>5} {'n':>5} {'tokens':>6} {'matmul':>8} {'collect':>8} {'unfused':>8} "
-          f"{'fused':>8} {'chunks':>6} {'speedup':>7} {'of limit':>8}")
-    for p in points:
-        print(f"{p['op']:<18} {p['k']:>5} {p['n']:>5} {p['tokens']:>6} {p['matmul_ms']:>8.1f} {p['collective_ms']:>8.1f} "
-              f"{p['unfused_ms']:>8.1f} {p['best_fused_ms']:>8.1f} {p['best_chunks']:>6} {p['speedup']:>6.2f}x "
-              f"{p['fraction_of_limit']:>8.2f}")
+    cli.write_json(args.out, result)
+    print_table(points)
     print("\ncrossover (fused ahead from):", json.dumps(result["crossover_tokens"]))
     png = os.path.splitext(args.out)[0] + ".png"
-    print(f"wrote {args.out}" + (f" and {png}" if plot(points, png) else " (no matplotlib: no plot)"))
+    print(f"wrote {args.out}" + (f" and {png}" if plot(shapes, points, png) else " (no matplotlib: no plot)"))
 
 
 if __name__ == "__main__":

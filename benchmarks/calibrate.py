@@ -1,0 +1,203 @@
+"""Measure the fusion crossover per shape, write the threshold table, and check the guarded op against it.
+
+    python benchmarks/calibrate.py --world-size 2 --shapes 1024x1024,512x2048 \\
+        --tokens 256,512,1024,2048,4096,8192,16384 --dtype float32 \\
+        --out benchmarks/results/thresholds.json [--report benchmarks/results/calibration.json] [--quick]
+
+Two sets of real gloo ranks (fcpass.launch.run_ranks), both op families:
+
+1. Measure: per (op, shape, tokens), unfused vs fused at each candidate
+   chunk count, interleaved. Per shape, the crossover is the smallest
+   measured token count from which the best fused stays ahead of unfused;
+   its entry's threshold_tokens is the largest measured count below the
+   crossover (fuse when tokens > threshold; crossover - 1 when nothing
+   below it was measured). No crossover: threshold MAX_THRESHOLD_TOKENS,
+   above every measured count (never fuse), said in the entry and the log.
+   pipeline_chunks: the candidate with the smallest mean time relative to
+   the best candidate, over the points from the crossover on.
+2. Check: the table loaded through PassConfig(threshold_table=...), the
+   guarded op (threshold -1: resolved from the table) measured at every
+   point against unfused and every fused candidate in the same run;
+   ratio = guarded / min(unfused, fused) per point, and its max (goal <= 1.05),
+   into the report.
+
+Each shape is one bucket (floor(log2 k), floor(log2 n)) of the table, so two
+shapes in one bucket are refused. Durations on this 2-core machine when idle:
+--quick (512 and 4096 tokens) ~1.5 min; the default 256..16384 tokens ~7 min.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import statistics
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import cli  # noqa: E402
+import measure  # noqa: E402
+import fcpass  # noqa: E402
+from fcpass import thresholds  # noqa: E402
+from fcpass.backends import select_backend  # noqa: E402
+from fcpass.config import MAX_THRESHOLD_TOKENS, WORLD_SIZE_RANGE  # noqa: E402
+from fcpass.launch import run_ranks  # noqa: E402
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_SHAPES = "1024x1024,512x2048"
+DEFAULT_TOKENS = ",".join(str(2**p) for p in range(8, 15))  # 256 .. 16384
+QUICK_TOKENS = "512,4096"
+GOAL_RATIO = 1.05
+# The backend the fused variants run on here (CPU tensors, backend "auto"): the table is that backend's.
+BACKEND = select_backend("auto", torch.device("cpu")).name
+
+
+def plan(shapes, tokens) -> list[tuple[str, int, int, int]]:
+    return [(op, k, n, t) for op in measure.OPS for k, n in shapes for t in tokens]
+
+
+def measure_rank(rank: int, world_size: int, points, dtype) -> list[dict]:
+    """Phase 1: unfused and every fused candidate per point."""
+    measure.start_rank(rank)
+    results = []
+    for op, k, n, tokens in points:
+        point = measure.Point(op, tokens, k, n, world_size, dtype)
+        ms = measure.medians({"unfused": point.unfused(), **point.fused_variants()}, measure.repeats_for(tokens))
+        best_chunks, best, fused = measure.best_fused(ms)
+        results.append({"op": op, "k": k, "n": n, "tokens": tokens, "unfused_ms": ms["unfused"], "fused_ms": fused,
+                        "best_chunks": best_chunks, "best_fused_ms": best, "speedup": ms["unfused"] / best})
+        logger.info("measure [%d/%d] %s k=%d n=%d tokens=%d: fused %.2fx (%d chunks)", len(results), len(points),
+                    op, k, n, tokens, ms["unfused"] / best, best_chunks)
+    return results
+
+
+def check_rank(rank: int, world_size: int, points, dtype, table_path: str) -> list[dict]:
+    """Phase 2: the guarded op under the table, against unfused and every fused candidate."""
+    measure.start_rank(rank)
+    config = fcpass.PassConfig(threshold_table=table_path)
+    results = []
+    for op, k, n, tokens in points:
+        point = measure.Point(op, tokens, k, n, world_size, dtype)
+        guarded = point.configured(config, measure.CONFIG_THRESHOLD)
+        fcpass.reset_decision_counts()
+        guarded()
+        ((_, path, _),) = fcpass.decision_counts()
+        ms = measure.medians({"guarded": guarded, "unfused": point.unfused(), **point.fused_variants()},
+                             measure.repeats_for(tokens))
+        _, best_fused, fused = measure.best_fused(ms)
+        best = min(ms["unfused"], best_fused)
+        results.append({"op": op, "k": k, "n": n, "tokens": tokens, "guarded_path": path,
+                        "guarded_ms": ms["guarded"], "unfused_ms": ms["unfused"], "fused_ms": fused,
+                        "best_ms": best, "ratio": ms["guarded"] / best})
+        logger.info("check [%d/%d] %s k=%d n=%d tokens=%d: guarded (%s) / best = %.3f", len(results), len(points),
+                    op, k, n, tokens, path, ms["guarded"] / best)
+    return results
+
+
+def derive_entry(series: list[dict], world_size: int, dtype: torch.dtype) -> dict:
+    """One table entry from one (op, shape)'s measured points."""
+    series = sorted(series, key=lambda p: p["tokens"])
+    op, k, n = series[0]["op"], series[0]["k"], series[0]["n"]
+    tokens = [p["tokens"] for p in series]
+    cross = measure.crossover([(p["tokens"], p["speedup"]) for p in series])
+    measured = {"k": k, "n": n, "crossover_tokens": cross,
+                "speedup_by_tokens": {str(p["tokens"]): round(p["speedup"], 3) for p in series}}
+    if cross is None:
+        measured["note"] = f"no crossover up to {tokens[-1]} tokens: never fuse"
+        logger.warning("%s k=%d n=%d: fused never stayed ahead up to %d tokens; threshold %d (never fuse)",
+                       op, k, n, tokens[-1], MAX_THRESHOLD_TOKENS)
+        return thresholds.entry_dict(op, world_size, dtype, k, n, MAX_THRESHOLD_TOKENS, measured=measured)
+    below = [t for t in tokens if t < cross]
+    threshold = below[-1] if below else cross - 1
+    ahead = [p for p in series if p["tokens"] >= cross]
+    chunks = min(measure.CHUNK_CANDIDATES, key=lambda c: statistics.mean(
+        p["fused_ms"][str(c)] / p["best_fused_ms"] for p in ahead))
+    return thresholds.entry_dict(op, world_size, dtype, k, n, threshold, pipeline_chunks=chunks, measured=measured)
+
+
+def build_table(points: list[dict], shapes, world_size: int, dtype: torch.dtype, argv) -> dict:
+    entries = [derive_entry([p for p in points if (p["op"], p["k"], p["n"]) == (op, k, n)], world_size, dtype)
+               for op in measure.OPS for k, n in shapes]
+    provenance = {**cli.machine(), "command": "python benchmarks/calibrate.py " + " ".join(argv),
+                  "date": time.strftime("%Y-%m-%d %H:%M:%S"), "candidates": list(measure.CHUNK_CANDIDATES)}
+    return thresholds.table_dict(BACKEND, entries, measured=provenance)
+
+
+def _summary(entry: dict) -> dict:
+    return {"op": entry["op"], "threshold_tokens": entry["threshold_tokens"],
+            "pipeline_chunks": entry.get("pipeline_chunks"), **entry["measured"]}
+
+
+def parse_args(argv):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--world-size", type=int, default=2)
+    parser.add_argument("--shapes", default=DEFAULT_SHAPES, help="comma-separated KxN (one table bucket each)")
+    parser.add_argument("--tokens", help=f"comma-separated token counts (default {DEFAULT_TOKENS})")
+    parser.add_argument("--dtype", default="float32", help=f"one of {sorted(cli.DTYPES)}")
+    parser.add_argument("--out", default=os.path.join(cli.RESULTS_DIR, "thresholds.json"), help="the table")
+    parser.add_argument("--report", default=os.path.join(cli.RESULTS_DIR, "calibration.json"))
+    parser.add_argument("--quick", action="store_true", help=f"tokens {QUICK_TOKENS} unless --tokens (~1.5 min idle)")
+    args = parser.parse_args(argv)
+    lo, hi = WORLD_SIZE_RANGE
+    if not lo <= args.world_size <= hi:
+        parser.error(f"--world-size: {args.world_size} must be in [{lo}, {hi}]")
+    try:
+        args.shapes = cli.shape_list(args.shapes)
+        args.tokens = cli.int_list(args.tokens or (QUICK_TOKENS if args.quick else DEFAULT_TOKENS), "--tokens",
+                                   multiple_of=args.world_size)
+        args.dtype = cli.dtype_arg(args.dtype)
+    except argparse.ArgumentTypeError as exc:
+        parser.error(str(exc))
+    buckets = {}
+    for k, n in args.shapes:
+        other = buckets.setdefault((thresholds.bucket(k), thresholds.bucket(n)), (k, n))
+        if other != (k, n):
+            parser.error(f"--shapes: {other[0]}x{other[1]} and {k}x{n} share one table bucket "
+                         f"(floor(log2) of k and of n); measure one of them")
+    return args
+
+
+def main(argv=None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    args = parse_args(argv)
+    cli.setup_logging()
+    todo = plan(args.shapes, args.tokens)
+    logger.info("phase 1/2: measuring %d points on %d gloo ranks", len(todo), args.world_size)
+    measured = run_ranks(measure_rank, args.world_size, todo, args.dtype, timeout=4 * 3600)[0]
+    table = build_table(measured, args.shapes, args.world_size, args.dtype, argv)
+    cli.write_json(args.out, table)
+    logger.info("wrote %s", args.out)
+    fcpass.PassConfig(threshold_table=args.out)  # fails here, clearly, if the table we wrote does not load
+
+    logger.info("phase 2/2: the guarded op under %s at %d points", args.out, len(todo))
+    checked = run_ranks(check_rank, args.world_size, todo, args.dtype, os.path.abspath(args.out),
+                        timeout=4 * 3600)[0]
+    worst = max(checked, key=lambda p: p["ratio"])
+    report = {
+        **cli.machine(), "world_size": args.world_size, "dtype": thresholds.dtype_name(args.dtype),
+        "table": args.out, "goal_max_ratio": GOAL_RATIO, "max_ratio": worst["ratio"],
+        "goal_met": worst["ratio"] <= GOAL_RATIO,
+        "thresholds": [_summary(e) for e in table["entries"]],
+        "measure": measured, "check": checked,
+    }
+    cli.write_json(args.report, report)
+    print(f"\n{'op':<18} {'k':>5} {'n':>5} {'threshold':>9} {'chunks':>6}  crossover")
+    for e in table["entries"]:
+        m = e["measured"]
+        print(f"{e['op']:<18} {m['k']:>5} {m['n']:>5} {e['threshold_tokens']:>9} {e.get('pipeline_chunks', '-'):>6}"
+              f"  {m['crossover_tokens'] if m['crossover_tokens'] is not None else 'none (never fuse)'}")
+    print(f"\n{'op':<18} {'k':>5} {'n':>5} {'tokens':>6} {'path':>8} {'guarded':>8} {'best':>8} {'ratio':>6}")
+    for p in checked:
+        print(f"{p['op']:<18} {p['k']:>5} {p['n']:>5} {p['tokens']:>6} {p['guarded_path']:>8} "
+              f"{p['guarded_ms']:>8.1f} {p['best_ms']:>8.1f} {p['ratio']:>6.3f}")
+    print(f"\nmax guarded / best = {worst['ratio']:.3f} ({worst['op']} k={worst['k']} n={worst['n']} "
+          f"tokens={worst['tokens']}); goal <= {GOAL_RATIO}: {'met' if report['goal_met'] else 'MISSED'}")
+    print(f"wrote {args.out} and {args.report}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,191 @@
+"""Timing fcpass ops on real ranks: the variants of one point, measured interleaved.
+
+Shared by every benchmark (ops.py, calibrate.py, guard.py), so "fused",
+"unfused", "matmul alone" and "the collective alone" mean the same calls in
+each of them. Runs inside ranks started by ``fcpass.launch.run_ranks``.
+
+Interleaved: every repeat times each variant once, in turn, so machine noise
+(this machine is shared) lands on every variant alike; the median of the
+repeats is reported. One sample is the slowest rank's time (all_reduce MAX)
+between two barriers: a collective op is as slow as its slowest rank.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import statistics
+import sys
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.distributed as dist
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import fcpass  # noqa: E402
+
+logger = logging.getLogger(__name__)
+
+OPS = ("mm_reduce_scatter", "all_gather_mm")
+CHUNK_CANDIDATES = (2, 4, 8)
+NEVER_FUSE, ALWAYS_FUSE = 1 << 24, 0
+# From the config: "the runtime config's threshold, table or backend default".
+CONFIG_THRESHOLD = -1
+# The non-deprecated torch >= 2.13 spellings, which the ops' own collectives call.
+_reduce_scatter = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+_all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+
+
+def repeats_for(tokens: int) -> int:
+    """Fewer repeats where one call already takes long."""
+    return 7 if tokens <= 1024 else 5 if tokens <= 4096 else 3
+
+
+def start_rank(rank: int) -> None:
+    """Progress on stderr from rank 0 (spawned ranks start without the parent's logging)."""
+    if rank == 0:
+        logging.basicConfig(stream=sys.stderr, level=logging.INFO, format="%(message)s")
+
+
+def time_ms(fn: Callable[[], object], inner: int = 1) -> float:
+    """Milliseconds per call of ``fn`` (``inner`` calls back to back), on the slowest rank."""
+    dist.barrier()
+    start = time.perf_counter()
+    for _ in range(inner):
+        fn()
+    elapsed = torch.tensor([(time.perf_counter() - start) / inner])
+    dist.all_reduce(elapsed, op=dist.ReduceOp.MAX)
+    return elapsed.item() * 1e3
+
+
+def sample(variants: dict[str, Callable[[], object]], repeats: int, inner: int = 1) -> dict[str, list[float]]:
+    """Every variant timed ``repeats`` times, interleaved, after one warm-up call each."""
+    for fn in variants.values():
+        fn()
+    samples: dict[str, list[float]] = {name: [] for name in variants}
+    for _ in range(repeats):
+        for name, fn in variants.items():
+            samples[name].append(time_ms(fn, inner))
+    return samples
+
+
+def medians(variants: dict[str, Callable[[], object]], repeats: int, inner: int = 1) -> dict[str, float]:
+    return {name: statistics.median(values) for name, values in sample(variants, repeats, inner).items()}
+
+
+@dataclass
+class Point:
+    """One op at one shape and token count: its inputs on this rank and its variants.
+
+    tokens: rows entering the matmul (m for mm_reduce_scatter, world_size x
+    local rows for all_gather_mm), the guard's token count. ``pad_rows``
+    (mm_reduce_scatter only) zero rows follow the product, as vLLM pads a
+    token count that world_size does not divide.
+    """
+
+    op: str
+    tokens: int
+    k: int
+    n: int
+    world_size: int
+    dtype: torch.dtype = torch.float32
+    pad_rows: int = 0
+
+    def __post_init__(self) -> None:
+        if self.op not in OPS:
+            raise ValueError(f"op must be one of {OPS}, got {self.op!r}")
+        self.group_name = dist.group.WORLD.group_name
+        g = torch.Generator().manual_seed(dist.get_rank())
+        self.w = (torch.randn(self.k, self.n, generator=g) / self.k**0.5).to(self.dtype)
+        if self.op == "mm_reduce_scatter":
+            self.x = torch.randn(self.tokens, self.k, generator=g).to(self.dtype)
+            self.product = self.x @ self.w
+            self.shard = self.x.new_empty(((self.tokens + self.pad_rows) // self.world_size, self.n))
+        else:
+            self.x = torch.randn(self.tokens // self.world_size, self.k, generator=g).to(self.dtype)
+            self.gathered = self.x.new_empty((self.tokens, self.k))
+
+    # ---- the variants: zero-argument callables on this point's tensors
+
+    def op_call(self, threshold_tokens: int) -> Callable[[], object]:
+        """The fcpass op through torch.ops, as a compiled graph calls it."""
+        x, w, name, ws, pad = self.x, self.w, self.group_name, self.world_size, self.pad_rows
+        if self.op == "mm_reduce_scatter":
+            return lambda: torch.ops.fcpass.mm_reduce_scatter(x, w, None, name, ws, threshold_tokens, pad)
+        return lambda: torch.ops.fcpass.all_gather_mm(x, [w], [None], name, ws, threshold_tokens)
+
+    def configured(self, config: fcpass.PassConfig, threshold_tokens: int) -> Callable[[], object]:
+        """The op under ``config`` (built once, outside the timing: configure is one assignment)."""
+        run = self.op_call(threshold_tokens)
+
+        def call():
+            fcpass.configure(config)
+            return run()
+
+        return call
+
+    def fused(self, chunks: int) -> Callable[[], object]:
+        return self.configured(fcpass.PassConfig(pipeline_chunks=chunks), ALWAYS_FUSE)
+
+    def unfused(self) -> Callable[[], object]:
+        return self.op_call(NEVER_FUSE)
+
+    def matmul(self) -> Callable[[], object]:
+        if self.op == "mm_reduce_scatter":
+            return lambda: torch.mm(self.x, self.w)
+        return lambda: torch.mm(self.gathered, self.w)
+
+    def collective(self) -> Callable[[], object]:
+        if self.op == "mm_reduce_scatter":
+            product = self.product if not self.pad_rows else _padded(self.product, self.pad_rows)
+            return lambda: _reduce_scatter(self.shard, product)
+        return lambda: _all_gather(self.gathered, self.x)
+
+    def direct(self) -> Callable[[], object]:
+        """Matmul + collective called directly, allocating outputs as the op does: the op's floor."""
+        x, w, ws, pad = self.x, self.w, self.world_size, self.pad_rows
+        if self.op == "mm_reduce_scatter":
+            def call():
+                product = torch.mm(x, w)
+                if pad:
+                    product = _padded(product, pad)
+                out = product.new_empty((product.shape[0] // ws, product.shape[1]))
+                _reduce_scatter(out, product)
+                return out
+            return call
+
+        def call():
+            gathered = x.new_empty((x.shape[0] * ws, x.shape[1]))
+            _all_gather(gathered, x)
+            return gathered, [torch.mm(gathered, w)]
+        return call
+
+    def fused_variants(self, candidates=CHUNK_CANDIDATES) -> dict[str, Callable[[], object]]:
+        return {fused_name(c): self.fused(c) for c in candidates}
+
+
+def _padded(t: torch.Tensor, rows: int) -> torch.Tensor:
+    return torch.cat([t, t.new_zeros((rows, t.shape[1]))])
+
+
+def fused_name(chunks: int) -> str:
+    return f"fused_{chunks}"
+
+
+def best_fused(ms: dict[str, float], candidates=CHUNK_CANDIDATES) -> tuple[int, float, dict[str, float]]:
+    """(winning chunk count, its ms, ms per candidate) from one point's medians."""
+    fused = {str(c): ms[fused_name(c)] for c in candidates}
+    best = min(fused, key=fused.get)
+    return int(best), fused[best], fused
+
+
+def crossover(series: list[tuple[int, float]]) -> int | None:
+    """The smallest token count from which fused stays ahead, from (tokens, unfused/fused) pairs; None: never."""
+    ahead = None
+    for tokens, speedup in sorted(series, reverse=True):
+        if speedup <= 1.0:
+            break
+        ahead = tokens
+    return ahead
