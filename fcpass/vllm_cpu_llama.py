@@ -233,8 +233,9 @@ def _patched(obj, name, value):
         setattr(obj, name, old)
 
 
-def build_model(kind, vllm_config, seed=0):
-    """The model of ``kind`` on this rank, random weights from ``seed`` (call inside vLLM's TP context)."""
+def build_model(kind, vllm_config, seed=0, layers=LAYERS):
+    """The model of ``kind`` on this rank with ``layers`` decoder layers, random weights from ``seed`` (call inside
+    vLLM's TP context)."""
     from transformers import LlamaConfig
     from vllm.model_executor.layers.linear import LinearBase
     import vllm.model_executor.models.llama as llama
@@ -244,7 +245,7 @@ def build_model(kind, vllm_config, seed=0):
     bias = kind == "llama_bias"
     hf_config = LlamaConfig(
         vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=INTERMEDIATE, num_attention_heads=HEADS,
-        num_key_value_heads=KV_HEADS, num_hidden_layers=LAYERS, rms_norm_eps=RMS_NORM_EPS,
+        num_key_value_heads=KV_HEADS, num_hidden_layers=layers, rms_norm_eps=RMS_NORM_EPS,
         max_position_embeddings=4096, attention_bias=bias, mlp_bias=bias)
     torch.manual_seed(seed)
     with _patched(llama, "Attention", _CausalAttention):
@@ -406,7 +407,7 @@ def vllm_tp(rank, world_size, compilation_config=None):
 
 def compile_and_run(rank, world_size, kind, token_counts=DEFAULT_TOKEN_COUNTS, extra_pass_factory=None, seed=0,
                     vllm_tail_passes=True, run_compiled=True, compilation_config=None, timed_repeats=0,
-                    vllm_sp=True):
+                    vllm_sp=True, layers=LAYERS):
     """Build ``kind`` at TP=world_size, compile with SP + an extra pass, run it and the eager reference.
 
     ``vllm_sp=False``: no vLLM SequenceParallelismPass (vLLM 0.32+ has none):
@@ -414,6 +415,9 @@ def compile_and_run(rank, world_size, kind, token_counts=DEFAULT_TOKEN_COUNTS, e
     and the compiled model gets the unpadded token counts (only vLLM's SP
     needs them padded). Compiled calls run inside vLLM's pass context with
     the compile range ``[min(token counts), max]``.
+
+    ``layers``: decoder layers (default ``LAYERS``, what the tests expect;
+    benchmarks/pass_cost.py builds deeper models).
 
     The extra pass is the user pass of ``compilation_config`` (the
     ``post_grad_custom_post_pass`` that vLLM's config holds after taking it in,
@@ -461,7 +465,7 @@ def compile_and_run(rank, world_size, kind, token_counts=DEFAULT_TOKEN_COUNTS, e
     with contextlib.ExitStack() as stack:
         vllm_config, tp_group = stack.enter_context(vllm_tp(rank, world_size, compilation_config))
 
-        model = build_model(kind, vllm_config, seed)
+        model = build_model(kind, vllm_config, seed, layers)
         extra_pass = vllm_config.compilation_config.inductor_compile_config.get("post_grad_custom_post_pass")
         if extra_pass is None and extra_pass_factory is not None:
             extra_pass = extra_pass_factory()
