@@ -40,10 +40,13 @@ class Server:
             return f.read()[-chars:]
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def free_ports(count: int) -> list[int]:
+    """``count`` distinct free ports (all held open while choosing, so no two are the same)."""
+    with contextlib.ExitStack() as stack:
+        sockets = [stack.enter_context(socket.socket()) for _ in range(count)]
+        for s in sockets:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in sockets]
 
 
 def vllm_script() -> str:
@@ -51,8 +54,7 @@ def vllm_script() -> str:
     return os.path.join(os.path.dirname(sys.executable), "vllm")
 
 
-def start(name: str, model_dir: str, log_dir: str, extra_args=(), extra_env=None) -> Server:
-    port = free_port()
+def start(name: str, port: int, model_dir: str, log_dir: str, extra_args=(), extra_env=None) -> Server:
     command = [vllm_script(), "serve", model_dir, "--host", "127.0.0.1", "--port", str(port),
                "--tensor-parallel-size", "2", "--dtype", "float32", "--max-model-len", "512",
                "--skip-tokenizer-init", "--no-enable-prefix-caching", "--seed", "0", *extra_args]
@@ -109,8 +111,8 @@ def running(specs: dict, model_dir: str, log_dir: str, timeout: float):
     """Start every server of ``specs`` ({name: (extra_args, extra_env)}) side by side; yield them ready."""
     servers = []
     try:
-        for name, (extra_args, extra_env) in specs.items():
-            servers.append(start(name, model_dir, log_dir, extra_args, extra_env))
+        for port, (name, (extra_args, extra_env)) in zip(free_ports(len(specs)), specs.items()):
+            servers.append(start(name, port, model_dir, log_dir, extra_args, extra_env))
         wait_ready(servers, timeout)
         yield {server.name: server for server in servers}
     finally:
