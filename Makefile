@@ -63,7 +63,13 @@ $(NEXT_VENV)/.fcpass-installed: $(VENV)/.fcpass-installed
 demo: venv
 	$(PY) -m fcpass.demo
 
-test: test-main test-next
+# The second virtualenv (a copy and two pip installs: mostly I/O) is built while the main suite runs;
+# its log is shown after. Fails if the main suite, that build or the next-vLLM suite fails.
+test: venv
+	@$(MAKE) --no-print-directory venv-next > .venv-vllm032-build.log 2>&1 & build=$$!; \
+	$(MAKE) --no-print-directory test-main; main=$$?; \
+	wait $$build; next_build=$$?; cat .venv-vllm032-build.log; \
+	[ $$main -eq 0 ] && [ $$next_build -eq 0 ] && $(MAKE) --no-print-directory test-next
 
 test-main: venv
 	$(PY) -m pytest -q tests

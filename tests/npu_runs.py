@@ -30,8 +30,8 @@ def run_npu_cases(rank, world_size, rs_cases, ag_cases):
     import fcpass
     from op_runs import run_cases
 
-    fcpass.configure(fcpass.PassConfig(backend="npu"))
-    results, calls = with_standin_calls(lambda: run_cases(rank, world_size, rs_cases, ag_cases))
+    config = fcpass.PassConfig(backend="npu")
+    results, calls = with_standin_calls(lambda: run_cases(rank, world_size, rs_cases, ag_cases, config))
     return {"results": results, "calls": calls}
 
 

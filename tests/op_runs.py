@@ -49,8 +49,8 @@ def run_all_gather_mm(case: Case, rank: int, world_size: int, group_name: str) -
 
 
 def run_cases(rank: int, world_size: int, rs_cases, ag_cases, config=None) -> list[dict]:
-    if config is not None:
-        fcpass.configure(config)
+    """The cases under ``config`` (default: PassConfig()), which stays this rank's runtime config."""
+    fcpass.configure(config if config is not None else fcpass.PassConfig())
     name = dist.group.WORLD.group_name
     results = [run_mm_reduce_scatter(c, rank, world_size, name) for c in rs_cases]
     results += [run_all_gather_mm(c, rank, world_size, name) for c in ag_cases]

@@ -51,38 +51,57 @@ def check_results(per_rank):
             assert r["error"] <= TOLERANCE[case.dtype], f"{case}: error {r['error']:.2e} on some rank"
 
 
-@pytest.mark.parametrize("world_size", [2, 4])
-def test_ops_match_reference_on_both_sides_of_threshold(world_size):
-    per_rank = run_ranks(run_cases, world_size, _rs_cases(world_size), _ag_cases(world_size), timeout=240)
-    check_results(per_rank)
-    assert len(per_rank[0]) == len(_rs_cases(world_size)) + len(_ag_cases(world_size))
+CHUNK_COUNTS = (1, 3, 8, 64)
 
 
-def test_pipeline_chunk_counts_are_exact():
-    """Every chunking of the generic pipeline gives the reference (uneven splits included)."""
+def _two_rank_batch() -> dict:
+    """Every 2-rank case of this module, run in one spawn (starting ranks costs more than the cases)."""
     import fcpass
 
-    rs = [Case(m=2 * 37, k=40, threshold=0, seed=s) for s in range(2)]
-    ag = [Case(m=37, k=40, ns=(24, 8), bias=True, threshold=0, seed=10 + s) for s in range(2)]
-    cases = {chunks: (run_cases, (rs, ag, fcpass.PassConfig(pipeline_chunks=chunks))) for chunks in (1, 3, 8, 64)}
-    for per_rank in run_batch(cases, 2, timeout=180).values():
-        check_results(per_rank)
-
-
-def test_cuda_backend_without_symmetric_memory_runs_the_generic_pipeline():
-    """backend="cuda" on a group without symmetric memory: still fused, via the generic pipeline."""
-    import fcpass
-
-    rs = [Case(m=64, k=32, bias=True, threshold=0)]
-    ag = [Case(m=16, k=32, ns=(8, 8), bias=True, threshold=0)]
-    check_results(run_ranks(run_cases, 2, rs, ag, fcpass.PassConfig(backend="cuda"), timeout=120))
-
-
-def test_pad_rows_before_the_scatter_keep_the_rank0_bias_off_the_padded_rows():
-    """vLLM pads the token count up to a multiple of world_size after the matmul: padded rows must stay 0."""
-    rs = [
+    chunk_rs = [Case(m=2 * 37, k=40, threshold=0, seed=s) for s in range(2)]
+    chunk_ag = [Case(m=37, k=40, ns=(24, 8), bias=True, threshold=0, seed=10 + s) for s in range(2)]
+    cuda_rs = [Case(m=64, k=32, bias=True, threshold=0)]
+    cuda_ag = [Case(m=16, k=32, ns=(8, 8), bias=True, threshold=0)]
+    pad_rs = [
         Case(m=m, k=32, ns=(24,), dtype=dtype, bias=bias, threshold=threshold, pad_rows=pad, seed=seed)
         for seed, ((m, pad), dtype, bias, threshold) in enumerate(itertools.product(
             ((7, 1), (5, 3)), (torch.float32, torch.bfloat16), (False, True), (0, 64)))
     ]
-    check_results(run_ranks(run_cases, 2, rs, [], timeout=120))
+    return {
+        "both_sides": (run_cases, (_rs_cases(2), _ag_cases(2))),
+        **{("chunks", c): (run_cases, (chunk_rs, chunk_ag, fcpass.PassConfig(pipeline_chunks=c)))
+           for c in CHUNK_COUNTS},
+        "cuda": (run_cases, (cuda_rs, cuda_ag, fcpass.PassConfig(backend="cuda"))),
+        "pad_rows": (run_cases, (pad_rs, [])),
+    }
+
+
+@pytest.fixture(scope="module")
+def two_ranks():
+    return run_batch(_two_rank_batch(), 2, timeout=300)
+
+
+@pytest.mark.parametrize("world_size", [2, 4])
+def test_ops_match_reference_on_both_sides_of_threshold(world_size, request):
+    if world_size == 2:
+        per_rank = request.getfixturevalue("two_ranks")["both_sides"]
+    else:
+        per_rank = run_ranks(run_cases, world_size, _rs_cases(world_size), _ag_cases(world_size), timeout=240)
+    check_results(per_rank)
+    assert len(per_rank[0]) == len(_rs_cases(world_size)) + len(_ag_cases(world_size))
+
+
+def test_pipeline_chunk_counts_are_exact(two_ranks):
+    """Every chunking of the generic pipeline gives the reference (uneven splits included)."""
+    for chunks in CHUNK_COUNTS:
+        check_results(two_ranks[("chunks", chunks)])
+
+
+def test_cuda_backend_without_symmetric_memory_runs_the_generic_pipeline(two_ranks):
+    """backend="cuda" on a group without symmetric memory: still fused, via the generic pipeline."""
+    check_results(two_ranks["cuda"])
+
+
+def test_pad_rows_before_the_scatter_keep_the_rank0_bias_off_the_padded_rows(two_ranks):
+    """vLLM pads the token count up to a multiple of world_size after the matmul: padded rows must stay 0."""
+    check_results(two_ranks["pad_rows"])

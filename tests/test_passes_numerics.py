@@ -7,10 +7,11 @@ op protocol: no hang, and the sum equals the unfused one.
 
 import copy
 
+import pytest
 import torch
 import torch.distributed as dist
 
-from multirank import run_ranks
+from multirank import run_batch
 
 THRESHOLD = 16
 
@@ -77,8 +78,15 @@ def run_rewritten_vs_original(rank, world_size):
     return results
 
 
-def test_rewritten_graphs_equal_originals_with_rank0_bias():
-    per_rank = run_ranks(run_rewritten_vs_original, 2, timeout=180)
+@pytest.fixture(scope="module")
+def runs():
+    """Both rank bodies of this module in one spawn."""
+    return run_batch({"rewritten": (run_rewritten_vs_original, ()), "mismatched": (run_mismatched_group, ())},
+                     2, timeout=240)
+
+
+def test_rewritten_graphs_equal_originals_with_rank0_bias(runs):
+    per_rank = runs["rewritten"]
     for key in per_rank[0]:
         decisions = [r[key]["decisions"] for r in per_rank]
         assert decisions[0] == decisions[1], key  # same protocol on both ranks
@@ -102,7 +110,7 @@ def run_mismatched_group(rank, world_size):
             "outcomes": [o.outcome for o in p.last_report.outcomes], "group": dist.group.WORLD.group_name}
 
 
-def test_collective_whose_world_size_disagrees_with_its_group_is_left_alone():
-    for r in run_ranks(run_mismatched_group, 2, timeout=120):
+def test_collective_whose_world_size_disagrees_with_its_group_is_left_alone(runs):
+    for r in runs["mismatched"]:
         assert r["fused"] == 0
         assert r["outcomes"] == [f"world_size 4 does not match group {r['group']!r} of size 2"]
