@@ -31,8 +31,7 @@ def resolve_group(group_name: str) -> dist.ProcessGroup:
 
 def vllm_shm_group(handle: int) -> str | None:
     """c10d name of the device group of the vLLM group whose CPU shared-memory communicator owns ``handle``."""
-    parallel_state = sys.modules.get("vllm.distributed.parallel_state")
-    for ref in getattr(parallel_state, "_groups", {}).values():
+    for ref in _vllm_groups().values():
         coordinator = ref()
         dist_module = getattr(getattr(coordinator, "device_communicator", None), "dist_module", None)
         if getattr(dist_module, "handle", None) == handle:
@@ -42,11 +41,14 @@ def vllm_shm_group(handle: int) -> str | None:
 
 def _vllm_coordinator(group_name: str):
     """vLLM's GroupCoordinator of that name, without importing vLLM ourselves."""
-    parallel_state = sys.modules.get("vllm.distributed.parallel_state")
-    if parallel_state is None:
-        return None
-    ref = getattr(parallel_state, "_groups", {}).get(group_name)
+    ref = _vllm_groups().get(group_name)
     return ref() if ref is not None else None
+
+
+def _vllm_groups() -> dict:
+    """vLLM's registry of its groups (unique name -> weakref), empty when vLLM's parallel state is not loaded."""
+    parallel_state = sys.modules.get("vllm.distributed.parallel_state")
+    return getattr(parallel_state, "_groups", {}) if parallel_state is not None else {}
 
 
 def vllm_tp_group() -> tuple[str, int] | None:
