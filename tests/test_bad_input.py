@@ -12,7 +12,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 
 import fcpass
 from fcpass.validate import FusedOpInputError
-from multirank import run_ranks
+from multirank import shared
 
 
 def _rs(x, w, bias=None, world_size=2):
@@ -73,8 +73,11 @@ def _rs_named(x, w, name, world_size):
     return torch.ops.fcpass.mm_reduce_scatter(x, w, None, name, world_size, 0)
 
 
+BAD_CALLS = shared(run_bad_calls, timeout=120)
+
+
 def test_runtime_errors_name_the_problem_without_hanging():
-    per_rank = run_ranks(run_bad_calls, 2, timeout=120)
+    per_rank = BAD_CALLS()
     expected = {
         "unknown_group": "unknown process group 'no-such-group'",
         "world_size_mismatch": "world_size 4 does not match group",
@@ -95,8 +98,11 @@ def run_over_max_world_size(rank, world_size):
                      fcpass.PassConfig(max_world_size=2))
 
 
+OVER_MAX_WORLD_SIZE = shared(run_over_max_world_size, world_size=4, timeout=120)
+
+
 def test_world_size_over_limit_falls_back_to_unfused():
-    per_rank = run_ranks(run_over_max_world_size, 4, timeout=120)
+    per_rank = OVER_MAX_WORLD_SIZE()
     for results in per_rank:
         for r in results:
             assert r["decision"][1:] == ("unfused", "world_size 4 > max_world_size 2")
@@ -112,8 +118,11 @@ def run_switched_off(rank, world_size):
             + run_cases(rank, world_size, rs, ag, fcpass.PassConfig(backend="off")))
 
 
+SWITCHED_OFF = shared(run_switched_off, timeout=120)
+
+
 def test_disabled_family_and_backend_off_run_unfused():
-    for results in run_ranks(run_switched_off, 2, timeout=120):
+    for results in SWITCHED_OFF():
         assert [r["decision"][1:] for r in results] == [
             ("unfused", "family disabled"), ("fused", "tokens > threshold"),
             ("unfused", "backend off"), ("unfused", "backend off"),

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from cases import Case
-from multirank import run_batch, run_ranks
+from multirank import shared
 from npu_runs import NPU_GROUP_BACKEND, npu_setup, run_npu_cases, run_npu_scaled
 from scaled_runs import QUANT_TOLERANCE
 from test_ops_multirank import check_results
@@ -19,8 +19,8 @@ from test_ops_multirank import check_results
 K = 256  # the kernels' minimum k
 
 
-def _run(fn, world_size, *args):
-    return run_ranks(fn, world_size, *args, backend=NPU_GROUP_BACKEND, setup=npu_setup, timeout=180)
+def _shared(fn, *args, world_size=2):
+    return shared(fn, *args, world_size=world_size, backend=NPU_GROUP_BACKEND, setup=npu_setup)
 
 
 def _fallback_cases():
@@ -29,23 +29,19 @@ def _fallback_cases():
     return rs, ag
 
 
-@pytest.fixture(scope="module")
-def two_rank_runs():
-    """The 2-rank cases below, in one set of ranks."""
-    m = 64
-    cases = {"fallback": (run_npu_cases, _fallback_cases()),
-             "ag_w8a8": (run_npu_scaled, ("ag", torch.int8, 16, K, (64, 32), 0))}
-    for per_token in (False, True):
-        cases[("rs_w8a8", per_token)] = (run_npu_scaled, ("rs", torch.int8, m, K, 64, m - 1, per_token))
-    return run_batch(cases, 2, backend=NPU_GROUP_BACKEND, setup=npu_setup, timeout=180)
+TWO_RANKS = {
+    "fallback": _shared(run_npu_cases, *_fallback_cases()),
+    "ag_w8a8": _shared(run_npu_scaled, "ag", torch.int8, 16, K, (64, 32), 0),
+    **{("rs_w8a8", per_token): _shared(run_npu_scaled, "rs", torch.int8, 64, K, 64, 63, per_token)
+       for per_token in (False, True)},
+}
 
 
 def _fused_count(results):
     return sum(r["decision"][1] == "fused" for r in results)
 
 
-@pytest.mark.parametrize("world_size", [2, 4])
-def test_npu_kernels_match_reference(world_size):
+def _kernel_cases(world_size):
     rs, ag = [], []
     for dtype in (torch.bfloat16, torch.float16):
         for bias in (False, True):
@@ -54,7 +50,16 @@ def test_npu_kernels_match_reference(world_size):
             m = 16
             ag += [Case(m=m, k=K, ns=(64, 32), dtype=dtype, bias=bias, threshold=t, seed=50 + len(ag))
                    for t in (m * world_size - 1, m * world_size)]
-    per_rank = _run(run_npu_cases, world_size, rs, ag)
+    return rs, ag
+
+
+KERNELS = {ws: _shared(run_npu_cases, *_kernel_cases(ws), world_size=ws) for ws in (2, 4)}
+
+
+@pytest.mark.parametrize("world_size", [2, 4])
+def test_npu_kernels_match_reference(world_size):
+    rs, ag = _kernel_cases(world_size)
+    per_rank = KERNELS[world_size]()
     check_results([r["results"] for r in per_rank])
     for r in per_rank:
         kernels = [name for name, _ in r["calls"]]
@@ -63,9 +68,9 @@ def test_npu_kernels_match_reference(world_size):
         assert kernels.count("npu_all_gather_base_mm") == len(ag) // 2
 
 
-def test_npu_falls_back_where_kernel_cannot_take_the_case(two_rank_runs):
+def test_npu_falls_back_where_kernel_cannot_take_the_case():
     """fp32 and k outside [256, 65535) stay unfused above the threshold, on every rank alike."""
-    per_rank = two_rank_runs["fallback"]
+    per_rank = TWO_RANKS["fallback"]()
     for r in per_rank:
         assert r["calls"] == []
         reasons = [res["decision"] for res in r["results"]]
@@ -78,8 +83,8 @@ def test_npu_falls_back_where_kernel_cannot_take_the_case(two_rank_runs):
 
 
 @pytest.mark.parametrize("per_token", [False, True], ids=["per_tensor", "per_token"])
-def test_npu_w8a8_mm_reduce_scatter_with_rank0_quant_bias(two_rank_runs, per_token):
-    per_rank = two_rank_runs[("rs_w8a8", per_token)]
+def test_npu_w8a8_mm_reduce_scatter_with_rank0_quant_bias(per_token):
+    per_rank = TWO_RANKS[("rs_w8a8", per_token)]()
     for r in per_rank:
         assert r["decision"][1] == "fused"
         assert r["error"] <= QUANT_TOLERANCE
@@ -89,8 +94,8 @@ def test_npu_w8a8_mm_reduce_scatter_with_rank0_quant_bias(two_rank_runs, per_tok
     assert per_rank[0]["calls"][0][1]["k"] > K == per_rank[1]["calls"][0][1]["k"]
 
 
-def test_npu_w8a8_all_gather_mm_with_quant_bias(two_rank_runs):
-    per_rank = two_rank_runs["ag_w8a8"]
+def test_npu_w8a8_all_gather_mm_with_quant_bias():
+    per_rank = TWO_RANKS["ag_w8a8"]()
     for r in per_rank:
         assert r["decision"][1] == "fused" and r["error"] <= QUANT_TOLERANCE
         ((kernel, facts),) = r["calls"]

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from cases import TOLERANCE, Case
-from multirank import run_batch, run_ranks
+from multirank import shared
 from op_runs import run_cases
 
 
@@ -54,8 +54,8 @@ def check_results(per_rank):
 CHUNK_COUNTS = (1, 3, 8, 64)
 
 
-def _two_rank_batch() -> dict:
-    """Every 2-rank case of this module, run in one spawn (starting ranks costs more than the cases)."""
+def _two_rank_cases():
+    """Chunk counts, the cuda backend without symmetric memory, and rows padded before the scatter."""
     import fcpass
 
     chunk_rs = [Case(m=2 * 37, k=40, threshold=0, seed=s) for s in range(2)]
@@ -68,40 +68,35 @@ def _two_rank_batch() -> dict:
             ((7, 1), (5, 3)), (torch.float32, torch.bfloat16), (False, True), (0, 64)))
     ]
     return {
-        "both_sides": (run_cases, (_rs_cases(2), _ag_cases(2))),
-        **{("chunks", c): (run_cases, (chunk_rs, chunk_ag, fcpass.PassConfig(pipeline_chunks=c)))
+        **{("chunks", c): shared(run_cases, chunk_rs, chunk_ag, fcpass.PassConfig(pipeline_chunks=c))
            for c in CHUNK_COUNTS},
-        "cuda": (run_cases, (cuda_rs, cuda_ag, fcpass.PassConfig(backend="cuda"))),
-        "pad_rows": (run_cases, (pad_rs, [])),
+        "cuda": shared(run_cases, cuda_rs, cuda_ag, fcpass.PassConfig(backend="cuda")),
+        "pad_rows": shared(run_cases, pad_rs, []),
     }
 
 
-@pytest.fixture(scope="module")
-def two_ranks():
-    return run_batch(_two_rank_batch(), 2, timeout=300)
+BOTH_SIDES = {ws: shared(run_cases, _rs_cases(ws), _ag_cases(ws), world_size=ws, timeout=240) for ws in (2, 4)}
+TWO_RANKS = _two_rank_cases()
 
 
 @pytest.mark.parametrize("world_size", [2, 4])
-def test_ops_match_reference_on_both_sides_of_threshold(world_size, request):
-    if world_size == 2:
-        per_rank = request.getfixturevalue("two_ranks")["both_sides"]
-    else:
-        per_rank = run_ranks(run_cases, world_size, _rs_cases(world_size), _ag_cases(world_size), timeout=240)
+def test_ops_match_reference_on_both_sides_of_threshold(world_size):
+    per_rank = BOTH_SIDES[world_size]()
     check_results(per_rank)
     assert len(per_rank[0]) == len(_rs_cases(world_size)) + len(_ag_cases(world_size))
 
 
-def test_pipeline_chunk_counts_are_exact(two_ranks):
+def test_pipeline_chunk_counts_are_exact():
     """Every chunking of the generic pipeline gives the reference (uneven splits included)."""
     for chunks in CHUNK_COUNTS:
-        check_results(two_ranks[("chunks", chunks)])
+        check_results(TWO_RANKS[("chunks", chunks)]())
 
 
-def test_cuda_backend_without_symmetric_memory_runs_the_generic_pipeline(two_ranks):
+def test_cuda_backend_without_symmetric_memory_runs_the_generic_pipeline():
     """backend="cuda" on a group without symmetric memory: still fused, via the generic pipeline."""
-    check_results(two_ranks["cuda"])
+    check_results(TWO_RANKS["cuda"]())
 
 
-def test_pad_rows_before_the_scatter_keep_the_rank0_bias_off_the_padded_rows(two_ranks):
+def test_pad_rows_before_the_scatter_keep_the_rank0_bias_off_the_padded_rows():
     """vLLM pads the token count up to a multiple of world_size after the matmul: padded rows must stay 0."""
-    check_results(two_ranks["pad_rows"])
+    check_results(TWO_RANKS["pad_rows"]())

@@ -7,11 +7,10 @@ op protocol: no hang, and the sum equals the unfused one.
 
 import copy
 
-import pytest
 import torch
 import torch.distributed as dist
 
-from multirank import run_batch
+from multirank import shared
 
 THRESHOLD = 16
 
@@ -78,15 +77,11 @@ def run_rewritten_vs_original(rank, world_size):
     return results
 
 
-@pytest.fixture(scope="module")
-def runs():
-    """Both rank bodies of this module in one spawn."""
-    return run_batch({"rewritten": (run_rewritten_vs_original, ()), "mismatched": (run_mismatched_group, ())},
-                     2, timeout=240)
+REWRITTEN = shared(run_rewritten_vs_original)
 
 
-def test_rewritten_graphs_equal_originals_with_rank0_bias(runs):
-    per_rank = runs["rewritten"]
+def test_rewritten_graphs_equal_originals_with_rank0_bias():
+    per_rank = REWRITTEN()
     for key in per_rank[0]:
         decisions = [r[key]["decisions"] for r in per_rank]
         assert decisions[0] == decisions[1], key  # same protocol on both ranks
@@ -110,7 +105,10 @@ def run_mismatched_group(rank, world_size):
             "outcomes": [o.outcome for o in p.last_report.outcomes], "group": dist.group.WORLD.group_name}
 
 
-def test_collective_whose_world_size_disagrees_with_its_group_is_left_alone(runs):
-    for r in runs["mismatched"]:
+MISMATCHED = shared(run_mismatched_group)
+
+
+def test_collective_whose_world_size_disagrees_with_its_group_is_left_alone():
+    for r in MISMATCHED():
         assert r["fused"] == 0
         assert r["outcomes"] == [f"world_size 4 does not match group {r['group']!r} of size 2"]

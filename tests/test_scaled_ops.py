@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from multirank import run_batch
+from multirank import shared
 from scaled_runs import QUANT_TOLERANCE, run_scaled_all_gather, run_scaled_reduce_scatter
 
 
@@ -32,22 +32,20 @@ def _cases():
     return cases
 
 
-@pytest.fixture(scope="module")
-def scaled_runs():
-    return run_batch(_cases(), 2, timeout=240)
+SCALED = {key: shared(fn, *args) for key, (fn, args) in _cases().items()}
 
 
 @pytest.mark.parametrize("dtype_id", DTYPES)
 @pytest.mark.parametrize("fused_id", FUSED)
-def test_scaled_mm_reduce_scatter_rank0_bias(scaled_runs, dtype_id, fused_id):
-    _check(scaled_runs[("rs", dtype_id, fused_id)], FUSED[fused_id])
+def test_scaled_mm_reduce_scatter_rank0_bias(dtype_id, fused_id):
+    _check(SCALED[("rs", dtype_id, fused_id)](), FUSED[fused_id])
 
 
-def test_w8a8_mm_reduce_scatter_per_token_scale(scaled_runs):
-    _check(scaled_runs[("per_token",)], True)
+def test_w8a8_mm_reduce_scatter_per_token_scale():
+    _check(SCALED[("per_token",)](), True)
 
 
 @pytest.mark.parametrize("dtype_id", DTYPES)
 @pytest.mark.parametrize("fused_id", FUSED)
-def test_scaled_all_gather_mm_several_weights(scaled_runs, dtype_id, fused_id):
-    _check(scaled_runs[("ag", dtype_id, fused_id)], FUSED[fused_id])
+def test_scaled_all_gather_mm_several_weights(dtype_id, fused_id):
+    _check(SCALED[("ag", dtype_id, fused_id)](), FUSED[fused_id])

@@ -18,7 +18,7 @@ import functools
 
 import pytest
 
-from multirank import run_ranks
+from multirank import shared
 from fcpass.vllm_cpu_llama import LAYERS, compile_and_run, rank_setup
 
 THRESHOLD, SP_THRESHOLD = 16, 4
@@ -128,9 +128,12 @@ def run_sp(rank, world_size):
     return runs
 
 
+SP_RUNS = shared(run_sp, setup=rank_setup, timeout=420)
+
+
 @pytest.fixture(scope="module")
 def sp_runs():
-    return run_ranks(run_sp, 2, setup=rank_setup, timeout=420)
+    return SP_RUNS()
 
 
 @pytest.mark.parametrize("kind", ["llama", "llama_bias"])

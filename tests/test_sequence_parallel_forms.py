@@ -188,6 +188,7 @@ def run_case(rank, world_size, name):
 
 @pytest.fixture(scope="module")
 def runs():
+    """Ranks of their own: the shm case registers stand-in ``_C`` shm collectives for the rest of the process."""
     per_rank = run_ranks(run_cases, 2, timeout=240)
     return {name: [cases[name] for cases in per_rank] for name in CASES}
 

@@ -2,6 +2,7 @@
 
 import copy
 import json
+import pathlib
 import pickle
 
 import pytest
@@ -13,7 +14,7 @@ from fcpass import ops, thresholds
 from fcpass.backends import get_backend
 from fcpass.backends.base import ALL_GATHER_MM, MM_REDUCE_SCATTER, FusedCall
 from fcpass.guard import GuardFacts
-from multirank import run_ranks
+from multirank import shared
 
 GENERIC = get_backend("generic")
 
@@ -189,33 +190,40 @@ def test_directory_is_a_clear_error(tmp_path):
         fcpass.PassConfig(threshold_table=str(tmp_path))
 
 
-def _guarded_calls(rank, world_size, config):
+def _guarded_calls(rank, world_size, table):
     """Ops with threshold -1 on both sides of the table's thresholds; the decision and chunks of each."""
+    import tempfile
+
     from fcpass.backends import generic
 
-    fcpass.configure(config)
     requested = []
     auto_chunks = generic.auto_chunks
     generic.auto_chunks = lambda rows, chunks: requested.append(chunks) or auto_chunks(rows, chunks)
     name = dist.group.WORLD.group_name
     w = torch.randn(1024, 1024)
     results = []
-    for tokens in (512, 1024):
-        fcpass.reset_decision_counts()
-        requested.clear()
-        x = torch.randn(tokens, 1024)
-        out = torch.ops.fcpass.mm_reduce_scatter(x, w, None, name, world_size, -1)
-        product = x @ w
-        ref = torch.empty_like(out)
-        dist.reduce_scatter_tensor(ref, product)
-        (decision,) = fcpass.decision_counts()
-        results.append((tokens, decision[1], list(requested), torch.allclose(out, ref, atol=1e-4)))
+    try:
+        with tempfile.TemporaryDirectory() as tmp:  # each rank its own copy of the same table
+            fcpass.configure(fcpass.PassConfig(threshold_table=_write(pathlib.Path(tmp), table)))
+        for tokens in (512, 1024):
+            fcpass.reset_decision_counts()
+            requested.clear()
+            x = torch.randn(tokens, 1024)
+            out = torch.ops.fcpass.mm_reduce_scatter(x, w, None, name, world_size, -1)
+            product = x @ w
+            ref = torch.empty_like(out)
+            dist.reduce_scatter_tensor(ref, product)
+            (decision,) = fcpass.decision_counts()
+            results.append((tokens, decision[1], list(requested), torch.allclose(out, ref, atol=1e-4)))
+    finally:
+        generic.auto_chunks = auto_chunks
     return results
 
 
-def test_guarded_op_takes_threshold_and_chunks_from_table(tmp_path):
-    config = fcpass.PassConfig(threshold_table=_write(tmp_path, _table(_entry(threshold_tokens=512,
-                                                                              pipeline_chunks=3))))
-    per_rank = run_ranks(_guarded_calls, 2, config, timeout=120)
+GUARDED = shared(_guarded_calls, _table(_entry(threshold_tokens=512, pipeline_chunks=3)), timeout=120)
+
+
+def test_guarded_op_takes_threshold_and_chunks_from_table():
+    per_rank = GUARDED()
     assert per_rank[0] == per_rank[1]
     assert per_rank[0] == [(512, "unfused", [], True), (1024, "fused", [3], True)]

@@ -3,7 +3,8 @@
 import torch
 
 from cases import Case
-from multirank import run_ranks
+from fcpass.vllm_cpu_llama import rank_setup
+from multirank import shared
 
 
 def run_on_vllm_tp_group(rank, world_size):
@@ -29,8 +30,11 @@ def run_on_vllm_tp_group(rank, world_size):
         return {"name": tp.unique_name, "results": results}
 
 
+ON_VLLM_TP_GROUP = shared(run_on_vllm_tp_group, setup=rank_setup, timeout=240)  # in the vLLM model tests' ranks
+
+
 def test_ops_accept_vllm_group_name():
-    per_rank = run_ranks(run_on_vllm_tp_group, 2, timeout=240)
+    per_rank = ON_VLLM_TP_GROUP()
     for r in per_rank:
         assert r["name"].startswith("tp:")
         for res in r["results"]:

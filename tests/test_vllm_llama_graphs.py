@@ -14,7 +14,7 @@ structure, per rank, whatever the rank's bias:
 
 import pytest
 
-from multirank import run_ranks
+from multirank import shared
 from fcpass.vllm_cpu_llama import LAYERS, MODEL_KINDS, compile_and_run, rank_setup
 
 THRESHOLD = 32
@@ -42,9 +42,12 @@ def run_with_flashcomm(rank, world_size, kinds):
     return results
 
 
+FLASHCOMM_RUNS = shared(run_with_flashcomm, MODEL_KINDS, setup=rank_setup, timeout=480)
+
+
 @pytest.fixture(scope="module")
 def flashcomm_runs():
-    return run_ranks(run_with_flashcomm, 2, MODEL_KINDS, setup=rank_setup, timeout=480)
+    return FLASHCOMM_RUNS()
 
 
 @pytest.mark.parametrize("kind", MODEL_KINDS)

@@ -18,7 +18,7 @@ outputs equal the eager layer at odd and even token counts.
 import pytest
 import torch
 
-from multirank import run_ranks
+from multirank import shared
 from fcpass.vllm_cpu_llama import rank_setup, vllm_tp
 
 HIDDEN, QKV = 64, 96
@@ -85,9 +85,12 @@ def run_layer(rank, world_size):
     return results
 
 
+LAYER_RUNS = shared(run_layer, setup=rank_setup, timeout=240)
+
+
 @pytest.fixture(scope="module")
 def layer_runs():
-    return run_ranks(run_layer, 2, setup=rank_setup, timeout=240)
+    return LAYER_RUNS()
 
 
 def test_pad_reduce_scatter_and_gather_unpad_fuse(layer_runs):
