@@ -10,8 +10,9 @@ the collective it replaced. Measured on 2 gloo ranks:
     of several repeats): ``guard.decide`` alone (goal < 1 us); decide +
     record; ``ops.dispatch`` (backend, threshold, guard, record, path); the
     op's Python body (validation, Matmul, group, FusedCall, dispatch); the
-    whole ``torch.ops.fcpass.*`` call (plus the dispatcher and the custom-op
-    wrapper).
+    whole ``torch.ops.fcpass.*`` call (plus the dispatcher); a do-nothing op
+    with the same schema, defined as fcpass's (``fcpass.oplib``) and through
+    ``torch.library.custom_op``: the floor of each way.
 (b) the op on its unfused path (threshold forcing it) against torch.mm +
     reduce_scatter / all_gather + torch.mm called directly (the
     non-deprecated ``*_single`` spellings, which the op calls too), at 1, 2,
@@ -36,7 +37,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import cli  # noqa: E402
 import measure  # noqa: E402
 import fcpass  # noqa: E402
-from fcpass import guard, ops  # noqa: E402
+from fcpass import guard, oplib, ops  # noqa: E402
 from fcpass.backends import get_backend  # noqa: E402
 from fcpass.backends.base import ALL_GATHER_MM, MM_REDUCE_SCATTER  # noqa: E402
 from fcpass.launch import run_ranks  # noqa: E402
@@ -83,30 +84,36 @@ def decide_costs(point: measure.Point) -> dict[str, float]:
         else:
             call = ops._ag_call(point.op, point.x, [Matmul(point.w, None)], point.group_name, point.world_size)
         costs["dispatch"] = _per_call_ns(lambda: ops.dispatch(point.op, family, call, measure.NEVER_FUSE))
-        body = getattr(ops, point.op)._init_fn
+        body = getattr(ops, point.op)  # the kernel itself, without the dispatcher
         args = _op_args(point)
         costs["op_body"] = _per_call_ns(lambda: body(*args))
         op = getattr(torch.ops.fcpass, point.op)
         costs["torch_ops_call"] = _per_call_ns(lambda: op(*args))
     finally:
         setattr(ops, stub_name, original)
-    floor = _noop_custom_op(stub_out if family == MM_REDUCE_SCATTER else stub_out[0])
-    costs["custom_op_floor"] = _per_call_ns(
-        lambda: floor(point.x, point.w, None, point.group_name, point.world_size, measure.NEVER_FUSE, 0))
+    result = stub_out if family == MM_REDUCE_SCATTER else stub_out[0]
+    for floor_name, noop in _noop_ops(result).items():
+        costs[floor_name] = _per_call_ns(
+            lambda: noop(point.x, point.w, None, point.group_name, point.world_size, measure.NEVER_FUSE, 0))
     costs["empty_lambda"] = _per_call_ns(lambda: None)  # the timing loop's own cost per call
     return costs
 
 
-def _noop_custom_op(result: torch.Tensor):
-    """A torch.library custom op with mm_reduce_scatter's schema that does nothing: the floor of any such op."""
+def _noop_ops(result: torch.Tensor) -> dict:
+    """Ops with mm_reduce_scatter's schema that do nothing, defined as fcpass defines its ops (``oplib``) and
+    through ``torch.library.custom_op``: the floor of any op either way."""
     global _noop_result
     _noop_result = result
+
+    def noop(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, group_name: str, world_size: int,
+             threshold_tokens: int, pad_rows: int = 0) -> torch.Tensor:
+        return _noop_result
+
     if not hasattr(torch.ops.fcpass_bench, "noop"):
-        @torch.library.custom_op("fcpass_bench::noop", mutates_args=())
-        def noop(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, group_name: str, world_size: int,
-                 threshold_tokens: int, pad_rows: int = 0) -> torch.Tensor:
-            return _noop_result
-    return torch.ops.fcpass_bench.noop.default
+        oplib.OpLibrary("fcpass_bench").define("noop")(noop)
+        torch.library.custom_op("fcpass_bench::noop_custom_op", noop, mutates_args=())
+    return {"oplib_floor": torch.ops.fcpass_bench.noop.default,
+            "custom_op_floor": torch.ops.fcpass_bench.noop_custom_op.default}
 
 
 _noop_result = None

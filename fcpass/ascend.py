@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import torch
 
+from fcpass import oplib
+
 
 def forward_context_pad_size() -> int:
     """vllm-ascend's current ``pad_size``: its extra-context proxy (newer), else vLLM's forward context."""
@@ -24,13 +26,13 @@ def forward_context_pad_size() -> int:
         return int(getattr(get_forward_context(), "pad_size", 0) or 0)
 
 
-@torch.library.custom_op("fcpass::drop_token_padding", mutates_args=())
+@oplib.define("drop_token_padding")
 def drop_token_padding(rows: torch.Tensor) -> torch.Tensor:
     """``rows`` without vllm-ascend's trailing padding rows (a copy: custom ops may not return views)."""
     pad = forward_context_pad_size()
     return rows[: rows.shape[0] - pad].clone()
 
 
-@drop_token_padding.register_fake
+@oplib.fake("drop_token_padding")
 def _(rows):
     return rows.new_empty(rows.shape)  # as vllm-ascend's gather fake: the padding is invisible when tracing

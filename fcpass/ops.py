@@ -27,7 +27,7 @@ from collections.abc import Sequence
 
 import torch
 
-from fcpass import comm, guard, validate
+from fcpass import comm, guard, oplib, validate
 from fcpass.backends import select_backend
 from fcpass.backends.base import ALL_GATHER_MM, MM_REDUCE_SCATTER, Backend, FusedCall
 from fcpass.config import PassConfig
@@ -195,7 +195,7 @@ def _split_x_scale(x_scale):
     return None, x_scale
 
 
-@torch.library.custom_op("fcpass::mm_reduce_scatter", mutates_args=())
+@oplib.define("mm_reduce_scatter")
 def mm_reduce_scatter(
     x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None,
     group_name: str, world_size: int, threshold_tokens: int, pad_rows: int = 0,
@@ -204,13 +204,13 @@ def mm_reduce_scatter(
     return dispatch("mm_reduce_scatter", MM_REDUCE_SCATTER, call, threshold_tokens)
 
 
-@mm_reduce_scatter.register_fake
+@oplib.fake("mm_reduce_scatter")
 def _(x, w, bias, group_name, world_size, threshold_tokens, pad_rows=0):
     _rs_call("mm_reduce_scatter", x, Matmul(w, bias), None, group_name, world_size, pad_rows, resolve=False)
     return x.new_empty(((x.shape[0] + pad_rows) // world_size, w.shape[1]))
 
 
-@torch.library.custom_op("fcpass::mm_reduce_scatter_scaled", mutates_args=())
+@oplib.define("mm_reduce_scatter_scaled")
 def mm_reduce_scatter_scaled(
     x: torch.Tensor, w: torch.Tensor, x_scale: torch.Tensor | None, w_scale: torch.Tensor,
     bias: torch.Tensor | None, out_dtype: torch.dtype,
@@ -222,7 +222,7 @@ def mm_reduce_scatter_scaled(
     return dispatch("mm_reduce_scatter_scaled", MM_REDUCE_SCATTER, call, threshold_tokens)
 
 
-@mm_reduce_scatter_scaled.register_fake
+@oplib.fake("mm_reduce_scatter_scaled")
 def _(x, w, x_scale, w_scale, bias, out_dtype, group_name, world_size, threshold_tokens, pad_rows=0):
     per_tensor, per_token = _split_x_scale(x_scale)
     mm = Matmul(w, bias, w_scale=w_scale, x_scale=per_tensor, out_dtype=out_dtype)
@@ -230,7 +230,7 @@ def _(x, w, x_scale, w_scale, bias, out_dtype, group_name, world_size, threshold
     return x.new_empty(((x.shape[0] + pad_rows) // world_size, w.shape[1]), dtype=out_dtype)
 
 
-@torch.library.custom_op("fcpass::all_gather_mm", mutates_args=())
+@oplib.define("all_gather_mm")
 def all_gather_mm(
     x: torch.Tensor, ws: Sequence[torch.Tensor], biases: Sequence[torch.Tensor | None],
     group_name: str, world_size: int, threshold_tokens: int,
@@ -241,7 +241,7 @@ def all_gather_mm(
     return gathered, list(outs)
 
 
-@all_gather_mm.register_fake
+@oplib.fake("all_gather_mm")
 def _(x, ws, biases, group_name, world_size, threshold_tokens):
     mms = [Matmul(w, b) for w, b in _zip_lists("all_gather_mm", ws, biases, "biases")]
     _ag_call("all_gather_mm", x, mms, group_name, world_size, resolve=False)
@@ -262,7 +262,7 @@ def _scaled_matmuls(op, ws, w_scales, biases, x_scale, out_dtype):
     ]
 
 
-@torch.library.custom_op("fcpass::all_gather_scaled_mm", mutates_args=())
+@oplib.define("all_gather_scaled_mm")
 def all_gather_scaled_mm(
     x: torch.Tensor, x_scale: torch.Tensor | None, ws: Sequence[torch.Tensor],
     w_scales: Sequence[torch.Tensor], biases: Sequence[torch.Tensor | None], out_dtype: torch.dtype,
@@ -274,7 +274,7 @@ def all_gather_scaled_mm(
     return gathered, list(outs)
 
 
-@all_gather_scaled_mm.register_fake
+@oplib.fake("all_gather_scaled_mm")
 def _(x, x_scale, ws, w_scales, biases, out_dtype, group_name, world_size, threshold_tokens):
     mms = _scaled_matmuls("all_gather_scaled_mm", ws, w_scales, biases, x_scale, out_dtype)
     _ag_call("all_gather_scaled_mm", x, mms, group_name, world_size, resolve=False)
@@ -282,7 +282,7 @@ def _(x, x_scale, ws, w_scales, biases, out_dtype, group_name, world_size, thres
     return x.new_empty((rows, x.shape[1])), [x.new_empty((rows, w.shape[1]), dtype=out_dtype) for w in ws]
 
 
-@torch.library.custom_op("fcpass::mm_reduce_scatter_onednn", mutates_args=())
+@oplib.define("mm_reduce_scatter_onednn")
 def mm_reduce_scatter_onednn(
     x: torch.Tensor, handler: torch.Tensor, n: int, bias: torch.Tensor | None,
     group_name: str, world_size: int, threshold_tokens: int, pad_rows: int = 0,
@@ -292,7 +292,7 @@ def mm_reduce_scatter_onednn(
     return dispatch("mm_reduce_scatter_onednn", MM_REDUCE_SCATTER, call, threshold_tokens)
 
 
-@mm_reduce_scatter_onednn.register_fake
+@oplib.fake("mm_reduce_scatter_onednn")
 def _(x, handler, n, bias, group_name, world_size, threshold_tokens, pad_rows=0):
     mm = OneDNNMatmul(handler, n, x.dtype, bias)
     _rs_call("mm_reduce_scatter_onednn", x, mm, None, group_name, world_size, pad_rows, resolve=False)
@@ -304,7 +304,7 @@ def _onednn_matmuls(op, x, handlers, ns, biases):
     return [OneDNNMatmul(h, n, x.dtype, b) for (h, b), n in zip(_zip_lists(op, handlers, biases, "biases"), ns)]
 
 
-@torch.library.custom_op("fcpass::all_gather_onednn_mm", mutates_args=())
+@oplib.define("all_gather_onednn_mm")
 def all_gather_onednn_mm(
     x: torch.Tensor, handlers: Sequence[torch.Tensor], ns: Sequence[int], biases: Sequence[torch.Tensor | None],
     group_name: str, world_size: int, threshold_tokens: int,
@@ -315,7 +315,7 @@ def all_gather_onednn_mm(
     return gathered, list(outs)
 
 
-@all_gather_onednn_mm.register_fake
+@oplib.fake("all_gather_onednn_mm")
 def _(x, handlers, ns, biases, group_name, world_size, threshold_tokens):
     mms = _onednn_matmuls("all_gather_onednn_mm", x, handlers, ns, biases)
     _ag_call("all_gather_onednn_mm", x, mms, group_name, world_size, resolve=False)

@@ -4,21 +4,28 @@ import copy
 import json
 import os
 import pickle
-import subprocess
-import sys
 
 import fcpass
+from fcpass.vllm_cpu_llama import rank_setup
 from hand_graphs import mm_rs
+from multirank import shared
 from passes import FlashCommPass
 
-UUID_IN_FRESH_PROCESS = "import fcpass, passes; print(passes.FlashCommPass(fcpass.PassConfig(threshold_tokens=77)).uuid())"
+
+def uuid_in_fresh_process(rank, world_size):
+    import fcpass
+    import passes
+
+    return passes.FlashCommPass(fcpass.PassConfig(threshold_tokens=77)).uuid()
+
+
+# The vLLM tests' ranks: fresh interpreters (their own hash seed) that import vLLM, as vLLM's workers do.
+UUIDS_IN_FRESH_PROCESSES = shared(uuid_in_fresh_process, setup=rank_setup, timeout=60)
 
 
 def test_uuid_is_stable_across_processes_and_follows_the_config():
     here = FlashCommPass(fcpass.PassConfig(threshold_tokens=77)).uuid()
-    there = subprocess.run([sys.executable, "-c", UUID_IN_FRESH_PROCESS], capture_output=True, text=True,
-                           timeout=120, check=True).stdout.strip()
-    assert here == there
+    assert UUIDS_IN_FRESH_PROCESSES() == [here, here]
     assert FlashCommPass(fcpass.PassConfig(threshold_tokens=78)).uuid() != here
     assert FlashCommPass(fcpass.PassConfig(threshold_tokens=77, fuse_all_gather_mm=False)).uuid() != here
 
