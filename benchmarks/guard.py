@@ -102,21 +102,22 @@ def decide_costs(point: measure.Point) -> dict[str, float]:
 def _noop_ops(result: torch.Tensor) -> dict:
     """Ops with mm_reduce_scatter's schema that do nothing, defined as fcpass defines its ops (``oplib``) and
     through ``torch.library.custom_op``: the floor of any op either way."""
-    global _noop_result
+    global _noop_result, _noop_library
     _noop_result = result
 
     def noop(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, group_name: str, world_size: int,
              threshold_tokens: int, pad_rows: int = 0) -> torch.Tensor:
         return _noop_result
 
-    if not hasattr(torch.ops.fcpass_bench, "noop"):
-        oplib.OpLibrary("fcpass_bench").define("noop")(noop)
+    if _noop_library is None:
+        _noop_library = oplib.OpLibrary("fcpass_bench")  # kept: a library's ops go when it is collected
+        _noop_library.define("noop")(noop)
         torch.library.custom_op("fcpass_bench::noop_custom_op", noop, mutates_args=())
     return {"oplib_floor": torch.ops.fcpass_bench.noop.default,
             "custom_op_floor": torch.ops.fcpass_bench.noop_custom_op.default}
 
 
-_noop_result = None
+_noop_result = _noop_library = None
 
 
 def _op_args(point: measure.Point) -> tuple:
