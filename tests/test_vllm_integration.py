@@ -1,11 +1,7 @@
 """fcpass.vllm: the compilation config a vLLM user passes, vLLM's own registration code, the plugin."""
 
 import copy
-import json
-import os
 import pickle
-import subprocess
-import sys
 import types
 
 import pytest
@@ -14,6 +10,8 @@ import torch
 import fcpass
 import fcpass.vllm as fcpass_vllm
 from fcpass.vllm import POST_GRAD_PASS_KEY
+from fcpass.vllm_cpu_llama import rank_setup
+from multirank import shared
 
 pytest.importorskip("vllm")
 
@@ -232,33 +230,35 @@ def _configure_post_pass(vllm_config, manager, key):
     return manager
 
 
-PLUGIN_PROBE = r"""
-import json, sys
-from vllm.config import VllmConfig
-from vllm.plugins import load_general_plugins
+def plugin_probe(rank, world_size, cases):
+    """vLLM loads its general plugins (fcpass's by its entry point), then builds a config per additional_config."""
+    from vllm.config import VllmConfig
+    from vllm.plugins import load_general_plugins
 
-load_general_plugins()
-result = {}
-for name, additional in json.loads(sys.argv[1]).items():
-    try:
-        config = VllmConfig(additional_config=additional).compilation_config.inductor_compile_config
-        flashcomm = config.get("post_grad_custom_post_pass")
-        result[name] = None if flashcomm is None else [type(flashcomm).__name__, flashcomm.config.to_dict()]
-    except Exception as exc:
-        result[name] = "error: " + str(exc)
-print("PROBE" + json.dumps(result))
-"""
+    load_general_plugins()
+    result = {}
+    for name, additional in cases.items():
+        try:
+            config = VllmConfig(additional_config=additional).compilation_config.inductor_compile_config
+            flashcomm = config.get("post_grad_custom_post_pass")
+            result[name] = None if flashcomm is None else [type(flashcomm).__name__, flashcomm.config.to_dict()]
+        except Exception as exc:
+            result[name] = "error: " + str(exc)
+    return result
+
+
+PLUGIN_CASES = {"set": {"fcpass": {"threshold_tokens": 96, "fuse_all_gather_mm": False}},
+                "not set": {}, "other keys only": {"ascend_compilation_config": {}},
+                "bad value": {"fcpass": {"pipeline_chunks": 1000}}, "unknown field": {"fcpass": {"threshold": 5}}}
+# The vLLM tests' ranks: fresh processes where vLLM finds the plugin by its entry point, as its workers do.
+PLUGIN_PROBE = shared(plugin_probe, PLUGIN_CASES, setup=rank_setup, timeout=120)
 
 
 def test_plugin_entry_point_installs_the_pass_from_additional_config():
-    """The plugin as vLLM loads it (entry point, load_general_plugins), in a fresh process."""
-    cases = {"set": {"fcpass": {"threshold_tokens": 96, "fuse_all_gather_mm": False}},
-             "not set": {}, "other keys only": {"ascend_compilation_config": {}},
-             "bad value": {"fcpass": {"pipeline_chunks": 1000}}, "unknown field": {"fcpass": {"threshold": 5}}}
-    run = subprocess.run([sys.executable, "-c", PLUGIN_PROBE, json.dumps(cases)], capture_output=True, text=True,
-                         timeout=240, env={**os.environ, "VLLM_PLUGINS": "fcpass"})
-    assert run.returncode == 0, run.stderr[-3000:]
-    result = json.loads(run.stdout.split("PROBE", 1)[1])
+    """The plugin as vLLM loads it (entry point, load_general_plugins), in fresh processes."""
+    per_rank = PLUGIN_PROBE()
+    assert per_rank[0] == per_rank[1]
+    result = per_rank[0]
     name, config = result["set"]
     assert name == "VllmFlashCommPass"
     assert config == {**fcpass.PassConfig().to_dict(), "threshold_tokens": 96, "fuse_all_gather_mm": False}
