@@ -1,11 +1,12 @@
 """Defining ``torch.ops.fcpass.*``: schema from the function's annotations, the function as every device's kernel.
 
-Why not ``torch.library.custom_op``: it puts an autograd layer and a
-dynamo-disable frame between the dispatcher and the kernel, ~10-15 us per
-call (benchmarks/guard.py). The fused ops are inference-only and run on every
-forward step, decode included, where that is the price of the whole
-unfused path. Defined here, the kernel is one dispatcher hop away; inputs
-that require grad get PyTorch's "autograd not implemented" fallback.
+Why not ``torch.library.custom_op``: on top of the autograd layer it wraps
+the kernel in a dynamo-disable frame; a do-nothing op costs ~19 us a call
+that way, ~11 us defined here (benchmarks/guard.py), and the fused ops run
+on every forward step, decode included, where that is the price of the
+whole unfused path. The ops are inference-only: a backward through one
+raises, naming it, rather than flowing through its collectives (which have
+no gradient) into a silently wrong number.
 """
 
 from __future__ import annotations
@@ -25,9 +26,12 @@ class OpLibrary:
 
         The op returns new tensors only (no input mutated, no view of an input).
         """
+        qualname = f"{self.namespace}::{name}"
+
         def register(fn):
             self._library.define(name + torch.library.infer_schema(fn, mutates_args=()))
             self._library.impl(name, fn, "CompositeExplicitAutograd")
+            torch.library.register_autograd(qualname, _no_backward(qualname), lib=self._library)
             return fn
 
         return register
@@ -35,6 +39,13 @@ class OpLibrary:
     def fake(self, name: str):
         """Decorator: the fake (meta) impl of ``<namespace>::<name>``, run when tracing: shapes and dtypes only."""
         return torch.library.register_fake(f"{self.namespace}::{name}", lib=self._library)
+
+
+def _no_backward(qualname: str):
+    def backward(ctx, *grads):
+        raise RuntimeError(f"{qualname} is inference-only: it has no backward (its collectives have no gradient)")
+
+    return backward
 
 
 FCPASS = OpLibrary("fcpass")

@@ -128,3 +128,30 @@ def test_disabled_family_and_backend_off_run_unfused():
             ("unfused", "backend off"), ("unfused", "backend off"),
         ]
         assert all(r["error"] <= 1e-5 for r in results)
+
+
+def run_backward_through_the_ops(rank, world_size):
+    """A gradient asked of an op (inference-only; its collectives have none): the error, on both families."""
+    name = dist.group.WORLD.group_name
+    x, w = torch.randn(4, 8, requires_grad=True), torch.randn(8, 8)
+    outputs = {
+        "mm_reduce_scatter": torch.ops.fcpass.mm_reduce_scatter(x, w, None, name, world_size, 1 << 20),
+        "all_gather_mm": torch.ops.fcpass.all_gather_mm(x, [w], [None], name, world_size, 1 << 20)[1][0],
+    }
+    messages = {}
+    for op, out in outputs.items():
+        try:
+            out.sum().backward()
+            messages[op] = None
+        except RuntimeError as exc:
+            messages[op] = str(exc)
+    return messages
+
+
+BACKWARD = shared(run_backward_through_the_ops, timeout=60)
+
+
+def test_backward_through_an_op_is_an_error_naming_it():
+    for messages in BACKWARD():
+        for op, message in messages.items():
+            assert message is not None and f"fcpass::{op} is inference-only" in message, (op, message)
