@@ -1,12 +1,12 @@
 """Defining ``torch.ops.fcpass.*``: schema from the function's annotations, the function as every device's kernel.
 
 Why not ``torch.library.custom_op``: on top of the autograd layer it wraps
-the kernel in a dynamo-disable frame; a do-nothing op costs ~19 us a call
-that way, ~11 us defined here (benchmarks/guard.py), and the fused ops run
-on every forward step, decode included, where that is the price of the
-whole unfused path. The ops are inference-only: a backward through one
-raises, naming it, rather than flowing through its collectives (which have
-no gradient) into a silently wrong number.
+the kernel in a dynamo-disable frame; a do-nothing op typically costs
+~17 us a call that way, ~11 us defined here (benchmarks/README.md, guard),
+and the fused ops run on every forward step, decode included. The ops are
+inference-only: a backward through one raises, naming it, rather than
+flowing through its collectives (which have no gradient) into a silently
+wrong number; without an autograd kernel at all PyTorch would only warn.
 """
 
 from __future__ import annotations
