@@ -7,6 +7,7 @@ and all ranks are killed.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import multiprocessing as mp
 import os
@@ -21,10 +22,13 @@ DEFAULT_TIMEOUT_S = 180.0
 COLLECTIVE_TIMEOUT_S = 60
 
 
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def free_ports(count: int) -> list[int]:
+    """``count`` distinct free ports on 127.0.0.1 (all held open while choosing, so no two are the same)."""
+    with contextlib.ExitStack() as stack:
+        sockets = [stack.enter_context(socket.socket(socket.AF_INET, socket.SOCK_STREAM)) for _ in range(count)]
+        for s in sockets:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in sockets]
 
 
 def run_ranks(fn, world_size: int, *args, timeout: float = DEFAULT_TIMEOUT_S, backend: str = "gloo", setup=None):
@@ -35,7 +39,7 @@ def run_ranks(fn, world_size: int, *args, timeout: float = DEFAULT_TIMEOUT_S, ba
     """
     ctx = mp.get_context("spawn")
     results: queue.Queue = ctx.Queue()
-    port = free_port()
+    (port,) = free_ports(1)
     procs = [
         ctx.Process(target=_rank_main, args=(fn, rank, world_size, port, backend, setup, args, results), daemon=True)
         for rank in range(world_size)

@@ -13,7 +13,7 @@ import itertools
 import traceback
 from dataclasses import dataclass, field
 
-from fcpass.launch import DEFAULT_TIMEOUT_S, free_port, run_ranks  # noqa: F401
+from fcpass.launch import DEFAULT_TIMEOUT_S, run_ranks
 
 
 @dataclass

@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -20,6 +19,7 @@ import urllib.request
 from dataclasses import dataclass
 
 from fcpass.engine import ENGINE_ENV
+from fcpass.launch import free_ports
 
 STOP_WAIT_S = 30
 
@@ -38,15 +38,6 @@ class Server:
     def log_tail(self, chars: int = 6000) -> str:
         with open(self.log_path, errors="replace") as f:
             return f.read()[-chars:]
-
-
-def free_ports(count: int) -> list[int]:
-    """``count`` distinct free ports (all held open while choosing, so no two are the same)."""
-    with contextlib.ExitStack() as stack:
-        sockets = [stack.enter_context(socket.socket()) for _ in range(count)]
-        for s in sockets:
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in sockets]
 
 
 def vllm_script() -> str:
