@@ -25,6 +25,9 @@ import torch.distributed as dist
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import fcpass  # noqa: E402
+# The collectives' non-deprecated spellings and the padding the ops themselves use.
+from fcpass.comm import all_gather_single, reduce_scatter_single  # noqa: E402
+from fcpass.padding import append_zero_rows  # noqa: E402
 
 logger = logging.getLogger(__name__)
 
@@ -33,9 +36,6 @@ CHUNK_CANDIDATES = (2, 4, 8)
 NEVER_FUSE, ALWAYS_FUSE = 1 << 24, 0
 # From the config: "the runtime config's threshold, table or backend default".
 CONFIG_THRESHOLD = -1
-# The non-deprecated torch >= 2.13 spellings, which the ops' own collectives call.
-_reduce_scatter = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
-_all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 
 
 def repeats_for(tokens: int) -> int:
@@ -139,9 +139,9 @@ class Point:
 
     def collective(self) -> Callable[[], object]:
         if self.op == "mm_reduce_scatter":
-            product = self.product if not self.pad_rows else _padded(self.product, self.pad_rows)
-            return lambda: _reduce_scatter(self.shard, product)
-        return lambda: _all_gather(self.gathered, self.x)
+            product = self.product if not self.pad_rows else append_zero_rows(self.product, self.pad_rows)
+            return lambda: reduce_scatter_single(self.shard, product)
+        return lambda: all_gather_single(self.gathered, self.x)
 
     def direct(self) -> Callable[[], object]:
         """Matmul + collective called directly, allocating outputs as the op does: the op's floor."""
@@ -150,24 +150,20 @@ class Point:
             def call():
                 product = torch.mm(x, w)
                 if pad:
-                    product = _padded(product, pad)
+                    product = append_zero_rows(product, pad)
                 out = product.new_empty((product.shape[0] // ws, product.shape[1]))
-                _reduce_scatter(out, product)
+                reduce_scatter_single(out, product)
                 return out
             return call
 
         def call():
             gathered = x.new_empty((x.shape[0] * ws, x.shape[1]))
-            _all_gather(gathered, x)
+            all_gather_single(gathered, x)
             return gathered, [torch.mm(gathered, w)]
         return call
 
     def fused_variants(self, candidates=CHUNK_CANDIDATES) -> dict[str, Callable[[], object]]:
         return {fused_name(c): self.fused(c) for c in candidates}
-
-
-def _padded(t: torch.Tensor, rows: int) -> torch.Tensor:
-    return torch.cat([t, t.new_zeros((rows, t.shape[1]))])
 
 
 def fused_name(chunks: int) -> str:

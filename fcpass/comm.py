@@ -12,9 +12,9 @@ import torch.distributed as dist
 
 from fcpass.matmuls import FP8_DTYPES
 
-# torch >= 2.13 names them *_single and deprecates the *_tensor spellings.
-_all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
-_reduce_scatter = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+# torch >= 2.13 names them *_single and deprecates the *_tensor spellings (benchmarks call these too).
+all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+reduce_scatter_single = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
 
 
 def all_gather_rows(out: torch.Tensor, x: torch.Tensor, group: dist.ProcessGroup, async_op: bool = False):
@@ -22,9 +22,9 @@ def all_gather_rows(out: torch.Tensor, x: torch.Tensor, group: dist.ProcessGroup
     x = x.contiguous()
     if x.dtype in FP8_DTYPES:
         out, x = out.view(torch.uint8), x.view(torch.uint8)
-    return _all_gather(out, x, group=group, async_op=async_op)
+    return all_gather_single(out, x, group=group, async_op=async_op)
 
 
 def reduce_scatter_rows(out: torch.Tensor, x: torch.Tensor, group: dist.ProcessGroup, async_op: bool = False):
     """``out`` (m / world_size, ...) = this rank's block of the SUM over ranks of ``x`` (m, ...)."""
-    return _reduce_scatter(out, x, op=dist.ReduceOp.SUM, group=group, async_op=async_op)
+    return reduce_scatter_single(out, x, op=dist.ReduceOp.SUM, group=group, async_op=async_op)
