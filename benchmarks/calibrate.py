@@ -60,9 +60,9 @@ def plan(shapes, tokens) -> list[tuple[str, int, int, int]]:
     return [(op, k, n, t) for op in measure.OPS for k, n in shapes for t in tokens]
 
 
+@measure.rank_main
 def measure_rank(rank: int, world_size: int, points, dtype) -> list[dict]:
     """Phase 1: unfused and every fused candidate per point."""
-    measure.start_rank(rank)
     results = []
     for op, k, n, tokens in points:
         point = measure.Point(op, tokens, k, n, world_size, dtype)
@@ -75,9 +75,9 @@ def measure_rank(rank: int, world_size: int, points, dtype) -> list[dict]:
     return results
 
 
+@measure.rank_main
 def check_rank(rank: int, world_size: int, points, dtype, table_path: str) -> list[dict]:
     """Phase 2: the guarded op under the table, against unfused and every fused candidate."""
-    measure.start_rank(rank)
     config = fcpass.PassConfig(threshold_table=table_path)
     results = []
     for op, k, n, tokens in points:

@@ -132,8 +132,8 @@ def make_point(op: str, rows: int, k: int, n: int, world_size: int) -> measure.P
     return measure.Point(op, rows * world_size, k, n, world_size)
 
 
+@measure.rank_main
 def bench_rank(rank: int, world_size: int, rows_list, k: int, n: int, repeats: int) -> dict:
-    measure.start_rank(rank)
     fcpass.configure(fcpass.PassConfig())
     costs = {op: decide_costs(make_point(op, 1, k, n, world_size)) for op in measure.OPS}
     logger.info("decide: %s", ", ".join(f"{op} {c['decide']:.0f} ns" for op, c in costs.items()))

@@ -12,6 +12,7 @@ between two barriers: a collective op is as slow as its slowest rank.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import statistics
@@ -43,10 +44,19 @@ def repeats_for(tokens: int) -> int:
     return 7 if tokens <= 1024 else 5 if tokens <= 4096 else 3
 
 
-def start_rank(rank: int) -> None:
-    """Progress on stderr from rank 0 (spawned ranks start without the parent's logging)."""
-    if rank == 0:
-        logging.basicConfig(stream=sys.stderr, level=logging.INFO, format="%(message)s")
+def rank_main(fn: Callable) -> Callable:
+    """A benchmark's rank function ``fn(rank, ...)``: run in inference mode, as vLLM's model runner runs the
+    model (no autograd layer on any op), with progress on stderr from rank 0 (spawned ranks start without the
+    parent's logging)."""
+
+    @functools.wraps(fn)
+    def run(rank: int, *args):
+        if rank == 0:
+            logging.basicConfig(stream=sys.stderr, level=logging.INFO, format="%(message)s")
+        with torch.inference_mode():
+            return fn(rank, *args)
+
+    return run
 
 
 def time_ms(fn: Callable[[], object], inner: int = 1) -> float:

@@ -123,8 +123,8 @@ def plan(shapes, sweep) -> list[tuple[Shape, int]]:
     return [(shape, tokens) for shape in shapes for tokens in (shape.tokens or sweep)]
 
 
+@measure.rank_main
 def bench_rank(rank: int, world_size: int, points) -> list[dict]:
-    measure.start_rank(rank)
     results = []
     for shape, tokens in points:
         result = measure_point(shape, tokens, world_size)
