@@ -12,15 +12,18 @@ from __future__ import annotations
 import collections
 import logging
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 
 logger = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True)
-class GuardFacts:
-    """Global facts of one fused-op call: equal on every rank by construction."""
+class GuardFacts(NamedTuple):
+    """Global facts of one fused-op call: equal on every rank by construction.
+
+    A NamedTuple, not a frozen dataclass: built on every call, where a frozen dataclass costs ~1.4 us more.
+    """
 
     op: str
     num_tokens: int  # rows entering the matmul: m for RS, m * world_size for AG
