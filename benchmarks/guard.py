@@ -19,7 +19,11 @@ the collective it replaced. Measured on 2 gloo ranks:
     4, ..., 64 rows of x per rank (mm_reduce_scatter: m rows, padded to a
     multiple of world_size as vLLM pads; all_gather_mm: tokens = 2 x rows),
     interleaved, median of many repeats of back-to-back calls. Goal:
-    overhead = op / direct - 1 <= 2%.
+    overhead = op / direct - 1 <= 2%. Beside them, what vLLM's own graph
+    runs at such a site without fcpass: torch.mm and vLLM's collective op
+    (``torch.ops.vllm.reduce_scatter`` / ``all_gather`` on its TP group).
+
+Ranks run in inference mode with vLLM's TP group up, as in vLLM's model runner.
 """
 
 from __future__ import annotations
@@ -42,6 +46,8 @@ from fcpass.backends import get_backend  # noqa: E402
 from fcpass.backends.base import ALL_GATHER_MM, MM_REDUCE_SCATTER  # noqa: E402
 from fcpass.launch import run_ranks  # noqa: E402
 from fcpass.matmuls import Matmul  # noqa: E402
+from fcpass.padding import append_zero_rows  # noqa: E402
+from fcpass.vllm_cpu_llama import rank_setup, vllm_tp  # noqa: E402
 
 logger = logging.getLogger(__name__)
 
@@ -126,6 +132,23 @@ def _op_args(point: measure.Point) -> tuple:
     return (point.x, [point.w], [None], point.group_name, point.world_size, measure.NEVER_FUSE)
 
 
+def vllm_unfused(point: measure.Point, group_name: str):
+    """torch.mm and vLLM's collective op on its group: the site as vLLM's graph holds it without fcpass."""
+    x, w, ws, pad = point.x, point.w, point.world_size, point.pad_rows
+    if point.op == "mm_reduce_scatter":
+        def call():
+            product = torch.mm(x, w)
+            if pad:
+                product = append_zero_rows(product, pad)
+            return torch.ops.vllm.reduce_scatter(product, 0, ws, group_name)
+        return call
+
+    def call():
+        gathered = torch.ops.vllm.all_gather(x, 0, ws, group_name)
+        return gathered, [torch.mm(gathered, w)]
+    return call
+
+
 def make_point(op: str, rows: int, k: int, n: int, world_size: int) -> measure.Point:
     if op == "mm_reduce_scatter":
         return measure.Point(op, rows, k, n, world_size, pad_rows=-rows % world_size)
@@ -134,6 +157,11 @@ def make_point(op: str, rows: int, k: int, n: int, world_size: int) -> measure.P
 
 @measure.rank_main
 def bench_rank(rank: int, world_size: int, rows_list, k: int, n: int, repeats: int) -> dict:
+    with vllm_tp(rank, world_size) as (_, tp_group):
+        return _bench(world_size, rows_list, k, n, repeats, tp_group.unique_name)
+
+
+def _bench(world_size: int, rows_list, k: int, n: int, repeats: int, vllm_group: str) -> dict:
     fcpass.configure(fcpass.PassConfig())
     costs = {op: decide_costs(make_point(op, 1, k, n, world_size)) for op in measure.OPS}
     logger.info("decide: %s", ", ".join(f"{op} {c['decide']:.0f} ns" for op, c in costs.items()))
@@ -141,8 +169,8 @@ def bench_rank(rank: int, world_size: int, rows_list, k: int, n: int, repeats: i
     for op in measure.OPS:
         for rows in rows_list:
             point = make_point(op, rows, k, n, world_size)
-            samples = measure.sample({"op_unfused": point.unfused(), "direct": point.direct()}, repeats,
-                                     inner=INNER_CALLS)
+            samples = measure.sample({"op_unfused": point.unfused(), "direct": point.direct(),
+                                      "vllm_unfused": vllm_unfused(point, vllm_group)}, repeats, inner=INNER_CALLS)
             ms = {name: statistics.median(values) for name, values in samples.items()}
             # Paired per repeat too: both variants of one repeat saw the same machine state.
             paired = statistics.median(a / b for a, b in zip(samples["op_unfused"], samples["direct"])) - 1
@@ -150,11 +178,13 @@ def bench_rank(rank: int, world_size: int, rows_list, k: int, n: int, repeats: i
             best = min(samples["op_unfused"]) / min(samples["direct"]) - 1
             points.append({"op": op, "rows_per_rank": rows, "tokens": point.tokens, "pad_rows": point.pad_rows,
                            "k": k, "n": n, "op_unfused_us": ms["op_unfused"] * 1e3, "direct_us": ms["direct"] * 1e3,
+                           "vllm_unfused_us": ms["vllm_unfused"] * 1e3,
                            "overhead": ms["op_unfused"] / ms["direct"] - 1, "overhead_paired": paired,
-                           "overhead_of_minima": best})
+                           "overhead_of_minima": best, "vs_vllm_unfused": ms["op_unfused"] / ms["vllm_unfused"] - 1})
             logger.info("[%d/%d] %s rows=%d: op %.1f us, direct %.1f us, overhead %+.1f%% (paired %+.1f%%, "
-                        "of minima %+.1f%%)", len(points), 2 * len(rows_list), op, rows, ms["op_unfused"] * 1e3,
-                        ms["direct"] * 1e3, 100 * points[-1]["overhead"], 100 * paired, 100 * best)
+                        "of minima %+.1f%%); vLLM's ops %.1f us", len(points), 2 * len(rows_list), op, rows,
+                        ms["op_unfused"] * 1e3, ms["direct"] * 1e3, 100 * points[-1]["overhead"], 100 * paired,
+                        100 * best, ms["vllm_unfused"] * 1e3)
     return {"costs_ns": costs, "points": points}
 
 
@@ -171,7 +201,7 @@ def main(argv=None) -> None:
         parser.error(str(exc) if isinstance(exc, argparse.ArgumentTypeError) else "--shape takes one KxN")
     rows, repeats = (QUICK_ROWS, QUICK_REPEATS) if args.quick else (ROWS, REPEATS)
     cli.setup_logging()
-    result = run_ranks(bench_rank, WORLD_SIZE, rows, k, n, repeats, timeout=3600)[0]
+    result = run_ranks(bench_rank, WORLD_SIZE, rows, k, n, repeats, setup=rank_setup, timeout=3600)[0]
     worst = max(result["points"], key=lambda p: p["overhead"])
     decide_ns = max(c["decide"] for c in result["costs_ns"].values())
     report = {
@@ -189,11 +219,12 @@ def main(argv=None) -> None:
         print(f"{op:<18} " + " ".join(f"{costs[layer]:>18.0f}" for layer in layers))
     print(f"\n(b) unfused op vs direct matmul + collective, k={k} n={n}, median of {repeats} x {INNER_CALLS} calls")
     print(f"{'op':<18} {'rows':>4} {'tokens':>6} {'op us':>8} {'direct us':>9} {'overhead':>8} {'paired':>7} "
-          f"{'minima':>7}")
+          f"{'minima':>7} {'vLLM us':>8} {'op/vLLM':>8}")
     for p in result["points"]:
         print(f"{p['op']:<18} {p['rows_per_rank']:>4} {p['tokens']:>6} {p['op_unfused_us']:>8.1f} "
               f"{p['direct_us']:>9.1f} {100 * p['overhead']:>7.1f}% {100 * p['overhead_paired']:>6.1f}% "
-              f"{100 * p['overhead_of_minima']:>6.1f}%")
+              f"{100 * p['overhead_of_minima']:>6.1f}% {p['vllm_unfused_us']:>8.1f} "
+              f"{100 * p['vs_vllm_unfused']:>7.1f}%")
     print(f"\ndecide: {decide_ns:.0f} ns (goal < {GOAL_DECIDE_NS}); max overhead {100 * worst['overhead']:.1f}% "
           f"(goal <= {100 * GOAL_OVERHEAD:.0f}%): {'met' if report['overhead_goal_met'] else 'MISSED'}")
     print(f"wrote {args.out}")

@@ -147,11 +147,26 @@ class Point:
             return lambda: torch.mm(self.x, self.w)
         return lambda: torch.mm(self.gathered, self.w)
 
-    def collective(self) -> Callable[[], object]:
+    def collective(self, async_op: bool = False) -> Callable[[], object]:
         if self.op == "mm_reduce_scatter":
             product = self.product if not self.pad_rows else append_zero_rows(self.product, self.pad_rows)
-            return lambda: reduce_scatter_single(self.shard, product)
-        return lambda: all_gather_single(self.gathered, self.x)
+            return lambda: reduce_scatter_single(self.shard, product, async_op=async_op)
+        return lambda: all_gather_single(self.gathered, self.x, async_op=async_op)
+
+    def concurrent(self) -> Callable[[], object]:
+        """The whole matmul while the whole collective (on inputs of its own) is in flight.
+
+        Overlap with no dependency between the two, as this machine runs it: where this stays near matmul +
+        collective (the two share the rank's core), max(matmul, collective) is not reachable here.
+        """
+        start_collective, matmul = self.collective(async_op=True), self.matmul()
+
+        def call():
+            work = start_collective()
+            matmul()
+            work.wait()
+
+        return call
 
     def direct(self) -> Callable[[], object]:
         """Matmul + collective called directly, allocating outputs as the op does: the op's floor."""

@@ -5,11 +5,14 @@
 
 Per (op, shape, tokens) point, measured interleaved in one run so machine
 noise hits every variant alike: the unfused path (matmul + collective), the
-fused path at each candidate chunk count, and the matmul and the collective
-alone. Reported: speedup = unfused / best fused, the chunk count that won
-(chosen by measurement), fraction of the limit = max(matmul, collective) /
-best fused (1.0 would be perfect overlap), and per shape the measured
-crossover. fp32, one thread per rank, tokens = total rows entering the
+fused path at each candidate chunk count, the matmul and the collective
+alone, and both at once ("concurrent": the matmul while a collective on
+inputs of its own is in flight). Reported: speedup = unfused / best fused,
+the chunk count that won (chosen by measurement), fraction of the limit =
+max(matmul, collective) / best fused (1.0 would be perfect overlap), the
+same fraction for "concurrent" (how much overlap this machine gives two
+independent calls at all), concurrent / best fused, and per shape the
+measured crossover. fp32, one thread per rank, tokens = total rows entering the
 matmul (m for mm_reduce_scatter, world_size x local rows for all_gather_mm).
 
 Shapes (groups, for --only):
@@ -26,7 +29,7 @@ Shapes (groups, for --only):
       are the baseline (stored next to ours; compare ratios, not ms).
 
 Token sweep 16..16384 (powers of two). Durations on this 2-core machine when
-idle (estimated from the per-point cost model: (1 + repeats) x 6 variants of
+idle (estimated from the per-point cost model: (1 + repeats) x 7 variants of
 about matmul + collective each; 3-5x longer while other jobs load it):
 --quick (256 and 4096 tokens, the 4 design points) ~1-1.5 min; the full run
 (92 points) ~7 min, two thirds of it the 8k-16k points.
@@ -104,15 +107,17 @@ def baseline_summary(m: int, k: int, n: int) -> dict:
 def measure_point(shape: Shape, tokens: int, world_size: int) -> dict:
     point = measure.Point(shape.op, tokens, shape.k, shape.n, world_size)
     variants = {"unfused": point.unfused(), "matmul": point.matmul(), "collective": point.collective(),
-                **point.fused_variants()}
+                "concurrent": point.concurrent(), **point.fused_variants()}
     ms = measure.medians(variants, measure.repeats_for(tokens))
     best_chunks, best, fused = measure.best_fused(ms)
     limit = max(ms["matmul"], ms["collective"])
     result = {
         "op": shape.op, "group": shape.group, "shape": shape.name, "k": shape.k, "n": shape.n, "tokens": tokens,
-        "matmul_ms": ms["matmul"], "collective_ms": ms["collective"], "unfused_ms": ms["unfused"],
-        "fused_ms": fused, "best_chunks": best_chunks, "best_fused_ms": best,
+        "matmul_ms": ms["matmul"], "collective_ms": ms["collective"], "concurrent_ms": ms["concurrent"],
+        "unfused_ms": ms["unfused"], "fused_ms": fused, "best_chunks": best_chunks, "best_fused_ms": best,
         "speedup": ms["unfused"] / best, "fraction_of_limit": limit / best,
+        # How much overlap the machine gives two independent calls, and the pipeline against that.
+        "concurrent_fraction_of_limit": limit / ms["concurrent"], "fused_vs_concurrent": ms["concurrent"] / best,
     }
     if shape.group == "design":
         result["naive_pipeline_baseline"] = baseline_summary(tokens, shape.k, shape.n)
@@ -186,12 +191,14 @@ def select(only: str | None, op: str | None) -> tuple[Shape, ...]:
 
 def print_table(points: list[dict]) -> None:
     print(f"\n{'op':<18} {'shape':<22} {'k':>5} {'n':>5} {'tokens':>6} {'matmul':>8} {'collect':>8} "
-          f"{'unfused':>8} {'fused':>8} {'chunks':>6} {'speedup':>7} {'of limit':>8} {'naive':>7}")
+          f"{'unfused':>8} {'concur':>8} {'fused':>8} {'chunks':>6} {'speedup':>7} {'of limit':>8} "
+          f"{'c. of l.':>8} {'conc/f':>7} {'naive':>7}")
     for p in points:
         naive = p.get("naive_pipeline_baseline")
         print(f"{p['op']:<18} {p['shape']:<22} {p['k']:>5} {p['n']:>5} {p['tokens']:>6} {p['matmul_ms']:>8.1f} "
-              f"{p['collective_ms']:>8.1f} {p['unfused_ms']:>8.1f} {p['best_fused_ms']:>8.1f} {p['best_chunks']:>6} "
-              f"{p['speedup']:>6.2f}x {p['fraction_of_limit']:>8.2f} "
+              f"{p['collective_ms']:>8.1f} {p['unfused_ms']:>8.1f} {p['concurrent_ms']:>8.1f} "
+              f"{p['best_fused_ms']:>8.1f} {p['best_chunks']:>6} {p['speedup']:>6.2f}x {p['fraction_of_limit']:>8.2f} "
+              f"{p['concurrent_fraction_of_limit']:>8.2f} {p['fused_vs_concurrent']:>7.2f} "
               + (f"{naive['speedup']:>6.2f}x" if naive else f"{'':>7}"))
 
 
