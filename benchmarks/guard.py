@@ -1,4 +1,4 @@
-"""What the guard costs: its decision, the op's dispatch, and the unfused path against direct calls.
+"""What the guard costs: its decision, the op's call, and the unfused path against direct calls.
 
     python benchmarks/guard.py [--quick] [--shape 1024x1024] [--out benchmarks/results/guard.json]
 
@@ -8,9 +8,10 @@ the collective it replaced. Measured on 2 gloo ranks:
 
 (a) per call, on prebuilt inputs, the collective stubbed out (timeit, best
     of several repeats): ``guard.decide`` alone (goal < 1 us); decide +
-    record; ``ops.dispatch`` (backend, threshold, guard, record, path); the
-    op's Python body (validation, Matmul, group, FusedCall, dispatch); the
-    whole ``torch.ops.fcpass.*`` call (plus the dispatcher); a do-nothing op
+    record; ``ops.plan`` (backend, threshold, guard: what a signature's
+    first call pays, with validation); the op's Python body as every later
+    call runs it (Matmul, signature lookup, group, FusedCall, record,
+    path); the whole ``torch.ops.fcpass.*`` call (plus the dispatcher); a do-nothing op
     with the same schema, defined as fcpass's (``fcpass.oplib``) and through
     ``torch.library.custom_op``: the floor of each way.
 (b) the op on its unfused path (threshold forcing it) against torch.mm +
@@ -43,10 +44,10 @@ import measure  # noqa: E402
 import fcpass  # noqa: E402
 from fcpass import guard, oplib, ops  # noqa: E402
 from fcpass.backends import get_backend  # noqa: E402
-from fcpass.backends.base import ALL_GATHER_MM, MM_REDUCE_SCATTER  # noqa: E402
+from fcpass.backends.base import ALL_GATHER_MM, MM_REDUCE_SCATTER, FusedCall  # noqa: E402
+from fcpass.groups import resolve_group  # noqa: E402
 from fcpass.launch import run_ranks  # noqa: E402
 from fcpass.matmuls import Matmul  # noqa: E402
-from fcpass.padding import append_zero_rows  # noqa: E402
 from fcpass.vllm_cpu_llama import rank_setup, vllm_tp  # noqa: E402
 
 logger = logging.getLogger(__name__)
@@ -84,13 +85,10 @@ def decide_costs(point: measure.Point) -> dict[str, float]:
     original = getattr(ops, stub_name)
     setattr(ops, stub_name, lambda call: stub_out)
     try:
-        if family == MM_REDUCE_SCATTER:
-            call = ops._rs_call(point.op, point.x, Matmul(point.w, None), None, point.group_name,
-                                point.world_size, point.pad_rows)
-        else:
-            call = ops._ag_call(point.op, point.x, [Matmul(point.w, None)], point.group_name, point.world_size)
-        costs["dispatch"] = _per_call_ns(lambda: ops.dispatch(point.op, family, call, measure.NEVER_FUSE))
-        body = getattr(ops, point.op)  # the kernel itself, without the dispatcher
+        call = FusedCall(x=point.x, matmuls=(Matmul(point.w, None),), group=resolve_group(point.group_name),
+                         group_name=point.group_name, world_size=point.world_size, pad_rows=point.pad_rows)
+        costs["plan"] = _per_call_ns(lambda: ops.plan(point.op, family, call, measure.NEVER_FUSE))
+        body = getattr(ops, point.op)  # the kernel itself (planned after its first call), without the dispatcher
         args = _op_args(point)
         costs["op_body"] = _per_call_ns(lambda: body(*args))
         op = getattr(torch.ops.fcpass, point.op)
@@ -134,19 +132,9 @@ def _op_args(point: measure.Point) -> tuple:
 
 def vllm_unfused(point: measure.Point, group_name: str):
     """torch.mm and vLLM's collective op on its group: the site as vLLM's graph holds it without fcpass."""
-    x, w, ws, pad = point.x, point.w, point.world_size, point.pad_rows
-    if point.op == "mm_reduce_scatter":
-        def call():
-            product = torch.mm(x, w)
-            if pad:
-                product = append_zero_rows(product, pad)
-            return torch.ops.vllm.reduce_scatter(product, 0, ws, group_name)
-        return call
-
-    def call():
-        gathered = torch.ops.vllm.all_gather(x, 0, ws, group_name)
-        return gathered, [torch.mm(gathered, w)]
-    return call
+    ws = point.world_size
+    return point.direct(reduce_scatter=lambda product: torch.ops.vllm.reduce_scatter(product, 0, ws, group_name),
+                        all_gather=lambda x: torch.ops.vllm.all_gather(x, 0, ws, group_name))
 
 
 def make_point(op: str, rows: int, k: int, n: int, world_size: int) -> measure.Point:

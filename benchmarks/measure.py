@@ -39,11 +39,6 @@ NEVER_FUSE, ALWAYS_FUSE = 1 << 24, 0
 CONFIG_THRESHOLD = -1
 
 
-def repeats_for(tokens: int) -> int:
-    """Fewer repeats where one call already takes long."""
-    return 7 if tokens <= 1024 else 5 if tokens <= 4096 else 3
-
-
 def rank_main(fn: Callable) -> Callable:
     """A benchmark's rank function ``fn(rank, ...)``: run in inference mode, as vLLM's model runner runs the
     model (no autograd layer on any op), with progress on stderr from rank 0 (spawned ranks start without the
@@ -168,27 +163,47 @@ class Point:
 
         return call
 
-    def direct(self) -> Callable[[], object]:
-        """Matmul + collective called directly, allocating outputs as the op does: the op's floor."""
+    def direct(self, reduce_scatter=None, all_gather=None) -> Callable[[], object]:
+        """Matmul + collective called directly, allocating outputs as the op does: the op's floor.
+
+        ``reduce_scatter(product)`` / ``all_gather(x)``: another out-of-place collective in place of c10d's.
+        """
         x, w, ws, pad = self.x, self.w, self.world_size, self.pad_rows
         if self.op == "mm_reduce_scatter":
+            scatter = reduce_scatter or _c10d_reduce_scatter(ws)
+
             def call():
                 product = torch.mm(x, w)
                 if pad:
                     product = append_zero_rows(product, pad)
-                out = product.new_empty((product.shape[0] // ws, product.shape[1]))
-                reduce_scatter_single(out, product)
-                return out
+                return scatter(product)
             return call
 
+        gather = all_gather or _c10d_all_gather(ws)
+
         def call():
-            gathered = x.new_empty((x.shape[0] * ws, x.shape[1]))
-            all_gather_single(gathered, x)
+            gathered = gather(x)
             return gathered, [torch.mm(gathered, w)]
         return call
 
     def fused_variants(self, candidates=CHUNK_CANDIDATES) -> dict[str, Callable[[], object]]:
         return {fused_name(c): self.fused(c) for c in candidates}
+
+
+def _c10d_reduce_scatter(world_size: int):
+    def scatter(product):
+        out = product.new_empty((product.shape[0] // world_size, product.shape[1]))
+        reduce_scatter_single(out, product)
+        return out
+    return scatter
+
+
+def _c10d_all_gather(world_size: int):
+    def gather(x):
+        gathered = x.new_empty((x.shape[0] * world_size, x.shape[1]))
+        all_gather_single(gathered, x)
+        return gathered
+    return gather
 
 
 def fused_name(chunks: int) -> str:
