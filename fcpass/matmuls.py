@@ -48,6 +48,11 @@ class Matmul:
     def result_dtype(self) -> torch.dtype:
         return self.out_dtype if self.scaled else self.w.dtype
 
+    def signature(self) -> tuple:
+        """What validation reads of this matmul: its tensors' shapes and dtypes, and its out dtype."""
+        return (tensor_signature(self.w), tensor_signature(self.bias), tensor_signature(self.w_scale),
+                tensor_signature(self.x_scale), self.out_dtype)
+
     def __call__(self, x: torch.Tensor, row_scale: torch.Tensor | None = None) -> torch.Tensor:
         if not self.scaled:
             return torch.mm(x, self.w) if self.bias is None else torch.addmm(self.bias, x, self.w)
@@ -78,12 +83,20 @@ class OneDNNMatmul:
     result_dtype: torch.dtype
     bias: torch.Tensor | None = None
     scaled = False
+
+    def signature(self) -> tuple:
+        return tensor_signature(self.handler), self.n, self.result_dtype, tensor_signature(self.bias)
     w_scale = x_scale = out_dtype = None
 
     def __call__(self, x: torch.Tensor, row_scale: torch.Tensor | None = None) -> torch.Tensor:
         out = x.new_empty((x.shape[0], self.n))
         torch.ops._C.onednn_mm(out, x, self.bias, self.handler)
         return out
+
+
+def tensor_signature(t: torch.Tensor | None) -> tuple | None:
+    """(shape, dtype) of ``t``; None for None. Built on every op call: kept to attribute reads."""
+    return None if t is None else (t.shape, t.dtype)
 
 
 def _row_vector_or_scalar(scale: torch.Tensor) -> torch.Tensor:

@@ -22,8 +22,8 @@ else its threshold table's bucket, else the backend's default.
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import torch
 
@@ -32,7 +32,7 @@ from fcpass.backends import select_backend
 from fcpass.backends.base import ALL_GATHER_MM, MM_REDUCE_SCATTER, Backend, FusedCall
 from fcpass.config import PassConfig
 from fcpass.groups import resolve_group
-from fcpass.matmuls import Matmul, OneDNNMatmul
+from fcpass.matmuls import Matmul, OneDNNMatmul, tensor_signature
 from fcpass.padding import append_zero_rows, with_zero_rows
 
 _runtime_config = PassConfig()
@@ -44,6 +44,7 @@ def configure(config: PassConfig) -> None:
     if not isinstance(config, PassConfig):
         raise TypeError(f"configure() takes a fcpass.PassConfig, got {type(config).__name__}")
     _runtime_config = config
+    _plans.clear()  # every plan was made under the config it replaces
 
 
 def runtime_config() -> PassConfig:
@@ -53,14 +54,25 @@ def runtime_config() -> PassConfig:
 _FAMILY_FLAG = {MM_REDUCE_SCATTER: "fuse_mm_reduce_scatter", ALL_GATHER_MM: "fuse_all_gather_mm"}
 
 
-def dispatch(op: str, family: str, call: FusedCall, threshold_tokens: int):
-    """Guard, then the backend's fused path or matmul + the plain collective."""
+class Plan(NamedTuple):
+    """What validation and the guard concluded for one call signature: the path and how to run it."""
+
+    facts: guard.GuardFacts
+    decision: guard.Decision
+    backend: Backend | None
+    pipeline_chunks: int
+
+
+# Call signature -> Plan. Validation and the guard read only the inputs' shapes, dtypes and device, the
+# scalar arguments and the runtime config, and a model repeats a handful of signatures on every forward
+# step: each is planned once (per config: configure() clears this) and looked up afterwards. Bounded.
+_plans: dict[tuple, Plan] = {}
+MAX_PLANS = 4096
+
+
+def plan(op: str, family: str, call: FusedCall, threshold_tokens: int) -> Plan:
+    """The guard's decision for a validated call, with the backend and chunk count its path runs with."""
     config = _runtime_config
-    if call.group.size() != call.world_size:
-        raise validate.FusedOpInputError(
-            f"fcpass::{op}: world_size {call.world_size} does not match group "
-            f"{call.group_name!r} of size {call.group.size()}"
-        )
     x, device, mms = call.x, call.x.device, call.matmuls
     rows, k = x.shape
     num_tokens = rows * call.world_size if family == ALL_GATHER_MM else rows + call.pad_rows
@@ -77,14 +89,41 @@ def dispatch(op: str, family: str, call: FusedCall, threshold_tokens: int):
     limits = None if off_reason else backend.limits(family, call)
     threshold = _resolve_threshold(threshold_tokens, config, backend, family, facts)
     decision = guard.decide(facts, threshold, limits, config.max_world_size, off_reason)
-    guard.record(facts, decision)
-    if decision.fused:
-        call = _with_table_chunks(call, config, backend, family, facts)
+    chunks = _table_chunks(config, backend, family, facts) if decision.fused else config.pipeline_chunks
+    return Plan(facts, decision, backend, chunks)
+
+
+def _run(op: str, family: str, x: torch.Tensor, mms: tuple, row_scale: torch.Tensor | None, group_name: str,
+         world_size: int, threshold_tokens: int, pad_rows: int = 0):
+    """An op's body: validate and plan on a signature's first call, then record the decision and run its path."""
+    key = (op, x.shape, x.dtype, x.device, tensor_signature(row_scale), group_name, world_size, threshold_tokens,
+           pad_rows, *[mm.signature() for mm in mms])
+    planned = _plans.get(key)
+    if planned is None:
+        if family == MM_REDUCE_SCATTER:
+            _check_rs(op, x, mms[0], row_scale, world_size, pad_rows)
+        else:
+            _check_ag(op, x, mms, world_size)
+    group = resolve_group(group_name)  # by name on every call: a name can outlive its group
+    if group.size() != world_size:
+        raise validate.FusedOpInputError(
+            f"fcpass::{op}: world_size {world_size} does not match group {group_name!r} of size {group.size()}"
+        )
+    call = FusedCall(x=x, matmuls=mms, group=group, group_name=group_name, world_size=world_size,
+                     row_scale=row_scale, pad_rows=pad_rows)
+    if planned is None:
+        planned = plan(op, family, call, threshold_tokens)
+        if len(_plans) >= MAX_PLANS:
+            _plans.clear()
+        _plans[key] = planned
+    guard.record(planned.facts, planned.decision)
+    if planned.pipeline_chunks:
+        call = call._replace(pipeline_chunks=planned.pipeline_chunks)
     if family == MM_REDUCE_SCATTER:
-        if decision.fused:
-            return backend.mm_reduce_scatter(with_zero_rows(call))
+        if planned.decision.fused:
+            return planned.backend.mm_reduce_scatter(with_zero_rows(call))
         return unfused_mm_reduce_scatter(call)
-    return backend.all_gather_mm(call) if decision.fused else unfused_all_gather_mm(call)
+    return planned.backend.all_gather_mm(call) if planned.decision.fused else unfused_all_gather_mm(call)
 
 
 def _onednn_off_reason(call: FusedCall, backend: Backend) -> str | None:
@@ -112,15 +151,12 @@ def _resolve_threshold(
     return entry.threshold_tokens if entry is not None else backend.default_threshold_tokens
 
 
-def _with_table_chunks(call: FusedCall, config: PassConfig, backend: Backend, family: str,
-                       facts: guard.GuardFacts) -> FusedCall:
-    """The table's measured chunk count for the bucket, where the config leaves the choice open (0)."""
+def _table_chunks(config: PassConfig, backend: Backend, family: str, facts: guard.GuardFacts) -> int:
+    """The config's chunk count, else the table's measured one for the bucket, else 0 (the backend's choice)."""
     if config.pipeline_chunks:
-        return call
+        return config.pipeline_chunks
     entry = _table_entry(config, backend, family, facts)
-    if entry is None or entry.pipeline_chunks is None:
-        return call
-    return dataclasses.replace(call, pipeline_chunks=entry.pipeline_chunks)
+    return 0 if entry is None or entry.pipeline_chunks is None else entry.pipeline_chunks
 
 
 def _table_entry(config: PassConfig, backend: Backend, family: str, facts: guard.GuardFacts):
@@ -148,35 +184,25 @@ def unfused_all_gather_mm(call: FusedCall) -> tuple[torch.Tensor, list[torch.Ten
 
 
 # --------------------------------------------------------------------------
-# Op bodies: build the Matmul(s), validate, dispatch. The fake impls run the
+# Op bodies: build the Matmul(s), then _run (validate and plan once per signature, run). The fake impls run the
 # same validation and return shapes only.
 
 
-def _rs_call(op, x, mm, row_scale, group_name, world_size, pad_rows, resolve=True) -> FusedCall:
+def _check_rs(op, x, mm, row_scale, world_size, pad_rows) -> None:
     validate.check_world_size(op, world_size)
     validate.check_matmul(op, x, mm)
     if row_scale is not None:
         validate.check_row_scale(op, x, row_scale)
     validate.check_pad_rows(op, mm, pad_rows)
     validate.check_divisible(op, x.shape[0] + pad_rows, world_size)
-    return _call(x, (mm,), group_name, world_size, row_scale, resolve, pad_rows)
 
 
-def _ag_call(op, x, mms, group_name, world_size, resolve=True) -> FusedCall:
+def _check_ag(op, x, mms, world_size) -> None:
     validate.check_world_size(op, world_size)
     if not mms:
         raise validate.FusedOpInputError(f"fcpass::{op}: needs at least one weight")
     for i, mm in enumerate(mms):
         validate.check_matmul(op, x, mm, i)
-    return _call(x, tuple(mms), group_name, world_size, None, resolve)
-
-
-def _call(x, mms, group_name, world_size, row_scale, resolve, pad_rows=0) -> FusedCall:
-    group = resolve_group(group_name) if resolve else None
-    return FusedCall(
-        x=x, matmuls=mms, group=group, group_name=group_name, world_size=world_size,
-        row_scale=row_scale, pipeline_chunks=_runtime_config.pipeline_chunks, pad_rows=pad_rows,
-    )
 
 
 def _zip_lists(op, ws, others, what):
@@ -200,13 +226,15 @@ def mm_reduce_scatter(
     x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None,
     group_name: str, world_size: int, threshold_tokens: int, pad_rows: int = 0,
 ) -> torch.Tensor:
-    call = _rs_call("mm_reduce_scatter", x, Matmul(w, bias), None, group_name, world_size, pad_rows)
-    return dispatch("mm_reduce_scatter", MM_REDUCE_SCATTER, call, threshold_tokens)
+    return _run(
+        "mm_reduce_scatter", MM_REDUCE_SCATTER, x, (Matmul(w, bias),), None,
+        group_name, world_size, threshold_tokens, pad_rows
+    )
 
 
 @oplib.fake("mm_reduce_scatter")
 def _(x, w, bias, group_name, world_size, threshold_tokens, pad_rows=0):
-    _rs_call("mm_reduce_scatter", x, Matmul(w, bias), None, group_name, world_size, pad_rows, resolve=False)
+    _check_rs("mm_reduce_scatter", x, Matmul(w, bias), None, world_size, pad_rows)
     return x.new_empty(((x.shape[0] + pad_rows) // world_size, w.shape[1]))
 
 
@@ -218,15 +246,17 @@ def mm_reduce_scatter_scaled(
 ) -> torch.Tensor:
     per_tensor, per_token = _split_x_scale(x_scale)
     mm = Matmul(w, bias, w_scale=w_scale, x_scale=per_tensor, out_dtype=out_dtype)
-    call = _rs_call("mm_reduce_scatter_scaled", x, mm, per_token, group_name, world_size, pad_rows)
-    return dispatch("mm_reduce_scatter_scaled", MM_REDUCE_SCATTER, call, threshold_tokens)
+    return _run(
+        "mm_reduce_scatter_scaled", MM_REDUCE_SCATTER, x, (mm,), per_token,
+        group_name, world_size, threshold_tokens, pad_rows
+    )
 
 
 @oplib.fake("mm_reduce_scatter_scaled")
 def _(x, w, x_scale, w_scale, bias, out_dtype, group_name, world_size, threshold_tokens, pad_rows=0):
     per_tensor, per_token = _split_x_scale(x_scale)
     mm = Matmul(w, bias, w_scale=w_scale, x_scale=per_tensor, out_dtype=out_dtype)
-    _rs_call("mm_reduce_scatter_scaled", x, mm, per_token, group_name, world_size, pad_rows, resolve=False)
+    _check_rs("mm_reduce_scatter_scaled", x, mm, per_token, world_size, pad_rows)
     return x.new_empty(((x.shape[0] + pad_rows) // world_size, w.shape[1]), dtype=out_dtype)
 
 
@@ -236,15 +266,14 @@ def all_gather_mm(
     group_name: str, world_size: int, threshold_tokens: int,
 ) -> tuple[torch.Tensor, list[torch.Tensor]]:
     mms = [Matmul(w, b) for w, b in _zip_lists("all_gather_mm", ws, biases, "biases")]
-    call = _ag_call("all_gather_mm", x, mms, group_name, world_size)
-    gathered, outs = dispatch("all_gather_mm", ALL_GATHER_MM, call, threshold_tokens)
+    gathered, outs = _run("all_gather_mm", ALL_GATHER_MM, x, tuple(mms), None, group_name, world_size, threshold_tokens)
     return gathered, list(outs)
 
 
 @oplib.fake("all_gather_mm")
 def _(x, ws, biases, group_name, world_size, threshold_tokens):
     mms = [Matmul(w, b) for w, b in _zip_lists("all_gather_mm", ws, biases, "biases")]
-    _ag_call("all_gather_mm", x, mms, group_name, world_size, resolve=False)
+    _check_ag("all_gather_mm", x, mms, world_size)
     rows = x.shape[0] * world_size
     return x.new_empty((rows, x.shape[1])), [x.new_empty((rows, w.shape[1])) for w in ws]
 
@@ -269,15 +298,16 @@ def all_gather_scaled_mm(
     group_name: str, world_size: int, threshold_tokens: int,
 ) -> tuple[torch.Tensor, list[torch.Tensor]]:
     mms = _scaled_matmuls("all_gather_scaled_mm", ws, w_scales, biases, x_scale, out_dtype)
-    call = _ag_call("all_gather_scaled_mm", x, mms, group_name, world_size)
-    gathered, outs = dispatch("all_gather_scaled_mm", ALL_GATHER_MM, call, threshold_tokens)
+    gathered, outs = _run(
+        "all_gather_scaled_mm", ALL_GATHER_MM, x, tuple(mms), None, group_name, world_size, threshold_tokens
+    )
     return gathered, list(outs)
 
 
 @oplib.fake("all_gather_scaled_mm")
 def _(x, x_scale, ws, w_scales, biases, out_dtype, group_name, world_size, threshold_tokens):
     mms = _scaled_matmuls("all_gather_scaled_mm", ws, w_scales, biases, x_scale, out_dtype)
-    _ag_call("all_gather_scaled_mm", x, mms, group_name, world_size, resolve=False)
+    _check_ag("all_gather_scaled_mm", x, mms, world_size)
     rows = x.shape[0] * world_size
     return x.new_empty((rows, x.shape[1])), [x.new_empty((rows, w.shape[1]), dtype=out_dtype) for w in ws]
 
@@ -288,14 +318,16 @@ def mm_reduce_scatter_onednn(
     group_name: str, world_size: int, threshold_tokens: int, pad_rows: int = 0,
 ) -> torch.Tensor:
     mm = OneDNNMatmul(handler, n, x.dtype, bias)
-    call = _rs_call("mm_reduce_scatter_onednn", x, mm, None, group_name, world_size, pad_rows)
-    return dispatch("mm_reduce_scatter_onednn", MM_REDUCE_SCATTER, call, threshold_tokens)
+    return _run(
+        "mm_reduce_scatter_onednn", MM_REDUCE_SCATTER, x, (mm,), None,
+        group_name, world_size, threshold_tokens, pad_rows
+    )
 
 
 @oplib.fake("mm_reduce_scatter_onednn")
 def _(x, handler, n, bias, group_name, world_size, threshold_tokens, pad_rows=0):
     mm = OneDNNMatmul(handler, n, x.dtype, bias)
-    _rs_call("mm_reduce_scatter_onednn", x, mm, None, group_name, world_size, pad_rows, resolve=False)
+    _check_rs("mm_reduce_scatter_onednn", x, mm, None, world_size, pad_rows)
     return x.new_empty(((x.shape[0] + pad_rows) // world_size, n))
 
 
@@ -310,14 +342,15 @@ def all_gather_onednn_mm(
     group_name: str, world_size: int, threshold_tokens: int,
 ) -> tuple[torch.Tensor, list[torch.Tensor]]:
     mms = _onednn_matmuls("all_gather_onednn_mm", x, handlers, ns, biases)
-    call = _ag_call("all_gather_onednn_mm", x, mms, group_name, world_size)
-    gathered, outs = dispatch("all_gather_onednn_mm", ALL_GATHER_MM, call, threshold_tokens)
+    gathered, outs = _run(
+        "all_gather_onednn_mm", ALL_GATHER_MM, x, tuple(mms), None, group_name, world_size, threshold_tokens
+    )
     return gathered, list(outs)
 
 
 @oplib.fake("all_gather_onednn_mm")
 def _(x, handlers, ns, biases, group_name, world_size, threshold_tokens):
     mms = _onednn_matmuls("all_gather_onednn_mm", x, handlers, ns, biases)
-    _ag_call("all_gather_onednn_mm", x, mms, group_name, world_size, resolve=False)
+    _check_ag("all_gather_onednn_mm", x, mms, world_size)
     rows = x.shape[0] * world_size
     return x.new_empty((rows, x.shape[1])), [x.new_empty((rows, n)) for n in ns]

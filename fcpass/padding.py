@@ -29,7 +29,7 @@ def with_zero_rows(call: FusedCall) -> FusedCall:
         mm = dataclasses.replace(mm, w=w, bias=None)
     x = append_zero_rows(x, call.pad_rows)
     row_scale = None if call.row_scale is None else append_zero_rows(call.row_scale, call.pad_rows)
-    return dataclasses.replace(call, x=x, matmuls=(mm,), row_scale=row_scale, pad_rows=0)
+    return call._replace(x=x, matmuls=(mm,), row_scale=row_scale, pad_rows=0)
 
 
 def append_zero_rows(t: torch.Tensor, rows: int) -> torch.Tensor:

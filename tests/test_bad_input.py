@@ -155,3 +155,46 @@ def test_backward_through_an_op_is_an_error_naming_it():
     for messages in BACKWARD():
         for op, message in messages.items():
             assert message is not None and f"fcpass::{op} is inference-only" in message, (op, message)
+
+
+def run_repeated_signatures(rank, world_size):
+    """Calls that repeat a signature (planned once, then looked up): bad input, a new config and the
+    decision counters behave as on a first call."""
+    name = dist.group.WORLD.group_name
+    x, w = torch.randn(8, 16), torch.randn(16, 4)
+    rs = lambda bias=None, x=x: torch.ops.fcpass.mm_reduce_scatter(x, w, bias, name, world_size, -1)  # noqa: E731
+    found = {}
+    fcpass.configure(fcpass.PassConfig(threshold_tokens=1 << 20))
+    fcpass.reset_decision_counts()
+    first = rs()
+    found["same_result"] = all(torch.equal(rs(), first) for _ in range(3))
+    fcpass.configure(fcpass.PassConfig(threshold_tokens=0))  # the same signature, now above the threshold
+    rs()
+    found["decisions"] = {path: count for (_, path, _), count in fcpass.decision_counts().items()}
+    bad = {"bias_shape": lambda: rs(torch.randn(5)), "bias_dtype": lambda: rs(torch.randn(4, dtype=torch.bfloat16)),
+           "tokens": lambda: rs(x=torch.randn(7, 16))}
+    rs(torch.randn(4))  # a good call with a bias, planned, before the bad biases
+    found["errors"] = {}
+    for key, call in bad.items():
+        for _ in range(2):  # a failing signature is never planned: the second call fails alike
+            try:
+                call()
+                found["errors"].setdefault(key, []).append(None)
+            except FusedOpInputError as exc:
+                found["errors"].setdefault(key, []).append(str(exc))
+    dist.barrier()
+    return found
+
+
+REPEATED = shared(run_repeated_signatures, timeout=60)
+
+
+def test_a_repeated_signature_is_checked_and_decided_like_a_first_call():
+    for found in REPEATED():
+        assert found["same_result"]
+        assert found["decisions"] == {"unfused": 4, "fused": 1}
+        expected = {"bias_shape": r"bias must have shape (4,)", "bias_dtype": "bias dtype must be torch.float32",
+                    "tokens": "token count 7 is not divisible by world_size 2"}
+        for key, text in expected.items():
+            messages = found["errors"][key]
+            assert len(messages) == 2 and all(m is not None and text in m for m in messages), (key, messages)

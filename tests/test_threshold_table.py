@@ -12,7 +12,7 @@ import torch.distributed as dist
 import fcpass
 from fcpass import ops, thresholds
 from fcpass.backends import get_backend
-from fcpass.backends.base import ALL_GATHER_MM, MM_REDUCE_SCATTER, FusedCall
+from fcpass.backends.base import ALL_GATHER_MM, MM_REDUCE_SCATTER
 from fcpass.guard import GuardFacts
 from multirank import shared
 
@@ -94,12 +94,10 @@ def test_table_chunks_only_where_config_leaves_them_open(tmp_path):
     del_chunks = _table(_entry(k_log2=11))
     del del_chunks["entries"][0]["pipeline_chunks"]
     no_chunks = _write(tmp_path, del_chunks, "no_chunks.json")
-    call = FusedCall(x=torch.zeros(8, 1024), matmuls=(), group=None, group_name="g", world_size=2)
-    chunks = lambda config, **f: ops._with_table_chunks(call, config, GENERIC, MM_REDUCE_SCATTER,  # noqa: E731
-                                                        _facts(**f)).pipeline_chunks
+    chunks = lambda config, **f: ops._table_chunks(config, GENERIC, MM_REDUCE_SCATTER, _facts(**f))  # noqa: E731
     assert chunks(fcpass.PassConfig(threshold_table=path)) == 4
-    assert chunks(fcpass.PassConfig(threshold_table=path, pipeline_chunks=2)) == 0  # the call keeps its own
-    assert chunks(fcpass.PassConfig(threshold_table=path), k=8192) == 0  # no bucket
+    assert chunks(fcpass.PassConfig(threshold_table=path, pipeline_chunks=2)) == 2  # the config's own
+    assert chunks(fcpass.PassConfig(threshold_table=path), k=8192) == 0  # no bucket: the backend's choice
     assert chunks(fcpass.PassConfig(threshold_table=no_chunks), k=2048) == 0  # bucket without chunks
 
 

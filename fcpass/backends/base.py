@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.distributed as dist
@@ -14,9 +14,10 @@ MM_REDUCE_SCATTER = "mm_reduce_scatter"
 ALL_GATHER_MM = "all_gather_mm"
 
 
-@dataclass(frozen=True)
-class FusedCall:
+class FusedCall(NamedTuple):
     """One validated call, as every backend's fused path receives it.
+
+    A NamedTuple (immutable, and built on every op call, where a frozen dataclass costs ~1.5 us more).
 
     ``x`` is this rank's input (the full m rows for mm_reduce_scatter, the
     local shard for all_gather_mm); ``row_scale`` is a per-token activation
