@@ -7,7 +7,7 @@ threshold (decode: a few tokens) it must cost no more than the matmul and
 the collective it replaced. Measured on 2 gloo ranks:
 
 (a) per call, on prebuilt inputs, the collective stubbed out (timeit, best
-    of several repeats): ``guard.decide`` alone (goal < 1 us); decide +
+    of several repeats, rank 0 alone while the other rank waits): ``guard.decide`` alone (goal < 1 us); decide +
     record; ``ops.plan`` (backend, threshold, guard: what a signature's
     first call pays, with validation); the op's Python body as every later
     call runs it (Matmul, signature lookup, group, FusedCall, record,
@@ -37,6 +37,7 @@ import sys
 import timeit
 
 import torch
+import torch.distributed as dist
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import cli  # noqa: E402
@@ -68,7 +69,18 @@ def _per_call_ns(stmt, number: int = TIMEIT_CALLS) -> float:
 
 
 def decide_costs(point: measure.Point) -> dict[str, float]:
-    """(a): ns per call of each layer, the collective and matmul stubbed out."""
+    """(a): ns per call of each layer, the collective and matmul stubbed out; timed on rank 0 alone, the
+    other rank waiting in a barrier (the two ranks share the machine's two cores). {} on other ranks."""
+    stub_out = point.direct()()  # the unfused path's result, returned by the stub (a collective: every rank)
+    if dist.get_rank() != 0:
+        dist.barrier()
+        return {}
+    costs = _layer_costs(point, stub_out)
+    dist.barrier()
+    return costs
+
+
+def _layer_costs(point: measure.Point, stub_out) -> dict[str, float]:
     family = MM_REDUCE_SCATTER if point.op == "mm_reduce_scatter" else ALL_GATHER_MM
     generic = get_backend("generic")
     facts = guard.GuardFacts(op=point.op, num_tokens=point.tokens, world_size=point.world_size,
@@ -80,7 +92,6 @@ def decide_costs(point: measure.Point) -> dict[str, float]:
         "decide": _per_call_ns(lambda: decide(facts, below, limits, 8)),
         "decide_and_record": _per_call_ns(lambda: guard.record(facts, decide(facts, below, limits, 8))),
     }
-    stub_out = point.direct()()  # the unfused path's result, returned by the stub
     stub_name = "unfused_mm_reduce_scatter" if family == MM_REDUCE_SCATTER else "unfused_all_gather_mm"
     original = getattr(ops, stub_name)
     setattr(ops, stub_name, lambda call: stub_out)
@@ -152,7 +163,8 @@ def bench_rank(rank: int, world_size: int, rows_list, k: int, n: int, repeats: i
 def _bench(world_size: int, rows_list, k: int, n: int, repeats: int, vllm_group: str) -> dict:
     fcpass.configure(fcpass.PassConfig())
     costs = {op: decide_costs(make_point(op, 1, k, n, world_size)) for op in measure.OPS}
-    logger.info("decide: %s", ", ".join(f"{op} {c['decide']:.0f} ns" for op, c in costs.items()))
+    if dist.get_rank() == 0:
+        logger.info("decide: %s", ", ".join(f"{op} {c['decide']:.0f} ns" for op, c in costs.items()))
     points = []
     for op in measure.OPS:
         for rows in rows_list:
