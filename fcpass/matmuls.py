@@ -83,10 +83,11 @@ class OneDNNMatmul:
     result_dtype: torch.dtype
     bias: torch.Tensor | None = None
     scaled = False
+    w_scale = x_scale = out_dtype = None
 
     def signature(self) -> tuple:
+        """What validation reads of this matmul (the packed weight's own shape is the kernel's to check)."""
         return tensor_signature(self.handler), self.n, self.result_dtype, tensor_signature(self.bias)
-    w_scale = x_scale = out_dtype = None
 
     def __call__(self, x: torch.Tensor, row_scale: torch.Tensor | None = None) -> torch.Tensor:
         out = x.new_empty((x.shape[0], self.n))
