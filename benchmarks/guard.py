@@ -7,12 +7,13 @@ threshold (decode: a few tokens) it must cost no more than the matmul and
 the collective it replaced. Measured on 2 gloo ranks:
 
 (a) per call, on prebuilt inputs, the collective stubbed out (timeit, best
-    of several repeats, rank 0 alone while the other rank waits): ``guard.decide`` alone (goal < 1 us); decide +
-    record; ``ops.plan`` (backend, threshold, guard: what a signature's
-    first call pays, with validation); the op's Python body as every later
-    call runs it (Matmul, signature lookup, group, FusedCall, record,
-    path); the whole ``torch.ops.fcpass.*`` call (plus the dispatcher); a do-nothing op
-    with the same schema, defined as fcpass's (``fcpass.oplib``) and through
+    of several repeats, rank 0 alone while the other rank waits):
+    ``guard.decide`` alone (goal < 1 us); decide + record; ``ops.plan``
+    (backend, threshold, guard: what a signature's first call pays, besides
+    validation); the op's Python body as every later call runs it (Matmul,
+    signature lookup, group, FusedCall, record, path); the whole
+    ``torch.ops.fcpass.*`` call (plus the dispatcher); a do-nothing op with
+    the same schema, defined as fcpass's (``fcpass.oplib``) and through
     ``torch.library.custom_op``: the floor of each way.
 (b) the op on its unfused path (threshold forcing it) against torch.mm +
     reduce_scatter / all_gather + torch.mm called directly (the
