@@ -101,7 +101,7 @@ def _layer_costs(point: measure.Point, stub_out) -> dict[str, float]:
                          group_name=point.group_name, world_size=point.world_size, pad_rows=point.pad_rows)
         costs["plan"] = _per_call_ns(lambda: ops.plan(point.op, family, call, measure.NEVER_FUSE))
         body = getattr(ops, point.op)  # the kernel itself (planned after its first call), without the dispatcher
-        args = _op_args(point)
+        args = point.op_args(measure.NEVER_FUSE)
         costs["op_body"] = _per_call_ns(lambda: body(*args))
         op = getattr(torch.ops.fcpass, point.op)
         costs["torch_ops_call"] = _per_call_ns(lambda: op(*args))
@@ -134,12 +134,6 @@ def _noop_ops(result: torch.Tensor) -> dict:
 
 
 _noop_result = _noop_library = None
-
-
-def _op_args(point: measure.Point) -> tuple:
-    if point.op == "mm_reduce_scatter":
-        return (point.x, point.w, None, point.group_name, point.world_size, measure.NEVER_FUSE, point.pad_rows)
-    return (point.x, [point.w], [None], point.group_name, point.world_size, measure.NEVER_FUSE)
 
 
 def vllm_unfused(point: measure.Point, group_name: str):

@@ -114,12 +114,16 @@ class Point:
 
     # ---- the variants: zero-argument callables on this point's tensors
 
+    def op_args(self, threshold_tokens: int) -> tuple:
+        """The fcpass op's arguments for this point."""
+        if self.op == "mm_reduce_scatter":
+            return self.x, self.w, None, self.group_name, self.world_size, threshold_tokens, self.pad_rows
+        return self.x, [self.w], [None], self.group_name, self.world_size, threshold_tokens
+
     def op_call(self, threshold_tokens: int) -> Callable[[], object]:
         """The fcpass op through torch.ops, as a compiled graph calls it."""
-        x, w, name, ws, pad = self.x, self.w, self.group_name, self.world_size, self.pad_rows
-        if self.op == "mm_reduce_scatter":
-            return lambda: torch.ops.fcpass.mm_reduce_scatter(x, w, None, name, ws, threshold_tokens, pad)
-        return lambda: torch.ops.fcpass.all_gather_mm(x, [w], [None], name, ws, threshold_tokens)
+        op, args = getattr(torch.ops.fcpass, self.op), self.op_args(threshold_tokens)
+        return lambda: op(*args)
 
     def configured(self, config: fcpass.PassConfig, threshold_tokens: int) -> Callable[[], object]:
         """The op under ``config`` (built once, outside the timing: configure is one assignment)."""
