@@ -8,10 +8,12 @@ import itertools
 
 import pytest
 import torch
+import torch.distributed as dist
 
+import fcpass
 from cases import TOLERANCE, Case
 from multirank import shared
-from op_runs import run_cases
+from op_runs import run_all_gather_mm, run_cases, run_mm_reduce_scatter
 
 
 def _threshold_sides(m_tokens: int):
@@ -75,6 +77,24 @@ def _two_rank_cases():
     }
 
 
+def _on_subgroups(rank, world_size, rs_cases, ag_cases):
+    """The cases on 2-rank subgroups of 4 ranks, [0, 2] and [1, 3]: group ranks differ from global ranks."""
+    groups = [dist.new_group([0, 2]), dist.new_group([1, 3])]  # every rank creates both, in the same order
+    group = groups[rank % 2]
+    group_rank, size = dist.get_rank(group), dist.get_world_size(group)
+    fcpass.configure(fcpass.PassConfig())
+    return ([run_mm_reduce_scatter(c, group_rank, size, group.group_name) for c in rs_cases]
+            + [run_all_gather_mm(c, group_rank, size, group.group_name) for c in ag_cases])
+
+
+SUBGROUPS = shared(
+    _on_subgroups,
+    [Case(m=2 * 37, k=40, dtype=dtype, bias=True, threshold=threshold, seed=20 + i)
+     for i, (dtype, threshold) in enumerate(itertools.product((torch.float32, torch.bfloat16), (0, 1 << 20)))],
+    [Case(m=37, k=40, ns=(24, 8), bias=True, threshold=threshold, seed=30 + i)
+     for i, threshold in enumerate((0, 1 << 20))],
+    world_size=4,
+)
 BOTH_SIDES = {ws: shared(run_cases, _rs_cases(ws), _ag_cases(ws), world_size=ws, timeout=240) for ws in (2, 4)}
 TWO_RANKS = _two_rank_cases()
 
@@ -100,3 +120,10 @@ def test_cuda_backend_without_symmetric_memory_runs_the_generic_pipeline():
 def test_pad_rows_before_the_scatter_keep_the_rank0_bias_off_the_padded_rows():
     """vLLM pads the token count up to a multiple of world_size after the matmul: padded rows must stay 0."""
     check_results(TWO_RANKS["pad_rows"]())
+
+
+def test_ops_on_a_subgroup_address_peers_by_group_rank():
+    """Fused and unfused on subgroups [0, 2] and [1, 3]: the pipeline's sends go to group ranks, not global ones."""
+    per_rank = SUBGROUPS()
+    for group_results in (per_rank[0::2], per_rank[1::2]):
+        check_results(group_results)
