@@ -27,13 +27,14 @@ import torch.distributed as dist
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import fcpass  # noqa: E402
 # The collectives' non-deprecated spellings and the padding the ops themselves use.
-from fcpass.comm import all_gather_single, reduce_scatter_single  # noqa: E402
+from fcpass.comm import all_gather_single, reduce_scatter_by_exchange, reduce_scatter_single  # noqa: E402
+from fcpass.backends.generic import chunk_bounds  # noqa: E402
 from fcpass.padding import append_zero_rows  # noqa: E402
 
 logger = logging.getLogger(__name__)
 
 OPS = ("mm_reduce_scatter", "all_gather_mm")
-CHUNK_CANDIDATES = (2, 4, 8)
+CHUNK_CANDIDATES = (1, 2, 4, 8)
 NEVER_FUSE, ALWAYS_FUSE = 1 << 24, 0
 # From the config: "the runtime config's threshold, table or backend default".
 CONFIG_THRESHOLD = -1
@@ -151,6 +152,39 @@ class Point:
             product = self.product if not self.pad_rows else append_zero_rows(self.product, self.pad_rows)
             return lambda: reduce_scatter_single(self.shard, product, async_op=async_op)
         return lambda: all_gather_single(self.gathered, self.x, async_op=async_op)
+
+    def exchange(self) -> Callable[[], object]:
+        """mm_reduce_scatter's other way to move the same bytes: the point-to-point exchange its fused path
+        reduces by (``comm.reduce_scatter_by_exchange``), on the product, one message per peer."""
+        if self.op != "mm_reduce_scatter":
+            raise ValueError("exchange: mm_reduce_scatter only (all_gather_mm's fused path gathers as unfused)")
+        product = self.product if not self.pad_rows else append_zero_rows(self.product, self.pad_rows)
+        shard_rows, group = self.shard.shape[0], dist.group.WORLD
+        incoming = product.new_empty((self.world_size - 1, shard_rows, self.n))
+
+        def block_rows(rank, start, end):
+            return product[rank * shard_rows + start:rank * shard_rows + end]
+
+        return lambda: reduce_scatter_by_exchange(block_rows, incoming, [(0, shard_rows)], group)
+
+    def naive_pipeline(self, chunks: int) -> Callable[[], object]:
+        """../shared/DESIGN.md's baseline, run here: C chunks, each holding every rank's c-th sub-slice of rows;
+        a chunk's matmul, then its async reduce_scatter; wait for all at the end (mm_reduce_scatter, unpadded)."""
+        if self.op != "mm_reduce_scatter" or self.pad_rows:
+            raise ValueError("naive_pipeline: mm_reduce_scatter without padding only")
+        shard_rows = self.tokens // self.world_size
+        x_by_rank = self.x.unflatten(0, (self.world_size, shard_rows))
+
+        def call():
+            out, pending = self.x.new_empty((shard_rows, self.n)), []
+            for start, end in chunk_bounds(shard_rows, chunks):
+                partial = torch.mm(x_by_rank[:, start:end].flatten(0, 1), self.w)
+                pending.append((reduce_scatter_single(out[start:end], partial, async_op=True), partial))
+            for work, _ in pending:
+                work.wait()
+            return out
+
+        return call
 
     def concurrent(self) -> Callable[[], object]:
         """The whole matmul while the whole collective (on inputs of its own) is in flight.

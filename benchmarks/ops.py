@@ -6,14 +6,19 @@
 Per (op, shape, tokens) point, measured interleaved in one run so machine
 noise hits every variant alike: the unfused path (matmul + collective), the
 fused path at each candidate chunk count, the matmul and the collective
-alone, and both at once ("concurrent": the matmul while a collective on
-inputs of its own is in flight). Reported: speedup = unfused / best fused,
-the chunk count that won (chosen by measurement), fraction of the limit =
-max(matmul, collective) / best fused (1.0 would be perfect overlap), the
-same fraction for "concurrent" (how much overlap this machine gives two
-independent calls at all), concurrent / best fused, and per shape the
-measured crossover. fp32, one thread per rank, tokens = total rows entering the
-matmul (m for mm_reduce_scatter, world_size x local rows for all_gather_mm).
+alone, for mm_reduce_scatter the point-to-point exchange its fused path
+reduces by (alone, on the product), and the matmul while a collective on
+inputs of its own is in flight ("concurrent"). Reported: speedup = unfused
+/ best fused, the chunk count that won (chosen by measurement), fraction of
+the limit = max(matmul, communication) / best fused, where communication is
+the cheaper of the collective and the exchange (the same bytes either way,
+so a cheaper exchange does not pass for overlap), the same fraction for
+"concurrent" (how much overlap this machine gives two independent calls),
+concurrent / best fused, and per shape the measured crossover. At the
+design points, DESIGN.md's naive pipeline (a reduce_scatter per chunk of
+every rank's rows, 4 and 8 chunks) runs in the same interleaving. fp32, one
+thread per rank, tokens = total rows entering the matmul (m for
+mm_reduce_scatter, world_size x local rows for all_gather_mm).
 
 Shapes (groups, for --only):
   llama: Llama-3-70B at TP=8, per-rank shapes with every dimension divided
@@ -25,8 +30,9 @@ Shapes (groups, for --only):
         gate_up  AG->mm  k = 8192/8 = 1024,   n = 2*28672/8/8 = 896
   small: 1024x1024 and 512x2048 (k x n), both ops.
   design: the four (m, k, n) mm->RS points of ../shared/DESIGN.md
-      "Performance facts", at their m; the naive pipeline's numbers there
-      are the baseline (stored next to ours; compare ratios, not ms).
+      "Performance facts", at their m, with its naive pipeline measured in
+      the same run; DESIGN.md's own numbers are stored next to them
+      (compare ratios, not ms).
 
 Token sweep 16..16384 (powers of two). Durations on this 2-core machine when
 idle (estimated from the per-point cost model: (1 + repeats) x 7 variants of
@@ -104,6 +110,9 @@ def baseline_summary(m: int, k: int, n: int) -> dict:
             "fraction_of_limit": max(ms["matmul"], ms["reduce_scatter"]) / best}
 
 
+NAIVE_CHUNKS = (4, 8)  # the two counts DESIGN.md measured
+
+
 def repeats_for(tokens: int) -> int:
     """Fewer repeats where one call already takes long (one sample varies by ~15 % here, so not too few)."""
     return 9 if tokens <= 1024 else 7 if tokens <= 4096 else 5
@@ -113,20 +122,38 @@ def measure_point(shape: Shape, tokens: int, world_size: int) -> dict:
     point = measure.Point(shape.op, tokens, shape.k, shape.n, world_size)
     variants = {"unfused": point.unfused(), "matmul": point.matmul(), "collective": point.collective(),
                 "concurrent": point.concurrent(), **point.fused_variants()}
+    if shape.op == RS:
+        variants["exchange"] = point.exchange()
+    if shape.group == "design":
+        variants.update({naive_name(c): point.naive_pipeline(c) for c in NAIVE_CHUNKS})
     ms = measure.medians(variants, repeats_for(tokens))
     best_chunks, best, fused = measure.best_fused(ms)
-    limit = max(ms["matmul"], ms["collective"])
+    # The bytes move either way; the limit takes the cheaper (the fused path exchanges, the unfused one
+    # runs the collective), so a cheaper exchange cannot pass for overlap.
+    comm = min(ms["collective"], ms.get("exchange", ms["collective"]))
+    limit = max(ms["matmul"], comm)
     result = {
         "op": shape.op, "group": shape.group, "shape": shape.name, "k": shape.k, "n": shape.n, "tokens": tokens,
-        "matmul_ms": ms["matmul"], "collective_ms": ms["collective"], "concurrent_ms": ms["concurrent"],
-        "unfused_ms": ms["unfused"], "fused_ms": fused, "best_chunks": best_chunks, "best_fused_ms": best,
+        "matmul_ms": ms["matmul"], "collective_ms": ms["collective"], "exchange_ms": ms.get("exchange"),
+        "concurrent_ms": ms["concurrent"], "unfused_ms": ms["unfused"], "fused_ms": fused,
+        "best_chunks": best_chunks, "best_fused_ms": best,
         "speedup": ms["unfused"] / best, "fraction_of_limit": limit / best,
         # How much overlap the machine gives two independent calls, and the pipeline against that.
         "concurrent_fraction_of_limit": limit / ms["concurrent"], "fused_vs_concurrent": ms["concurrent"] / best,
     }
     if shape.group == "design":
+        naive = {c: ms[naive_name(c)] for c in NAIVE_CHUNKS}
+        naive_chunks = min(naive, key=naive.get)
+        result["naive_pipeline"] = {"ms": {str(c): t for c, t in naive.items()}, "best_chunks": naive_chunks,
+                                    "speedup": ms["unfused"] / naive[naive_chunks],
+                                    "fraction_of_limit": limit / naive[naive_chunks]}
+        result["vs_naive"] = naive[naive_chunks] / best
         result["naive_pipeline_baseline"] = baseline_summary(tokens, shape.k, shape.n)
     return result
+
+
+def naive_name(chunks: int) -> str:
+    return f"naive_{chunks}"
 
 
 def plan(shapes, sweep) -> list[tuple[Shape, int]]:
@@ -195,16 +222,22 @@ def select(only: str | None, op: str | None) -> tuple[Shape, ...]:
 
 
 def print_table(points: list[dict]) -> None:
-    print(f"\n{'op':<18} {'shape':<22} {'k':>5} {'n':>5} {'tokens':>6} {'matmul':>8} {'collect':>8} "
+    """One row per point; design points also give the naive pipeline's speedup, here and in DESIGN.md's run."""
+    print(f"\n{'op':<18} {'shape':<22} {'k':>5} {'n':>5} {'tokens':>6} {'matmul':>8} {'collect':>8} {'exch':>8} "
           f"{'unfused':>8} {'concur':>8} {'fused':>8} {'chunks':>6} {'speedup':>7} {'of limit':>8} "
-          f"{'c. of l.':>8} {'conc/f':>7} {'naive':>7}")
+          f"{'c. of l.':>8} {'conc/f':>7} {'naive':>7} {'design':>7}")
     for p in points:
-        naive = p.get("naive_pipeline_baseline")
+        naive, design = p.get("naive_pipeline"), p.get("naive_pipeline_baseline")
         print(f"{p['op']:<18} {p['shape']:<22} {p['k']:>5} {p['n']:>5} {p['tokens']:>6} {p['matmul_ms']:>8.1f} "
-              f"{p['collective_ms']:>8.1f} {p['unfused_ms']:>8.1f} {p['concurrent_ms']:>8.1f} "
-              f"{p['best_fused_ms']:>8.1f} {p['best_chunks']:>6} {p['speedup']:>6.2f}x {p['fraction_of_limit']:>8.2f} "
-              f"{p['concurrent_fraction_of_limit']:>8.2f} {p['fused_vs_concurrent']:>7.2f} "
-              + (f"{naive['speedup']:>6.2f}x" if naive else f"{'':>7}"))
+              f"{p['collective_ms']:>8.1f} {_ms(p['exchange_ms']):>8} {p['unfused_ms']:>8.1f} "
+              f"{p['concurrent_ms']:>8.1f} {p['best_fused_ms']:>8.1f} {p['best_chunks']:>6} {p['speedup']:>6.2f}x "
+              f"{p['fraction_of_limit']:>8.2f} {p['concurrent_fraction_of_limit']:>8.2f} "
+              f"{p['fused_vs_concurrent']:>7.2f} "
+              + (f"{naive['speedup']:>6.2f}x {design['speedup']:>6.2f}x" if naive else ""))
+
+
+def _ms(value: float | None) -> str:
+    return "-" if value is None else f"{value:.1f}"
 
 
 def main(argv=None) -> None:
