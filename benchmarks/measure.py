@@ -27,7 +27,9 @@ import torch.distributed as dist
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import fcpass  # noqa: E402
 # The collectives' non-deprecated spellings and the padding the ops themselves use.
-from fcpass.comm import all_gather_single, reduce_scatter_by_exchange, reduce_scatter_single  # noqa: E402
+from fcpass.comm import (  # noqa: E402
+    all_gather_by_exchange, all_gather_single, reduce_scatter_by_exchange, reduce_scatter_single,
+)
 from fcpass.backends.generic import chunk_bounds  # noqa: E402
 from fcpass.padding import append_zero_rows  # noqa: E402
 
@@ -154,18 +156,22 @@ class Point:
         return lambda: all_gather_single(self.gathered, self.x, async_op=async_op)
 
     def exchange(self) -> Callable[[], object]:
-        """mm_reduce_scatter's other way to move the same bytes: the point-to-point exchange its fused path
-        reduces by (``comm.reduce_scatter_by_exchange``), on the product, one message per peer."""
-        if self.op != "mm_reduce_scatter":
-            raise ValueError("exchange: mm_reduce_scatter only (all_gather_mm's fused path gathers as unfused)")
-        product = self.product if not self.pad_rows else append_zero_rows(self.product, self.pad_rows)
-        shard_rows, group = self.shard.shape[0], dist.group.WORLD
-        incoming = product.new_empty((self.world_size - 1, shard_rows, self.n))
+        """The other way to move the collective's bytes: the point-to-point exchange the fused path uses
+        (``comm.reduce_scatter_by_exchange`` on the product / ``comm.all_gather_by_exchange`` of x), alone,
+        one message per peer."""
+        group = dist.group.WORLD
+        if self.op == "mm_reduce_scatter":
+            product = self.product if not self.pad_rows else append_zero_rows(self.product, self.pad_rows)
+            shard_rows = self.shard.shape[0]
+            incoming = product.new_empty((self.world_size - 1, shard_rows, self.n))
 
-        def block_rows(rank, start, end):
-            return product[rank * shard_rows + start:rank * shard_rows + end]
+            def block_rows(rank, start, end):
+                return product[rank * shard_rows + start:rank * shard_rows + end]
 
-        return lambda: reduce_scatter_by_exchange(block_rows, incoming, [(0, shard_rows)], group)
+            return lambda: reduce_scatter_by_exchange(block_rows, incoming, [(0, shard_rows)], group)
+        rows = self.x.shape[0]
+        gathered_by_rank = self.gathered.view(self.world_size, rows, self.k)
+        return lambda: all_gather_by_exchange(self.x, gathered_by_rank, [(0, rows)], group)
 
     def naive_pipeline(self, chunks: int) -> Callable[[], object]:
         """../shared/DESIGN.md's baseline, run here: C chunks, each holding every rank's c-th sub-slice of rows;

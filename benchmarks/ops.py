@@ -6,8 +6,8 @@
 Per (op, shape, tokens) point, measured interleaved in one run so machine
 noise hits every variant alike: the unfused path (matmul + collective), the
 fused path at each candidate chunk count, the matmul and the collective
-alone, for mm_reduce_scatter the point-to-point exchange its fused path
-reduces by (alone, on the product), and the matmul while a collective on
+alone, the point-to-point exchange the fused path moves those bytes by
+(alone), and the matmul while a collective on
 inputs of its own is in flight ("concurrent"). Reported: speedup = unfused
 / best fused, the chunk count that won (chosen by measurement), fraction of
 the limit = max(matmul, communication) / best fused, where communication is
@@ -122,19 +122,18 @@ def measure_point(shape: Shape, tokens: int, world_size: int) -> dict:
     point = measure.Point(shape.op, tokens, shape.k, shape.n, world_size)
     variants = {"unfused": point.unfused(), "matmul": point.matmul(), "collective": point.collective(),
                 "concurrent": point.concurrent(), **point.fused_variants()}
-    if shape.op == RS:
-        variants["exchange"] = point.exchange()
+    variants["exchange"] = point.exchange()
     if shape.group == "design":
         variants.update({naive_name(c): point.naive_pipeline(c) for c in NAIVE_CHUNKS})
     ms = measure.medians(variants, repeats_for(tokens))
     best_chunks, best, fused = measure.best_fused(ms)
     # The bytes move either way; the limit takes the cheaper (the fused path exchanges, the unfused one
     # runs the collective), so a cheaper exchange cannot pass for overlap.
-    comm = min(ms["collective"], ms.get("exchange", ms["collective"]))
+    comm = min(ms["collective"], ms["exchange"])
     limit = max(ms["matmul"], comm)
     result = {
         "op": shape.op, "group": shape.group, "shape": shape.name, "k": shape.k, "n": shape.n, "tokens": tokens,
-        "matmul_ms": ms["matmul"], "collective_ms": ms["collective"], "exchange_ms": ms.get("exchange"),
+        "matmul_ms": ms["matmul"], "collective_ms": ms["collective"], "exchange_ms": ms["exchange"],
         "concurrent_ms": ms["concurrent"], "unfused_ms": ms["unfused"], "fused_ms": fused,
         "best_chunks": best_chunks, "best_fused_ms": best,
         "speedup": ms["unfused"] / best, "fraction_of_limit": limit / best,
@@ -229,15 +228,11 @@ def print_table(points: list[dict]) -> None:
     for p in points:
         naive, design = p.get("naive_pipeline"), p.get("naive_pipeline_baseline")
         print(f"{p['op']:<18} {p['shape']:<22} {p['k']:>5} {p['n']:>5} {p['tokens']:>6} {p['matmul_ms']:>8.1f} "
-              f"{p['collective_ms']:>8.1f} {_ms(p['exchange_ms']):>8} {p['unfused_ms']:>8.1f} "
+              f"{p['collective_ms']:>8.1f} {p['exchange_ms']:>8.1f} {p['unfused_ms']:>8.1f} "
               f"{p['concurrent_ms']:>8.1f} {p['best_fused_ms']:>8.1f} {p['best_chunks']:>6} {p['speedup']:>6.2f}x "
               f"{p['fraction_of_limit']:>8.2f} {p['concurrent_fraction_of_limit']:>8.2f} "
               f"{p['fused_vs_concurrent']:>7.2f} "
               + (f"{naive['speedup']:>6.2f}x {design['speedup']:>6.2f}x" if naive else ""))
-
-
-def _ms(value: float | None) -> str:
-    return "-" if value is None else f"{value:.1f}"
 
 
 def main(argv=None) -> None:

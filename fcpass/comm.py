@@ -32,6 +32,33 @@ def reduce_scatter_rows(out: torch.Tensor, x: torch.Tensor, group: dist.ProcessG
     return reduce_scatter_single(out, x, op=dist.ReduceOp.SUM, group=group, async_op=async_op)
 
 
+# ---- point-to-point: the generic pipeline's exchanges. Peers are group ranks; tag = chunk index, so every
+# (peer, chunk) message of one call is told apart, and calls never overlap (each waits for all of its own).
+
+
+def ring_peers(group: dist.ProcessGroup) -> list[int]:
+    """Every other rank of ``group``, next first: at each step every rank sends to a different peer."""
+    rank, world_size = dist.get_rank(group), dist.get_world_size(group)
+    return [(rank + step) % world_size for step in range(1, world_size)]
+
+
+def send_rows(rows: torch.Tensor, peer: int, tag: int, group: dist.ProcessGroup):
+    """Async send of contiguous ``rows`` to group rank ``peer``; keep ``rows`` alive until the Work is done."""
+    return dist.isend(_as_sendable(rows), group=group, group_dst=peer, tag=tag)
+
+
+def receive_chunks(into: Callable[[int, int, int], torch.Tensor], chunks: list[tuple[int, int]],
+                   group: dist.ProcessGroup) -> list[tuple[int, int, int, dist.Work]]:
+    """A receive posted for every peer's every chunk, into ``into(peer, start, end)``: (peer, start, end, Work),
+    chunk by chunk, in the order the peers send them."""
+    return [(peer, start, end, dist.irecv(_as_sendable(into(peer, start, end)), group=group, group_src=peer, tag=tag))
+            for tag, (start, end) in enumerate(chunks) for peer in ring_peers(group)]
+
+
+def _as_sendable(t: torch.Tensor) -> torch.Tensor:
+    return t.view(torch.uint8) if t.dtype in FP8_DTYPES else t
+
+
 def reduce_scatter_by_exchange(
     block_rows: Callable[[int, int, int], torch.Tensor], incoming: torch.Tensor, chunks: list[tuple[int, int]],
     group: dist.ProcessGroup,
@@ -46,21 +73,37 @@ def reduce_scatter_by_exchange(
     reduce_scatter, in an order that overlaps each send with the next matmul; on gloo it is also ~2.5x
     cheaper than the reduce_scatter collective, which costs as much as an all_reduce (benchmarks/README.md).
     """
-    rank, world_size = dist.get_rank(group), dist.get_world_size(group)
-    in_flight = [
-        dist.irecv(incoming[step - 1, start:end], group=group, group_src=(rank - step) % world_size, tag=tag)
-        for step in range(1, world_size) for tag, (start, end) in enumerate(chunks)
-    ]
+    peers = ring_peers(group)
+    slot = {peer: i for i, peer in enumerate(peers)}
+    in_flight = [work for *_, work in receive_chunks(lambda peer, s, e: incoming[slot[peer], s:e], chunks, group)]
     sent = []  # each chunk stays alive until its send is done
     for tag, (start, end) in enumerate(chunks):
-        for step in range(1, world_size):
-            peer = (rank + step) % world_size
+        for peer in peers:
             sent.append(block_rows(peer, start, end).contiguous())
-            in_flight.append(dist.isend(sent[-1], group=group, group_dst=peer, tag=tag))
-    own = block_rows(rank, 0, incoming.shape[1])
+            in_flight.append(send_rows(sent[-1], peer, tag, group))
+    own = block_rows(dist.get_rank(group), 0, incoming.shape[1])
     for work in in_flight:
         work.wait()
     out = own + incoming[0]  # a new tensor: the own block may be a view of the caller's
     for part in incoming[1:]:
         out.add_(part)
     return out
+
+
+def all_gather_by_exchange(
+    x: torch.Tensor, gathered_by_rank: torch.Tensor, chunks: list[tuple[int, int]], group: dist.ProcessGroup,
+    meanwhile: Callable[[], object] = lambda: None, arrived: Callable[[int, int, int], object] = lambda *_: None,
+) -> None:
+    """``gathered_by_rank[r]`` (world_size, rows, ...) = rank r's contiguous ``x`` (rows, ...), by point-to-point
+    exchange: every chunk sent to every peer and received in place, all posted up front; ``meanwhile()`` runs
+    while they are in flight, then ``arrived(peer, start, end)`` as each peer's chunk is here, in send order."""
+    arriving = receive_chunks(lambda peer, start, end: gathered_by_rank[peer, start:end], chunks, group)
+    sent = [send_rows(x[start:end], peer, tag, group)
+            for tag, (start, end) in enumerate(chunks) for peer in ring_peers(group)]
+    gathered_by_rank[dist.get_rank(group)] = x
+    meanwhile()
+    for peer, start, end, work in arriving:
+        work.wait()
+        arrived(peer, start, end)
+    for work in sent:
+        work.wait()

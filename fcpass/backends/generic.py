@@ -1,8 +1,8 @@
-"""Fused ops on any ProcessGroup: chunked matmuls overlapped with async communication.
+"""Fused ops on any ProcessGroup: chunked matmuls overlapped with async point-to-point sends.
 
-The algorithm of torch's symmetric-memory fused ops, on async point-to-point
-sends and collectives, so it runs (and can be measured) on gloo, nccl and
-hccl alike.
+The algorithm of torch's symmetric-memory fused ops, with async sends and
+receives (``fcpass.comm``) in place of remote writes, so it runs (and can be
+measured) on gloo, nccl and hccl alike.
 
 mm_reduce_scatter (``comm.reduce_scatter_by_exchange``), C chunks per block
 of rows: the rows reduced into a peer's shard are multiplied first, each
@@ -16,9 +16,10 @@ Not one reduce_scatter per chunk (the naive pipeline): that issues C
 collectives of every rank's rows, and gloo's reduce_scatter costs as much as
 an all_reduce, ~2.5x the exchange of the same rows.
 
-all_gather_mm: every chunk's all_gather is issued up front, the local shard's
-matmul runs while they are in flight, then each chunk's remote rows are
-multiplied as soon as that chunk has arrived.
+all_gather_mm (``comm.all_gather_by_exchange``): every chunk of the local
+shard is sent to every peer and every peer's chunks are received in place,
+all posted up front; the local shard's matmul runs while they are in
+flight, then each peer's chunk is multiplied as soon as it has arrived.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ import torch
 import torch.distributed as dist
 
 from fcpass.backends.base import Backend, FusedCall
-from fcpass.comm import all_gather_rows, reduce_scatter_by_exchange
+from fcpass.comm import all_gather_by_exchange, reduce_scatter_by_exchange
 from fcpass.guard import KernelLimits
 
 # Rows per rank below which chunking only adds launch and copy overhead.
@@ -77,32 +78,22 @@ class GenericBackend(Backend):
         return reduce_scatter_by_exchange(block_rows, incoming, chunks, call.group)
 
     def all_gather_mm(self, call: FusedCall) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        ws, x = call.world_size, call.x
+        ws, x = call.world_size, call.x.contiguous()
         shard_rows, k = x.shape
-        rank = dist.get_rank(call.group)
         gathered = x.new_empty((ws * shard_rows, k))
         gathered_by_rank = gathered.view(ws, shard_rows, k)
         outs = [x.new_empty((ws * shard_rows, mm.n), dtype=mm.result_dtype) for mm in call.matmuls]
         outs_by_rank = [out.view(ws, shard_rows, -1) for out in outs]
 
-        in_flight = []
-        for start, end in chunk_bounds(shard_rows, auto_chunks(shard_rows, call.pipeline_chunks)):
-            buf = x.new_empty((ws * (end - start), k))
-            work = all_gather_rows(buf, x[start:end], call.group, async_op=True)
-            in_flight.append((start, end, buf, work))
+        def multiply_local_shard():  # needs no communication: hides the first chunks' transfers
+            rank = dist.get_rank(call.group)
+            for mm, out in zip(call.matmuls, outs_by_rank):
+                out[rank] = mm(x)
 
-        # The local shard needs no communication: its matmuls hide the first gathers.
-        gathered_by_rank[rank] = x
-        for mm, out in zip(call.matmuls, outs_by_rank):
-            out[rank] = mm(x)
+        def multiply_arrived(peer: int, start: int, end: int):
+            for mm, out in zip(call.matmuls, outs_by_rank):
+                out[peer, start:end] = mm(gathered_by_rank[peer, start:end])
 
-        for start, end, buf, work in in_flight:
-            work.wait()
-            buf_by_rank = buf.view(ws, end - start, k)
-            gathered_by_rank[:, start:end] = buf_by_rank
-            for r in range(ws):
-                if r == rank:
-                    continue
-                for mm, out in zip(call.matmuls, outs_by_rank):
-                    out[r, start:end] = mm(buf_by_rank[r])
+        chunks = chunk_bounds(shard_rows, auto_chunks(shard_rows, call.pipeline_chunks))
+        all_gather_by_exchange(x, gathered_by_rank, chunks, call.group, multiply_local_shard, multiply_arrived)
         return gathered, outs
