@@ -1,8 +1,10 @@
-"""Row-wise collectives on a ProcessGroup: the unfused building blocks, and the exchange the pipeline reduces by.
+"""Row-wise communication on a ProcessGroup: the unfused path's collectives, the generic pipeline's exchanges.
 
-Both the unfused path and the generic pipeline use these, so "the same plain
-collective" means the same call on every path. fp8 has no reduction and is
-not a gloo dtype; it is gathered as bytes.
+The unfused path runs the plain collectives the graph had (reduce_scatter,
+all_gather); the generic pipeline moves the same rows by async point-to-point
+sends, which it can overlap chunk by chunk, and which on gloo cost less than
+its collectives. fp8 has no reduction and is not a gloo dtype; it moves as
+bytes.
 """
 
 from __future__ import annotations

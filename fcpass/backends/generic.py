@@ -56,8 +56,8 @@ def auto_chunks(rows_per_rank: int, requested: int) -> int:
 
 class GenericBackend(Backend):
     name = "generic"
-    # Measured crossover on 2 gloo ranks (../shared/DESIGN.md): fusion loses
-    # at 1k tokens and wins from 4k on.
+    # Between the crossovers measured on 2 gloo ranks (benchmarks/README.md: mm_reduce_scatter fuses ahead
+    # from 64-512 tokens, all_gather_mm from 512-16384, by shape); a threshold table gives each shape its own.
     default_threshold_tokens = 2048
     _limits = KernelLimits()
 
