@@ -56,9 +56,10 @@ points with at least ``--min-tokens`` tokens (below ~1k tokens a call takes
 a few ms and the noise exceeds the effect: some small points even beat
 their own ceiling). For each ideal row, the ``--neighbours`` points of the same op whose
 matmul_ms / collective_ms is nearest (in log) to the row's compute/comm;
-reported: their ratio, their own ceiling (matmul + collective) / max, and the
+reported: their ratio, their own ceiling (matmul + collective) / max(matmul,
+the cheaper of collective and exchange: the pipeline's way), and the
 medians of measured speedup (unfused / best fused) and fraction of limit
-(max(matmul, collective) / best fused). A row whose nearest measured
+(ops.py's: max(matmul, communication) / best fused). A row whose nearest measured
 ratio is more than FAR_MATCH times off is flagged: the CPU benchmark's
 shapes do not reach that regime, so the comparison there is only indicative.
 
@@ -151,6 +152,13 @@ def ceiling(compute_over_comm: float) -> float:
 
 # --------------------------------------------------------------------------- measured CPU points
 
+
+def measured_ceiling(point: dict) -> float:
+    """A CPU point's own ceiling: unfused pays matmul + collective, fused at best max(matmul, communication),
+    communication being the cheaper of the collective and the pipeline's exchange (ops.py's limit)."""
+    comm = min(point["collective_ms"], point.get("exchange_ms") or point["collective_ms"])
+    return (point["matmul_ms"] + point["collective_ms"]) / max(point["matmul_ms"], comm)
+
 def load_measured(path: str, min_tokens: int) -> list[dict]:
     """The points of benchmarks/ops.py's JSON with at least ``min_tokens`` that carry what the comparison needs."""
     with open(path) as f:
@@ -176,7 +184,7 @@ def nearest_measured(points: list[dict], op: str, ratio: float, count: int) -> d
                    for p, r in zip(near, ratios)],
         "compute_over_comm_median": statistics.median(ratios),
         "far": not 1 / FAR_MATCH <= statistics.median(ratios) / ratio <= FAR_MATCH,
-        "ceiling_median": statistics.median(ceiling(r) for r in ratios),
+        "ceiling_median": statistics.median(measured_ceiling(p) for p in near),
         "speedup_median": statistics.median(p["speedup"] for p in near),
         "fraction_of_limit_median": statistics.median(p["fraction_of_limit"] for p in near),
     }
