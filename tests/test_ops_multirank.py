@@ -74,7 +74,20 @@ def _two_rank_cases():
            for c in CHUNK_COUNTS},
         "cuda": shared(run_cases, cuda_rs, cuda_ag, fcpass.PassConfig(backend="cuda")),
         "pad_rows": shared(run_cases, pad_rs, []),
+        "collectives": shared(_by_collectives, chunk_rs + pad_rs, chunk_ag),
     }
+
+
+def _by_collectives(rank, world_size, rs_cases, ag_cases):
+    """The generic pipeline's per-chunk collectives (its way on device groups), forced on gloo, at 1-8 chunks."""
+    from fcpass.backends import generic
+
+    saved, generic.EXCHANGE_DEVICE_TYPES = generic.EXCHANGE_DEVICE_TYPES, frozenset()
+    try:
+        return [result for chunks in (1, 3, 8)
+                for result in run_cases(rank, world_size, rs_cases, ag_cases, fcpass.PassConfig(pipeline_chunks=chunks))]
+    finally:
+        generic.EXCHANGE_DEVICE_TYPES = saved
 
 
 def _on_subgroups(rank, world_size, rs_cases, ag_cases):
@@ -127,3 +140,8 @@ def test_ops_on_a_subgroup_address_peers_by_group_rank():
     per_rank = SUBGROUPS()
     for group_results in (per_rank[0::2], per_rank[1::2]):
         check_results(group_results)
+
+
+def test_the_collective_pipeline_of_device_groups_is_exact():
+    """nccl/hccl groups run one collective per chunk (no point-to-point): forced on gloo, it gives the reference."""
+    check_results(TWO_RANKS["collectives"]())

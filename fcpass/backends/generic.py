@@ -1,25 +1,29 @@
-"""Fused ops on any ProcessGroup: chunked matmuls overlapped with async point-to-point sends.
+"""Fused ops on any ProcessGroup: chunked matmuls overlapped with async communication.
 
-The algorithm of torch's symmetric-memory fused ops, with async sends and
-receives (``fcpass.comm``) in place of remote writes, so it runs (and can be
-measured) on gloo, nccl and hccl alike.
+The algorithm of torch's symmetric-memory fused ops, on plain async
+communication, so it runs (and can be measured) on gloo, nccl and hccl
+alike. Two ways to move the rows, by the tensors' device
+(``EXCHANGE_DEVICE_TYPES``):
 
-mm_reduce_scatter (``comm.reduce_scatter_by_exchange``), C chunks per block
-of rows: the rows reduced into a peer's shard are multiplied first, each
-chunk sent to that peer as soon as it exists, then this rank's own block
-while those are in flight, then the peers' blocks are added:
+Point-to-point exchange (CPU, gloo; ``fcpass.comm``):
+  mm_reduce_scatter: the rows reduced into a peer's shard are multiplied
+  first, each chunk sent to that peer as soon as it exists, then this
+  rank's own block while those are in flight, then the peers' blocks are
+  added:
 
-    mm(peer, c0) | mm(peer, c1)  | ... | mm(own block)        | add received
-                 | send c0 ...   | send c1 ...  ...   wait all |
+      mm(peer, c0) | mm(peer, c1)  | ... | mm(own block)        | add received
+                   | send c0 ...   | send c1 ...  ...   wait all |
 
-Not one reduce_scatter per chunk (the naive pipeline): that issues C
-collectives of every rank's rows, and gloo's reduce_scatter costs as much as
-an all_reduce, ~2.5x the exchange of the same rows.
+  all_gather_mm: every chunk of the local shard sent to every peer and
+  every peer's chunks received in place, all posted up front; the local
+  shard's matmul runs while they are in flight, then each peer's chunk is
+  multiplied as soon as it has arrived.
 
-all_gather_mm (``comm.all_gather_by_exchange``): every chunk of the local
-shard is sent to every peer and every peer's chunks are received in place,
-all posted up front; the local shard's matmul runs while they are in
-flight, then each peer's chunk is multiplied as soon as it has arrived.
+One collective per chunk (device groups):
+  mm_reduce_scatter: chunk c holds every rank's c-th sub-slice of rows; its
+  async reduce_scatter overlaps the next chunk's matmul.
+  all_gather_mm: every chunk's all_gather issued up front, the local
+  shard's matmul while they are in flight, then each chunk's remote rows.
 """
 
 from __future__ import annotations
@@ -28,8 +32,15 @@ import torch
 import torch.distributed as dist
 
 from fcpass.backends.base import Backend, FusedCall
-from fcpass.comm import all_gather_by_exchange, reduce_scatter_by_exchange
+from fcpass.comm import all_gather_by_exchange, all_gather_rows, reduce_scatter_by_exchange, reduce_scatter_rows
 from fcpass.guard import KernelLimits
+
+# Where the pipeline moves rows by point-to-point exchange: CPU tensors, which travel over gloo, where the
+# exchange is the cheaper way (its reduce_scatter costs as much as an all_reduce; benchmarks/README.md).
+# Device groups (nccl, hccl) keep one collective per chunk: their collectives are efficient, and their
+# point-to-point sends open extra communicators and cannot be captured into a CUDA graph
+# (pytorch/pytorch#133984), where vLLM runs the model.
+EXCHANGE_DEVICE_TYPES = frozenset({"cpu"})
 
 # Rows per rank below which chunking only adds launch and copy overhead.
 MIN_ROWS_PER_CHUNK = 128
@@ -65,35 +76,99 @@ class GenericBackend(Backend):
         return self._limits
 
     def mm_reduce_scatter(self, call: FusedCall) -> torch.Tensor:
-        (matmul,) = call.matmuls
-        x, row_scale = call.x, call.row_scale
-        shard_rows = x.shape[0] // call.world_size
-
-        def block_rows(rank: int, start: int, end: int) -> torch.Tensor:
-            rows = slice(rank * shard_rows + start, rank * shard_rows + end)
-            return matmul(x[rows], None if row_scale is None else row_scale[rows])
-
-        incoming = x.new_empty((call.world_size - 1, shard_rows, matmul.n), dtype=matmul.result_dtype)
-        chunks = chunk_bounds(shard_rows, auto_chunks(shard_rows, call.pipeline_chunks))
-        return reduce_scatter_by_exchange(block_rows, incoming, chunks, call.group)
+        if call.x.device.type in EXCHANGE_DEVICE_TYPES:
+            return _mm_reduce_scatter_by_exchange(call)
+        return _mm_reduce_scatter_by_collectives(call)
 
     def all_gather_mm(self, call: FusedCall) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        ws, x = call.world_size, call.x.contiguous()
-        shard_rows, k = x.shape
-        gathered = x.new_empty((ws * shard_rows, k))
-        gathered_by_rank = gathered.view(ws, shard_rows, k)
-        outs = [x.new_empty((ws * shard_rows, mm.n), dtype=mm.result_dtype) for mm in call.matmuls]
-        outs_by_rank = [out.view(ws, shard_rows, -1) for out in outs]
+        if call.x.device.type in EXCHANGE_DEVICE_TYPES:
+            return _all_gather_mm_by_exchange(call)
+        return _all_gather_mm_by_collectives(call)
 
-        def multiply_local_shard():  # needs no communication: hides the first chunks' transfers
-            rank = dist.get_rank(call.group)
-            for mm, out in zip(call.matmuls, outs_by_rank):
-                out[rank] = mm(x)
 
-        def multiply_arrived(peer: int, start: int, end: int):
-            for mm, out in zip(call.matmuls, outs_by_rank):
-                out[peer, start:end] = mm(gathered_by_rank[peer, start:end])
+def _mm_reduce_scatter_by_exchange(call: FusedCall) -> torch.Tensor:
+    (matmul,) = call.matmuls
+    x, row_scale = call.x, call.row_scale
+    shard_rows = x.shape[0] // call.world_size
 
-        chunks = chunk_bounds(shard_rows, auto_chunks(shard_rows, call.pipeline_chunks))
-        all_gather_by_exchange(x, gathered_by_rank, chunks, call.group, multiply_local_shard, multiply_arrived)
-        return gathered, outs
+    def block_rows(rank: int, start: int, end: int) -> torch.Tensor:
+        rows = slice(rank * shard_rows + start, rank * shard_rows + end)
+        return matmul(x[rows], None if row_scale is None else row_scale[rows])
+
+    incoming = x.new_empty((call.world_size - 1, shard_rows, matmul.n), dtype=matmul.result_dtype)
+    return reduce_scatter_by_exchange(block_rows, incoming, _chunks(call, shard_rows), call.group)
+
+
+def _all_gather_mm_by_exchange(call: FusedCall) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    x = call.x.contiguous()
+    gathered, gathered_by_rank, outs, outs_by_rank = _gather_outputs(call, x)
+
+    def multiply_local_shard():  # needs no communication: hides the first chunks' transfers
+        rank = dist.get_rank(call.group)
+        for mm, out in zip(call.matmuls, outs_by_rank):
+            out[rank] = mm(x)
+
+    def multiply_arrived(peer: int, start: int, end: int):
+        for mm, out in zip(call.matmuls, outs_by_rank):
+            out[peer, start:end] = mm(gathered_by_rank[peer, start:end])
+
+    chunks = _chunks(call, x.shape[0])
+    all_gather_by_exchange(x, gathered_by_rank, chunks, call.group, multiply_local_shard, multiply_arrived)
+    return gathered, outs
+
+
+def _mm_reduce_scatter_by_collectives(call: FusedCall) -> torch.Tensor:
+    """Chunk c holds every rank's c-th sub-slice of rows, so its reduce_scatter yields rows c of this rank's shard."""
+    (matmul,) = call.matmuls
+    ws, x = call.world_size, call.x
+    shard_rows = x.shape[0] // ws
+    # View rows as (rank, row-in-shard) so a chunk can pick the same rows of every rank's shard.
+    x_by_rank = x.unflatten(0, (ws, shard_rows))
+    scale_by_rank = None if call.row_scale is None else call.row_scale.unflatten(0, (ws, shard_rows))
+    out = x.new_empty((shard_rows, matmul.n), dtype=matmul.result_dtype)
+    pending = []
+    for start, end in _chunks(call, shard_rows):
+        rows = x_by_rank[:, start:end].flatten(0, 1)
+        scale = None if scale_by_rank is None else scale_by_rank[:, start:end].flatten(0, 1)
+        partial = matmul(rows, scale)
+        work = reduce_scatter_rows(out[start:end], partial, call.group, async_op=True)
+        pending.append((work, partial))  # keep `partial` alive until its collective is done
+    for work, _ in pending:
+        work.wait()
+    return out
+
+
+def _all_gather_mm_by_collectives(call: FusedCall) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """Every chunk's all_gather issued up front; the local shard's matmul runs while they are in flight."""
+    x = call.x
+    gathered, gathered_by_rank, outs, outs_by_rank = _gather_outputs(call, x)
+    ws, (shard_rows, k) = call.world_size, x.shape
+    rank = dist.get_rank(call.group)
+    in_flight = []
+    for start, end in _chunks(call, shard_rows):
+        buf = x.new_empty((ws * (end - start), k))
+        in_flight.append((start, end, buf, all_gather_rows(buf, x[start:end], call.group, async_op=True)))
+    gathered_by_rank[rank] = x
+    for mm, out in zip(call.matmuls, outs_by_rank):
+        out[rank] = mm(x)
+    for start, end, buf, work in in_flight:
+        work.wait()
+        buf_by_rank = buf.view(ws, end - start, k)
+        gathered_by_rank[:, start:end] = buf_by_rank
+        for peer in range(ws):
+            if peer != rank:
+                for mm, out in zip(call.matmuls, outs_by_rank):
+                    out[peer, start:end] = mm(buf_by_rank[peer])
+    return gathered, outs
+
+
+def _chunks(call: FusedCall, shard_rows: int) -> list[tuple[int, int]]:
+    return chunk_bounds(shard_rows, auto_chunks(shard_rows, call.pipeline_chunks))
+
+
+def _gather_outputs(call: FusedCall, x: torch.Tensor):
+    """all_gather_mm's outputs, and their views as (rank, rows of that rank's shard, ...)."""
+    ws, (shard_rows, k) = call.world_size, x.shape
+    gathered = x.new_empty((ws * shard_rows, k))
+    outs = [x.new_empty((ws * shard_rows, mm.n), dtype=mm.result_dtype) for mm in call.matmuls]
+    return gathered, gathered.view(ws, shard_rows, k), outs, [out.view(ws, shard_rows, -1) for out in outs]
