@@ -25,7 +25,7 @@ Two sets of real gloo ranks (fcpass.launch.run_ranks), both op families:
 
 Each shape is one bucket (floor(log2 k), floor(log2 n)) of the table, so two
 shapes in one bucket are refused. Durations on this 2-core machine when idle:
---quick (512 and 4096 tokens) ~2 min; the default 256..16384 tokens ~11 min.
+--quick (512 and 4096 tokens) ~2-3 min; the default 256..16384 tokens ~14 min.
 """
 
 from __future__ import annotations
@@ -156,7 +156,7 @@ def parse_args(argv):
     parser.add_argument("--dtype", default="float32", help=f"one of {sorted(cli.DTYPES)}")
     parser.add_argument("--out", default=os.path.join(cli.RESULTS_DIR, "thresholds.json"), help="the table")
     parser.add_argument("--report", default=os.path.join(cli.RESULTS_DIR, "calibration.json"))
-    parser.add_argument("--quick", action="store_true", help=f"tokens {QUICK_TOKENS} unless --tokens (~2 min idle)")
+    parser.add_argument("--quick", action="store_true", help=f"tokens {QUICK_TOKENS} unless --tokens (~2-3 min idle)")
     args = parser.parse_args(argv)
     lo, hi = WORLD_SIZE_RANGE
     if not lo <= args.world_size <= hi:

@@ -35,10 +35,10 @@ Shapes (groups, for --only):
       (compare ratios, not ms).
 
 Token sweep 16..16384 (powers of two). Durations on this 2-core machine when
-idle (estimated from the per-point cost model: (1 + repeats) x 7 variants of
-about matmul + collective each; 3-5x longer while other jobs load it):
---quick (256 and 4096 tokens, the 4 design points) ~1-1.5 min; the full run
-(92 points) ~7 min, two thirds of it the 8k-16k points.
+idle (measured; (1 + repeats) x 9 variants of about matmul + collective each
+per point, 11 at the design points; 3-5x longer while other jobs load it):
+--quick (256 and 4096 tokens, the 4 design points) ~1.5-2 min; the full
+run (92 points) ~9 min, two thirds of it the 8k-16k points.
 """
 
 from __future__ import annotations
