@@ -30,7 +30,7 @@ import fcpass  # noqa: E402
 from fcpass.comm import (  # noqa: E402
     all_gather_by_exchange, all_gather_single, reduce_scatter_by_exchange, reduce_scatter_single,
 )
-from fcpass.backends.generic import chunk_bounds  # noqa: E402
+from fcpass.backends.generic import collectives_everywhere  # noqa: E402
 from fcpass.padding import append_zero_rows  # noqa: E402
 
 logger = logging.getLogger(__name__)
@@ -174,21 +174,14 @@ class Point:
         return lambda: all_gather_by_exchange(self.x, gathered_by_rank, [(0, rows)], group)
 
     def naive_pipeline(self, chunks: int) -> Callable[[], object]:
-        """../shared/DESIGN.md's baseline, run here: C chunks, each holding every rank's c-th sub-slice of rows;
-        a chunk's matmul, then its async reduce_scatter; wait for all at the end (mm_reduce_scatter, unpadded)."""
-        if self.op != "mm_reduce_scatter" or self.pad_rows:
-            raise ValueError("naive_pipeline: mm_reduce_scatter without padding only")
-        shard_rows = self.tokens // self.world_size
-        x_by_rank = self.x.unflatten(0, (self.world_size, shard_rows))
+        """../shared/DESIGN.md's baseline: C chunks, each holding every rank's c-th sub-slice of rows; a chunk's
+        matmul, then its async reduce_scatter; wait for all at the end. It is the generic backend's pipeline on
+        device groups, run here on gloo (``collectives_everywhere``)."""
+        fused = self.fused(chunks)
 
         def call():
-            out, pending = self.x.new_empty((shard_rows, self.n)), []
-            for start, end in chunk_bounds(shard_rows, chunks):
-                partial = torch.mm(x_by_rank[:, start:end].flatten(0, 1), self.w)
-                pending.append((reduce_scatter_single(out[start:end], partial, async_op=True), partial))
-            for work, _ in pending:
-                work.wait()
-            return out
+            with collectives_everywhere():
+                return fused()
 
         return call
 

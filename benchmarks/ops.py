@@ -7,8 +7,8 @@ Per (op, shape, tokens) point, measured interleaved in one run so machine
 noise hits every variant alike: the unfused path (matmul + collective), the
 fused path at each candidate chunk count, the matmul and the collective
 alone, the point-to-point exchange the fused path moves those bytes by
-(alone), and the matmul while a collective on
-inputs of its own is in flight ("concurrent"). Reported: speedup = unfused
+(alone), and the matmul while a collective on inputs of its own is in
+flight ("concurrent"). Reported: speedup = unfused
 / best fused, the chunk count that won (chosen by measurement), fraction of
 the limit = max(matmul, communication) / best fused, where communication is
 the cheaper of the collective and the exchange (the same bytes either way,
@@ -16,7 +16,8 @@ so a cheaper exchange does not pass for overlap), the same fraction for
 "concurrent" (how much overlap this machine gives two independent calls),
 concurrent / best fused, and per shape the measured crossover. At the
 design points, DESIGN.md's naive pipeline (a reduce_scatter per chunk of
-every rank's rows, 4 and 8 chunks) runs in the same interleaving. fp32, one
+every rank's rows, 4 and 8 chunks: the generic backend's pipeline on device
+groups, forced here) runs in the same interleaving. fp32, one
 thread per rank, tokens = total rows entering the matmul (m for
 mm_reduce_scatter, world_size x local rows for all_gather_mm).
 

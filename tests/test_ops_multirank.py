@@ -80,14 +80,11 @@ def _two_rank_cases():
 
 def _by_collectives(rank, world_size, rs_cases, ag_cases):
     """The generic pipeline's per-chunk collectives (its way on device groups), forced on gloo, at 1-8 chunks."""
-    from fcpass.backends import generic
+    from fcpass.backends.generic import collectives_everywhere
 
-    saved, generic.EXCHANGE_DEVICE_TYPES = generic.EXCHANGE_DEVICE_TYPES, frozenset()
-    try:
+    with collectives_everywhere():
         return [result for chunks in (1, 3, 8)
                 for result in run_cases(rank, world_size, rs_cases, ag_cases, fcpass.PassConfig(pipeline_chunks=chunks))]
-    finally:
-        generic.EXCHANGE_DEVICE_TYPES = saved
 
 
 def _on_subgroups(rank, world_size, rs_cases, ag_cases):

@@ -28,6 +28,8 @@ One collective per chunk (device groups):
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.distributed as dist
 
@@ -41,6 +43,17 @@ from fcpass.guard import KernelLimits
 # point-to-point sends open extra communicators and cannot be captured into a CUDA graph
 # (pytorch/pytorch#133984), where vLLM runs the model.
 EXCHANGE_DEVICE_TYPES = frozenset({"cpu"})
+
+
+@contextlib.contextmanager
+def collectives_everywhere():
+    """Within: the per-chunk collective pipeline on every device, so it can be checked and timed on gloo."""
+    global EXCHANGE_DEVICE_TYPES
+    saved, EXCHANGE_DEVICE_TYPES = EXCHANGE_DEVICE_TYPES, frozenset()
+    try:
+        yield
+    finally:
+        EXCHANGE_DEVICE_TYPES = saved
 
 # Rows per rank below which chunking only adds launch and copy overhead.
 MIN_ROWS_PER_CHUNK = 128
