@@ -55,6 +55,7 @@ def collectives_everywhere():
     finally:
         EXCHANGE_DEVICE_TYPES = saved
 
+
 # Rows per rank below which chunking only adds launch and copy overhead.
 MIN_ROWS_PER_CHUNK = 128
 DEFAULT_CHUNKS = 4
