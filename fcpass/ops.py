@@ -155,7 +155,7 @@ def _resolve_threshold(
     if backend is None:
         return 0
     entry = _table_entry(config, backend, family, facts)
-    return entry.threshold_tokens if entry is not None else backend.default_threshold_tokens
+    return entry.threshold_tokens if entry is not None else backend.default_threshold(family, facts)
 
 
 def _table_chunks(config: PassConfig, backend: Backend, family: str, facts: guard.GuardFacts) -> int:

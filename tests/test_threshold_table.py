@@ -81,12 +81,23 @@ def test_precedence(tmp_path):
     assert resolve(-1, table_only, GENERIC, MM_REDUCE_SCATTER, _facts()) == 512  # the table's bucket
     assert resolve(-1, table_only, GENERIC, ALL_GATHER_MM, _facts(op="all_gather_mm")) == 8192
     # No bucket, another backend, or no table: the backend's default.
-    default = GENERIC.default_threshold_tokens
+    default = GENERIC.default_threshold(MM_REDUCE_SCATTER, _facts())
     assert resolve(-1, table_only, GENERIC, MM_REDUCE_SCATTER, _facts(k=4096)) == default
     npu = get_backend("npu")
     assert resolve(-1, table_only, npu, MM_REDUCE_SCATTER, _facts()) == npu.default_threshold_tokens
     assert resolve(-1, fcpass.PassConfig(), GENERIC, MM_REDUCE_SCATTER, _facts()) == default
     assert resolve(-1, table_only, None, MM_REDUCE_SCATTER, _facts()) == 0  # backend off
+
+
+def test_generic_default_threshold_by_family_and_transport():
+    """CPU (gloo, exchange): mm_reduce_scatter fuses from a lower count than all_gather_mm; device groups
+    (per-chunk collectives) keep the collective pipeline's 2048."""
+    cpu_rs, cpu_ag = _facts(), _facts(op="all_gather_mm")
+    cuda_rs = cpu_rs._replace(device_type="cuda")
+    assert GENERIC.default_threshold(MM_REDUCE_SCATTER, cpu_rs) == 512
+    assert GENERIC.default_threshold(ALL_GATHER_MM, cpu_ag) == 2048
+    assert GENERIC.default_threshold(MM_REDUCE_SCATTER, cuda_rs) == 2048
+    assert ops._resolve_threshold(-1, fcpass.PassConfig(), GENERIC, MM_REDUCE_SCATTER, cpu_rs) == 512
 
 
 def test_table_chunks_only_where_config_leaves_them_open(tmp_path):

@@ -7,7 +7,7 @@ from typing import NamedTuple
 import torch
 import torch.distributed as dist
 
-from fcpass.guard import KernelLimits
+from fcpass.guard import GuardFacts, KernelLimits
 from fcpass.matmuls import Matmul
 
 MM_REDUCE_SCATTER = "mm_reduce_scatter"
@@ -39,6 +39,10 @@ class FusedCall(NamedTuple):
 class Backend:
     name: str = ""
     default_threshold_tokens: int = 0
+
+    def default_threshold(self, family: str, facts: GuardFacts) -> int:
+        """The threshold where neither the op, the config nor a table gives one; reads rank-equal facts only."""
+        return self.default_threshold_tokens
 
     def limits(self, op: str, call: FusedCall) -> KernelLimits | None:
         """Static limits of this backend's kernel for ``op``; None: cannot fuse it."""

@@ -33,9 +33,9 @@ import contextlib
 import torch
 import torch.distributed as dist
 
-from fcpass.backends.base import Backend, FusedCall
+from fcpass.backends.base import MM_REDUCE_SCATTER, Backend, FusedCall
 from fcpass.comm import all_gather_by_exchange, all_gather_rows, reduce_scatter_by_exchange, reduce_scatter_rows
-from fcpass.guard import KernelLimits
+from fcpass.guard import GuardFacts, KernelLimits
 
 # Where the pipeline moves rows by point-to-point exchange: CPU tensors, which travel over gloo, where the
 # exchange is the cheaper way (its reduce_scatter costs as much as an all_reduce; benchmarks/README.md).
@@ -81,10 +81,17 @@ def auto_chunks(rows_per_rank: int, requested: int) -> int:
 
 class GenericBackend(Backend):
     name = "generic"
-    # Between the crossovers measured on 2 gloo ranks (benchmarks/README.md: mm_reduce_scatter fuses ahead
-    # from 64-512 tokens, all_gather_mm from 512-16384, by shape); a threshold table gives each shape its own.
+    # From the crossovers measured on 2 gloo ranks (a threshold table gives each shape its own): over the
+    # exchange, mm_reduce_scatter fuses ahead from 64-512 tokens by shape, all_gather_mm from 512-16384
+    # (benchmarks/README.md); the per-chunk collective pipeline lost at 1k tokens and won from 4k (DESIGN.md).
     default_threshold_tokens = 2048
+    EXCHANGE_REDUCE_SCATTER_THRESHOLD = 512
     _limits = KernelLimits()
+
+    def default_threshold(self, family: str, facts: GuardFacts) -> int:
+        if family == MM_REDUCE_SCATTER and facts.device_type in EXCHANGE_DEVICE_TYPES:
+            return self.EXCHANGE_REDUCE_SCATTER_THRESHOLD
+        return self.default_threshold_tokens
 
     def limits(self, op, call):
         return self._limits
