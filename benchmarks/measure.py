@@ -109,7 +109,8 @@ class Point:
         self.w = (torch.randn(self.k, self.n, generator=g) / self.k**0.5).to(self.dtype)
         if self.op == "mm_reduce_scatter":
             self.x = torch.randn(self.tokens, self.k, generator=g).to(self.dtype)
-            self.product = self.x @ self.w
+            product = self.x @ self.w  # the collective's input: the product and its padded rows
+            self.product = append_zero_rows(product, self.pad_rows) if self.pad_rows else product
             self.shard = self.x.new_empty(((self.tokens + self.pad_rows) // self.world_size, self.n))
         else:
             self.x = torch.randn(self.tokens // self.world_size, self.k, generator=g).to(self.dtype)
@@ -151,8 +152,7 @@ class Point:
 
     def collective(self, async_op: bool = False) -> Callable[[], object]:
         if self.op == "mm_reduce_scatter":
-            product = self.product if not self.pad_rows else append_zero_rows(self.product, self.pad_rows)
-            return lambda: reduce_scatter_single(self.shard, product, async_op=async_op)
+            return lambda: reduce_scatter_single(self.shard, self.product, async_op=async_op)
         return lambda: all_gather_single(self.gathered, self.x, async_op=async_op)
 
     def exchange(self) -> Callable[[], object]:
@@ -161,8 +161,7 @@ class Point:
         one message per peer."""
         group = dist.group.WORLD
         if self.op == "mm_reduce_scatter":
-            product = self.product if not self.pad_rows else append_zero_rows(self.product, self.pad_rows)
-            shard_rows = self.shard.shape[0]
+            product, shard_rows = self.product, self.shard.shape[0]
             incoming = product.new_empty((self.world_size - 1, shard_rows, self.n))
 
             def block_rows(rank, start, end):

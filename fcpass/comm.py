@@ -49,12 +49,12 @@ def send_rows(rows: torch.Tensor, peer: int, tag: int, group: dist.ProcessGroup)
     return dist.isend(_as_sendable(rows), group=group, group_dst=peer, tag=tag)
 
 
-def receive_chunks(into: Callable[[int, int, int], torch.Tensor], chunks: list[tuple[int, int]],
+def receive_chunks(into: Callable[[int, int, int], torch.Tensor], chunks: list[tuple[int, int]], peers: list[int],
                    group: dist.ProcessGroup) -> list[tuple[int, int, int, dist.Work]]:
     """A receive posted for every peer's every chunk, into ``into(peer, start, end)``: (peer, start, end, Work),
     chunk by chunk, in the order the peers send them."""
     return [(peer, start, end, dist.irecv(_as_sendable(into(peer, start, end)), group=group, group_src=peer, tag=tag))
-            for tag, (start, end) in enumerate(chunks) for peer in ring_peers(group)]
+            for tag, (start, end) in enumerate(chunks) for peer in peers]
 
 
 def _as_sendable(t: torch.Tensor) -> torch.Tensor:
@@ -77,7 +77,8 @@ def reduce_scatter_by_exchange(
     """
     peers = ring_peers(group)
     slot = {peer: i for i, peer in enumerate(peers)}
-    in_flight = [work for *_, work in receive_chunks(lambda peer, s, e: incoming[slot[peer], s:e], chunks, group)]
+    in_flight = [work for *_, work in receive_chunks(lambda peer, s, e: incoming[slot[peer], s:e], chunks, peers,
+                                                      group)]
     sent = []  # each chunk stays alive until its send is done
     for tag, (start, end) in enumerate(chunks):
         for peer in peers:
@@ -99,9 +100,9 @@ def all_gather_by_exchange(
     """``gathered_by_rank[r]`` (world_size, rows, ...) = rank r's contiguous ``x`` (rows, ...), by point-to-point
     exchange: every chunk sent to every peer and received in place, all posted up front; ``meanwhile()`` runs
     while they are in flight, then ``arrived(peer, start, end)`` as each peer's chunk is here, in send order."""
-    arriving = receive_chunks(lambda peer, start, end: gathered_by_rank[peer, start:end], chunks, group)
-    sent = [send_rows(x[start:end], peer, tag, group)
-            for tag, (start, end) in enumerate(chunks) for peer in ring_peers(group)]
+    peers = ring_peers(group)
+    arriving = receive_chunks(lambda peer, start, end: gathered_by_rank[peer, start:end], chunks, peers, group)
+    sent = [send_rows(x[start:end], peer, tag, group) for tag, (start, end) in enumerate(chunks) for peer in peers]
     gathered_by_rank[dist.get_rank(group)] = x
     meanwhile()
     for peer, start, end, work in arriving:

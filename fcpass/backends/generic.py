@@ -125,13 +125,10 @@ def _all_gather_mm_by_exchange(call: FusedCall) -> tuple[torch.Tensor, list[torc
     gathered, gathered_by_rank, outs, outs_by_rank = _gather_outputs(call, x)
 
     def multiply_local_shard():  # needs no communication: hides the first chunks' transfers
-        rank = dist.get_rank(call.group)
-        for mm, out in zip(call.matmuls, outs_by_rank):
-            out[rank] = mm(x)
+        _multiply_into(call, outs_by_rank, dist.get_rank(call.group), x)
 
     def multiply_arrived(peer: int, start: int, end: int):
-        for mm, out in zip(call.matmuls, outs_by_rank):
-            out[peer, start:end] = mm(gathered_by_rank[peer, start:end])
+        _multiply_into(call, outs_by_rank, peer, gathered_by_rank[peer, start:end], start, end)
 
     chunks = _chunks(call, x.shape[0])
     all_gather_by_exchange(x, gathered_by_rank, chunks, call.group, multiply_local_shard, multiply_arrived)
@@ -170,17 +167,22 @@ def _all_gather_mm_by_collectives(call: FusedCall) -> tuple[torch.Tensor, list[t
         buf = x.new_empty((ws * (end - start), k))
         in_flight.append((start, end, buf, all_gather_rows(buf, x[start:end], call.group, async_op=True)))
     gathered_by_rank[rank] = x
-    for mm, out in zip(call.matmuls, outs_by_rank):
-        out[rank] = mm(x)
+    _multiply_into(call, outs_by_rank, rank, x)
     for start, end, buf, work in in_flight:
         work.wait()
         buf_by_rank = buf.view(ws, end - start, k)
         gathered_by_rank[:, start:end] = buf_by_rank
         for peer in range(ws):
             if peer != rank:
-                for mm, out in zip(call.matmuls, outs_by_rank):
-                    out[peer, start:end] = mm(buf_by_rank[peer])
+                _multiply_into(call, outs_by_rank, peer, buf_by_rank[peer], start, end)
     return gathered, outs
+
+
+def _multiply_into(call: FusedCall, outs_by_rank: list[torch.Tensor], rank: int, rows: torch.Tensor,
+                   start: int = 0, end: int | None = None) -> None:
+    """Each matmul of ``rows`` (rank ``rank``'s shard, rows start:end) into its output's rows for them."""
+    for mm, out in zip(call.matmuls, outs_by_rank):
+        out[rank, start:end] = mm(rows)
 
 
 def _chunks(call: FusedCall, shard_rows: int) -> list[tuple[int, int]]:
