@@ -6,11 +6,18 @@ through vLLM's ``--additional-config`` as a plain dict, hence the strict
 ``from_dict``/``to_dict`` pair. A threshold table travels as its path; the
 config loads it once, at construction, and its content digest goes into
 ``key()``, so editing the table changes the cache key too.
+
+Into a compiled graph the config travels as text: ``runtime_text()`` (the
+table inline, by content) is an argument of every fused op the pass emits,
+and ``from_runtime_text`` turns it back into the config in any process. A
+compile-cache hit skips the pass but keeps the graph's op arguments, so the
+ops run with the config they were compiled with, on every rank.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 from dataclasses import dataclass
 from typing import Any, Mapping
@@ -128,6 +135,37 @@ class PassConfig:
         if self._table is not None:
             values["threshold_table_sha256"] = self._table.digest
         return json.dumps(values, sort_keys=True)
+
+    def runtime_text(self) -> str:
+        """The config as the fused ops' ``config`` argument: self-contained (the table's entries inline, no
+        path to read), compact, the same text in every process for the same config."""
+        text = self.__dict__.get("_runtime_text")
+        if text is None:
+            values = self.to_dict()
+            values["threshold_table"] = None if self._table is None else self._table.to_dict()
+            text = json.dumps(values, sort_keys=True, separators=(",", ":"))
+            object.__setattr__(self, "_runtime_text", text)
+        return text
+
+    @staticmethod
+    def from_runtime_text(text: str) -> "PassConfig":
+        """The config a compiled graph's ``runtime_text()`` stands for (parsed once per text)."""
+        return _from_runtime_text(text)
+
+
+@functools.lru_cache(maxsize=64)
+def _from_runtime_text(text: str) -> PassConfig:
+    from fcpass import thresholds
+
+    try:
+        values = json.loads(text)
+        table = values.pop("threshold_table")
+        config = PassConfig.from_dict(values)
+        if table is not None:
+            object.__setattr__(config, "_table", thresholds.parse(table))
+    except (ValueError, TypeError, AttributeError, KeyError) as exc:
+        raise ValueError(f"not an fcpass runtime config text ({exc}): {text[:200]!r}") from None
+    return config
 
 
 def _is_int(value: Any) -> bool:

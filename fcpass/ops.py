@@ -4,10 +4,10 @@ Each op is opaque to Inductor (a custom op with a fake impl that reads input
 shapes only) and carries the guard inside, so a compiled graph holds the op
 for every token count and never recompiles over the fused/unfused choice:
 
-    mm_reduce_scatter(x, w, bias, group_name, world_size, threshold_tokens, pad_rows=0)
+    mm_reduce_scatter(x, w, bias, group_name, world_size, threshold_tokens, pad_rows=0, config="")
         = reduce_scatter(pad(x @ w + bias, pad_rows zero rows), dim 0, SUM)
                                                    ((m + pad_rows)/ws, n)
-    all_gather_mm(x, ws, biases, group_name, world_size, threshold_tokens)
+    all_gather_mm(x, ws, biases, group_name, world_size, threshold_tokens, config="")
         = g = all_gather(x, dim 0); (g, [g @ w_i + b_i])
     mm_reduce_scatter_scaled / all_gather_scaled_mm: the same over
         W8A8 (int8, per-channel dequant scale, int32 quant bias) and fp8
@@ -16,11 +16,18 @@ for every token count and never recompiles over the fused/unfused choice:
         CPU oneDNN matmul, whose weight exists only inside its handler:
         (x, handler, n, bias, ...) in place of (x, w, bias, ...).
 
-``threshold_tokens < 0`` means "the runtime config's": its threshold_tokens,
-else its threshold table's bucket, else the backend's default.
+``threshold_tokens < 0`` means "the config's": its threshold_tokens, else
+its threshold table's bucket, else the backend's default.
+
+The config is the op's last argument, ``config``: a
+``PassConfig.runtime_text()``, which FlashCommPass puts into every op it
+emits, so the compiled graph carries it (a compile-cache hit runs the ops
+with the config they were compiled with, in every process and on every
+rank). An empty ``config`` (an eager call) means this process's
+:func:`configure`.
 
 A call's validation and guard decision depend only on its signature (shapes,
-dtypes, device, scalar arguments) and the runtime config, so they run on a
+dtypes, device, scalar arguments, the config text), so they run on a
 signature's first call and later calls look the plan up: on the unfused
 path (decode) the op's Python is a few microseconds.
 """
@@ -40,20 +47,33 @@ from fcpass.groups import resolve_group
 from fcpass.matmuls import Matmul, OneDNNMatmul, tensor_signature
 from fcpass.padding import append_zero_rows, with_zero_rows
 
-_runtime_config = PassConfig()
+_eager_config = PassConfig()
 
 
 def configure(config: PassConfig) -> None:
-    """Set this process's runtime config (backend, limits, chunks); equal on every rank."""
-    global _runtime_config
+    """Set the config of eager calls (ops called without a ``config`` text); equal on every rank.
+
+    Compiled graphs never read it: FlashCommPass gives every op it emits its own config.
+    """
+    global _eager_config
     if not isinstance(config, PassConfig):
         raise TypeError(f"configure() takes a fcpass.PassConfig, got {type(config).__name__}")
-    _runtime_config = config
-    _plans.clear()  # every plan was made under the config it replaces
+    _eager_config = config
+    _plans.clear()  # the eager calls' plans were made under the config it replaces
 
 
 def runtime_config() -> PassConfig:
-    return _runtime_config
+    """The config of eager calls (see :func:`configure`)."""
+    return _eager_config
+
+
+def _config_of(op: str, text: str) -> PassConfig:
+    if not text:
+        return _eager_config
+    try:
+        return PassConfig.from_runtime_text(text)
+    except ValueError as exc:
+        raise validate.FusedOpInputError(f"fcpass::{op}: config argument: {exc}") from None
 
 
 _FAMILY_FLAG = {MM_REDUCE_SCATTER: "fuse_mm_reduce_scatter", ALL_GATHER_MM: "fuse_all_gather_mm"}
@@ -69,17 +89,17 @@ class Plan(NamedTuple):
 
 
 # Call signature -> Plan. Validation and the guard read only the inputs' shapes, dtypes and device, the
-# scalar arguments and the runtime config, and a model repeats a handful of signatures on every forward
-# step: each is planned once (per config: configure() clears this) and looked up afterwards. Bounded.
+# scalar arguments and the config (its text is part of the key; configure() clears the eager calls'), and a
+# model repeats a handful of signatures on every forward step: each is planned once and looked up
+# afterwards. Bounded.
 # A backend's state of the group (CUDA: symmetric memory enabled) is read when planning, so it is set
 # before the first call, as vLLM sets it at startup.
 _plans: dict[tuple, Plan] = {}
 MAX_PLANS = 4096
 
 
-def plan(op: str, family: str, call: FusedCall, threshold_tokens: int) -> Plan:
+def plan(op: str, family: str, call: FusedCall, threshold_tokens: int, config: PassConfig) -> Plan:
     """The guard's decision for a validated call, with the backend and chunk count its path runs with."""
-    config = _runtime_config
     x, device, mms = call.x, call.x.device, call.matmuls
     rows, k = x.shape
     num_tokens = rows * call.world_size if family == ALL_GATHER_MM else rows + call.pad_rows
@@ -101,10 +121,10 @@ def plan(op: str, family: str, call: FusedCall, threshold_tokens: int) -> Plan:
 
 
 def _run(op: str, family: str, x: torch.Tensor, mms: tuple, row_scale: torch.Tensor | None, group_name: str,
-         world_size: int, threshold_tokens: int, pad_rows: int = 0):
+         world_size: int, threshold_tokens: int, pad_rows: int, config: str):
     """An op's body: validate and plan on a signature's first call, then record the decision and run its path."""
     key = (op, x.shape, x.dtype, x.device, tensor_signature(row_scale), group_name, world_size, threshold_tokens,
-           pad_rows, *[mm.signature() for mm in mms])
+           pad_rows, config, *[mm.signature() for mm in mms])
     planned = _plans.get(key)
     if planned is None:
         if family == MM_REDUCE_SCATTER:
@@ -119,7 +139,7 @@ def _run(op: str, family: str, x: torch.Tensor, mms: tuple, row_scale: torch.Ten
     call = FusedCall(x=x, matmuls=mms, group=group, group_name=group_name, world_size=world_size,
                      row_scale=row_scale, pad_rows=pad_rows)
     if planned is None:
-        planned = plan(op, family, call, threshold_tokens)
+        planned = plan(op, family, call, threshold_tokens, _config_of(op, config))
         if len(_plans) >= MAX_PLANS:
             _plans.clear()
         _plans[key] = planned
@@ -231,16 +251,16 @@ def _split_x_scale(x_scale):
 @oplib.define("mm_reduce_scatter")
 def mm_reduce_scatter(
     x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None,
-    group_name: str, world_size: int, threshold_tokens: int, pad_rows: int = 0,
+    group_name: str, world_size: int, threshold_tokens: int, pad_rows: int = 0, config: str = "",
 ) -> torch.Tensor:
     return _run(
         "mm_reduce_scatter", MM_REDUCE_SCATTER, x, (Matmul(w, bias),), None,
-        group_name, world_size, threshold_tokens, pad_rows
+        group_name, world_size, threshold_tokens, pad_rows, config
     )
 
 
 @oplib.fake("mm_reduce_scatter")
-def _(x, w, bias, group_name, world_size, threshold_tokens, pad_rows=0):
+def _(x, w, bias, group_name, world_size, threshold_tokens, pad_rows=0, config=""):
     _check_rs("mm_reduce_scatter", x, Matmul(w, bias), None, world_size, pad_rows)
     return x.new_empty(((x.shape[0] + pad_rows) // world_size, w.shape[1]))
 
@@ -249,18 +269,18 @@ def _(x, w, bias, group_name, world_size, threshold_tokens, pad_rows=0):
 def mm_reduce_scatter_scaled(
     x: torch.Tensor, w: torch.Tensor, x_scale: torch.Tensor | None, w_scale: torch.Tensor,
     bias: torch.Tensor | None, out_dtype: torch.dtype,
-    group_name: str, world_size: int, threshold_tokens: int, pad_rows: int = 0,
+    group_name: str, world_size: int, threshold_tokens: int, pad_rows: int = 0, config: str = "",
 ) -> torch.Tensor:
     per_tensor, per_token = _split_x_scale(x_scale)
     mm = Matmul(w, bias, w_scale=w_scale, x_scale=per_tensor, out_dtype=out_dtype)
     return _run(
         "mm_reduce_scatter_scaled", MM_REDUCE_SCATTER, x, (mm,), per_token,
-        group_name, world_size, threshold_tokens, pad_rows
+        group_name, world_size, threshold_tokens, pad_rows, config
     )
 
 
 @oplib.fake("mm_reduce_scatter_scaled")
-def _(x, w, x_scale, w_scale, bias, out_dtype, group_name, world_size, threshold_tokens, pad_rows=0):
+def _(x, w, x_scale, w_scale, bias, out_dtype, group_name, world_size, threshold_tokens, pad_rows=0, config=""):
     per_tensor, per_token = _split_x_scale(x_scale)
     mm = Matmul(w, bias, w_scale=w_scale, x_scale=per_tensor, out_dtype=out_dtype)
     _check_rs("mm_reduce_scatter_scaled", x, mm, per_token, world_size, pad_rows)
@@ -270,15 +290,17 @@ def _(x, w, x_scale, w_scale, bias, out_dtype, group_name, world_size, threshold
 @oplib.define("all_gather_mm")
 def all_gather_mm(
     x: torch.Tensor, ws: Sequence[torch.Tensor], biases: Sequence[torch.Tensor | None],
-    group_name: str, world_size: int, threshold_tokens: int,
+    group_name: str, world_size: int, threshold_tokens: int, config: str = "",
 ) -> tuple[torch.Tensor, list[torch.Tensor]]:
     mms = [Matmul(w, b) for w, b in _zip_lists("all_gather_mm", ws, biases, "biases")]
-    gathered, outs = _run("all_gather_mm", ALL_GATHER_MM, x, tuple(mms), None, group_name, world_size, threshold_tokens)
+    gathered, outs = _run(
+        "all_gather_mm", ALL_GATHER_MM, x, tuple(mms), None, group_name, world_size, threshold_tokens, 0, config
+    )
     return gathered, list(outs)
 
 
 @oplib.fake("all_gather_mm")
-def _(x, ws, biases, group_name, world_size, threshold_tokens):
+def _(x, ws, biases, group_name, world_size, threshold_tokens, config=""):
     mms = [Matmul(w, b) for w, b in _zip_lists("all_gather_mm", ws, biases, "biases")]
     _check_ag("all_gather_mm", x, mms, world_size)
     rows = x.shape[0] * world_size
@@ -302,17 +324,17 @@ def _scaled_matmuls(op, ws, w_scales, biases, x_scale, out_dtype):
 def all_gather_scaled_mm(
     x: torch.Tensor, x_scale: torch.Tensor | None, ws: Sequence[torch.Tensor],
     w_scales: Sequence[torch.Tensor], biases: Sequence[torch.Tensor | None], out_dtype: torch.dtype,
-    group_name: str, world_size: int, threshold_tokens: int,
+    group_name: str, world_size: int, threshold_tokens: int, config: str = "",
 ) -> tuple[torch.Tensor, list[torch.Tensor]]:
     mms = _scaled_matmuls("all_gather_scaled_mm", ws, w_scales, biases, x_scale, out_dtype)
     gathered, outs = _run(
-        "all_gather_scaled_mm", ALL_GATHER_MM, x, tuple(mms), None, group_name, world_size, threshold_tokens
+        "all_gather_scaled_mm", ALL_GATHER_MM, x, tuple(mms), None, group_name, world_size, threshold_tokens, 0, config
     )
     return gathered, list(outs)
 
 
 @oplib.fake("all_gather_scaled_mm")
-def _(x, x_scale, ws, w_scales, biases, out_dtype, group_name, world_size, threshold_tokens):
+def _(x, x_scale, ws, w_scales, biases, out_dtype, group_name, world_size, threshold_tokens, config=""):
     mms = _scaled_matmuls("all_gather_scaled_mm", ws, w_scales, biases, x_scale, out_dtype)
     _check_ag("all_gather_scaled_mm", x, mms, world_size)
     rows = x.shape[0] * world_size
@@ -322,17 +344,17 @@ def _(x, x_scale, ws, w_scales, biases, out_dtype, group_name, world_size, thres
 @oplib.define("mm_reduce_scatter_onednn")
 def mm_reduce_scatter_onednn(
     x: torch.Tensor, handler: torch.Tensor, n: int, bias: torch.Tensor | None,
-    group_name: str, world_size: int, threshold_tokens: int, pad_rows: int = 0,
+    group_name: str, world_size: int, threshold_tokens: int, pad_rows: int = 0, config: str = "",
 ) -> torch.Tensor:
     mm = OneDNNMatmul(handler, n, x.dtype, bias)
     return _run(
         "mm_reduce_scatter_onednn", MM_REDUCE_SCATTER, x, (mm,), None,
-        group_name, world_size, threshold_tokens, pad_rows
+        group_name, world_size, threshold_tokens, pad_rows, config
     )
 
 
 @oplib.fake("mm_reduce_scatter_onednn")
-def _(x, handler, n, bias, group_name, world_size, threshold_tokens, pad_rows=0):
+def _(x, handler, n, bias, group_name, world_size, threshold_tokens, pad_rows=0, config=""):
     mm = OneDNNMatmul(handler, n, x.dtype, bias)
     _check_rs("mm_reduce_scatter_onednn", x, mm, None, world_size, pad_rows)
     return x.new_empty(((x.shape[0] + pad_rows) // world_size, n))
@@ -346,17 +368,17 @@ def _onednn_matmuls(op, x, handlers, ns, biases):
 @oplib.define("all_gather_onednn_mm")
 def all_gather_onednn_mm(
     x: torch.Tensor, handlers: Sequence[torch.Tensor], ns: Sequence[int], biases: Sequence[torch.Tensor | None],
-    group_name: str, world_size: int, threshold_tokens: int,
+    group_name: str, world_size: int, threshold_tokens: int, config: str = "",
 ) -> tuple[torch.Tensor, list[torch.Tensor]]:
     mms = _onednn_matmuls("all_gather_onednn_mm", x, handlers, ns, biases)
     gathered, outs = _run(
-        "all_gather_onednn_mm", ALL_GATHER_MM, x, tuple(mms), None, group_name, world_size, threshold_tokens
+        "all_gather_onednn_mm", ALL_GATHER_MM, x, tuple(mms), None, group_name, world_size, threshold_tokens, 0, config
     )
     return gathered, list(outs)
 
 
 @oplib.fake("all_gather_onednn_mm")
-def _(x, handlers, ns, biases, group_name, world_size, threshold_tokens):
+def _(x, handlers, ns, biases, group_name, world_size, threshold_tokens, config=""):
     mms = _onednn_matmuls("all_gather_onednn_mm", x, handlers, ns, biases)
     _check_ag("all_gather_onednn_mm", x, mms, world_size)
     rows = x.shape[0] * world_size

@@ -97,6 +97,18 @@ class ThresholdTable:
         self._memo[memo_key] = entry
         return entry
 
+    def to_dict(self) -> dict[str, Any]:
+        """The entries in the file's format, without provenance: what a compiled graph carries (see
+        ``PassConfig.runtime_text``); :func:`parse` reads it back."""
+        entries = []
+        for (op, world_size, dtype, k_log2, n_log2), entry in sorted(self.entries.items()):
+            raw = {"op": op, "world_size": world_size, "dtype": dtype, "k_log2": k_log2, "n_log2": n_log2,
+                   "threshold_tokens": entry.threshold_tokens}
+            if entry.pipeline_chunks is not None:
+                raw["pipeline_chunks"] = entry.pipeline_chunks
+            entries.append(raw)
+        return table_dict(self.backend, entries)
+
 
 def dtype_name(dtype: torch.dtype) -> str:
     """'float32' for torch.float32: the table's spelling."""
@@ -116,6 +128,11 @@ def load(path: str) -> ThresholdTable:
         return _parse(content)
     except ThresholdTableError as exc:
         raise ThresholdTableError(f"{path}: {exc}") from None
+
+
+def parse(data: Mapping[str, Any]) -> ThresholdTable:
+    """A table from its dict form (:meth:`ThresholdTable.to_dict`), validated as a file is."""
+    return _parse(json.dumps(data, sort_keys=True).encode())
 
 
 @functools.lru_cache(maxsize=32)
@@ -209,4 +226,4 @@ def table_dict(backend: str, entries: list[dict[str, Any]], measured: Mapping[st
 
 
 __all__ = ["Entry", "FORMAT", "ThresholdTable", "ThresholdTableError", "bucket", "dtype_name", "entry_dict",
-           "load", "table_dict"]
+           "load", "parse", "table_dict"]

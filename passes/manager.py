@@ -33,20 +33,13 @@ _PASS_SOURCES = sorted(Path(__file__).parent.glob("*.py"))
 
 # Family order: sequence parallelism first (it creates the reduce_scatters and
 # all_gathers the others fuse), then reduce_scatter, so an all_gather whose input
-# comes from a rewritten reduce_scatter sees the final graph. Each family gets its
-# own threshold.
-_FAMILIES = (
-    ("sequence_parallel", "sequence_parallel_threshold_tokens", sequence_parallel),
-    ("fuse_mm_reduce_scatter", "threshold_tokens", mm_reduce_scatter),
-    ("fuse_all_gather_mm", "threshold_tokens", all_gather_mm),
-)
+# comes from a rewritten reduce_scatter sees the final graph. Each family reads its
+# flag and threshold from the config; the fused ops get the config itself as text.
+_FAMILIES = (sequence_parallel, mm_reduce_scatter, all_gather_mm)
 
 # The reports of this process's last graphs, for callers that cannot reach the pass instance (vLLM workers
 # hold copies of it; fcpass.engine reads them with collective_rpc).
 _RECENT_REPORTS: collections.deque = collections.deque(maxlen=16)
-
-# The op-level guard resolves the backend's default when the config has none.
-_BACKEND_DEFAULT_THRESHOLD = -1
 
 
 class FlashCommPass(CustomGraphPass):
@@ -83,13 +76,10 @@ class FlashCommPass(CustomGraphPass):
         self.last_report = PassReport()
         self._calls += 1
         self._dump(graph, "before")
-        # The graph compiled here runs in this process (a vLLM worker): its fused ops read this config at run
-        # time (backend, limits, chunks, threshold table), not the defaults.
-        fcpass.configure(self.config)
-        for flag, threshold_field, family in _FAMILIES:
-            threshold = getattr(self.config, threshold_field)
-            threshold = _BACKEND_DEFAULT_THRESHOLD if threshold is None else threshold
-            family.rewrite(graph, threshold, self.last_report, enabled=getattr(self.config, flag))
+        # No process state is written here: a compile-cache hit skips this pass, so what the fused ops read at
+        # run time (backend, limits, chunks, threshold table) is an argument of each op (config.runtime_text()).
+        for family in _FAMILIES:
+            family.rewrite(graph, self.config, self.last_report)
         _RECENT_REPORTS.append(self.last_report)
         stable_topological_sort(graph)
         graph.lint()

@@ -45,6 +45,7 @@ import torch
 import torch.fx as fx
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
+from fcpass.config import PassConfig
 from fcpass.groups import resolve_group
 from passes import forms
 from passes.report import FAMILY_DISABLED, SPLIT, PassReport
@@ -79,8 +80,9 @@ class _Region:
         self.sharded += other.sharded
 
 
-def rewrite(graph: fx.Graph, threshold_tokens: int, report: PassReport, enabled: bool = True) -> None:
+def rewrite(graph: fx.Graph, config: PassConfig, report: PassReport) -> None:
     """Split every applicable all_reduce region; record each all_reduce with what was done or why not."""
+    enabled, threshold_tokens = config.sequence_parallel, config.sequence_parallel_threshold_tokens
     all_reduces = [ar for node in list(graph.nodes) if (ar := forms.match_all_reduce(node)) is not None]
     if not all_reduces:
         return
