@@ -5,7 +5,7 @@
     z_j = mm(g[:end], v_j)                       the unpad slice before a matmul
     ... other users of g
         ==>
-    fused = fcpass.all_gather_mm(x, [w_i, v_j], [b_i, c_j], group, world_size, threshold)
+    fused = fcpass.all_gather_mm(x, [w_i, v_j], [b_i, c_j], group, world_size, -1, config.runtime_text())
     g = fused[0];  y_i = fused[1][i];  z_j = fused[1][j][:end]
 
 A matmul reads g's rows directly, through the unpad slice, through views
@@ -33,6 +33,7 @@ from dataclasses import dataclass
 import torch
 import torch.fx as fx
 
+from fcpass.config import PassConfig
 from passes import forms
 from passes.forms import erase_unused
 from passes.report import FAMILY_DISABLED, FUSED, PassReport
@@ -50,30 +51,32 @@ class Consumer:
     quantize: fx.Node | None = None
 
 
-def rewrite(graph: fx.Graph, threshold_tokens: int, report: PassReport, enabled: bool = True) -> None:
+def rewrite(graph: fx.Graph, config: PassConfig, report: PassReport) -> None:
     """Fuse every site; record each all_gather seen with what was done or why not (disabled: record only)."""
+    enabled = config.fuse_all_gather_mm
     mm_forms = forms.matmul_forms()
     collective_forms = forms.all_gather_forms()
     for form, reason in forms.unsupported_collectives(graph, collective_forms, "all_gather"):
         report.add(FAMILY, f"{form}/-", reason)
     for ag in forms.collectives(graph, collective_forms):
-        consumers = _consumers(ag.output, mm_forms)
+        found = _consumers(ag.output, mm_forms)
+        consumers = [c for c in found if not c.mm.problem]  # the others keep reading the gathered rows
         steps = [step for c in consumers for step in c.steps]
-        form = forms.site_form(ag, consumers[0].mm if consumers else None, "-", steps)
-        reason = _unfusable(ag, consumers) if enabled else FAMILY_DISABLED
+        form = forms.site_form(ag, found[0].mm if found else None, "-", steps)
+        problems = [c.mm.problem for c in found if c.mm.problem]
+        reason = _unfusable(ag, consumers, problems) if enabled else FAMILY_DISABLED
         if reason:
             report.add(FAMILY, form, reason)
             continue
-        _replace(graph, ag, consumers, threshold_tokens)
-        report.add(FAMILY, form, FUSED)
+        report.add(FAMILY, form, _replace(graph, ag, consumers, config.runtime_text()) or FUSED)
 
 
-def _unfusable(ag: forms.Collective, consumers: list[Consumer]) -> str | None:
+def _unfusable(ag: forms.Collective, consumers: list[Consumer], matmul_problems: list[str]) -> str | None:
     problem = forms.group_problem(ag)
     if problem:
         return problem
     if not consumers:
-        return "no matmul consumer"
+        return matmul_problems[0] if matmul_problems else "no matmul consumer"
     matmuls = [c.mm for c in consumers]
     quantizes = {_quantize_key(c.quantize) for c in consumers}
     if len({(mm.kind, mm.x_scale, mm.out_dtype) for mm in matmuls}) > 1 or len(quantizes) > 1:
@@ -83,17 +86,25 @@ def _unfusable(ag: forms.Collective, consumers: list[Consumer]) -> str | None:
     return None
 
 
-def _replace(graph: fx.Graph, ag: forms.Collective, consumers: list[Consumer], threshold_tokens: int) -> None:
+def _replace(graph: fx.Graph, ag: forms.Collective, consumers: list[Consumer], config_text: str) -> str | None:
+    """Rewrite the site; None, or why the fused op rejects it (then the graph is left as it was)."""
     matmuls = [c.mm for c in consumers]
     quantize = consumers[0].quantize
-    # Inserted before the first matmul; nodes defined later are put in order by the
-    # pass's topological sort afterwards.
-    with graph.inserting_before(matmuls[0].output):
+
+    def build():
         x = ag.input
         if quantize is not None:
             x = forms.call(graph, quantize.target, (x, *quantize.args[1:]), dict(quantize.kwargs))
         target, op_args = _fused_op(graph, x, matmuls)
-        fused = forms.call(graph, target, (*op_args, ag.group_name, ag.world_size, threshold_tokens))
+        return forms.call(graph, target, (*op_args, ag.group_name, ag.world_size, forms.CONFIG_THRESHOLD,
+                                          config_text))
+
+    # Inserted before the first matmul; nodes defined later are put in order by the
+    # pass's topological sort afterwards.
+    fused = forms.insert_fused(graph, matmuls[0].output, build)
+    if isinstance(fused, str):
+        return fused
+    with graph.inserting_before(matmuls[0].output):
         if quantize is None:  # with a quantize, other users keep the float gather
             gathered = forms.call(graph, operator.getitem, (fused, 0))
             ag.output.replace_all_uses_with(_unpadded(graph, ag, gathered))
@@ -106,6 +117,7 @@ def _replace(graph: fx.Graph, ag: forms.Collective, consumers: list[Consumer], t
             c.mm.output.replace_all_uses_with(out)
     erase_unused(graph, [*ag.nodes, *(n for mm in matmuls for n in (mm.output, *mm.inner)),
                          *(s for c in consumers for s in c.steps)])
+    return None
 
 
 def _fused_op(graph: fx.Graph, x: fx.Node, matmuls: list[forms.MatmulNode]):

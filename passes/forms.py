@@ -21,8 +21,13 @@ from torch._inductor.pattern_matcher import MULTIPLE, CallFunction, KeywordArg, 
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from fcpass.groups import resolve_group, vllm_shm_group, vllm_tp_group
+from fcpass.validate import FusedOpInputError
 
 aten = torch.ops.aten
+
+# The fused ops' threshold_tokens argument that means "the config's" (the op resolves it from the config text
+# it is given: the config's threshold, its table's bucket, the backend's default).
+CONFIG_THRESHOLD = -1
 
 
 def _functional(name: str):
@@ -76,6 +81,9 @@ class MatmulNode:
     # vLLM's CPU oneDNN matmul: ``w`` is its handler (the weight is packed inside), this its output width.
     handler_n: int | None = None
     inner: tuple[fx.Node, ...] = ()  # nodes of the form besides the output, erased with it
+    # A matmul whose arguments compute something the fused ops do not (addmm's beta, a result scale, ...):
+    # recognised, so the report can say why, and never fused.
+    problem: str | None = None
 
     @property
     def scaled(self) -> bool:
@@ -215,11 +223,7 @@ def emit_all_gather(graph: fx.Graph, form: str, x: fx.Node, world_size: int, gro
 
 
 def matmul_forms() -> list[tuple[str, PatternExpr]]:
-    x, w = KeywordArg("x"), KeywordArg("w")
-    return [
-        ("mm", CallFunction(aten.mm.default, x, w)),
-        ("addmm", CallFunction(aten.addmm.default, KeywordArg("bias"), x, w)),
-    ]
+    return [("mm", CallFunction(aten.mm.default, KeywordArg("x"), KeywordArg("w")))]
 
 
 def unpad_end(node: fx.Node, source: fx.Node):
@@ -319,7 +323,8 @@ def match_matmul(node: fx.Node, forms) -> MatmulNode | None:
         m = pattern.match(node)
         if is_match(m):
             return MatmulNode(form, node, m.kwargs["x"], m.kwargs["w"], m.kwargs.get("bias"))
-    return _match_scaled_mm(node) or _match_linear(node) or _match_npu_quant_matmul(node) or _match_onednn_mm(node)
+    return (_match_addmm(node) or _match_scaled_mm(node) or _match_linear(node) or _match_npu_quant_matmul(node)
+            or _match_onednn_mm(node))
 
 
 def bound_args(node: fx.Node) -> dict:
@@ -327,6 +332,16 @@ def bound_args(node: fx.Node) -> dict:
     schema_args = node.target._schema.arguments
     given = dict(zip((a.name for a in schema_args), node.args), **node.kwargs)
     return {a.name: given.get(a.name, a.default_value if a.has_default_value() else None) for a in schema_args}
+
+
+def _match_addmm(node: fx.Node) -> MatmulNode | None:
+    """``addmm(bias, x, w, beta=1, alpha=1)`` = ``x @ w + bias``: what the fused ops compute only with both 1."""
+    if node.op != "call_function" or node.target != aten.addmm.default:
+        return None
+    args = bound_args(node)
+    scaled = [f"{name}={args[name]}" for name in ("beta", "alpha") if args[name] != 1]
+    problem = f"addmm with {', '.join(scaled)} (the fused ops compute x @ w + bias)" if scaled else None
+    return MatmulNode("addmm", node, args["mat1"], args["mat2"], args["self"], problem=problem)
 
 
 def _linear_targets() -> dict:
@@ -360,10 +375,17 @@ def _match_scaled_mm(node: fx.Node) -> MatmulNode | None:
     if node.op != "call_function" or node.target != aten._scaled_mm.default:
         return None
     args = bound_args(node)
-    if args["scale_result"] is not None or args["use_fast_accum"] or args["out_dtype"] is None:
-        return None
+    problem = _unsupported_arguments("_scaled_mm", args, scale_result=None, use_fast_accum=False)
+    if args["out_dtype"] is None:
+        problem = problem or "_scaled_mm without out_dtype (an fp8 result)"
     return MatmulNode("scaled_mm", node, args["self"], args["mat2"], args["bias"],
-                      x_scale=args["scale_a"], w_scale=args["scale_b"], out_dtype=args["out_dtype"])
+                      x_scale=args["scale_a"], w_scale=args["scale_b"], out_dtype=args["out_dtype"], problem=problem)
+
+
+def _unsupported_arguments(op: str, args: dict, **expected) -> str | None:
+    """Which of ``args`` differ from the value the fused ops' semantics need, named, or None."""
+    wrong = [f"{name}={args.get(name)!r}" for name, value in expected.items() if args.get(name, value) != value]
+    return f"{op} with {', '.join(wrong)} (not what the fused ops compute)" if wrong else None
 
 
 _AUTO_FUNCTIONALIZED = (torch.ops.higher_order.auto_functionalized, torch.ops.higher_order.auto_functionalized_v2)
@@ -415,11 +437,15 @@ def _match_npu_quant_matmul(node: fx.Node) -> MatmulNode | None:
         return None
     args = bound_args(node)
     scale = fake_value(args["scale"])
-    if (args.get("offset") is not None or args.get("pertoken_scale") is not None
-            or args.get("output_dtype") is None or scale is None or scale.dtype != torch.float32):
-        return None
+    problem = _unsupported_arguments(
+        "npu_quant_matmul", args, offset=None, pertoken_scale=None, group_sizes=None, y_scale=None,
+        x1_dtype=None, x2_dtype=None, pertoken_scale_dtype=None, scale_dtype=None)
+    if args.get("output_dtype") is None:
+        problem = problem or "npu_quant_matmul without output_dtype (an int8 result)"
+    elif scale is None or scale.dtype != torch.float32:
+        problem = problem or f"npu_quant_matmul with a {getattr(scale, 'dtype', None)} scale, not float32"
     return MatmulNode("npu_quant_matmul", node, args["x1"], args["x2"], args.get("bias"),
-                      w_scale=args["scale"], out_dtype=args["output_dtype"])
+                      w_scale=args["scale"], out_dtype=args["output_dtype"], problem=problem)
 
 
 # ---------------------------------------------------------------------------
@@ -513,6 +539,20 @@ def refresh_val(node: fx.Node) -> None:
             node.meta["val"] = node.target(*vals, **kwvals)
     elif leaves and all(isinstance(v, (int, torch.SymInt)) for v in leaves):
         node.meta["val"] = node.target(*vals, **kwvals)  # size arithmetic
+
+
+def insert_fused(graph: fx.Graph, before: fx.Node, build) -> fx.Node | str:
+    """``build()``'s fused op node, inserted before ``before``; or, where the op's validation (run by its fake
+    impl on the site's fake values) rejects the site, the reason, with every node ``build`` inserted erased
+    again: a site the fused op cannot take is left as it was, never a failed compile."""
+    last_before = before.prev
+    with graph.inserting_before(before):
+        try:
+            return build()
+        except FusedOpInputError as exc:
+            while before.prev is not last_before:  # consumers first
+                graph.erase_node(before.prev)
+            return f"the fused op rejects it ({exc})"
 
 
 def erase_unused(graph: fx.Graph, nodes) -> None:

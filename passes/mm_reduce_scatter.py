@@ -5,7 +5,7 @@
     [y = pad(y, (0, 0, 0, p))]   zero rows up to a multiple of world_size
     out = reduce_scatter(y, dim 0, sum, group)
         ==>
-    out = fcpass.mm_reduce_scatter(x, w, bias, group, world_size, threshold, p)
+    out = fcpass.mm_reduce_scatter(x, w, bias, group, world_size, -1, p, config.runtime_text())
 
 and the same from ``_scaled_mm`` and Ascend's ``npu_quant_matmul`` to
 ``fcpass.mm_reduce_scatter_scaled``; linear-style matmuls (``aten.linear``,
@@ -28,6 +28,7 @@ import operator
 import torch
 import torch.fx as fx
 
+from fcpass.config import PassConfig
 from passes import forms
 from passes.forms import erase_unused
 from passes.report import FAMILY_DISABLED, FUSED, PassReport
@@ -35,8 +36,9 @@ from passes.report import FAMILY_DISABLED, FUSED, PassReport
 FAMILY = "mm_reduce_scatter"
 
 
-def rewrite(graph: fx.Graph, threshold_tokens: int, report: PassReport, enabled: bool = True) -> None:
+def rewrite(graph: fx.Graph, config: PassConfig, report: PassReport) -> None:
     """Fuse every site; record each reduce_scatter seen with what was done or why not (disabled: record only)."""
+    enabled = config.fuse_mm_reduce_scatter
     mm_forms = forms.matmul_forms()
     collective_forms = forms.reduce_scatter_forms()
     for form, reason in forms.unsupported_collectives(graph, collective_forms, "reduce_scatter"):
@@ -49,11 +51,16 @@ def rewrite(graph: fx.Graph, threshold_tokens: int, report: PassReport, enabled:
         if reason:
             report.add(FAMILY, form, reason)
             continue
-        with graph.inserting_before(rs.output):
-            if rs.pads_tokens:
-                pad = _pad_to_multiple(graph, mm.x, rs.world_size)
+        def build():
+            rows_pad = _pad_to_multiple(graph, mm.x, rs.world_size) if rs.pads_tokens else pad
             target, matmul_args = _fused_op(graph, mm)
-            fused = forms.call(graph, target, (*matmul_args, rs.group_name, rs.world_size, threshold_tokens, pad))
+            return forms.call(graph, target, (*matmul_args, rs.group_name, rs.world_size,
+                                              forms.CONFIG_THRESHOLD, rows_pad, config.runtime_text()))
+
+        fused = forms.insert_fused(graph, rs.output, build)
+        if isinstance(fused, str):
+            report.add(FAMILY, form, fused)
+            continue
         rs.output.replace_all_uses_with(fused)
         forms.redirect_size_reads(rs, fused)
         erase_unused(graph, [*rs.nodes, *steps, producer, *mm.inner])
@@ -109,6 +116,8 @@ def _unfusable(rs: forms.Collective, mm: forms.MatmulNode | None, producer, pad,
         return "reduce_scatter input is not 2-D rows"
     if mm is None:
         return "no matmul producer"
+    if mm.problem:
+        return mm.problem
     if any(len(node.users) > 1 for node in [producer, *steps]):
         return "matmul output has other users"
     if (pad or rs.pads_tokens) and mm.form == "scaled_mm":  # never on bias presence: it differs per rank

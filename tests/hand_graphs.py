@@ -25,27 +25,34 @@ def _ag(form, t, group):
     return functional.wait_tensor(functional.all_gather_into_tensor(t, WS, group))
 
 
-def mm_rs(form="vllm", bias=False, reduce_op="sum", extra_user=False, group="tp:0", world_size=WS):
-    """x @ w.T (+ b) -> reduce_scatter -> relu; w stored (n, k) like a vLLM weight."""
+def mm_rs(form="vllm", bias=False, reduce_op="sum", extra_user=False, group="tp:0", world_size=WS,
+          addmm_scalars=None, bias_shape=(N,)):
+    """x @ w.T (+ b) -> reduce_scatter -> relu; w stored (n, k) like a vLLM weight.
+
+    ``addmm_scalars``: addmm's beta/alpha (the bias form); ``bias_shape``: another bias than (n,).
+    """
 
     def f(x, w, b):
-        y = torch.addmm(b, x, w.t()) if bias else torch.mm(x, w.t())
+        y = torch.addmm(b, x, w.t(), **(addmm_scalars or {})) if bias else torch.mm(x, w.t())
         out = torch.relu(_rs(form, y, group, reduce_op, world_size))
         return (out, y * 2) if extra_user else out
 
-    return make_fx(f, tracing_mode="fake")(torch.randn(M, K), torch.randn(N, K), torch.randn(N))
+    return make_fx(f, tracing_mode="fake")(torch.randn(M, K), torch.randn(N, K), torch.randn(bias_shape))
 
 
-def ag_mm(form="vllm", bias=False, num_matmuls=2, other_user=True, group="tp:0", unpad_to=None):
+def ag_mm(form="vllm", bias=False, num_matmuls=2, other_user=True, group="tp:0", unpad_to=None,
+          addmm_scalars=None):
     """all_gather -> several matmuls (+ the gathered rows used elsewhere, like a residual).
 
-    ``unpad_to``: the matmuls read ``g[:unpad_to]``, vLLM's unpad after a padded gather.
+    ``unpad_to``: the matmuls read ``g[:unpad_to]``, vLLM's unpad after a padded gather;
+    ``addmm_scalars``: the last matmul's addmm beta/alpha.
     """
 
     def f(x, ws, bs):
         g = _ag(form, x, group)
         rows = g if unpad_to is None else g[:unpad_to]
-        outs = [torch.addmm(b, rows, w.t()) if bias else torch.mm(rows, w.t()) for w, b in zip(ws, bs)]
+        outs = [torch.addmm(b, rows, w.t(), **(addmm_scalars if i == len(ws) - 1 and addmm_scalars else {}))
+                if bias else torch.mm(rows, w.t()) for i, (w, b) in enumerate(zip(ws, bs))]
         return (*outs, g + 1) if other_user else tuple(outs)
 
     ws = [torch.randn(N + i, K) for i in range(num_matmuls)]

@@ -3,7 +3,8 @@
 import pytest
 import torch
 
-from hand_graphs import ag_mm, apply_pass, count, mm_rs
+from hand_graphs import M, N, ag_mm, apply_pass, count, mm_rs
+from passes.report import FUSED
 
 fc = torch.ops.fcpass
 vllm_ops = torch.ops.vllm
@@ -36,6 +37,45 @@ def test_all_gather_feeding_several_matmuls_becomes_one_op(form):
     assert add.args[0].args == (fused, 0)
 
 
+@pytest.mark.parametrize("scalars", [{"beta": 2.0}, {"alpha": 0.5}, {"beta": 0.0, "alpha": 3.0}])
+def test_addmm_with_beta_or_alpha_is_left_alone(scalars):
+    """x @ w + bias is all the fused ops compute: a scaled addmm stays (fusing it gave errors of 1.1 and 15)."""
+    gm = mm_rs("c10d_functional", bias=True, addmm_scalars=scalars)
+    p = apply_pass(gm)
+    assert count(gm, fc.mm_reduce_scatter.default) == 0 and count(gm, torch.ops.aten.addmm.default) == 1
+    (outcome,) = [o.outcome for o in p.last_report.outcomes]
+    assert outcome.startswith("addmm with ") and all(f"{k}={v}" in outcome for k, v in scalars.items())
+
+
+def test_a_scaled_addmm_consumer_keeps_the_gathered_rows_and_the_others_fuse():
+    gm = ag_mm("vllm", bias=True, num_matmuls=3, addmm_scalars={"alpha": 2.0})
+    p = apply_pass(gm)
+    (fused,) = [n for n in gm.graph.nodes if n.target == fc.all_gather_mm.default]
+    assert len(fused.args[1]) == 2  # the two plain addmms
+    (scaled,) = [n for n in gm.graph.nodes if n.target == torch.ops.aten.addmm.default]
+    assert scaled.args[1].args == (fused, 0) and scaled.kwargs == {"alpha": 2.0}  # reads the fused op's gather
+    assert [o.outcome for o in p.last_report.outcomes] == [FUSED]
+
+
+def test_all_gather_whose_only_matmul_is_scaled_says_why():
+    gm = ag_mm("vllm", bias=True, num_matmuls=1, addmm_scalars={"beta": 0.5})
+    p = apply_pass(gm)
+    assert count(gm, fc.all_gather_mm.default) == 0
+    (outcome,) = [o.outcome for o in p.last_report.outcomes]
+    assert outcome == "addmm with beta=0.5 (the fused ops compute x @ w + bias)"
+
+
+@pytest.mark.parametrize("bias_shape", [(M, N), (1, N)], ids=["per_row", "row_broadcast"])
+def test_a_site_the_fused_op_rejects_is_left_alone_not_a_failed_compile(bias_shape):
+    """A 2-D addmm bias is not the fused op's (n,) bias: its validation rejects the site, the graph stays."""
+    gm = mm_rs("c10d_functional", bias=True, bias_shape=bias_shape)
+    before = str(gm.graph)
+    p = apply_pass(gm)
+    assert str(gm.graph) == before
+    (outcome,) = [o.outcome for o in p.last_report.outcomes]
+    assert outcome.startswith("the fused op rejects it (") and f"got {bias_shape}" in outcome
+
+
 def test_avg_reduce_scatter_is_left_alone():
     gm = mm_rs("c10d_functional", reduce_op="avg")
     p = apply_pass(gm)
@@ -60,11 +100,16 @@ def test_disabled_family_matches_nothing(flag):
     assert fused == 1  # only the family left enabled fused
 
 
-def test_threshold_travels_into_the_op():
+def test_the_config_travels_into_the_op():
+    """The op's threshold argument says "the config's", and the config itself is the op's last argument."""
+    import fcpass
+
     gm = mm_rs("vllm")
-    apply_pass(gm, threshold_tokens=4096)
+    config = fcpass.PassConfig(threshold_tokens=4096, backend="generic", pipeline_chunks=3)
+    apply_pass(gm, **config.to_dict())
     (fused,) = [n for n in gm.graph.nodes if n.target == fc.mm_reduce_scatter.default]
-    assert fused.args[3:] == ("tp:0", 2, 4096, 0)  # group, world size, threshold, no padding
+    assert fused.args[3:] == ("tp:0", 2, -1, 0, config.runtime_text())  # group, world size, threshold, pad, config
+    assert fcpass.PassConfig.from_runtime_text(fused.args[-1]) == config
 
 
 def test_unpad_slice_before_the_matmuls_moves_after_the_fused_op():
