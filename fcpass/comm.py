@@ -87,7 +87,9 @@ def reduce_scatter_by_exchange(
     own = block_rows(dist.get_rank(group), 0, incoming.shape[1])
     for work in in_flight:
         work.wait()
-    out = own + incoming[0]  # a new tensor: the own block may be a view of the caller's
+    if not peers:  # a one-rank group: the sum is this rank's own block
+        return own.clone()  # a new tensor: the own block may be a view of the caller's
+    out = own + incoming[0]
     for part in incoming[1:]:
         out.add_(part)
     return out

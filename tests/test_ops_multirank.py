@@ -4,6 +4,7 @@ Reference: float64, computed per rank from every rank's seeded inputs,
 without fcpass and without a collective.
 """
 
+import contextlib
 import itertools
 
 import pytest
@@ -97,6 +98,28 @@ def _on_subgroups(rank, world_size, rs_cases, ag_cases):
             + [run_all_gather_mm(c, group_rank, size, group.group_name) for c in ag_cases])
 
 
+def _on_one_rank_groups(rank, world_size, rs_cases, ag_cases):
+    """The cases on a group of one rank (each rank its own), by exchange and by the per-chunk collectives."""
+    from fcpass.backends.generic import collectives_everywhere
+
+    groups = [dist.new_group([r]) for r in range(world_size)]  # every rank creates all, in the same order
+    name = groups[rank].group_name
+    results = []
+    for pipeline in (contextlib.nullcontext, collectives_everywhere):
+        fcpass.configure(fcpass.PassConfig(pipeline_chunks=3))
+        with pipeline():
+            results += [run_mm_reduce_scatter(c, 0, 1, name) for c in rs_cases]
+            results += [run_all_gather_mm(c, 0, 1, name) for c in ag_cases]
+    return results
+
+
+ONE_RANK_GROUPS = shared(
+    _on_one_rank_groups,
+    [Case(m=37, k=40, bias=True, threshold=threshold, pad_rows=pad, seed=40 + i)
+     for i, (threshold, pad) in enumerate(itertools.product((0, 1 << 20), (0, 2)))],
+    [Case(m=37, k=40, ns=(24, 8), bias=True, threshold=threshold, seed=50 + i)
+     for i, threshold in enumerate((0, 1 << 20))],
+)
 SUBGROUPS = shared(
     _on_subgroups,
     [Case(m=2 * 37, k=40, dtype=dtype, bias=True, threshold=threshold, seed=20 + i)
@@ -142,3 +165,10 @@ def test_ops_on_a_subgroup_address_peers_by_group_rank():
 def test_the_collective_pipeline_of_device_groups_is_exact():
     """nccl/hccl groups run one collective per chunk (no point-to-point): forced on gloo, it gives the reference."""
     check_results(TWO_RANKS["collectives"]())
+
+
+def test_ops_on_a_one_rank_group_are_the_local_matmul():
+    """World size 1 (a TP group of one): fused and unfused, every pipeline, exact (it used to raise IndexError)."""
+    per_rank = ONE_RANK_GROUPS()
+    for results in per_rank:
+        check_results([results])
