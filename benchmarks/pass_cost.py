@@ -40,7 +40,7 @@ sys.path.insert(0, os.path.dirname(HERE))
 from fcpass.launch import run_ranks  # noqa: E402
 import cli  # noqa: E402
 from compile_time import BASELINES, COMPILE_VARIANTS, PART_METRICS, compile_once  # noqa: E402
-from pass_timer import VARIANTS, time_passes  # noqa: E402
+from pass_timer import VARIANTS, require_vllm_sp_passes, time_passes  # noqa: E402
 
 logger = logging.getLogger("pass_cost")
 
@@ -235,6 +235,7 @@ def print_compiles(result: dict) -> None:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    require_vllm_sp_passes()
     cli.setup_logging()
     logger.info("estimated duration on an idle machine: %.0f min", estimate_s(args) / 60)
     result = {**cli.machine(), "world_size": WORLD_SIZE, "dtype": "float32",

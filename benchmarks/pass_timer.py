@@ -53,6 +53,17 @@ def _rank() -> int:
     return dist.get_rank() if dist.is_initialized() else 0
 
 
+def require_vllm_sp_passes() -> None:
+    """Exit with what to do where this vLLM lacks the passes the comparison runs (vLLM >= 0.32 removed them)."""
+    import importlib.util
+
+    for module in ("sequence_parallelism", "collective_fusion"):
+        if importlib.util.find_spec(f"vllm.compilation.passes.fusion.{module}") is None:
+            raise SystemExit(f"pass_cost compares fcpass with vLLM's SequenceParallelismPass and AsyncTPPass, which "
+                             f"this vLLM does not have (no vllm.compilation.passes.fusion.{module}; vLLM >= 0.32 "
+                             "removed them): run it with vLLM 0.31 (the .venv of `make venv`)")
+
+
 def _build_passes() -> tuple[dict, dict[str, float]]:
     """Every pass a variant uses (inside vLLM's config and TP context), and what constructing each cost (ms).
 

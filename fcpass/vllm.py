@@ -139,6 +139,8 @@ def _instead_of_async_tp(pass_config, fcpass_config: PassConfig):
                          "would both split the all_reduces; turn one off")
     if not get("fuse_gemm_comms"):
         return pass_config
+    if not _vllm_has_async_tp():
+        return _without_async_tp_field(pass_config, fcpass_config)
     vllm_sp = not fcpass_config.sequence_parallel
     logger.info("fcpass: vLLM's fuse_gemm_comms (AsyncTPPass) off%s; fcpass fuses those sites",
                 ", enable_sp on" if vllm_sp else "")
@@ -148,6 +150,28 @@ def _instead_of_async_tp(pass_config, fcpass_config: PassConfig):
     if vllm_sp:
         pass_config.enable_sp = True
     return pass_config
+
+
+def _vllm_has_async_tp() -> bool:
+    """vLLM <= 0.31 has AsyncTPPass and sequence parallelism, and their pass_config fields; 0.32 removed both."""
+    import dataclasses
+
+    from vllm.config import PassConfig as VllmPassConfig
+
+    return "fuse_gemm_comms" in {f.name for f in dataclasses.fields(VllmPassConfig)}
+
+
+def _without_async_tp_field(pass_config: Mapping, fcpass_config: PassConfig) -> dict:
+    """vLLM >= 0.32: ``fuse_gemm_comms`` (the user's field) is not vLLM's any more; fcpass fuses those sites
+    where its own sequence parallelism makes them, so it takes the field's place or says what to set."""
+    if not fcpass_config.sequence_parallel:
+        raise ValueError(
+            "pass_config.fuse_gemm_comms: this vLLM (>= 0.32) has no AsyncTPPass and no sequence parallelism; "
+            "fcpass fuses those sites after its own split: drop fuse_gemm_comms and set "
+            "fcpass.PassConfig(sequence_parallel=True)")
+    logger.info("fcpass: pass_config.fuse_gemm_comms dropped (not a field of this vLLM); fcpass's sequence "
+                "parallelism and fusion take its place")
+    return {name: value for name, value in pass_config.items() if name != "fuse_gemm_comms"}
 
 
 def _sp_threshold(config: PassConfig) -> int | None:

@@ -16,16 +16,9 @@ from multirank import shared
 pytest.importorskip("vllm")
 
 
-def _vllm_has_async_tp() -> bool:
-    """vLLM <= 0.31 has SequenceParallelismPass/AsyncTPPass and their PassConfig flags; 0.32 removed them."""
-    import dataclasses
-
-    from vllm.config import PassConfig as VllmPassConfig
-
-    return "fuse_gemm_comms" in {f.name for f in dataclasses.fields(VllmPassConfig)}
-
-
-needs_async_tp = pytest.mark.skipif(not _vllm_has_async_tp(), reason="this vLLM has no SP/AsyncTP passes (>= 0.32)")
+needs_async_tp = pytest.mark.skipif(not fcpass_vllm._vllm_has_async_tp(),
+                                    reason="this vLLM has no SP/AsyncTP passes (>= 0.32)")
+without_async_tp = pytest.mark.skipif(fcpass_vllm._vllm_has_async_tp(), reason="this vLLM has SP/AsyncTP (<= 0.31)")
 
 
 def _installed(config) -> "fcpass.FlashCommPass":
@@ -72,6 +65,21 @@ def test_async_tp_gives_way():
 SP_ON = {"sequence_parallel": True, "sequence_parallel_threshold_tokens": 512}
 
 
+@without_async_tp
+def test_fuse_gemm_comms_on_a_vllm_without_async_tp_names_the_users_field():
+    """vLLM >= 0.32 has neither fuse_gemm_comms nor enable_sp: fcpass never hands vLLM a field it lacks, and an
+    error names the field the user set (it used to be vLLM's error about enable_sp, a field nobody set)."""
+    from vllm.config import CompilationConfig
+
+    with pytest.raises(ValueError, match=r"^pass_config.fuse_gemm_comms: .*sequence_parallel=True") as error:
+        fcpass_vllm.compilation_config({"threshold_tokens": 8}, base={"pass_config": {"fuse_gemm_comms": True}})
+    assert "enable_sp" not in str(error.value)
+    base = {"pass_config": {"fuse_gemm_comms": True, "fuse_act_quant": False}}
+    config = fcpass_vllm.compilation_config(SP_ON, base=base)
+    assert config["pass_config"] == {"fuse_act_quant": False}
+    assert CompilationConfig(**config).pass_config.fuse_act_quant is False  # vLLM takes what is left
+
+
 def test_sequence_parallel_threshold_becomes_a_compile_range_endpoint():
     """vLLM then compiles [1, 512] (left unsplit) apart from [513, max] (split): SP is decided per range."""
     from vllm.config import CompilationConfig, VllmConfig
@@ -87,6 +95,7 @@ def test_sequence_parallel_threshold_becomes_a_compile_range_endpoint():
     assert vllm_config.compilation_config.compile_ranges_endpoints == [512, 2048]
 
 
+@needs_async_tp
 def test_vllm_sequence_parallelism_and_fcpass_sequence_parallelism_never_both():
     with pytest.raises(ValueError, match="sequence_parallel: fcpass's and vLLM's sequence parallelism"):
         fcpass_vllm.compilation_config(SP_ON, base={"pass_config": {"enable_sp": True}})

@@ -14,8 +14,13 @@ structure, per rank, whatever the rank's bias:
 
 import pytest
 
-from multirank import shared
-from fcpass.vllm_cpu_llama import LAYERS, MODEL_KINDS, compile_and_run, rank_setup
+# Compared with vLLM's own SequenceParallelismPass/AsyncTPPass, which vLLM >= 0.32 removed (on 0.32 fcpass's
+# own split is tested instead: tests/test_sequence_parallel.py).
+pytest.importorskip("vllm.compilation.passes.fusion.sequence_parallelism",
+                    reason="this vLLM has no SequenceParallelismPass (>= 0.32)")
+
+from multirank import shared  # noqa: E402
+from fcpass.vllm_cpu_llama import LAYERS, MODEL_KINDS, compile_and_run, rank_setup  # noqa: E402
 
 THRESHOLD = 32
 TOKENS = (7, 32, 64, 256)  # padded to 8, 32 (at or below the threshold: unfused) and 64, 256 (fused)
