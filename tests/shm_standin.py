@@ -1,4 +1,4 @@
-"""Stand-in for vLLM's CPU shared-memory collectives (``_C`` builds with AVX-512 have them; this machine's does not).
+"""Stand-in for vLLM's CPU shared-memory collectives where vLLM's kernel library lacks them (its AVX2 build).
 
 Registers ``_C::init_shm_manager``, ``_C::join_shm_manager`` and
 ``_C::shm_allreduce`` with the schemas of vLLM's kernels (read from the
@@ -15,14 +15,20 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
+import vllm_kernels
+
 _managers: dict[int, tuple[str, int, int]] = {}  # handle -> (name, group size, rank)
 _library = None
 
 
 def register() -> None:
-    """Define the three ops once per process, unless a real ``_C`` already has them."""
+    """Define the three ops once per process, unless the ``_C`` vLLM loads on this CPU has them.
+
+    vLLM's own choice of kernel library is loaded first (``import_kernels``: the AVX-512 builds define these
+    ops, and defining them twice aborts the process); where it has them, the real kernels are used.
+    """
     global _library
-    if _library is not None or hasattr(torch.ops._C, "shm_allreduce"):
+    if _library is not None or vllm_kernels.all_reduce_form() == "shm":
         return
     _library = torch.library.Library("_C", "FRAGMENT")
     _library.define("init_shm_manager(str name, int group_size, int rank, int thread_num) -> int")
@@ -32,6 +38,11 @@ def register() -> None:
     _library.impl("join_shm_manager", _join_shm_manager, "CompositeExplicitAutograd")
     _library.impl("shm_allreduce", _shm_allreduce, "CPU")
     _library.impl("shm_allreduce", lambda handle, data: None, "Meta")
+
+
+def real_kernels_loaded() -> bool:
+    """After :func:`register`: whether the shm ops are vLLM's own (else this stand-in's)."""
+    return _library is None and hasattr(torch.ops._C, "shm_allreduce")
 
 
 def _init_shm_manager(name: str, group_size: int, rank: int, thread_num: int) -> int:

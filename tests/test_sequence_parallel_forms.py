@@ -14,6 +14,7 @@ import torch
 from torch._inductor.custom_graph_pass import CustomGraphPass
 
 import shm_standin
+import vllm_kernels
 from fcpass.guard import ONEDNN_GENERIC_ONLY
 from multirank import run_ranks
 
@@ -78,7 +79,8 @@ class OneDNNTinyTP(TinyTP):
 class ShmTinyTP(OneDNNTinyTP):
     """vLLM's CPU engine on a machine whose ``_C`` has shared-memory collectives (AVX-512 builds): the
     all_reduces go through vLLM's own ``CpuCommunicator`` in its shared-memory mode, in place on their input
-    (``_C.shm_allreduce(handle, data)``; kernels from tests/shm_standin.py, this machine's ``_C`` has none)."""
+    (``_C.shm_allreduce(handle, data)``: vLLM's own kernels where its AVX-512 build is loaded, else
+    tests/shm_standin.py's)."""
 
     def __init__(self, rank, world_size, group):
         from vllm.distributed import parallel_state
@@ -158,39 +160,46 @@ def run_case(rank, world_size, name):
     torch._dynamo.reset()
     torch.manual_seed(0)
     model = model_class(rank, world_size, dist.group.WORLD)
-    flashcomm = FlashCommPass(fcpass.PassConfig(threshold_tokens=16, sequence_parallel=True,
-                                                sequence_parallel_threshold_tokens=sp_threshold))
+    fields = {"threshold_tokens": 16, "sequence_parallel": True, "sequence_parallel_threshold_tokens": sp_threshold}
+    flashcomm = FlashCommPass(fcpass.PassConfig(**fields))
     recorded = Recorded(flashcomm)
     errors, decisions = [], []
-    with inductor_config.patch({"post_grad_custom_post_pass": recorded, "fx_graph_cache": False}), torch.no_grad():
-        compiled = torch.compile(model, fullgraph=True, dynamic=None if dynamic else False)
-        for n in counts:
-            x = torch.randn(n, HIDDEN, generator=torch.Generator().manual_seed(n))  # the same on every rank
-            if dynamic:
-                torch._dynamo.mark_dynamic(x, 0)  # sizes 0 and 1 are specialized: its lower bound is 2
-            want = model(x)
-            fcpass.reset_decision_counts()
-            got = compiled(x)
-            decisions.append({(op, path): n for (op, path, _), n in fcpass.decision_counts().items()})
-            errors.append(((got - want).abs().max() / want.abs().max()).item())
-        if name == "onednn":  # a backend forced by the user that cannot call a oneDNN handler: unfused, same result
-            fcpass.reset_decision_counts()
-            fcpass.configure(fcpass.PassConfig(backend="cuda", threshold_tokens=16))
-            try:
+
+    def compiled_with(pass_, inputs):
+        torch._dynamo.reset()
+        with inductor_config.patch({"post_grad_custom_post_pass": pass_}), torch.no_grad():
+            compiled = torch.compile(model, fullgraph=True, dynamic=None if dynamic else False)
+            for x in inputs:
+                if dynamic:
+                    torch._dynamo.mark_dynamic(x, 0)  # sizes 0 and 1 are specialized: its lower bound is 2
+                want = model(x)
+                fcpass.reset_decision_counts()
                 got = compiled(x)
-            finally:
-                fcpass.configure(fcpass.PassConfig())
-            decisions.append(fcpass.decision_counts())
-            errors.append(((got - want).abs().max() / want.abs().max()).item())
-    return {"counts": recorded.counts, "errors": errors, "decisions": decisions, "outcomes": [(o.family, o.form, o.outcome)
-                                                                       for o in flashcomm.last_report.outcomes]}
+                decisions.append({(op, path): n for (op, path, _), n in fcpass.decision_counts().items()})
+                errors.append(((got - want).abs().max() / want.abs().max()).item())
+        return {reason for _, _, reason in fcpass.decision_counts()}
+
+    inputs = [torch.randn(n, HIDDEN, generator=torch.Generator().manual_seed(n)) for n in counts]  # equal on all ranks
+    reasons = compiled_with(recorded, inputs)
+    if name == "onednn":  # a backend forced by the user that cannot call a oneDNN handler: unfused, same result
+        reasons = compiled_with(FlashCommPass(fcpass.PassConfig(backend="cuda", **fields)), inputs[-1:])
+    outcomes = [(o.family, o.form, o.outcome) for o in flashcomm.last_report.outcomes]
+    return {"counts": recorded.counts, "errors": errors, "decisions": decisions, "reasons": reasons,
+            "outcomes": outcomes, "shm_kernels": "real" if shm_standin.real_kernels_loaded() else "stand-in"}
 
 
-@pytest.fixture(scope="module")
-def runs():
-    """Ranks of their own: the shm case registers stand-in ``_C`` shm collectives for the rest of the process."""
-    per_rank = run_ranks(run_cases, 2, timeout=240)
-    return {name: [cases[name] for cases in per_rank] for name in CASES}
+@pytest.fixture(scope="module", params=["loaded", "avx2"])
+def runs(request):
+    """Ranks of their own (the shm case may register stand-in ``_C`` shm collectives for the rest of the
+    process), once with the kernel library vLLM loads on this CPU and once with its AVX2 build."""
+    with pytest.MonkeyPatch.context() as env:
+        for key, value in (vllm_kernels.avx2_env() if request.param == "avx2" else {}).items():
+            env.setenv(key, value)
+        per_rank = run_ranks(run_cases, 2, timeout=240)
+    runs = {name: [cases[name] for cases in per_rank] for name in CASES}
+    if request.param == "avx2":  # what makes this run the other build's: vLLM's shm kernels are not there
+        assert {r["shm_kernels"] for r in runs["shm"]} == {"stand-in"}
+    return runs
 
 
 @pytest.mark.parametrize("name", ["dynamic", "static_odd"])
@@ -246,6 +255,6 @@ def test_vllm_cpu_onednn_linears_fuse_with_their_handlers(runs, name):
             {("mm_reduce_scatter_onednn", "unfused"): 2, ("all_gather_onednn_mm", "unfused"): 1},
             {("mm_reduce_scatter_onednn", "fused"): 2, ("all_gather_onednn_mm", "fused"): 1},
             {("mm_reduce_scatter_onednn", "unfused"): 2, ("all_gather_onednn_mm", "fused"): 1}]
-    for r in runs["onednn"]:  # backend="cuda" forced at run time, 33 tokens again
-        assert r["decisions"][3] == {("mm_reduce_scatter_onednn", "unfused", ONEDNN_GENERIC_ONLY): 2,
-                                     ("all_gather_onednn_mm", "unfused", ONEDNN_GENERIC_ONLY): 1}
+    for r in runs["onednn"]:  # compiled again with backend="cuda", 33 tokens again
+        assert r["decisions"][3] == {("mm_reduce_scatter_onednn", "unfused"): 2, ("all_gather_onednn_mm", "unfused"): 1}
+        assert r["reasons"] == {ONEDNN_GENERIC_ONLY}
