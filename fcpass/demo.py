@@ -27,14 +27,25 @@ def fcpass_fields(threshold: int) -> dict:
     return {"threshold_tokens": threshold, "sequence_parallel": True, "sequence_parallel_threshold_tokens": 1}
 
 
+FROM_CACHE = ("no report: the compiled graph came from the compile cache, so the pass did not run in this "
+              "process;\nits fused ops carry the config they were compiled with")
+
+
 def render(results: dict, fields: dict, prompt_lengths) -> str:
     plain, fused = results["plain"], results["fcpass"]
-    reports = [PassReport.from_rows(worker[-1]) for worker in fused["reports"]]
-    same_report = all(r.table() == reports[0].table() for r in reports)
+    reports = [PassReport.from_rows(worker[-1]) for worker in fused["reports"] if worker]
     lines = [f"vLLM engine, tiny random Llama ({engine.LAYERS} layers, hidden {engine.HIDDEN}, fp32), "
-             f"tensor_parallel_size=2 on CPU;\nfcpass: PassConfig({fields})",
-             f"\nWhy-not-fused report (worker 0; worker 1 {'the same' if same_report else 'differs'}):",
-             reports[0].table(), "", f"{'prefill tokens':>14}  decisions per worker (fused ops' guard)"]
+             f"tensor_parallel_size=2 on CPU, all_reduce kernel {fused['all_reduce'][0]};\n"
+             f"fcpass: PassConfig({fields})"]
+    if reports:
+        same = all(r.table() == reports[0].table() for r in reports)
+        others = "the other the same" if same else "the other differs"
+        lines += [f"\nWhy-not-fused report ({len(reports)} of {len(fused['reports'])} workers ran the pass; "
+                  f"{others if len(reports) > 1 else 'the other was served from the cache'}):",
+                  reports[0].table()]
+    else:
+        lines += ["\nWhy-not-fused report: " + FROM_CACHE]
+    lines += ["", f"{'prefill tokens':>14}  decisions per worker (fused ops' guard)"]
     for n, per_worker in zip(prompt_lengths, fused["decisions"]):
         agree = all(d == per_worker[0] for d in per_worker)
         calls = ", ".join(f"{key} x{count}" for key, count in sorted(per_worker[0].items()))

@@ -3,8 +3,14 @@
 What it takes here (../shared/VLLM_CPU.md, "The real engine"): a tiny random
 Llama checkpoint written with transformers (no download), the CPU KV cache
 capped (``VLLM_CPU_KVCACHE_SPACE=1``), one core per worker
-(``VLLM_CPU_OMP_THREADS_BIND="0|1"``), Inductor's caches off (a cache hit
-would skip the pass). fcpass comes in as a user turns it on:
+(``VLLM_CPU_OMP_THREADS_BIND="0|1"``). The compile caches stay as users
+have them (on). vLLM compiles the model with torch's AOT compile and keeps
+the result under ``VLLM_CACHE_ROOT`` (Inductor's cache dir moved inside it);
+a start that loads it runs the cached graph, whose fused ops carry their
+config, without running the pass (no report then). vLLM 0.31 and 0.32 on CPU
+fail to load their own artifact ("'function' object has no attribute
+'finalize_loading'", with or without fcpass) and compile again, so there
+every start runs the pass. fcpass comes in as a user turns it on:
 ``compilation_config=fcpass.vllm.compilation_config(PassConfig(...))``.
 
 On vLLM's CPU backend the whole model is one graph for every token count
@@ -29,8 +35,6 @@ import time
 ENGINE_ENV = {
     "VLLM_CPU_KVCACHE_SPACE": "1",
     "VLLM_CPU_OMP_THREADS_BIND": "0|1",
-    "TORCHINDUCTOR_FX_GRAPH_CACHE": "0",
-    "TORCHINDUCTOR_AUTOGRAD_CACHE": "0",
     # collective_rpc with a function (this module's readers) needs vLLM's pickle fallback; local engine only
     "VLLM_ALLOW_INSECURE_SERIALIZATION": "1",
 }
@@ -60,8 +64,10 @@ def run_engine(model_dir: str, pass_config=None, prompt_lengths=PROMPT_LENGTHS, 
     """Start ``vllm.LLM`` at TP=2 (with FlashCommPass when ``pass_config`` is given) and run the prompts.
 
     Returns {"ids": greedy ids per prompt, "decisions": per prompt, each worker's fused/unfused counts of
-    that prompt's prefill, "reports": each worker's last pass report (family, form, outcome) rows,
-    "start_s", "generate_s"}.
+    that prompt's prefill, "reports": each worker's pass reports, each a list of (family, form, outcome)
+    rows (none where the compiled graph came from the compile cache), "all_reduce": each worker's
+    all_reduce kernel ("shm" where vLLM loaded a kernel library with it, else "c10d_functional"),
+    "compile_cache": each worker's cache counts (:func:`_compile_cache_counts`), "start_s", "generate_s"}.
     """
     os.environ.update(ENGINE_ENV)
     from vllm import LLM, SamplingParams
@@ -85,7 +91,9 @@ def run_engine(model_dir: str, pass_config=None, prompt_lengths=PROMPT_LENGTHS, 
     outputs = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=max_tokens), use_tqdm=False)
     finished = time.perf_counter()
     result = {"ids": [list(o.outputs[0].token_ids) for o in outputs], "decisions": decisions,
-              "reports": llm.collective_rpc(_reports), "start_s": started - start,
+              "reports": llm.collective_rpc(_reports), "all_reduce": llm.collective_rpc(_all_reduce_kernel),
+              "compile_cache": llm.collective_rpc(_compile_cache_counts),
+              "start_s": started - start,
               "generate_s": finished - started}
     del llm
     return result
@@ -106,6 +114,25 @@ def _decisions(worker) -> dict:
     return counts
 
 
+def _compile_cache_counts(worker) -> dict:
+    """What this worker's compile caches served: vLLM's AOT-compiled model loaded or compiled and saved
+    ("vllm/aot_artifacts_loaded", "vllm/aot_compiles"), Inductor's and AOTAutograd's hits and misses."""
+    from torch._dynamo.utils import counters
+    from vllm.compilation.counter import compilation_counter
+
+    counts = {f"{group}/{name}": n for group in ("inductor", "aot_autograd") for name, n in counters[group].items()
+              if "cache" in name}
+    counts["vllm/aot_artifacts_loaded"] = compilation_counter.num_aot_artifacts_loaded
+    counts["vllm/aot_compiles"] = compilation_counter.num_aot_compiles
+    return counts
+
+
+def _all_reduce_kernel(worker) -> str:
+    import torch
+
+    return "shm" if hasattr(torch.ops._C, "shm_allreduce") else "c10d_functional"
+
+
 def _reports(worker) -> list:
     from passes.manager import recent_reports
 
@@ -115,15 +142,17 @@ def _reports(worker) -> list:
 RESULT_MARK = "FCPASS_ENGINE_RESULT "
 
 
-def start(model_dir: str, fcpass_fields: dict | None = None, prompt_lengths=PROMPT_LENGTHS):
-    """``python -m fcpass.engine`` in a new process (one engine per process); pass it to :func:`result`."""
+def start(model_dir: str, fcpass_fields: dict | None = None, prompt_lengths=PROMPT_LENGTHS, env=None):
+    """``python -m fcpass.engine`` in a new process (one engine per process, ``env`` added to this one's);
+    pass it to :func:`result`."""
     import subprocess
     import sys
 
     command = [sys.executable, "-m", "fcpass.engine", model_dir, "--prompt-lengths", ",".join(map(str, prompt_lengths))]
     if fcpass_fields is not None:
         command += ["--fcpass", json.dumps(fcpass_fields)]
-    return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, **(env or {})})
 
 
 def result(process, timeout: float) -> dict:
@@ -142,9 +171,15 @@ def result(process, timeout: float) -> dict:
     return json.loads(lines[-1][len(RESULT_MARK):])
 
 
-def run_both(model_dir: str, fcpass_fields: dict, prompt_lengths, timeout: float = 480) -> dict:
+def run_both(model_dir: str, fcpass_fields: dict, prompt_lengths, timeout: float = 480, env=None) -> dict:
     """The engine without and with fcpass, side by side (most of a start is waiting, not computing)."""
-    processes = {"plain": start(model_dir, None, prompt_lengths), "fcpass": start(model_dir, fcpass_fields, prompt_lengths)}
+    return run_all(model_dir, {"plain": (None, env), "fcpass": (fcpass_fields, env)}, prompt_lengths, timeout)
+
+
+def run_all(model_dir: str, engines: dict, prompt_lengths, timeout: float = 480) -> dict:
+    """Every engine of ``engines`` ({name: (fcpass fields or None, env additions or None)}) at once, on the
+    checkpoint ``model_dir``; their results by name."""
+    processes = {name: start(model_dir, fields, prompt_lengths, env) for name, (fields, env) in engines.items()}
     try:
         return {name: result(process, timeout) for name, process in processes.items()}
     finally:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import datetime
 import multiprocessing as mp
-import os
 import queue
 import socket
 import time
@@ -75,8 +74,6 @@ def run_ranks(fn, world_size: int, *args, timeout: float = DEFAULT_TIMEOUT_S, ba
 
 
 def _rank_main(fn, rank, world_size, port, backend, setup, args, results):
-    os.environ.setdefault("TORCHINDUCTOR_FX_GRAPH_CACHE", "0")
-    os.environ.setdefault("TORCHINDUCTOR_AUTOGRAD_CACHE", "0")
     import torch
     import torch.distributed as dist
 

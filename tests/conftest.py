@@ -1,8 +1,13 @@
 import os
 import sys
+import tempfile
 
 TESTS_DIR = os.path.dirname(__file__)
 sys.path.insert(0, TESTS_DIR)  # multirank, cases: picklable by module name in spawned ranks
 
-os.environ.setdefault("TORCHINDUCTOR_FX_GRAPH_CACHE", "0")
-os.environ.setdefault("TORCHINDUCTOR_AUTOGRAD_CACHE", "0")
+# The compile caches stay on, as users have them; the session gets its own cache dirs (Inductor's, and vLLM's,
+# which holds its AOT-compiled models and moves Inductor's inside), shared by every process it starts (as all
+# processes of a machine share the default ones), so each run starts cold and leaves the user's caches alone.
+_CACHES = tempfile.mkdtemp(prefix="fcpass-tests-caches-")
+os.environ["TORCHINDUCTOR_CACHE_DIR"] = os.path.join(_CACHES, "inductor")
+os.environ["VLLM_CACHE_ROOT"] = os.path.join(_CACHES, "vllm")

@@ -3,6 +3,8 @@
 The engine's one whole-model graph has 2 * LAYERS + 1 all_reduces (embedding, o_proj and down_proj of each
 layer), each before an RMSNorm: all split by sequence parallelism; then per layer 2 onednn_mm->reduce_scatter and
 2 all_gather->onednn_mm fuse (the embedding's scatter has no matmul before it, the final norm's gather none after).
+The all_reduces' form is the kernel library's (tests/vllm_kernels.py): "shm" on AVX-512 builds, else
+"c10d_functional"; the split emits functional collectives either way.
 """
 
 from fcpass.demo import fcpass_fields
@@ -12,12 +14,14 @@ from passes.report import SPLIT
 THRESHOLD = 16
 FCPASS = fcpass_fields(THRESHOLD)
 
-WORKER_REPORT = sorted(
-    [("sequence_parallel", "c10d_functional", SPLIT)] * (2 * LAYERS + 1)
-    + [("mm_reduce_scatter", "c10d_functional/onednn_mm+pad", "fused")] * (2 * LAYERS)
-    + [("mm_reduce_scatter", "c10d_functional/aten.where.self+pad", "no matmul producer")]
-    + [("all_gather_mm", "c10d_functional/onednn_mm+unpad", "fused")] * (2 * LAYERS)
-    + [("all_gather_mm", "c10d_functional/-", "no matmul consumer")])
+
+def worker_report(all_reduce_form: str) -> list[tuple]:
+    return sorted(
+        [("sequence_parallel", all_reduce_form, SPLIT)] * (2 * LAYERS + 1)
+        + [("mm_reduce_scatter", "c10d_functional/onednn_mm+pad", "fused")] * (2 * LAYERS)
+        + [("mm_reduce_scatter", "c10d_functional/aten.where.self+pad", "no matmul producer")]
+        + [("all_gather_mm", "c10d_functional/onednn_mm+unpad", "fused")] * (2 * LAYERS)
+        + [("all_gather_mm", "c10d_functional/-", "no matmul consumer")])
 
 
 def sorted_rows(rows) -> list[tuple]:
