@@ -45,7 +45,7 @@ import measure  # noqa: E402
 import fcpass  # noqa: E402
 from fcpass import thresholds  # noqa: E402
 from fcpass.backends import select_backend  # noqa: E402
-from fcpass.config import MAX_THRESHOLD_TOKENS, WORLD_SIZE_RANGE  # noqa: E402
+from fcpass.limits import MAX_THRESHOLD_TOKENS, WORLD_SIZE_RANGE  # noqa: E402
 from fcpass.launch import run_ranks  # noqa: E402
 
 logger = logging.getLogger(__name__)

@@ -22,13 +22,8 @@ import json
 from dataclasses import dataclass
 from typing import Any, Mapping
 
-BACKEND_CHOICES = ("auto", "npu", "cuda", "generic", "off")
-
-# Bounds for validation: wide enough for any real deployment, narrow enough to
-# catch a typo (a threshold of -1, a world size of 0).
-MAX_THRESHOLD_TOKENS = 1 << 24
-WORLD_SIZE_RANGE = (2, 1024)
-MAX_PIPELINE_CHUNKS = 64
+from fcpass import thresholds
+from fcpass.limits import BACKEND_CHOICES, MAX_PIPELINE_CHUNKS, MAX_THRESHOLD_TOKENS, WORLD_SIZE_RANGE
 
 
 @dataclass(frozen=True)
@@ -99,8 +94,6 @@ class PassConfig:
             return None
         if not isinstance(path, str) or not path:
             raise ValueError(f"PassConfig.threshold_table must be None or a file path, got {path!r}")
-        from fcpass import thresholds  # lazily: thresholds reads this module's bounds
-
         try:
             return thresholds.load(path)
         except thresholds.ThresholdTableError as exc:
@@ -155,8 +148,6 @@ class PassConfig:
 
 @functools.lru_cache(maxsize=64)
 def _from_runtime_text(text: str) -> PassConfig:
-    from fcpass import thresholds
-
     try:
         values = json.loads(text)
         table = values.pop("threshold_table")

@@ -45,6 +45,8 @@ from typing import Any, Mapping
 
 import torch
 
+from fcpass.limits import MAX_PIPELINE_CHUNKS, MAX_THRESHOLD_TOKENS, WORLD_SIZE_RANGE
+
 FORMAT = "fcpass-thresholds/1"
 OPS = ("mm_reduce_scatter", "all_gather_mm")
 # A log2 bucket above 40 would mean a dimension of 2**40: a typo, not a shape.
@@ -162,8 +164,6 @@ def _parse(content: bytes) -> ThresholdTable:
 
 
 def _parse_entry(index: int, raw: Any) -> tuple[BucketKey, Entry]:
-    from fcpass.config import MAX_PIPELINE_CHUNKS, MAX_THRESHOLD_TOKENS, WORLD_SIZE_RANGE  # config imports us
-
     where = f"entry {index}"
     if not isinstance(raw, dict):
         raise ThresholdTableError(f"{where}: must be a JSON object, got {type(raw).__name__}")

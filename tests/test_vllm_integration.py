@@ -12,6 +12,7 @@ import fcpass.vllm as fcpass_vllm
 from fcpass.vllm import POST_GRAD_PASS_KEY
 from fcpass.vllm_cpu_llama import rank_setup
 from multirank import shared
+from passes import FlashCommPass
 
 pytest.importorskip("vllm")
 
@@ -21,7 +22,7 @@ needs_async_tp = pytest.mark.skipif(not fcpass_vllm._vllm_has_async_tp(),
 without_async_tp = pytest.mark.skipif(fcpass_vllm._vllm_has_async_tp(), reason="this vLLM has SP/AsyncTP (<= 0.31)")
 
 
-def _installed(config) -> "fcpass.FlashCommPass":
+def _installed(config) -> FlashCommPass:
     inductor = config["inductor_compile_config"] if isinstance(config, dict) else config.inductor_compile_config
     return inductor[POST_GRAD_PASS_KEY]
 
@@ -33,7 +34,7 @@ def test_compilation_config_carries_the_pass_through_vllms_config():
     config = fcpass_vllm.compilation_config(fcpass.PassConfig(threshold_tokens=64))
     vllm_config = VllmConfig(compilation_config=config)
     flashcomm = _installed(vllm_config.compilation_config)
-    assert isinstance(flashcomm, fcpass.FlashCommPass) and isinstance(flashcomm, InductorPass)
+    assert isinstance(flashcomm, FlashCommPass) and isinstance(flashcomm, InductorPass)
     assert flashcomm.config.threshold_tokens == 64
     assert vllm_config.compute_hash()  # vLLM's own cache hash takes the config with the pass in it
 
