@@ -25,7 +25,8 @@ from fcpass.config import PassConfig
 from passes import all_gather_mm, mm_reduce_scatter, sequence_parallel
 from passes.report import PassReport
 
-logger = logging.getLogger(__name__)
+# Under "fcpass" like the runtime's loggers, so logging.getLogger("fcpass") reaches the rewrite too.
+logger = logging.getLogger(f"fcpass.{__name__}")
 
 # Set to a folder to get each graph before and after the pass written there (after: with its report).
 DEBUG_DUMP_ENV = "FCPASS_DUMP_GRAPHS"
@@ -84,8 +85,9 @@ class FlashCommPass(CustomGraphPass):
         stable_topological_sort(graph)
         graph.lint()
         self._dump(graph, "after")
-        logger.info("FlashCommPass on graph %d of this process (%.1f ms):\n%s", self._calls,
-                    (time.perf_counter() - start) * 1e3, self.report())
+        logger.info("FlashCommPass on graph %d of this process (%.1f ms): %s", self._calls,
+                    (time.perf_counter() - start) * 1e3, self.last_report.summary())
+        logger.debug("FlashCommPass report of graph %d:\n%s", self._calls, self.report())
 
     def uuid(self) -> str:
         digest = hashlib.sha256(self.config.key().encode())

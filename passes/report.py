@@ -49,6 +49,14 @@ class PassReport:
         """Every outcome other than fused or split, one per site, in graph order."""
         return [o.outcome for o in self.outcomes if o.outcome not in APPLIED]
 
+    def summary(self) -> str:
+        """One line: sites rewritten per family, and how many were left alone (the table says why)."""
+        if not self.outcomes:
+            return "no all_reduce, reduce_scatter or all_gather in the graph"
+        applied = collections.Counter(o.family for o in self.outcomes if o.outcome in APPLIED)
+        done = ", ".join(f"{family} {n}" for family, n in sorted(applied.items())) or "nothing rewritten"
+        return f"{done}; {len(self.reasons())} of {len(self.outcomes)} sites left alone"
+
     def table(self) -> str:
         """One row per (family, form, outcome) with its site count: what was fused, and why the rest was not."""
         rows = collections.Counter((o.family, o.form, o.outcome) for o in self.outcomes)

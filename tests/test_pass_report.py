@@ -86,15 +86,19 @@ def test_report_names_the_reason_for_each_negative_case(case):
         assert all(family in table and reason in table for reason in reasons)
 
 
-def test_report_is_a_table_of_every_site_and_is_logged_once_per_graph(caplog):
+def test_report_is_a_table_of_every_site_logged_at_debug_with_one_info_summary_per_graph(caplog):
+    """Under the "fcpass" logger like the runtime: one INFO line per compiled graph, the table at DEBUG."""
     gm = hg.ag_mm("vllm")
-    with caplog.at_level(logging.INFO, logger="passes.manager"):
+    with caplog.at_level(logging.DEBUG, logger="fcpass"):
         p = apply_pass(gm)
     lines = p.report().splitlines()
     assert lines[0].split() == ["family", "form", "outcome", "sites"]
     assert lines[1].split() == ["all_gather_mm", "vllm/mm", "fused", "1"]
-    logged = [r for r in caplog.records if r.name == "passes.manager" and r.levelno == logging.INFO]
-    assert len(logged) == 1 and p.report() in logged[0].getMessage()
+    mine = [r for r in caplog.records if r.name == "fcpass.passes.manager"]
+    (info,) = [r for r in mine if r.levelno == logging.INFO]
+    assert "\n" not in info.getMessage() and info.getMessage().endswith("all_gather_mm 1; 0 of 1 sites left alone")
+    (debug,) = [r for r in mine if r.levelno == logging.DEBUG]
+    assert p.report() in debug.getMessage()
 
 
 def test_report_of_a_graph_without_collectives_says_so():
