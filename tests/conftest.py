@@ -11,3 +11,10 @@ sys.path.insert(0, TESTS_DIR)  # multirank, cases: picklable by module name in s
 _CACHES = tempfile.mkdtemp(prefix="fcpass-tests-caches-")
 os.environ["TORCHINDUCTOR_CACHE_DIR"] = os.path.join(_CACHES, "inductor")
 os.environ["VLLM_CACHE_ROOT"] = os.path.join(_CACHES, "vllm")
+
+
+def pytest_collection_finish(session):
+    """The shared ranks run only the bodies of the modules whose tests were selected (-k, -m, node ids)."""
+    import multirank
+
+    multirank.select_modules({item.module.__name__ for item in session.items})

@@ -10,6 +10,7 @@ any of them is asked for.
 from __future__ import annotations
 
 import itertools
+import sys
 import traceback
 from dataclasses import dataclass, field
 
@@ -22,13 +23,15 @@ class _Group:
     backend: str
     setup: object
     cases: dict = field(default_factory=dict)  # id -> (fn, args)
-    timeout: float = 0.0
+    modules: dict = field(default_factory=dict)  # id -> (the test module that registered it, its timeout)
     outcome: object = None  # per-rank results, or the exception of the whole run
 
     def results(self, case_id) -> list:
         if self.outcome is None:
+            cases = {i: case for i, case in self.cases.items() if _is_selected(self.modules[i][0])}
+            timeout = sum(self.modules[i][1] for i in cases)
             try:
-                self.outcome = run_ranks(_run_cases, self.world_size, self.cases, timeout=self.timeout,
+                self.outcome = run_ranks(_run_cases, self.world_size, cases, timeout=timeout,
                                          backend=self.backend, setup=self.setup)
             except Exception as exc:  # a hang or a dead rank: every body of the group fails with it
                 self.outcome = exc
@@ -47,22 +50,36 @@ class _Group:
 
 _groups: dict[tuple, _Group] = {}
 _ids = itertools.count()
+_selected_modules: set[str] | None = None  # the modules of the tests this session runs (None: all)
+
+
+def select_modules(modules) -> None:
+    """Run only the bodies registered by these test modules (conftest passes the modules of the selected
+    tests: ``-k`` and ``-m`` leave the other modules' bodies out of the shared ranks)."""
+    global _selected_modules
+    _selected_modules = set(modules)
+
+
+def _is_selected(module: str) -> bool:
+    return _selected_modules is None or module in _selected_modules
 
 
 def shared(fn, *args, world_size: int = 2, backend: str = "gloo", setup=None, timeout: float = DEFAULT_TIMEOUT_S):
     """Register ``fn(rank, world_size, *args)`` for the shared ranks; returns a function giving its per-rank results.
 
     Call at module level (pytest imports every test module before running any
-    test). A body's failure fails only the tests that read it; the bodies
-    after it in the same ranks do not run (a rank may be left mid-collective)
-    and say so. The run's deadline is the sum of its bodies' timeouts.
+    test). Only the bodies of modules with a selected test run (see
+    :func:`select_modules`). A body's failure fails only the tests that read
+    it; the bodies after it in the same ranks do not run (a rank may be left
+    mid-collective) and say so. The run's deadline is the sum of its bodies'
+    timeouts.
     """
     group = _groups.setdefault((world_size, backend, setup), _Group(world_size, backend, setup))
     if group.outcome is not None:
         raise RuntimeError(f"shared({_name(fn)}) registered after its ranks ran: register at module level")
     case_id = next(_ids)
     group.cases[case_id] = (fn, args)
-    group.timeout += timeout
+    group.modules[case_id] = (sys._getframe(1).f_globals["__name__"], timeout)
     return lambda: group.results(case_id)
 
 

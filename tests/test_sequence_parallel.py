@@ -21,6 +21,8 @@ import pytest
 from multirank import shared
 from fcpass.vllm_cpu_llama import LAYERS, compile_and_run, rank_setup
 
+pytestmark = pytest.mark.e2e
+
 THRESHOLD, SP_THRESHOLD = 16, 4
 TOKENS = (7, 8, 33, 64)  # odd and even; fused path above 16
 SPLIT = "split (reduce_scatter, norm on the token shard, all_gather)"

@@ -20,6 +20,8 @@ from fcpass import demo, engine
 from fcpass.engine import LAYERS, PROMPT_LENGTHS
 from passes.report import SPLIT
 
+pytestmark = pytest.mark.e2e
+
 ENGINE_TIMEOUT_S = 480
 KERNELS = ("loaded", "avx2")
 

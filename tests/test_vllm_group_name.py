@@ -3,7 +3,7 @@
 import torch
 
 from cases import Case
-from fcpass.vllm_cpu_llama import rank_setup
+from fcpass.vllm_cpu_llama import agree_on_dist_ident, rank_setup
 from multirank import shared
 
 
@@ -14,6 +14,7 @@ def run_on_vllm_tp_group(rank, world_size):
 
     from op_runs import run_mm_reduce_scatter, run_all_gather_mm
 
+    agree_on_dist_ident()  # vLLM's shm communicator (AVX-512 kernels) names its segment from it, alike on all ranks
     with set_current_vllm_config(VllmConfig()):
         parallel_state.init_distributed_environment(
             world_size=world_size, rank=rank, local_rank=rank, backend="gloo",

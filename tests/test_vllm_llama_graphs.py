@@ -14,6 +14,8 @@ structure, per rank, whatever the rank's bias:
 
 import pytest
 
+pytestmark = pytest.mark.e2e
+
 # Compared with vLLM's own SequenceParallelismPass/AsyncTPPass, which vLLM >= 0.32 removed (on 0.32 fcpass's
 # own split is tested instead: tests/test_sequence_parallel.py).
 pytest.importorskip("vllm.compilation.passes.fusion.sequence_parallelism",

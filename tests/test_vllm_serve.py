@@ -22,7 +22,7 @@ import vllm_kernels
 from engine_expectations import FCPASS, sorted_rows, worker_report
 from fcpass import engine
 
-pytestmark = pytest.mark.timeout(600)
+pytestmark = [pytest.mark.e2e, pytest.mark.timeout(600)]
 MAX_TOKENS = 8
 READY_TIMEOUT_S = 420
 
