@@ -36,7 +36,8 @@ import torch.fx as fx
 from fcpass.config import PassConfig
 from passes import forms
 from passes.forms import erase_unused
-from passes.report import FAMILY_DISABLED, FUSED, PassReport
+from passes import report as outcomes
+from passes.report import FAMILY_DISABLED, FUSED, PassReport, Reason
 
 FAMILY = "all_gather_mm"
 
@@ -71,22 +72,22 @@ def rewrite(graph: fx.Graph, config: PassConfig, report: PassReport) -> None:
         report.add(FAMILY, form, _replace(graph, ag, consumers, config.runtime_text()) or FUSED)
 
 
-def _unfusable(ag: forms.Collective, consumers: list[Consumer], matmul_problems: list[str]) -> str | None:
+def _unfusable(ag: forms.Collective, consumers: list[Consumer], matmul_problems: list[str]) -> str | Reason | None:
     problem = forms.group_problem(ag)
     if problem:
         return problem
     if not consumers:
-        return matmul_problems[0] if matmul_problems else "no matmul consumer"
+        return Reason(outcomes.MATMUL_ARGUMENTS, matmul_problems[0]) if matmul_problems else outcomes.NO_MATMUL_CONSUMER
     matmuls = [c.mm for c in consumers]
     quantizes = {_quantize_key(c.quantize) for c in consumers}
     if len({(mm.kind, mm.x_scale, mm.out_dtype) for mm in matmuls}) > 1 or len(quantizes) > 1:
-        return "matmuls differ in kind or scaling (one fused op needs one kind)"
+        return outcomes.MIXED_MATMULS
     if any(mm.x_scale is not None and forms.dim(mm.x_scale) >= 2 for mm in matmuls):
-        return "per-token activation scale (computed after the gather)"
+        return outcomes.PER_TOKEN_SCALE
     return None
 
 
-def _replace(graph: fx.Graph, ag: forms.Collective, consumers: list[Consumer], config_text: str) -> str | None:
+def _replace(graph: fx.Graph, ag: forms.Collective, consumers: list[Consumer], config_text: str) -> Reason | None:
     """Rewrite the site; None, or why the fused op rejects it (then the graph is left as it was)."""
     matmuls = [c.mm for c in consumers]
     quantize = consumers[0].quantize
@@ -102,7 +103,7 @@ def _replace(graph: fx.Graph, ag: forms.Collective, consumers: list[Consumer], c
     # Inserted before the first matmul; nodes defined later are put in order by the
     # pass's topological sort afterwards.
     fused = forms.insert_fused(graph, matmuls[0].output, build)
-    if isinstance(fused, str):
+    if isinstance(fused, Reason):
         return fused
     with graph.inserting_before(matmuls[0].output):
         if quantize is None:  # with a quantize, other users keep the float gather

@@ -22,6 +22,8 @@ from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from fcpass.groups import resolve_group, vllm_shm_group, vllm_tp_group
 from fcpass.validate import FusedOpInputError
+from passes import report as outcomes
+from passes.report import Reason
 
 aten = torch.ops.aten
 
@@ -256,10 +258,10 @@ def unsupported_collectives(graph: fx.Graph, forms, kind: str):
         if node.op != "call_function" or node in decoded:
             continue
         if node.target == _functional(functional_op):
-            yield "c10d_functional", "unsupported form (its handle is used other than by wait_tensor)"
+            yield "c10d_functional", Reason(outcomes.UNSUPPORTED_FORM, "its handle is used other than by wait_tensor")
         elif node.target is not None and node.target == _vllm(vllm_op):
             dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
-            yield "vllm", f"unsupported form ({kind} along dim {dim}, not 0)"
+            yield "vllm", Reason(outcomes.UNSUPPORTED_FORM, f"{kind} along dim {dim}, not 0")
 
 
 _COLLECTIVE_OPS = {
@@ -285,7 +287,7 @@ def match_collective(node: fx.Node, forms) -> Collective | None:
     return None
 
 
-def group_problem(collective: Collective) -> str | None:
+def group_problem(collective: Collective) -> str | Reason | None:
     """Why the collective's group cannot be used as named, where the group exists at compile time.
 
     A world_size that disagrees with the named group's size is a graph the
@@ -294,14 +296,14 @@ def group_problem(collective: Collective) -> str | None:
     is checked by the op when it runs.
     """
     if collective.world_size < 1:
-        return "vllm-ascend collective without a vLLM TP group at compile time"
+        return outcomes.NO_TP_GROUP
     try:
         group = resolve_group(collective.group_name)
     except ValueError:
         return None
     if group.size() != collective.world_size:
-        return (f"world_size {collective.world_size} does not match group {collective.group_name!r} "
-                f"of size {group.size()}")
+        return Reason(outcomes.GROUP_MISMATCH, f"world_size {collective.world_size}, group "
+                                               f"{collective.group_name!r} of size {group.size()}")
     return None
 
 
@@ -340,7 +342,7 @@ def _match_addmm(node: fx.Node) -> MatmulNode | None:
         return None
     args = bound_args(node)
     scaled = [f"{name}={args[name]}" for name in ("beta", "alpha") if args[name] != 1]
-    problem = f"addmm with {', '.join(scaled)} (the fused ops compute x @ w + bias)" if scaled else None
+    problem = f"addmm with {', '.join(scaled)}; the fused ops compute x @ w + bias" if scaled else None
     return MatmulNode("addmm", node, args["mat1"], args["mat2"], args["self"], problem=problem)
 
 
@@ -385,7 +387,7 @@ def _match_scaled_mm(node: fx.Node) -> MatmulNode | None:
 def _unsupported_arguments(op: str, args: dict, **expected) -> str | None:
     """Which of ``args`` differ from the value the fused ops' semantics need, named, or None."""
     wrong = [f"{name}={args.get(name)!r}" for name, value in expected.items() if args.get(name, value) != value]
-    return f"{op} with {', '.join(wrong)} (not what the fused ops compute)" if wrong else None
+    return f"{op} with {', '.join(wrong)}" if wrong else None
 
 
 _AUTO_FUNCTIONALIZED = (torch.ops.higher_order.auto_functionalized, torch.ops.higher_order.auto_functionalized_v2)
@@ -541,7 +543,7 @@ def refresh_val(node: fx.Node) -> None:
         node.meta["val"] = node.target(*vals, **kwvals)  # size arithmetic
 
 
-def insert_fused(graph: fx.Graph, before: fx.Node, build) -> fx.Node | str:
+def insert_fused(graph: fx.Graph, before: fx.Node, build) -> fx.Node | Reason:
     """``build()``'s fused op node, inserted before ``before``; or, where the op's validation (run by its fake
     impl on the site's fake values) rejects the site, the reason, with every node ``build`` inserted erased
     again: a site the fused op cannot take is left as it was, never a failed compile."""
@@ -552,7 +554,7 @@ def insert_fused(graph: fx.Graph, before: fx.Node, build) -> fx.Node | str:
         except FusedOpInputError as exc:
             while before.prev is not last_before:  # consumers first
                 graph.erase_node(before.prev)
-            return f"the fused op rejects it ({exc})"
+            return Reason(outcomes.REJECTED_BY_OP, str(exc))
 
 
 def erase_unused(graph: fx.Graph, nodes) -> None:

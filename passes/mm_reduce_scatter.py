@@ -31,7 +31,8 @@ import torch.fx as fx
 from fcpass.config import PassConfig
 from passes import forms
 from passes.forms import erase_unused
-from passes.report import FAMILY_DISABLED, FUSED, PassReport
+from passes import report as outcomes
+from passes.report import FAMILY_DISABLED, FUSED, PassReport, Reason
 
 FAMILY = "mm_reduce_scatter"
 
@@ -58,7 +59,7 @@ def rewrite(graph: fx.Graph, config: PassConfig, report: PassReport) -> None:
                                               forms.CONFIG_THRESHOLD, rows_pad, config.runtime_text()))
 
         fused = forms.insert_fused(graph, rs.output, build)
-        if isinstance(fused, str):
+        if isinstance(fused, Reason):
             report.add(FAMILY, form, fused)
             continue
         rs.output.replace_all_uses_with(fused)
@@ -106,22 +107,22 @@ def _pad_to_multiple(graph: fx.Graph, x: fx.Node, world_size: int):
     return forms.call(graph, operator.mod, (forms.call(graph, operator.neg, (size,)), world_size))
 
 
-def _unfusable(rs: forms.Collective, mm: forms.MatmulNode | None, producer, pad, steps) -> str | None:
+def _unfusable(rs: forms.Collective, mm: forms.MatmulNode | None, producer, pad, steps) -> str | Reason | None:
     if rs.reduce_op != "sum":
-        return f"reduce op {rs.reduce_op!r}, not sum"
+        return Reason(outcomes.NOT_SUM, repr(rs.reduce_op))
     problem = forms.group_problem(rs)
     if problem:
         return problem
     if forms.dim(rs.input) != 2:
-        return "reduce_scatter input is not 2-D rows"
+        return outcomes.NOT_2D_ROWS
     if mm is None:
-        return "no matmul producer"
+        return outcomes.NO_MATMUL_PRODUCER
     if mm.problem:
-        return mm.problem
+        return Reason(outcomes.MATMUL_ARGUMENTS, mm.problem)
     if any(len(node.users) > 1 for node in [producer, *steps]):
-        return "matmul output has other users"
+        return outcomes.MATMUL_OTHER_USERS
     if (pad or rs.pads_tokens) and mm.form == "scaled_mm":  # never on bias presence: it differs per rank
-        return "fp8 matmul before a padded scatter (a bias could not be kept off the padded rows)"
+        return outcomes.FP8_PADDED
     if pad and rs.pads_tokens:
-        return "padded twice (explicit pad into a padding collective)"
+        return outcomes.PADDED_TWICE
     return None

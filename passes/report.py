@@ -5,17 +5,54 @@ from __future__ import annotations
 import collections
 from dataclasses import dataclass
 
+# Every outcome, named once: the families report these, tests compare them (never the wording).
 FUSED = "fused"
 SPLIT = "split (reduce_scatter, norm on the token shard, all_gather)"
 APPLIED = (FUSED, SPLIT)
 FAMILY_DISABLED = "family disabled (PassConfig flag off)"
+# any family
+UNSUPPORTED_FORM = "unsupported form"  # + what about it
+GROUP_MISMATCH = "world_size does not match the group"  # + sizes
+NO_TP_GROUP = "vllm-ascend collective without a vLLM TP group at compile time"
+REJECTED_BY_OP = "the fused op rejects it"  # + the op's validation message
+MATMUL_ARGUMENTS = "matmul arguments change what the fused ops compute"  # + which
+# mm_reduce_scatter
+NOT_SUM = "reduce op is not sum"  # + the op
+NOT_2D_ROWS = "reduce_scatter input is not 2-D rows"
+NO_MATMUL_PRODUCER = "no matmul producer"
+MATMUL_OTHER_USERS = "matmul output has other users"
+FP8_PADDED = "fp8 matmul before a padded scatter (a bias could not be kept off the padded rows)"
+PADDED_TWICE = "padded twice (explicit pad into a padding collective)"
+# all_gather_mm
+NO_MATMUL_CONSUMER = "no matmul consumer"
+MIXED_MATMULS = "matmuls differ in kind or scaling (one fused op needs one kind)"
+PER_TOKEN_SCALE = "per-token activation scale (computed after the gather)"
+# sequence_parallel
+SP_NOT_2D_ROWS = "all_reduce input is not 2-D token rows"
+SP_UNKNOWN_GROUP = "group unknown at compile time (its world size decides the shard size)"  # + the name
+SP_BELOW_THRESHOLD = "compiled for token counts not all above sequence_parallel_threshold_tokens"  # + both
+SP_MIXED_REGION = "all_reduces of different forms or groups meet in one region"
+SP_NO_NORM = "no RMSNorm on the all_reduce's result (splitting it would shard nothing)"
+SP_TOO_MANY_GATHERS = "more all_gathers than all_reduces"  # + counts
+
+
+@dataclass(frozen=True)
+class Reason:
+    """An outcome with what about this site: ``kind`` is one of the constants above, ``detail`` free text."""
+
+    kind: str
+    detail: str
+
+    def __str__(self) -> str:
+        return f"{self.kind} ({self.detail})"
 
 
 @dataclass(frozen=True)
 class SiteOutcome:
     family: str
     form: str  # collective form + matmul form, e.g. "vllm/mm"
-    outcome: str  # FUSED / SPLIT or the reason it was not
+    outcome: str  # FUSED / SPLIT or the reason it was not, as text (with its detail)
+    kind: str  # the outcome's constant (FUSED, NO_MATMUL_PRODUCER, ...)
 
 
 class PassReport:
@@ -24,7 +61,8 @@ class PassReport:
 
     @classmethod
     def from_rows(cls, rows) -> "PassReport":
-        """A report rebuilt from (family, form, outcome) rows, as read back from another process."""
+        """A report rebuilt from (family, form, outcome) rows, as read back from another process (the text
+        only: a kind there is the whole text)."""
         report = cls()
         for family, form, outcome in rows:
             report.add(family, form, outcome)
@@ -34,8 +72,13 @@ class PassReport:
         """[family, form, outcome] per site, the inverse of :meth:`from_rows`."""
         return [[o.family, o.form, o.outcome] for o in self.outcomes]
 
-    def add(self, family: str, form: str, outcome: str) -> None:
-        self.outcomes.append(SiteOutcome(family, form, outcome))
+    def add(self, family: str, form: str, outcome: "str | Reason") -> None:
+        kind = outcome.kind if isinstance(outcome, Reason) else outcome
+        self.outcomes.append(SiteOutcome(family, form, str(outcome), kind))
+
+    def kinds(self) -> list[tuple[str, str]]:
+        """(family, outcome constant) per site, in graph order: what tests compare."""
+        return [(o.family, o.kind) for o in self.outcomes]
 
     def matched(self) -> dict[str, dict[str, int]]:
         """Rewritten sites (fused, or split by sequence parallelism) per family and form."""
@@ -46,8 +89,8 @@ class PassReport:
         return {family: dict(forms) for family, forms in counts.items()}
 
     def reasons(self) -> list[str]:
-        """Every outcome other than fused or split, one per site, in graph order."""
-        return [o.outcome for o in self.outcomes if o.outcome not in APPLIED]
+        """Why each site left alone was, as its constant, one per site, in graph order."""
+        return [o.kind for o in self.outcomes if o.kind not in APPLIED]
 
     def summary(self) -> str:
         """One line: sites rewritten per family, and how many were left alone (the table says why)."""

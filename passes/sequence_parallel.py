@@ -48,7 +48,8 @@ from torch.fx.experimental.symbolic_shapes import statically_known_true
 from fcpass.config import PassConfig
 from fcpass.groups import resolve_group
 from passes import forms
-from passes.report import FAMILY_DISABLED, SPLIT, PassReport
+from passes import report as outcomes
+from passes.report import FAMILY_DISABLED, SPLIT, PassReport, Reason
 
 FAMILY = "sequence_parallel"
 
@@ -106,21 +107,21 @@ def rewrite(graph: fx.Graph, config: PassConfig, report: PassReport) -> None:
             _split(graph, region)
 
 
-def _unsupported(ar: forms.AllReduce) -> str | None:
+def _unsupported(ar: forms.AllReduce) -> str | Reason | None:
     if forms.dim(ar.input) != 2:
-        return "all_reduce input is not 2-D token rows"
+        return outcomes.SP_NOT_2D_ROWS
     try:
         resolve_group(ar.group_name)
     except ValueError:
-        return f"group {ar.group_name!r} unknown at compile time (its world size decides the shard size)"
+        return Reason(outcomes.SP_UNKNOWN_GROUP, repr(ar.group_name))
     return None
 
 
-def _below_threshold(ar: forms.AllReduce, threshold_tokens: int) -> str | None:
+def _below_threshold(ar: forms.AllReduce, threshold_tokens: int) -> Reason | None:
     smallest = smallest_token_count(_rows(ar.input))
     if smallest > threshold_tokens:
         return None
-    return f"compiled for {smallest} tokens and up, not above sequence_parallel_threshold_tokens {threshold_tokens}"
+    return Reason(outcomes.SP_BELOW_THRESHOLD, f"compiled for {smallest} tokens and up, threshold {threshold_tokens}")
 
 
 def smallest_token_count(rows) -> int:
@@ -171,14 +172,14 @@ def _regions(graph: fx.Graph, candidates: list[forms.AllReduce], norms: frozense
     return list({id(r): r for r in region_of.values()}.values())
 
 
-def _unprofitable(region: _Region, norms: frozenset) -> str | None:
+def _unprofitable(region: _Region, norms: frozenset) -> str | Reason | None:
     if len({(ar.form, ar.group_name) for ar in region.all_reduces}) > 1:
-        return "all_reduces of different forms or groups meet in one region"
+        return outcomes.SP_MIXED_REGION
     if not any(n.target in norms or n.target == aten.rsqrt.default for n in region.sharded):
-        return "no RMSNorm on the all_reduce's result (splitting it would shard nothing)"
+        return outcomes.SP_NO_NORM
     gathers = len(_gathered(region))
     if gathers > len(region.all_reduces):
-        return f"would need {gathers} all_gathers for {len(region.all_reduces)} all_reduces"
+        return Reason(outcomes.SP_TOO_MANY_GATHERS, f"{gathers} all_gathers for {len(region.all_reduces)} all_reduces")
     return None
 
 

@@ -9,7 +9,7 @@ The all_reduces' form is the kernel library's (tests/vllm_kernels.py): "shm" on 
 
 from fcpass.demo import fcpass_fields
 from fcpass.engine import LAYERS
-from passes.report import SPLIT
+from passes.report import FUSED, NO_MATMUL_CONSUMER, NO_MATMUL_PRODUCER, SPLIT
 
 THRESHOLD = 16
 FCPASS = fcpass_fields(THRESHOLD)
@@ -18,10 +18,10 @@ FCPASS = fcpass_fields(THRESHOLD)
 def worker_report(all_reduce_form: str) -> list[tuple]:
     return sorted(
         [("sequence_parallel", all_reduce_form, SPLIT)] * (2 * LAYERS + 1)
-        + [("mm_reduce_scatter", "c10d_functional/onednn_mm+pad", "fused")] * (2 * LAYERS)
-        + [("mm_reduce_scatter", "c10d_functional/aten.where.self+pad", "no matmul producer")]
-        + [("all_gather_mm", "c10d_functional/onednn_mm+unpad", "fused")] * (2 * LAYERS)
-        + [("all_gather_mm", "c10d_functional/-", "no matmul consumer")])
+        + [("mm_reduce_scatter", "c10d_functional/onednn_mm+pad", FUSED)] * (2 * LAYERS)
+        + [("mm_reduce_scatter", "c10d_functional/aten.where.self+pad", NO_MATMUL_PRODUCER)]
+        + [("all_gather_mm", "c10d_functional/onednn_mm+unpad", FUSED)] * (2 * LAYERS)
+        + [("all_gather_mm", "c10d_functional/-", NO_MATMUL_CONSUMER)])
 
 
 def sorted_rows(rows) -> list[tuple]:

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from hand_graphs import M, N, ag_mm, apply_pass, count, mm_rs
-from passes.report import FUSED
+from passes import report as outcomes
 
 fc = torch.ops.fcpass
 vllm_ops = torch.ops.vllm
@@ -43,8 +43,8 @@ def test_addmm_with_beta_or_alpha_is_left_alone(scalars):
     gm = mm_rs("c10d_functional", bias=True, addmm_scalars=scalars)
     p = apply_pass(gm)
     assert count(gm, fc.mm_reduce_scatter.default) == 0 and count(gm, torch.ops.aten.addmm.default) == 1
-    (outcome,) = [o.outcome for o in p.last_report.outcomes]
-    assert outcome.startswith("addmm with ") and all(f"{k}={v}" in outcome for k, v in scalars.items())
+    (outcome,) = p.last_report.outcomes
+    assert outcome.kind == outcomes.MATMUL_ARGUMENTS and all(f"{k}={v}" in outcome.outcome for k, v in scalars.items())
 
 
 def test_a_scaled_addmm_consumer_keeps_the_gathered_rows_and_the_others_fuse():
@@ -54,15 +54,15 @@ def test_a_scaled_addmm_consumer_keeps_the_gathered_rows_and_the_others_fuse():
     assert len(fused.args[1]) == 2  # the two plain addmms
     (scaled,) = [n for n in gm.graph.nodes if n.target == torch.ops.aten.addmm.default]
     assert scaled.args[1].args == (fused, 0) and scaled.kwargs == {"alpha": 2.0}  # reads the fused op's gather
-    assert [o.outcome for o in p.last_report.outcomes] == [FUSED]
+    assert p.last_report.reasons() == [] and p.matched == {"all_gather_mm": {"vllm/addmm": 1}}
 
 
 def test_all_gather_whose_only_matmul_is_scaled_says_why():
     gm = ag_mm("vllm", bias=True, num_matmuls=1, addmm_scalars={"beta": 0.5})
     p = apply_pass(gm)
     assert count(gm, fc.all_gather_mm.default) == 0
-    (outcome,) = [o.outcome for o in p.last_report.outcomes]
-    assert outcome == "addmm with beta=0.5 (the fused ops compute x @ w + bias)"
+    (outcome,) = p.last_report.outcomes
+    assert outcome.kind == outcomes.MATMUL_ARGUMENTS and "addmm with beta=0.5" in outcome.outcome
 
 
 @pytest.mark.parametrize("bias_shape", [(M, N), (1, N)], ids=["per_row", "row_broadcast"])
@@ -72,15 +72,15 @@ def test_a_site_the_fused_op_rejects_is_left_alone_not_a_failed_compile(bias_sha
     before = str(gm.graph)
     p = apply_pass(gm)
     assert str(gm.graph) == before
-    (outcome,) = [o.outcome for o in p.last_report.outcomes]
-    assert outcome.startswith("the fused op rejects it (") and f"got {bias_shape}" in outcome
+    (outcome,) = p.last_report.outcomes
+    assert outcome.kind == outcomes.REJECTED_BY_OP and f"got {bias_shape}" in outcome.outcome
 
 
 def test_avg_reduce_scatter_is_left_alone():
     gm = mm_rs("c10d_functional", reduce_op="avg")
     p = apply_pass(gm)
     assert count(gm, fc.mm_reduce_scatter.default) == 0
-    assert [o.outcome for o in p.last_report.outcomes] == ["reduce op 'avg', not sum"]
+    assert p.last_report.reasons() == [outcomes.NOT_SUM]
 
 
 def test_matmul_with_another_user_is_left_alone():
@@ -88,7 +88,7 @@ def test_matmul_with_another_user_is_left_alone():
     p = apply_pass(gm)
     assert count(gm, fc.mm_reduce_scatter.default) == 0
     assert count(gm, vllm_ops.reduce_scatter.default) == 1
-    assert [o.outcome for o in p.last_report.outcomes] == ["matmul output has other users"]
+    assert p.last_report.reasons() == [outcomes.MATMUL_OTHER_USERS]
 
 
 @pytest.mark.parametrize("flag", ["fuse_mm_reduce_scatter", "fuse_all_gather_mm"])
@@ -143,7 +143,7 @@ def test_fp8_all_gather_scaled_mm_matches_and_mixed_out_dtypes_do_not():
     mixed = ag_scaled_mm("vllm", mixed=True)
     p = apply_pass(mixed)
     assert count(mixed, fc.all_gather_scaled_mm.default) == count(mixed, fc.all_gather_mm.default) == 0
-    assert [o.outcome for o in p.last_report.outcomes] == ["matmuls differ in kind or scaling (one fused op needs one kind)"]
+    assert p.last_report.reasons() == [outcomes.MIXED_MATMULS]
 
 
 @pytest.mark.parametrize("op", ["unquantized_gemm", "rocm_unquantized_gemm"])

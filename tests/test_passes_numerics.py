@@ -11,6 +11,7 @@ import torch
 import torch.distributed as dist
 
 from multirank import shared
+from passes import report as outcomes
 
 THRESHOLD = 16
 
@@ -102,7 +103,8 @@ def run_mismatched_group(rank, world_size):
     p = FlashCommPass(fcpass.PassConfig())
     p(gm.graph)
     return {"fused": count(gm, torch.ops.fcpass.mm_reduce_scatter.default),
-            "outcomes": [o.outcome for o in p.last_report.outcomes], "group": dist.group.WORLD.group_name}
+            "outcomes": p.last_report.reasons(), "text": [o.outcome for o in p.last_report.outcomes],
+            "group": dist.group.WORLD.group_name}
 
 
 MISMATCHED = shared(run_mismatched_group)
@@ -111,4 +113,5 @@ MISMATCHED = shared(run_mismatched_group)
 def test_collective_whose_world_size_disagrees_with_its_group_is_left_alone():
     for r in MISMATCHED():
         assert r["fused"] == 0
-        assert r["outcomes"] == [f"world_size 4 does not match group {r['group']!r} of size 2"]
+        assert r["outcomes"] == [outcomes.GROUP_MISMATCH]
+        assert f"world_size 4, group {r['group']!r} of size 2" in r["text"][0]

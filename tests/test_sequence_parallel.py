@@ -20,12 +20,13 @@ import pytest
 
 from multirank import shared
 from fcpass.vllm_cpu_llama import LAYERS, compile_and_run, rank_setup
+from passes.report import NO_MATMUL_CONSUMER, NO_MATMUL_PRODUCER, SP_BELOW_THRESHOLD, SPLIT
 
 pytestmark = pytest.mark.e2e
 
 THRESHOLD, SP_THRESHOLD = 16, 4
 TOKENS = (7, 8, 33, 64)  # odd and even; fused path above 16
-SPLIT = "split (reduce_scatter, norm on the token shard, all_gather)"
+
 RS_FUSED = AG_FUSED = 2 * LAYERS
 ALL_REDUCES = 2 * LAYERS + 1
 COMPARED_OPS = ("fcpass.mm_reduce_scatter.default", "fcpass.all_gather_mm.default", "vllm.reduce_scatter.default",
@@ -115,7 +116,7 @@ def run_sp(rank, world_size):
         r = compile_and_run(rank, world_size, kind, TOKENS, vllm_sp=False,
                             compilation_config=fcpass.vllm.compilation_config(_config()))
         runs[kind] = summary(r)
-        runs[kind]["report"] = sorted((o.family, o.form, o.outcome) for o in r["extra_pass_report"].outcomes)
+        runs[kind]["report"] = sorted((o.family, o.form, o.kind) for o in r["extra_pass_report"].outcomes)
     runs["structure"] = summary(compile_and_run(rank, world_size, "llama", (7, 8), vllm_sp=False,
                                                 extra_pass_factory=SPStructure))
     below = compile_and_run(rank, world_size, "llama", (8,), vllm_sp=False, run_compiled=False,
@@ -159,9 +160,9 @@ def test_sp_then_fusion_on_plain_tp_llama(sp_runs, kind):
         assert r["report"] == sorted(
             [("sequence_parallel", "vllm", SPLIT)] * ALL_REDUCES
             + [("mm_reduce_scatter", f"vllm/{row_parallel}+pad", "fused")] * RS_FUSED
-            + [("mm_reduce_scatter", "vllm/aten.where.self+pad", "no matmul producer")]
+            + [("mm_reduce_scatter", "vllm/aten.where.self+pad", NO_MATMUL_PRODUCER)]
             + [("all_gather_mm", f"vllm/{column_parallel}+unpad", "fused")] * AG_FUSED
-            + [("all_gather_mm", "vllm/-", "no matmul consumer")])
+            + [("all_gather_mm", "vllm/-", NO_MATMUL_CONSUMER)])
         assert r["compilations"] == 1
         assert max(r["errors"]) <= 1e-5, r["errors"]
         for n, decisions in zip(TOKENS, r["decisions"]):
@@ -208,8 +209,7 @@ def test_compile_range_below_the_threshold_is_left_alone(sp_runs):
         below = runs["below"]
         assert below["counts_after"] == below["counts_before"]
         assert below["counts_after"]["vllm.all_reduce.default"] == ALL_REDUCES
-        assert below["report"] == ["compiled for 8 tokens and up, not above sequence_parallel_threshold_tokens 1000"
-                                   ] * ALL_REDUCES
+        assert below["report"] == [SP_BELOW_THRESHOLD] * ALL_REDUCES
 
 
 @pytest.mark.skipif(not _has_vllm_sequence_parallelism(), reason="vLLM >= 0.32 has no SequenceParallelismPass")

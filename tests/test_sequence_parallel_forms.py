@@ -17,9 +17,9 @@ import shm_standin
 import vllm_kernels
 from fcpass.guard import ONEDNN_GENERIC_ONLY
 from multirank import run_ranks
+from passes.report import FUSED, NO_MATMUL_CONSUMER, SP_BELOW_THRESHOLD, SP_NO_NORM, SPLIT
 
 HIDDEN, FFN = 64, 128
-SPLIT = "split (reduce_scatter, norm on the token shard, all_gather)"
 
 
 def rms_norm(x, weight, eps=1e-6):
@@ -183,7 +183,7 @@ def run_case(rank, world_size, name):
     reasons = compiled_with(recorded, inputs)
     if name == "onednn":  # a backend forced by the user that cannot call a oneDNN handler: unfused, same result
         reasons = compiled_with(FlashCommPass(fcpass.PassConfig(backend="cuda", **fields)), inputs[-1:])
-    outcomes = [(o.family, o.form, o.outcome) for o in flashcomm.last_report.outcomes]
+    outcomes = [(o.family, o.form, o.kind) for o in flashcomm.last_report.outcomes]
     return {"counts": recorded.counts, "errors": errors, "decisions": decisions, "reasons": reasons,
             "outcomes": outcomes, "shm_kernels": "real" if shm_standin.real_kernels_loaded() else "stand-in"}
 
@@ -212,9 +212,9 @@ def test_functional_all_reduce_and_aten_norm_are_split_and_fused(runs, name):
         assert counts["_c10d_functional.all_gather_into_tensor.default"] == 1  # the output's
         assert sorted(r["outcomes"]) == sorted(
             [("sequence_parallel", "c10d_functional", SPLIT)] * 2
-            + [("mm_reduce_scatter", "c10d_functional/mm+pad", "fused")] * 2
-            + [("all_gather_mm", "c10d_functional/mm+unpad", "fused"),
-               ("all_gather_mm", "c10d_functional/-", "no matmul consumer")])
+            + [("mm_reduce_scatter", "c10d_functional/mm+pad", FUSED)] * 2
+            + [("all_gather_mm", "c10d_functional/mm+unpad", FUSED),
+               ("all_gather_mm", "c10d_functional/-", NO_MATMUL_CONSUMER)])
         assert max(r["errors"]) <= 1e-5, r["errors"]
 
 
@@ -222,16 +222,14 @@ def test_static_count_below_threshold_is_left_alone(runs):
     for r in runs["static_below"]:
         assert r["counts"]["_c10d_functional.all_reduce.default"] == 2
         assert r["counts"]["_c10d_functional.reduce_scatter_tensor.default"] == 0
-        assert r["outcomes"] == [("sequence_parallel", "c10d_functional",
-                                  "compiled for 8 tokens and up, not above sequence_parallel_threshold_tokens 100")] * 2
+        assert r["outcomes"] == [("sequence_parallel", "c10d_functional", SP_BELOW_THRESHOLD)] * 2
         assert max(r["errors"]) <= 1e-5
 
 
 def test_all_reduce_without_a_norm_is_left_alone(runs):
     for r in runs["no_norm"]:
         assert r["counts"]["_c10d_functional.all_reduce.default"] == 1
-        assert r["outcomes"] == [("sequence_parallel", "c10d_functional",
-                                  "no RMSNorm on the all_reduce's result (splitting it would shard nothing)")]
+        assert r["outcomes"] == [("sequence_parallel", "c10d_functional", SP_NO_NORM)]
         assert max(r["errors"]) <= 1e-5
 
 
@@ -247,7 +245,7 @@ def test_vllm_cpu_onednn_linears_fuse_with_their_handlers(runs, name):
         assert counts["higher_order.auto_functionalized"] == 0  # every onednn_mm went into a fused op
         assert counts["_C.shm_allreduce.default"] == 0
         assert ("sequence_parallel", "shm" if name == "shm" else "c10d_functional", SPLIT) in r["outcomes"]
-        assert ("all_gather_mm", "c10d_functional/onednn_mm+unpad", "fused") in r["outcomes"]
+        assert ("all_gather_mm", "c10d_functional/onednn_mm+unpad", FUSED) in r["outcomes"]
         assert max(r["errors"]) <= 1e-5, r["errors"]
         # 8 tokens: at or below the threshold 16; 64: fused; 33: the scatters get a padded row, which a oneDNN
         # matmul cannot keep a (rank 0) bias off, so they run unfused on every rank; the gather (34) fuses

@@ -23,6 +23,7 @@ pytest.importorskip("vllm.compilation.passes.fusion.sequence_parallelism",
 
 from multirank import shared  # noqa: E402
 from fcpass.vllm_cpu_llama import LAYERS, MODEL_KINDS, compile_and_run, rank_setup  # noqa: E402
+from passes.report import FUSED, NO_MATMUL_CONSUMER, NO_MATMUL_PRODUCER  # noqa: E402
 
 THRESHOLD = 32
 TOKENS = (7, 32, 64, 256)  # padded to 8, 32 (at or below the threshold: unfused) and 64, 256 (fused)
@@ -41,7 +42,7 @@ def run_with_flashcomm(rank, world_size, kinds):
         results[kind] = {
             "counts_before": r["counts_before"], "counts_after": r["counts_after"],
             "errors": r["max_rel_error"], "compilations": r["compilations"], "matched": report.matched(),
-            "outcomes": sorted((o.family, o.outcome) for o in report.outcomes),
+            "outcomes": sorted(report.kinds()),
             "decisions": r["decisions"], "padded_counts": r["padded_counts"], "outputs": r["outputs"],
             "post_grad_calls": r["post_grad_calls"],
         }
@@ -70,8 +71,8 @@ def test_flashcomm_on_vllm_llama_after_sequence_parallelism(flashcomm_runs, kind
         assert after["vllm.all_gather.default"] == 1  # after the final norm
         assert after.get("aten.mm.default", 0) + after.get("aten.addmm.default", 0) == 0
         assert r["outcomes"] == sorted(
-            [("mm_reduce_scatter", "fused")] * RS_FUSED + [("mm_reduce_scatter", "no matmul producer")]
-            + [("all_gather_mm", "fused")] * AG_FUSED + [("all_gather_mm", "no matmul consumer")])
+            [("mm_reduce_scatter", FUSED)] * RS_FUSED + [("mm_reduce_scatter", NO_MATMUL_PRODUCER)]
+            + [("all_gather_mm", FUSED)] * AG_FUSED + [("all_gather_mm", NO_MATMUL_CONSUMER)])
         assert r["compilations"] == 1
         assert max(r["errors"]) <= 1e-5, r["errors"]
         for padded, decisions in zip(r["padded_counts"], r["decisions"]):  # the guard, per prefill size

@@ -80,7 +80,7 @@ def run_layer(rank, world_size):
                 got = compiled(shard, positions)
                 results["decisions"].append(fcpass.decision_counts())
                 results["errors"].append(((got - want).abs().max() / want.abs().max()).item())
-        results["outcomes"] = sorted((o.family, o.form, o.outcome) for o in flashcomm.last_report.outcomes)
+        results["outcomes"] = sorted((o.family, o.form, o.kind) for o in flashcomm.last_report.outcomes)
         results["group"] = tp_group.unique_name
     return results
 
