@@ -96,6 +96,20 @@ def test_sequence_parallel_threshold_becomes_a_compile_range_endpoint():
     assert vllm_config.compilation_config.compile_ranges_endpoints == [512, 2048]
 
 
+@without_async_tp
+def test_pass_cost_says_which_vllm_to_run_it_with():
+    """benchmarks/pass_cost.py compares with vLLM 0.31's SP/AsyncTP passes: elsewhere it stops at once, saying so
+    (it used to fail importing passes vLLM 0.32 removed)."""
+    import pathlib
+    import subprocess
+    import sys
+
+    root = pathlib.Path(__file__).resolve().parent.parent
+    run = subprocess.run([sys.executable, str(root / "benchmarks" / "pass_cost.py"), "--quick"],
+                         capture_output=True, text=True, timeout=120, cwd=root)
+    assert run.returncode == 1 and "run it with vLLM 0.31" in run.stderr, run.stderr[-2000:]
+
+
 @needs_async_tp
 def test_vllm_sequence_parallelism_and_fcpass_sequence_parallelism_never_both():
     with pytest.raises(ValueError, match="sequence_parallel: fcpass's and vLLM's sequence parallelism"):
