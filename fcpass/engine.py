@@ -127,10 +127,16 @@ def _compile_cache_counts(worker) -> dict:
     return counts
 
 
-def _all_reduce_kernel(worker) -> str:
+def all_reduce_kernel() -> str:
+    """The CPU engine's all_reduce in this process, as the pass reports its form: "shm" where the kernel
+    library vLLM loaded has its shared-memory collectives (AVX-512 builds), else "c10d_functional"."""
     import torch
 
     return "shm" if hasattr(torch.ops._C, "shm_allreduce") else "c10d_functional"
+
+
+def _all_reduce_kernel(worker) -> str:
+    return all_reduce_kernel()
 
 
 def _reports(worker) -> list:

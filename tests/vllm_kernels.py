@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import os
 
-import torch
-
 AVX2_SITE_DIR = os.path.join(os.path.dirname(__file__), "avx2_kernels")
 
 
@@ -24,8 +22,10 @@ def avx2_env() -> dict[str, str]:
 
 
 def all_reduce_form() -> str:
-    """The report form of the CPU engine's all_reduce in this process: "shm" where vLLM's kernels have it."""
+    """The report form of the CPU engine's all_reduce in this process (loading vLLM's kernels if need be)."""
     from vllm.platforms import current_platform
 
+    from fcpass.engine import all_reduce_kernel
+
     current_platform.import_kernels()
-    return "shm" if hasattr(torch.ops._C, "shm_allreduce") else "c10d_functional"
+    return all_reduce_kernel()
