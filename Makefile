@@ -16,8 +16,8 @@ NEXT_PY := $(NEXT_VENV)/bin/python
 # On vLLM 0.32 (no SequenceParallelismPass): fcpass's own SP end to end, the real engine (its config, plugin
 # and compile path), the integration with vLLM's config (no AsyncTP/SP fields there), and the guard of the tests
 # that compare with vLLM 0.31's passes. CI has 20 minutes for everything.
-NEXT_TESTS := tests/test_sequence_parallel.py tests/test_vllm_engine.py tests/test_vllm_integration.py \
-	tests/test_vllm_llama_graphs.py
+NEXT_TESTS := tests/integration/test_sequence_parallel.py tests/integration/test_vllm_engine.py tests/integration/test_vllm_integration.py \
+	tests/integration/test_vllm_llama_graphs.py
 
 .PHONY: venv venv-next demo test test-main test-next bench clean
 
@@ -70,7 +70,7 @@ $(NEXT_VENV)/.fcpass-installed: $(VENV)/.fcpass-installed
 	touch $(NEXT_VENV)/.fcpass-installed
 
 demo: venv
-	$(PY) -m fcpass.demo
+	$(PY) -m examples.demo
 
 test: test-main test-next
 
@@ -83,12 +83,12 @@ test-next: venv-next
 # Every benchmark, in the order their inputs need (limit_model reads ops.json); ~45 min on 2 idle cores.
 bench: venv
 	$(PY) -m pip install -q matplotlib  # plots only; the tests do not need it
-	$(PY) benchmarks/ops.py
-	$(PY) benchmarks/limit_model.py
-	$(PY) benchmarks/calibrate.py --world-size 2 --shapes 1024x1024,512x2048 --dtype float32 \
+	$(PY) -m benchmarks.ops
+	$(PY) -m benchmarks.limit_model
+	$(PY) -m benchmarks.calibrate --world-size 2 --shapes 1024x1024,512x2048 --dtype float32 \
 		--out benchmarks/results/thresholds.json --report benchmarks/results/calibration.json
-	$(PY) benchmarks/guard.py
-	$(PY) benchmarks/pass_cost.py --layers 32 --repeats 5 --compile-layers 8 --compile-repeats 2
+	$(PY) -m benchmarks.guard
+	$(PY) -m benchmarks.pass_cost --layers 32 --repeats 5 --compile-layers 8 --compile-repeats 2
 
 clean:
 	rm -rf $(VENV) $(NEXT_VENV)

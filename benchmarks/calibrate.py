@@ -1,10 +1,10 @@
 """Measure the fusion crossover per shape, write the threshold table, and check the guarded op against it.
 
-    python benchmarks/calibrate.py --world-size 2 --shapes 1024x1024,512x2048 \\
+    python -m benchmarks.calibrate --world-size 2 --shapes 1024x1024,512x2048 \\
         --tokens 256,512,1024,2048,4096,8192,16384 --dtype float32 \\
         --out benchmarks/results/thresholds.json [--report benchmarks/results/calibration.json] [--quick]
 
-Two sets of real gloo ranks (fcpass.launch.run_ranks), both op families:
+Two sets of real gloo ranks (devtools.launch.run_ranks), both op families:
 
 1. Measure: per (op, shape, tokens), unfused vs fused at each candidate
    chunk count, interleaved. Per shape, the crossover is the smallest
@@ -39,14 +39,12 @@ import time
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import cli  # noqa: E402
-import measure  # noqa: E402
-import fcpass  # noqa: E402
-from fcpass import thresholds  # noqa: E402
-from fcpass.backends import select_backend  # noqa: E402
-from fcpass.limits import MAX_THRESHOLD_TOKENS, WORLD_SIZE_RANGE  # noqa: E402
-from fcpass.launch import run_ranks  # noqa: E402
+import fcpass
+from fcpass import thresholds
+from fcpass.backends import select_backend
+from fcpass.limits import MAX_THRESHOLD_TOKENS, WORLD_SIZE_RANGE
+from devtools.launch import run_ranks
+from benchmarks import cli, measure
 
 logger = logging.getLogger(__name__)
 
@@ -138,7 +136,7 @@ def derive_entry(series: list[dict], world_size: int, dtype: torch.dtype) -> dic
 def build_table(points: list[dict], shapes, world_size: int, dtype: torch.dtype, argv) -> dict:
     entries = [derive_entry([p for p in points if (p["op"], p["k"], p["n"]) == (op, k, n)], world_size, dtype)
                for op in measure.OPS for k, n in shapes]
-    provenance = {**cli.machine(), "command": "python benchmarks/calibrate.py " + " ".join(argv),
+    provenance = {**cli.machine(), "command": "python -m benchmarks.calibrate " + " ".join(argv),
                   "date": time.strftime("%Y-%m-%d %H:%M:%S"), "candidates": list(measure.CHUNK_CANDIDATES)}
     return thresholds.table_dict(BACKEND, entries, measured=provenance)
 

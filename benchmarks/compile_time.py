@@ -35,7 +35,7 @@ def compile_once(rank: int, world_size: int, variant: str, layers: int, tokens: 
 
     import fcpass
     import fcpass.vllm
-    from fcpass.vllm_cpu_llama import compile_and_run
+    from devtools.vllm_cpu import compile_and_run
 
     vllm_sp, fields = COMPILE_VARIANTS[variant]
     config = None if fields is None else fcpass.vllm.compilation_config(fcpass.PassConfig(**fields))

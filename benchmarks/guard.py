@@ -1,6 +1,6 @@
 """What the guard costs: its decision, the op's call, and the unfused path against direct calls.
 
-    python benchmarks/guard.py [--quick] [--shape 1024x1024] [--out benchmarks/results/guard.json]
+    python -m benchmarks.guard [--quick] [--shape 1024x1024] [--out benchmarks/results/guard.json]
 
 Every fused op stays in the graph at every token count, so below the
 threshold (decode: a few tokens) it must cost no more than the matmul and
@@ -34,23 +34,20 @@ import argparse
 import logging
 import os
 import statistics
-import sys
 import timeit
 
 import torch
 import torch.distributed as dist
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import cli  # noqa: E402
-import measure  # noqa: E402
-import fcpass  # noqa: E402
-from fcpass import guard, oplib, ops  # noqa: E402
-from fcpass.backends import get_backend  # noqa: E402
-from fcpass.backends.base import ALL_GATHER_MM, MM_REDUCE_SCATTER, FusedCall  # noqa: E402
-from fcpass.groups import resolve_group  # noqa: E402
-from fcpass.launch import run_ranks  # noqa: E402
-from fcpass.matmuls import Matmul  # noqa: E402
-from fcpass.vllm_cpu_llama import rank_setup, vllm_tp  # noqa: E402
+import fcpass
+from fcpass import guard, oplib, ops
+from fcpass.backends import get_backend
+from fcpass.backends.base import ALL_GATHER_MM, MM_REDUCE_SCATTER, FusedCall
+from fcpass.groups import resolve_group
+from fcpass.matmuls import Matmul
+from devtools.launch import run_ranks
+from devtools.vllm_cpu import rank_setup, vllm_tp
+from benchmarks import cli, measure
 
 logger = logging.getLogger(__name__)
 

@@ -1,6 +1,6 @@
 """Ideal overlap limit of fused matmul+collective for Llama-70B at TP=8, next to what fcpass measured on this CPU.
 
-    python benchmarks/limit_model.py [--hardware h100,ascend-910b,ascend-910b-ring] [--tokens 1024,4096,16384]
+    python -m benchmarks.limit_model [--hardware h100,ascend-910b,ascend-910b-ring] [--tokens 1024,4096,16384]
                                      [--measured benchmarks/results/ops.json] [--min-tokens 1024] [--neighbours 3]
                                      [--latency-us 0]
 
@@ -77,7 +77,7 @@ import statistics
 import sys
 from dataclasses import asdict, dataclass
 
-import cli  # benchmarks/cli.py (this script's folder is on sys.path when it runs)
+from benchmarks import cli
 
 logger = logging.getLogger("limit_model")
 

@@ -2,7 +2,7 @@
 
 Shared by every benchmark (ops.py, calibrate.py, guard.py), so "fused",
 "unfused", "matmul alone" and "the collective alone" mean the same calls in
-each of them. Runs inside ranks started by ``fcpass.launch.run_ranks``.
+each of them. Runs inside ranks started by ``devtools.launch.run_ranks``.
 
 Interleaved: every repeat times each variant once, in turn, so machine noise
 (this machine is shared) lands on every variant alike; the median of the
@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import functools
 import logging
-import os
 import statistics
 import sys
 import time
@@ -24,14 +23,13 @@ from typing import Callable
 import torch
 import torch.distributed as dist
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import fcpass  # noqa: E402
+import fcpass
 # The collectives' non-deprecated spellings and the padding the ops themselves use.
-from fcpass.comm import (  # noqa: E402
+from fcpass.comm import (
     all_gather_by_exchange, all_gather_single, reduce_scatter_by_exchange, reduce_scatter_single,
 )
-from fcpass.backends.generic import collectives_everywhere  # noqa: E402
-from fcpass.padding import append_zero_rows  # noqa: E402
+from fcpass.backends.generic import collectives_everywhere
+from fcpass.padding import append_zero_rows
 
 logger = logging.getLogger(__name__)
 

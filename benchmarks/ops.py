@@ -1,6 +1,6 @@
 """Fused (generic pipeline) vs unfused fcpass ops on 2 gloo ranks, side by side.
 
-    python benchmarks/ops.py [--quick] [--only llama,small,design] [--op mm_reduce_scatter]
+    python -m benchmarks.ops [--quick] [--only llama,small,design] [--op mm_reduce_scatter]
                              [--tokens 16,256,...] [--out benchmarks/results/ops.json]
 
 Per (op, shape, tokens) point, measured interleaved in one run so machine
@@ -48,13 +48,10 @@ import argparse
 import json
 import logging
 import os
-import sys
 from dataclasses import asdict, dataclass
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import cli  # noqa: E402
-import measure  # noqa: E402
-from fcpass.launch import run_ranks  # noqa: E402
+from devtools.launch import run_ranks
+from benchmarks import cli, measure
 
 logger = logging.getLogger(__name__)
 

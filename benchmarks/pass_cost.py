@@ -1,10 +1,10 @@
 """fcpass's compile-time cost: FlashCommPass vs vLLM 0.31 AsyncTPPass on one graph; cold compile with/without it.
 
-    python benchmarks/pass_cost.py [--quick] [--layers 32] [--repeats 7] [--compile-layers N] [--compile-repeats 3]
+    python -m benchmarks.pass_cost [--quick] [--layers 32] [--repeats 7] [--compile-layers N] [--compile-repeats 3]
                                    [--compile-variants plain,fcpass_sp+fusion,vllm_sp,vllm_sp+fcpass_fusion]
                                    [--skip-compile]
 
-1. Pass time. vLLM's own Llama (fcpass.vllm_cpu_llama, hidden 256, fp32) with
+1. Pass time. vLLM's own Llama (devtools.vllm_cpu, hidden 256, fp32) with
    ``--layers`` decoder layers at TP=2 on 2 gloo ranks is compiled up to the
    post-grad passes. There the plain TP graph is captured, its SP form derived
    once with vLLM's SequenceParallelismPass, and each variant
@@ -36,11 +36,10 @@ import sys
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, os.path.dirname(HERE))
-from fcpass.launch import run_ranks  # noqa: E402
-import cli  # noqa: E402
-from compile_time import BASELINES, COMPILE_VARIANTS, PART_METRICS, compile_once  # noqa: E402
-from pass_timer import VARIANTS, require_vllm_sp_passes, time_passes  # noqa: E402
+from devtools.launch import run_ranks
+from benchmarks import cli
+from benchmarks.compile_time import BASELINES, COMPILE_VARIANTS, PART_METRICS, compile_once
+from benchmarks.pass_timer import VARIANTS, require_vllm_sp_passes, time_passes
 
 logger = logging.getLogger("pass_cost")
 
@@ -61,7 +60,7 @@ COMPILE_RUN_S = (40, 6)  # per cold compile run: fixed (spawn, imports, model), 
 
 def _rank_setup():
     """Each rank: vLLM custom-op collectives on (the harness's setup); benchmark progress at INFO on stderr."""
-    from fcpass.vllm_cpu_llama import rank_setup
+    from devtools.vllm_cpu import rank_setup
 
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr, format="%(name)s: %(message)s")
     logging.getLogger("pass_timer").setLevel(logging.INFO)
@@ -239,7 +238,7 @@ def main(argv=None) -> int:
     cli.setup_logging()
     logger.info("estimated duration on an idle machine: %.0f min", estimate_s(args) / 60)
     result = {**cli.machine(), "world_size": WORLD_SIZE, "dtype": "float32",
-              "model": "vLLM LlamaModel (fcpass.vllm_cpu_llama 'llama'), hidden 256, intermediate 512"}
+              "model": "vLLM LlamaModel (devtools.vllm_cpu 'llama'), hidden 256, intermediate 512"}
     start = time.perf_counter()
     result["pass_time"] = measure_passes(args)
     print_passes(result["pass_time"])

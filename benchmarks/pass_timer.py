@@ -1,7 +1,7 @@
 """Time graph passes on fresh copies of one captured post-grad graph, inside the compile that produced it.
 
 Rank side of benchmarks/pass_cost.py. :class:`PassTimer` is the harness's
-extra post-grad pass (fcpass.vllm_cpu_llama.compile_and_run with
+extra post-grad pass (devtools.vllm_cpu.compile_and_run with
 ``run_compiled=False``): it gets vLLM Llama's plain TP graph (``aten.mm ->
 vllm.all_reduce``), derives the SP graph from it once with vLLM's
 SequenceParallelismPass, and times every variant on a fresh deep copy of its
@@ -170,7 +170,7 @@ def time_passes(rank: int, world_size: int, layers: int, repeats: int, tokens: i
     """Rank entry point: capture vLLM Llama's plain TP graph with ``layers`` layers and time ``variants`` on it."""
     import functools
 
-    from fcpass.vllm_cpu_llama import compile_and_run
+    from devtools.vllm_cpu import compile_and_run
 
     r = compile_and_run(rank, world_size, "llama", (tokens,), vllm_sp=False, run_compiled=False, layers=layers,
                         extra_pass_factory=functools.partial(PassTimer, repeats, variants))

@@ -12,24 +12,13 @@ from __future__ import annotations
 import torch
 
 from fcpass import oplib
-
-
-def forward_context_pad_size() -> int:
-    """vllm-ascend's current ``pad_size``: its extra-context proxy (newer), else vLLM's forward context."""
-    try:
-        from vllm_ascend.ascend_forward_context import _EXTRA_CTX
-
-        return int(_EXTRA_CTX.pad_size or 0)
-    except (ImportError, AttributeError):
-        from vllm.forward_context import get_forward_context
-
-        return int(getattr(get_forward_context(), "pad_size", 0) or 0)
+from fcpass.vllm import state
 
 
 @oplib.define("drop_token_padding")
 def drop_token_padding(rows: torch.Tensor) -> torch.Tensor:
     """``rows`` without vllm-ascend's trailing padding rows (a copy: custom ops may not return views)."""
-    pad = forward_context_pad_size()
+    pad = state.ascend_pad_size()
     return rows[: rows.shape[0] - pad].clone()
 
 

@@ -1,5 +1,5 @@
 """Graph-rewrite passes that swap matmul/collective subgraphs for fcpass ops."""
 
-from passes.manager import FlashCommPass
+from passes.flashcomm import FlashCommPass
 
 __all__ = ["FlashCommPass"]

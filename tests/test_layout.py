@@ -1,30 +1,34 @@
-"""The import arrows point one way: runtime <- rewrite <- vLLM integration; optional libraries stay optional.
+"""The import arrows point one way: runtime <- rewrite <- vLLM integration <- tooling; the wheel is the library.
 
 Read from the source (ast), so an arrow added the wrong way fails here
 before it can make an import cycle or a hard dependency:
-- the runtime (``fcpass`` less its vLLM integration and its tooling) never
-  imports the rewrite (``passes``), and imports vLLM, vllm-ascend or
-  torch_npu only inside functions (their optional entry points);
-- the rewrite imports the runtime only, never the integration or tooling;
-- module-level imports between fcpass and passes modules form no cycle;
-- ``import fcpass`` loads neither vLLM, torch_npu nor the rewrite.
+- the runtime (``fcpass`` less ``fcpass.vllm``) never imports the rewrite
+  (``passes``) or the integration, save ``fcpass.vllm.state`` (vLLM's private
+  state, a leaf), and imports vLLM, vllm-ascend or torch_npu only inside
+  functions (their optional entry points);
+- the rewrite imports the runtime (and that leaf) only;
+- nothing installed imports the tooling (devtools, examples, benchmarks);
+- module-level imports form no cycle;
+- ``import fcpass`` loads neither vLLM, torch_npu nor the rewrite;
+- the wheel ``pip install .`` installs holds the library's packages only, and the plugin entry point.
 """
 
 import ast
 import pathlib
 import subprocess
 import sys
+import zipfile
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
-INTEGRATION = {"fcpass.vllm", "fcpass.vllm_plugin"}
-# Harness, launcher, demos and engine runner: installed today, not the runtime (issue 19 moves them out).
-TOOLING = {"fcpass.launch", "fcpass.engine", "fcpass.demo", "fcpass.ops_demo", "fcpass.vllm_cpu_llama"}
+LIBRARY = ("fcpass", "passes")
+TOOLING = ("devtools", "examples", "benchmarks")
+STATE = "fcpass.vllm.state"
 OPTIONAL = ("vllm", "vllm_ascend", "torch_npu")
 
 
 def _modules() -> dict[str, pathlib.Path]:
     found = {}
-    for package in ("fcpass", "passes"):
+    for package in LIBRARY + TOOLING:
         for path in sorted((ROOT / package).rglob("*.py")):
             parts = path.relative_to(ROOT).with_suffix("").parts
             found[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = path
@@ -51,22 +55,47 @@ def _is_under(name: str, package: str) -> bool:
     return name == package or name.startswith(package + ".")
 
 
+def _under_any(name: str, packages) -> bool:
+    return any(_is_under(name, package) for package in packages)
+
+
 MODULES = _modules()
 MODULE_NAMES = set(MODULES)
-RUNTIME = {m for m in MODULES if _is_under(m, "fcpass") and m not in INTEGRATION | TOOLING}
+INTEGRATION = {m for m in MODULES if _is_under(m, "fcpass.vllm") and m != STATE}
+RUNTIME = {m for m in MODULES if _is_under(m, "fcpass") and m not in INTEGRATION}
+REWRITE = {m for m in MODULES if _is_under(m, "passes")}
 
 
-def test_the_runtime_never_imports_the_rewrite_and_optional_libraries_only_lazily():
-    wrong = [(m, name) for m in sorted(RUNTIME) for name, top in _imports(MODULES[m])
-             if _is_under(name, "passes") or (top and any(_is_under(name, lib) for lib in OPTIONAL))]
-    assert wrong == []
+def _wrong_imports(modules, forbidden) -> list[tuple[str, str]]:
+    """(module, import) for every import of ``modules`` that ``forbidden(name, at_module_level)`` refuses."""
+    return [(m, name) for m in sorted(modules) for name, top in _imports(MODULES[m]) if forbidden(name, top)]
+
+
+def _optional_at_top(name: str, top: bool) -> bool:
+    return top and _under_any(name, OPTIONAL)
+
+
+def test_the_layout_has_the_layers_this_test_checks():
+    assert STATE in RUNTIME and "fcpass.vllm.compilation" in INTEGRATION and "passes.flashcomm" in REWRITE
+    assert {m.split(".")[0] for m in MODULES} == set(LIBRARY + TOOLING)
+
+
+def test_the_runtime_never_imports_the_rewrite_or_the_integration_and_optional_libraries_only_lazily():
+    assert _wrong_imports(RUNTIME, lambda name, top: _is_under(name, "passes") or name in INTEGRATION
+                          or _optional_at_top(name, top)) == []
+
+
+def test_vllm_private_state_is_a_leaf():
+    assert _wrong_imports({STATE}, lambda name, top: _under_any(name, LIBRARY) or _optional_at_top(name, top)) == []
 
 
 def test_the_rewrite_imports_only_the_runtime():
-    wrong = [(m, name) for m in sorted(MODULES) if _is_under(m, "passes") for name, top in _imports(MODULES[m])
-             if any(_is_under(name, other) for other in INTEGRATION | TOOLING)
-             or (top and any(_is_under(name, lib) for lib in OPTIONAL))]
-    assert wrong == []
+    assert _wrong_imports(REWRITE, lambda name, top: name in INTEGRATION or _under_any(name, TOOLING)
+                          or _optional_at_top(name, top)) == []
+
+
+def test_nothing_installed_imports_the_tooling():
+    assert _wrong_imports(RUNTIME | INTEGRATION | REWRITE, lambda name, top: _under_any(name, TOOLING)) == []
 
 
 def test_module_level_imports_form_no_cycle():
@@ -84,6 +113,19 @@ def test_module_level_imports_form_no_cycle():
     for m in sorted(graph):
         if m not in state:
             visit(m, [m])
+
+
+def test_the_wheel_holds_the_library_only(tmp_path):
+    """What ``pip install .`` installs: built as pip builds it (no build isolation: setuptools is in the venv)."""
+    build = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
+                            "-w", str(tmp_path), str(ROOT)], capture_output=True, text=True, timeout=300)
+    assert build.returncode == 0, build.stderr[-3000:]
+    (wheel,) = tmp_path.glob("fcpass-*.whl")
+    names = zipfile.ZipFile(wheel).namelist()
+    packages = {pathlib.PurePath(n).parent.as_posix().replace("/", ".") for n in names if n.endswith(".py")}
+    assert packages == {m for m in MODULES if _under_any(m, LIBRARY) and MODULES[m].name == "__init__.py"}
+    (entry_points,) = [n for n in names if n.endswith(".dist-info/entry_points.txt")]
+    assert "fcpass = fcpass.vllm.plugin:register" in zipfile.ZipFile(wheel).read(entry_points).decode()
 
 
 def test_import_fcpass_loads_no_optional_library_and_not_the_rewrite():

@@ -1,8 +1,8 @@
-"""The tests' shared ranks (tests/multirank.py): one spawn per group, failures stay with their own body."""
+"""The tests' shared ranks (tests/support/multirank.py): one spawn per group, failures stay with their own body."""
 
 import pytest
 
-import multirank
+from support import multirank
 
 
 def body_ok(rank, world_size, value):

@@ -1,0 +1,220 @@
+"""vLLM's real engine on a CPU machine: ``vllm.LLM(tensor_parallel_size=2)`` with and without fcpass.
+
+What it takes here (../shared/VLLM_CPU.md, "The real engine"): a tiny random
+Llama checkpoint written with transformers (no download), the CPU KV cache
+capped (``VLLM_CPU_KVCACHE_SPACE=1``), one core per worker
+(``VLLM_CPU_OMP_THREADS_BIND="0|1"``). The compile caches stay as users
+have them (on). vLLM compiles the model with torch's AOT compile and keeps
+the result under ``VLLM_CACHE_ROOT`` (Inductor's cache dir moved inside it);
+a start that loads it runs the cached graph, whose fused ops carry their
+config, without running the pass (no report then). vLLM 0.31 and 0.32 on CPU
+fail to load their own artifact ("'function' object has no attribute
+'finalize_loading'", with or without fcpass) and compile again, so there
+every start runs the pass. fcpass comes in as a user turns it on:
+``compilation_config=fcpass.vllm.compilation_config(PassConfig(...))``.
+
+On vLLM's CPU backend the whole model is one graph for every token count
+(no compile ranges): its all_reduces are ``_c10d_functional.all_reduce`` on
+the TP group's c10d name, its norms aten math, its linears
+``auto_functionalized(_C.onednn_mm)`` with a packed-weight handler. The
+sequence-parallel split therefore applies to every batch size or to none:
+``sequence_parallel_threshold_tokens`` below 2 (the symbolic size's lower
+bound) turns it on; the fused ops' guard still decides per call.
+
+Each worker's decisions and the pass's reports are read with vLLM's own
+``LLM.collective_rpc``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+
+ENGINE_ENV = {
+    "VLLM_CPU_KVCACHE_SPACE": "1",
+    "VLLM_CPU_OMP_THREADS_BIND": "0|1",
+    # collective_rpc with a function (this module's readers) needs vLLM's pickle fallback; local engine only
+    "VLLM_ALLOW_INSECURE_SERIALIZATION": "1",
+}
+HIDDEN, INTERMEDIATE, HEADS, KV_HEADS, LAYERS, VOCAB = 256, 512, 4, 2, 2, 1024
+PROMPT_LENGTHS = (5, 40, 100)  # below and above the demo's threshold of 16 tokens
+
+
+def write_tiny_llama(path: str, seed: int = 0) -> str:
+    """A random Llama checkpoint (safetensors) at ``path``; initializer 0.2 keeps greedy ids off near-ties."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    if not os.path.exists(os.path.join(path, "config.json")):
+        torch.manual_seed(seed)
+        config = LlamaConfig(vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=INTERMEDIATE,
+                             num_attention_heads=HEADS, num_key_value_heads=KV_HEADS, num_hidden_layers=LAYERS,
+                             max_position_embeddings=1024, initializer_range=0.2, torch_dtype="float32")
+        LlamaForCausalLM(config).save_pretrained(path, safe_serialization=True)
+    return path
+
+
+def prompt_ids(length: int, salt: int = 0) -> list[int]:
+    return [(7 * salt + 13 * j) % (VOCAB - 1) + 1 for j in range(length)]
+
+
+def run_engine(model_dir: str, pass_config=None, prompt_lengths=PROMPT_LENGTHS, max_tokens: int = 8) -> dict:
+    """Start ``vllm.LLM`` at TP=2 (with FlashCommPass when ``pass_config`` is given) and run the prompts.
+
+    Returns {"ids": greedy ids per prompt, "decisions": per prompt, each worker's fused/unfused counts of
+    that prompt's prefill, "reports": each worker's pass reports, each a list of (family, form, outcome)
+    rows (none where the compiled graph came from the compile cache), "all_reduce": each worker's
+    all_reduce kernel ("shm" where vLLM loaded a kernel library with it, else "c10d_functional"),
+    "compile_cache": each worker's cache counts (:func:`_compile_cache_counts`), "start_s", "generate_s"}.
+    """
+    os.environ.update(ENGINE_ENV)
+    from vllm import LLM, SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    kwargs = {}
+    if pass_config is not None:
+        import fcpass.vllm
+
+        kwargs["compilation_config"] = fcpass.vllm.compilation_config(pass_config)
+    start = time.perf_counter()
+    llm = LLM(model=model_dir, tensor_parallel_size=2, skip_tokenizer_init=True, max_model_len=512, seed=0,
+              dtype="float32", enable_prefix_caching=False, **kwargs)
+    started = time.perf_counter()
+    prompts = [TokensPrompt(prompt_token_ids=prompt_ids(n, i)) for i, n in enumerate(prompt_lengths)]
+    decisions = []
+    for prompt in prompts:  # one prefill at a time (max_tokens=1: no decode step), its decisions per worker
+        llm.collective_rpc(_reset_decisions)
+        llm.generate([prompt], SamplingParams(temperature=0, max_tokens=1), use_tqdm=False)
+        decisions.append(llm.collective_rpc(_decisions))
+    outputs = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=max_tokens), use_tqdm=False)
+    finished = time.perf_counter()
+    result = {"ids": [list(o.outputs[0].token_ids) for o in outputs], "decisions": decisions,
+              "reports": llm.collective_rpc(_reports), "all_reduce": llm.collective_rpc(_all_reduce_kernel),
+              "compile_cache": llm.collective_rpc(_compile_cache_counts),
+              "start_s": started - start,
+              "generate_s": finished - started}
+    del llm
+    return result
+
+
+def _reset_decisions(worker) -> None:
+    import fcpass
+
+    fcpass.reset_decision_counts()
+
+
+def _decisions(worker) -> dict:
+    import fcpass
+
+    counts: dict[str, int] = {}
+    for (op, path, _), n in fcpass.decision_counts().items():
+        counts[f"{op}/{path}"] = counts.get(f"{op}/{path}", 0) + n
+    return counts
+
+
+def _compile_cache_counts(worker) -> dict:
+    """What this worker's compile caches served: vLLM's AOT-compiled model loaded or compiled and saved
+    ("vllm/aot_artifacts_loaded", "vllm/aot_compiles"), Inductor's and AOTAutograd's hits and misses."""
+    from torch._dynamo.utils import counters
+    from vllm.compilation.counter import compilation_counter
+
+    counts = {f"{group}/{name}": n for group in ("inductor", "aot_autograd") for name, n in counters[group].items()
+              if "cache" in name}
+    counts["vllm/aot_artifacts_loaded"] = compilation_counter.num_aot_artifacts_loaded
+    counts["vllm/aot_compiles"] = compilation_counter.num_aot_compiles
+    return counts
+
+
+def all_reduce_kernel() -> str:
+    """The CPU engine's all_reduce in this process, as the pass reports its form: "shm" where the kernel
+    library vLLM loaded has its shared-memory collectives (AVX-512 builds), else "c10d_functional"."""
+    import torch
+
+    return "shm" if hasattr(torch.ops._C, "shm_allreduce") else "c10d_functional"
+
+
+def _all_reduce_kernel(worker) -> str:
+    return all_reduce_kernel()
+
+
+def _reports(worker) -> list:
+    from passes.flashcomm import recent_reports
+
+    return [report.rows() for report in recent_reports()]
+
+
+RESULT_MARK = "FCPASS_ENGINE_RESULT "
+CHECKOUT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def with_checkout_on_path(env: dict) -> dict:
+    """``env`` with this checkout first on PYTHONPATH: devtools is not installed, and vLLM's workers import
+    this module's readers by name."""
+    return {**env, "PYTHONPATH": os.pathsep.join(p for p in (CHECKOUT, env.get("PYTHONPATH")) if p)}
+
+
+def start(model_dir: str, fcpass_fields: dict | None = None, prompt_lengths=PROMPT_LENGTHS, env=None):
+    """``python -m devtools.engine`` in a new process (one engine per process, ``env`` added to this one's);
+    pass it to :func:`result`."""
+    import subprocess
+    import sys
+
+    command = [sys.executable, "-m", "devtools.engine", model_dir, "--prompt-lengths", ",".join(map(str, prompt_lengths))]
+    if fcpass_fields is not None:
+        command += ["--fcpass", json.dumps(fcpass_fields)]
+    return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=with_checkout_on_path({**os.environ, **(env or {})}))
+
+
+def result(process, timeout: float) -> dict:
+    """The run's result, or an error with the end of its stderr; the process is killed at the deadline."""
+    import subprocess
+
+    try:
+        stdout, stderr = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.communicate()
+        raise TimeoutError(f"engine run did not finish within {timeout:.0f} s") from None
+    lines = [line for line in stdout.splitlines() if line.startswith(RESULT_MARK)]
+    if process.returncode != 0 or not lines:
+        raise RuntimeError(f"engine run failed (exit code {process.returncode}):\n{stderr[-4000:]}")
+    return json.loads(lines[-1][len(RESULT_MARK):])
+
+
+def run_both(model_dir: str, fcpass_fields: dict, prompt_lengths, timeout: float = 480, env=None) -> dict:
+    """The engine without and with fcpass, side by side (most of a start is waiting, not computing)."""
+    return run_all(model_dir, {"plain": (None, env), "fcpass": (fcpass_fields, env)}, prompt_lengths, timeout)
+
+
+def run_all(model_dir: str, engines: dict, prompt_lengths, timeout: float = 480) -> dict:
+    """Every engine of ``engines`` ({name: (fcpass fields or None, env additions or None)}) at once, on the
+    checkpoint ``model_dir``; their results by name."""
+    processes = {name: start(model_dir, fields, prompt_lengths, env) for name, (fields, env) in engines.items()}
+    try:
+        return {name: result(process, timeout) for name, process in processes.items()}
+    finally:
+        for process in processes.values():
+            if process.poll() is None:
+                process.kill()
+
+
+def main(argv=None) -> None:
+    """One engine run in this process, its result as one JSON line (tests and the demo start one per run)."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("model_dir")
+    parser.add_argument("--fcpass", help="PassConfig fields as JSON; without it the engine runs without fcpass")
+    parser.add_argument("--prompt-lengths", default=",".join(map(str, PROMPT_LENGTHS)))
+    args = parser.parse_args(argv)
+    import fcpass
+
+    pass_config = fcpass.PassConfig.from_dict(json.loads(args.fcpass)) if args.fcpass else None
+    lengths = tuple(int(n) for n in args.prompt_lengths.split(","))
+    result = run_engine(write_tiny_llama(args.model_dir), pass_config, lengths)
+    print(RESULT_MARK + json.dumps(result), flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,78 @@
+"""vLLM's config and TP group inside a gloo rank on CPU, with the fixes vLLM needs there (VLLM_CPU.md 1, 2)."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import uuid
+from unittest import mock
+
+
+def rank_setup():
+    """run_ranks ``setup``: vLLM custom-op collectives on, before distributed init (VLLM_CPU.md step 1)."""
+    _custom_op_collectives_on()
+
+
+def _custom_op_collectives_on():
+    from vllm.platforms import current_platform
+
+    cls = type(current_platform)
+    if not getattr(cls, "_fcpass_custom_op_collectives", False):
+        cls.use_custom_op_collectives = classmethod(lambda cls: True)
+        cls._fcpass_custom_op_collectives = True
+
+
+@contextlib.contextmanager
+def _all_reduce_clone_fix():
+    """VLLM_CPU.md step 2: vLLM's CPU out-of-place all_reduce reduces its input in place; reduce a clone."""
+    from vllm.distributed import parallel_state
+
+    coordinator = parallel_state.GroupCoordinator
+    out_of_place = coordinator._all_reduce_out_place
+    if getattr(out_of_place, "_fcpass_clone_fix", False):  # already applied by an outer caller
+        yield
+        return
+
+    def all_reduce_out_place(self, input_):
+        return out_of_place(self, input_.clone())
+
+    all_reduce_out_place._fcpass_clone_fix = True
+    with mock.patch.object(coordinator, "_all_reduce_out_place", all_reduce_out_place):
+        yield
+
+
+def agree_on_dist_ident():
+    """vLLM's CPU shared-memory communicator names its segment from VLLM_DIST_IDENT: one fresh name per call."""
+    import torch.distributed as dist
+
+    name = [f"fcpass-test-{uuid.uuid4().hex[:12]}"]
+    dist.broadcast_object_list(name, src=0)
+    os.environ["VLLM_DIST_IDENT"] = name[0]
+
+
+@contextlib.contextmanager
+def vllm_tp(rank, world_size, compilation_config=None):
+    """vLLM's config and TP=world_size group in this rank (VLLM_CPU.md steps 1, 2): yields (vllm_config, tp_group).
+
+    Call inside a rank of ``run_ranks(..., setup=rank_setup)``. ``compilation_config``
+    (a dict or vLLM CompilationConfig, e.g. from ``fcpass.vllm.compilation_config``)
+    goes into the VllmConfig as a user's would.
+    """
+    from vllm.config import VllmConfig, set_current_vllm_config
+    from vllm.distributed import parallel_state
+
+    _custom_op_collectives_on()
+    agree_on_dist_ident()
+    vllm_config = VllmConfig() if compilation_config is None else VllmConfig(compilation_config=compilation_config)
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(_all_reduce_clone_fix())
+        stack.enter_context(set_current_vllm_config(vllm_config))
+        parallel_state.init_distributed_environment(
+            world_size=world_size, rank=rank, local_rank=rank, backend="gloo", distributed_init_method="env://")
+        parallel_state.initialize_model_parallel(tensor_model_parallel_size=world_size)
+        stack.callback(parallel_state.destroy_model_parallel)
+        tp_group = parallel_state.get_tp_group()
+        if not tp_group.use_custom_op_call:
+            raise RuntimeError("vLLM TP group does not use custom-op collectives: pass setup=rank_setup to "
+                               "run_ranks (VLLM_CPU.md step 1)")
+        yield vllm_config, tp_group

@@ -1,0 +1,48 @@
+"""The ``vllm.general_plugins`` entry point: fcpass for ``vllm serve --additional-config '{"fcpass": {...}}'``.
+
+vLLM calls :func:`register` in every process it starts (API server, engine
+core, workers), with no arguments, before it builds its config. It
+registers the fcpass ops (workers run them) and makes every ``VllmConfig``
+built afterwards install FlashCommPass when its ``additional_config`` has an
+"fcpass" entry, validating the entry there, at startup. Without that entry
+nothing changes.
+
+vLLM gives general plugins no hook on its config, so this is the one place
+fcpass wraps a vLLM method: ``VllmConfig.__post_init__``, once per process,
+calling the original first. The pass then travels inside the config to the
+engine and worker processes (it pickles by its PassConfig).
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+
+logger = logging.getLogger(__name__)
+
+_WRAPPED_MARK = "_fcpass_installs_from_additional_config"
+
+
+def register() -> None:
+    import fcpass  # noqa: F401  (registers torch.ops.fcpass.*)
+
+    _install_on_new_configs()
+
+
+def _install_on_new_configs() -> None:
+    from vllm.config import VllmConfig
+
+    original = VllmConfig.__post_init__
+    if getattr(original, _WRAPPED_MARK, False):  # vLLM may load plugins more than once per process
+        return
+
+    @functools.wraps(original)
+    def post_init_then_install_fcpass(self) -> None:
+        original(self)
+        from fcpass.vllm.compilation import install_from_additional_config
+
+        install_from_additional_config(self)
+
+    setattr(post_init_then_install_fcpass, _WRAPPED_MARK, True)
+    VllmConfig.__post_init__ = post_init_then_install_fcpass
+    logger.debug("fcpass: VllmConfig installs FlashCommPass from additional_config['fcpass']")

@@ -1,0 +1,76 @@
+"""The CLI path: ``vllm serve`` at TP=2 on 127.0.0.1, fcpass from ``--additional-config`` through the plugin.
+
+Two servers side by side on the tiny random Llama (devtools/engine.py), one
+with ``--additional-config '{"fcpass": {...}}'`` (the ``vllm.general_plugins``
+entry point installs FlashCommPass from it in every vLLM process), one
+without. Queried with the ``openai`` client: completions from prompt token
+ids (no tokenizer), temperature 0, prompts below and above the threshold.
+The fcpass server's workers dump their pass reports (FCPASS_DUMP_GRAPHS), so
+the test also sees that the pass ran and fused (tests/support/engine_expectations.py),
+in the all_reduce form of the kernels vLLM loaded (tests/support/vllm_kernels.py).
+"""
+
+import glob
+import json
+import os
+
+import openai
+import pytest
+
+from support import vllm_servers
+from support import vllm_kernels
+from support.engine_expectations import FCPASS, sorted_rows, worker_report
+from devtools import engine
+
+pytestmark = [pytest.mark.e2e, pytest.mark.timeout(600)]
+MAX_TOKENS = 8
+READY_TIMEOUT_S = 420
+
+
+@pytest.fixture(scope="module")
+def servers(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("vllm-serve")
+    model_dir = engine.write_tiny_llama(str(tmp / "tiny-llama"))
+    dumps = str(tmp / "fcpass-dumps")
+    # Fresh compile caches (vLLM's holds Inductor's): the first compile is cold, so the reports show the pass.
+    cache = {"VLLM_CACHE_ROOT": str(tmp / "vllm-cache"), "TORCHINDUCTOR_CACHE_DIR": str(tmp / "inductor-cache")}
+    specs = {
+        "plain": ((), cache),
+        "fcpass": (("--additional-config", json.dumps({"fcpass": FCPASS})), {"FCPASS_DUMP_GRAPHS": dumps, **cache}),
+    }
+    with vllm_servers.running(specs, model_dir, str(tmp), READY_TIMEOUT_S) as running:
+        yield running, model_dir, dumps
+    for server in running.values():  # stopped by running(); nothing of theirs may be left behind
+        assert server.process.poll() is not None, server.name
+
+
+def _complete(server, model_dir: str, prompts: list[list[int]]) -> list[list[int]]:
+    client = openai.OpenAI(base_url=server.base_url, api_key="unused", timeout=120, max_retries=0)
+    response = client.completions.create(model=model_dir, prompt=prompts, max_tokens=MAX_TOKENS, temperature=0,
+                                         extra_body={"return_token_ids": True})
+    choices = sorted(response.choices, key=lambda choice: choice.index)
+    return [choice.model_extra["token_ids"] for choice in choices]
+
+
+def test_served_tokens_equal_without_fcpass(servers):
+    running, model_dir, _ = servers
+    prompts = [engine.prompt_ids(n, i) for i, n in enumerate(engine.PROMPT_LENGTHS)]
+    ids = {name: _complete(server, model_dir, prompts) for name, server in running.items()}
+    assert all(len(tokens) == MAX_TOKENS for tokens in ids["plain"])
+    assert ids["fcpass"] == ids["plain"]
+    # One prompt per request too (each its own prefill): the same tokens again.
+    singles = [_complete(running["fcpass"], model_dir, [prompt])[0] for prompt in prompts]
+    assert singles == ids["plain"]
+
+
+def test_plugin_installed_the_pass_in_both_workers_from_additional_config(servers):
+    _, _, dumps = servers
+    last_report_per_process = {}
+    for path in sorted(glob.glob(os.path.join(dumps, "flashcomm_*_report.json"))):
+        pid = os.path.basename(path).split("_")[1]
+        with open(path) as f:
+            last_report_per_process[pid] = json.load(f)
+    # Both workers compile at once; one may hit the cache entry the other just wrote (then it has no report).
+    assert 1 <= len(last_report_per_process) <= 2, sorted(os.listdir(dumps)) if os.path.isdir(dumps) else dumps
+    for rows in last_report_per_process.values():
+        assert sorted_rows(rows) == worker_report(vllm_kernels.all_reduce_form())

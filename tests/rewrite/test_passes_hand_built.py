@@ -1,0 +1,159 @@
+"""The pattern families on hand-built graphs: what matches, what must not."""
+
+import pytest
+import torch
+
+from support.hand_graphs import M, N, ag_mm, apply_pass, count, mm_rs
+from passes import report as outcomes
+
+fc = torch.ops.fcpass
+vllm_ops = torch.ops.vllm
+functional = torch.ops._c10d_functional
+
+
+@pytest.mark.parametrize("form", ["vllm", "c10d_functional"])
+@pytest.mark.parametrize("bias", [False, True], ids=["mm", "addmm"])
+def test_mm_reduce_scatter_forms_match(form, bias):
+    gm = mm_rs(form, bias=bias)
+    p = apply_pass(gm)
+    assert count(gm, fc.mm_reduce_scatter.default) == 1
+    assert count(gm, vllm_ops.reduce_scatter.default) == count(gm, functional.reduce_scatter_tensor.default) == 0
+    assert count(gm, torch.ops.aten.mm.default) == count(gm, torch.ops.aten.addmm.default) == 0
+    assert p.matched == {"mm_reduce_scatter": {f"{form}/{'addmm' if bias else 'mm'}": 1}}
+
+
+@pytest.mark.parametrize("form", ["vllm", "c10d_functional"])
+def test_all_gather_feeding_several_matmuls_becomes_one_op(form):
+    gm = ag_mm(form, bias=True, num_matmuls=3, other_user=True)
+    p = apply_pass(gm)
+    assert count(gm, fc.all_gather_mm.default) == 1
+    assert count(gm, torch.ops.aten.addmm.default) == 0
+    assert count(gm, vllm_ops.all_gather.default) == count(gm, functional.all_gather_into_tensor.default) == 0
+    assert p.matched == {"all_gather_mm": {f"{form}/addmm": 1}}
+    (fused,) = [n for n in gm.graph.nodes if n.target == fc.all_gather_mm.default]
+    assert len(fused.args[1]) == 3
+    # the residual-like user now reads the fused op's gathered output
+    add = next(n for n in gm.graph.nodes if n.target == torch.ops.aten.add.Tensor)
+    assert add.args[0].args == (fused, 0)
+
+
+@pytest.mark.parametrize("scalars", [{"beta": 2.0}, {"alpha": 0.5}, {"beta": 0.0, "alpha": 3.0}])
+def test_addmm_with_beta_or_alpha_is_left_alone(scalars):
+    """x @ w + bias is all the fused ops compute: a scaled addmm stays (fusing it gave errors of 1.1 and 15)."""
+    gm = mm_rs("c10d_functional", bias=True, addmm_scalars=scalars)
+    p = apply_pass(gm)
+    assert count(gm, fc.mm_reduce_scatter.default) == 0 and count(gm, torch.ops.aten.addmm.default) == 1
+    (outcome,) = p.last_report.outcomes
+    assert outcome.kind == outcomes.MATMUL_ARGUMENTS and all(f"{k}={v}" in outcome.outcome for k, v in scalars.items())
+
+
+def test_a_scaled_addmm_consumer_keeps_the_gathered_rows_and_the_others_fuse():
+    gm = ag_mm("vllm", bias=True, num_matmuls=3, addmm_scalars={"alpha": 2.0})
+    p = apply_pass(gm)
+    (fused,) = [n for n in gm.graph.nodes if n.target == fc.all_gather_mm.default]
+    assert len(fused.args[1]) == 2  # the two plain addmms
+    (scaled,) = [n for n in gm.graph.nodes if n.target == torch.ops.aten.addmm.default]
+    assert scaled.args[1].args == (fused, 0) and scaled.kwargs == {"alpha": 2.0}  # reads the fused op's gather
+    assert p.last_report.reasons() == [] and p.matched == {"all_gather_mm": {"vllm/addmm": 1}}
+
+
+def test_all_gather_whose_only_matmul_is_scaled_says_why():
+    gm = ag_mm("vllm", bias=True, num_matmuls=1, addmm_scalars={"beta": 0.5})
+    p = apply_pass(gm)
+    assert count(gm, fc.all_gather_mm.default) == 0
+    (outcome,) = p.last_report.outcomes
+    assert outcome.kind == outcomes.MATMUL_ARGUMENTS and "addmm with beta=0.5" in outcome.outcome
+
+
+@pytest.mark.parametrize("bias_shape", [(M, N), (1, N)], ids=["per_row", "row_broadcast"])
+def test_a_site_the_fused_op_rejects_is_left_alone_not_a_failed_compile(bias_shape):
+    """A 2-D addmm bias is not the fused op's (n,) bias: its validation rejects the site, the graph stays."""
+    gm = mm_rs("c10d_functional", bias=True, bias_shape=bias_shape)
+    before = str(gm.graph)
+    p = apply_pass(gm)
+    assert str(gm.graph) == before
+    (outcome,) = p.last_report.outcomes
+    assert outcome.kind == outcomes.REJECTED_BY_OP and f"got {bias_shape}" in outcome.outcome
+
+
+def test_avg_reduce_scatter_is_left_alone():
+    gm = mm_rs("c10d_functional", reduce_op="avg")
+    p = apply_pass(gm)
+    assert count(gm, fc.mm_reduce_scatter.default) == 0
+    assert p.last_report.reasons() == [outcomes.NOT_SUM]
+
+
+def test_matmul_with_another_user_is_left_alone():
+    gm = mm_rs("vllm", extra_user=True)
+    p = apply_pass(gm)
+    assert count(gm, fc.mm_reduce_scatter.default) == 0
+    assert count(gm, vllm_ops.reduce_scatter.default) == 1
+    assert p.last_report.reasons() == [outcomes.MATMUL_OTHER_USERS]
+
+
+@pytest.mark.parametrize("flag", ["fuse_mm_reduce_scatter", "fuse_all_gather_mm"])
+def test_disabled_family_matches_nothing(flag):
+    rs, ag = mm_rs("vllm"), ag_mm("vllm")
+    apply_pass(rs, **{flag: False})
+    apply_pass(ag, **{flag: False})
+    fused = count(rs, fc.mm_reduce_scatter.default) + count(ag, fc.all_gather_mm.default)
+    assert fused == 1  # only the family left enabled fused
+
+
+def test_the_config_travels_into_the_op():
+    """The op's threshold argument says "the config's", and the config itself is the op's last argument."""
+    import fcpass
+
+    gm = mm_rs("vllm")
+    config = fcpass.PassConfig(threshold_tokens=4096, backend="generic", pipeline_chunks=3)
+    apply_pass(gm, **config.to_dict())
+    (fused,) = [n for n in gm.graph.nodes if n.target == fc.mm_reduce_scatter.default]
+    assert fused.args[3:] == ("tp:0", 2, -1, 0, config.runtime_text())  # group, world size, threshold, pad, config
+    assert fcpass.PassConfig.from_runtime_text(fused.args[-1]) == config
+
+
+def test_unpad_slice_before_the_matmuls_moves_after_the_fused_op():
+    gm = ag_mm("vllm", bias=True, num_matmuls=2, other_user=False, unpad_to=13)
+    p = apply_pass(gm)
+    assert count(gm, fc.all_gather_mm.default) == 1
+    assert count(gm, torch.ops.aten.addmm.default) == 0
+    slices = [n for n in gm.graph.nodes if n.target == torch.ops.aten.slice.Tensor]
+    assert len(slices) == 2 and all(n.args[0].target.__name__ == "getitem" and n.args[1:] == (0, 0, 13)
+                                    for n in slices)
+    assert p.matched == {"all_gather_mm": {"vllm/addmm+unpad": 1}}
+
+
+@pytest.mark.parametrize("form", ["vllm", "c10d_functional"])
+def test_fp8_scaled_mm_reduce_scatter_matches(form):
+    from support.hand_graphs import scaled_mm_rs
+
+    gm = scaled_mm_rs(form)
+    p = apply_pass(gm)
+    assert count(gm, fc.mm_reduce_scatter_scaled.default) == 1
+    assert count(gm, torch.ops.aten._scaled_mm.default) == 0
+    assert p.matched == {"mm_reduce_scatter": {f"{form}/scaled_mm": 1}}
+
+
+def test_fp8_all_gather_scaled_mm_matches_and_mixed_out_dtypes_do_not():
+    from support.hand_graphs import ag_scaled_mm
+
+    gm = ag_scaled_mm("vllm")
+    apply_pass(gm)
+    assert count(gm, fc.all_gather_scaled_mm.default) == 1 and count(gm, torch.ops.aten._scaled_mm.default) == 0
+    mixed = ag_scaled_mm("vllm", mixed=True)
+    p = apply_pass(mixed)
+    assert count(mixed, fc.all_gather_scaled_mm.default) == count(mixed, fc.all_gather_mm.default) == 0
+    assert p.last_report.reasons() == [outcomes.MIXED_MATMULS]
+
+
+@pytest.mark.parametrize("op", ["unquantized_gemm", "rocm_unquantized_gemm"])
+def test_vllm_linear_ops_match_with_their_weight_transposed(op):
+    from support.hand_graphs import LINEAR_OPS, ag_linear, linear_rs
+
+    rs, ag = linear_rs(op), ag_linear(op)
+    p_rs, p_ag = apply_pass(rs), apply_pass(ag)
+    assert count(rs, fc.mm_reduce_scatter.default) == 1 and count(ag, fc.all_gather_mm.default) == 1
+    assert count(rs, LINEAR_OPS[op]().default) == count(ag, LINEAR_OPS[op]().default) == 0
+    assert count(rs, torch.ops.aten.permute.default) == 1 and count(ag, torch.ops.aten.permute.default) == 2
+    assert p_rs.matched == {"mm_reduce_scatter": {f"vllm/{op}": 1}}
+    assert p_ag.matched == {"all_gather_mm": {f"vllm/{op}": 1}}

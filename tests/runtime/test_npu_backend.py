@@ -1,0 +1,128 @@
+"""fcpass's Ascend backend, run against a stand-in torch_npu on real gloo ranks.
+
+The stand-in (tests/standins/npu) raises on every documented kernel
+constraint, so a passing test shows fcpass never calls the kernels with an
+argument set the real ones reject, and that bias folding and the W8A8
+plumbing (scales, output dtype, quant bias) give the reference answer.
+Not verified on Ascend hardware.
+"""
+
+import pytest
+import torch
+
+from support.cases import Case
+from support.multirank import shared
+from support.npu_runs import NPU_GROUP_BACKEND, npu_setup, run_npu_cases, run_npu_scaled
+from support.scaled_runs import QUANT_TOLERANCE
+from test_ops_multirank import check_results
+
+K = 256  # the kernels' minimum k
+
+
+def _shared(fn, *args, world_size=2):
+    return shared(fn, *args, world_size=world_size, backend=NPU_GROUP_BACKEND, setup=npu_setup)
+
+
+def _fallback_cases():
+    rs = [Case(m=64, k=K, dtype=torch.float32, threshold=0), Case(m=64, k=128, dtype=torch.bfloat16, threshold=0)]
+    ag = [Case(m=8, k=100, ns=(16,), dtype=torch.bfloat16, threshold=0)]
+    return rs, ag
+
+
+TWO_RANKS = {
+    "fallback": _shared(run_npu_cases, *_fallback_cases()),
+    "ag_w8a8": _shared(run_npu_scaled, "ag", torch.int8, 16, K, (64, 32), 0),
+    **{("rs_w8a8", per_token): _shared(run_npu_scaled, "rs", torch.int8, 64, K, 64, 63, per_token)
+       for per_token in (False, True)},
+}
+
+
+def _fused_count(results):
+    return sum(r["decision"][1] == "fused" for r in results)
+
+
+def _kernel_cases(world_size):
+    rs, ag = [], []
+    for dtype in (torch.bfloat16, torch.float16):
+        for bias in (False, True):
+            for m in (8 * world_size, 64 * world_size):
+                rs += [Case(m=m, k=K, ns=(64,), dtype=dtype, bias=bias, threshold=t, seed=len(rs)) for t in (m - 1, m)]
+            m = 16
+            ag += [Case(m=m, k=K, ns=(64, 32), dtype=dtype, bias=bias, threshold=t, seed=50 + len(ag))
+                   for t in (m * world_size - 1, m * world_size)]
+    return rs, ag
+
+
+KERNELS = {ws: _shared(run_npu_cases, *_kernel_cases(ws), world_size=ws) for ws in (2, 4)}
+
+
+@pytest.mark.parametrize("world_size", [2, 4])
+def test_npu_kernels_match_reference(world_size):
+    rs, ag = _kernel_cases(world_size)
+    per_rank = KERNELS[world_size]()
+    check_results([r["results"] for r in per_rank])
+    for r in per_rank:
+        kernels = [name for name, _ in r["calls"]]
+        assert len(kernels) == _fused_count(r["results"])  # every fused decision reached a kernel
+        assert kernels.count("npu_mm_reduce_scatter_base") == len(rs) // 2
+        assert kernels.count("npu_all_gather_base_mm") == len(ag) // 2
+
+
+def test_npu_falls_back_where_kernel_cannot_take_the_case():
+    """fp32 and k outside [256, 65535) stay unfused above the threshold, on every rank alike."""
+    per_rank = TWO_RANKS["fallback"]()
+    for r in per_rank:
+        assert r["calls"] == []
+        reasons = [res["decision"] for res in r["results"]]
+        assert [d[1] for d in reasons] == ["unfused"] * 3
+        assert "dtype torch.float32 not supported" in reasons[0][2]
+        assert "k 128 < kernel minimum 256" in reasons[1][2]
+        assert "k 100 < kernel minimum 256" in reasons[2][2]
+        assert all(res["error"] < 2e-2 for res in r["results"])
+    assert per_rank[0]["results"][0]["decision"] == per_rank[1]["results"][0]["decision"]
+
+
+@pytest.mark.parametrize("per_token", [False, True], ids=["per_tensor", "per_token"])
+def test_npu_w8a8_mm_reduce_scatter_with_rank0_quant_bias(per_token):
+    per_rank = TWO_RANKS[("rs_w8a8", per_token)]()
+    for r in per_rank:
+        assert r["decision"][1] == "fused"
+        assert r["error"] <= QUANT_TOLERANCE
+        ((kernel, facts),) = r["calls"]
+        assert kernel == "npu_mm_reduce_scatter_base" and facts["quant"] and facts["x1_scale"] == per_token
+    # rank 0 holds the quant bias and folds it in as extra int8 columns; rank 1 does not
+    assert per_rank[0]["calls"][0][1]["k"] > K == per_rank[1]["calls"][0][1]["k"]
+
+
+def test_npu_w8a8_all_gather_mm_with_quant_bias():
+    per_rank = TWO_RANKS["ag_w8a8"]()
+    for r in per_rank:
+        assert r["decision"][1] == "fused" and r["error"] <= QUANT_TOLERANCE
+        ((kernel, facts),) = r["calls"]
+        assert kernel == "npu_all_gather_base_mm" and facts["quant"]
+
+
+def test_standin_rejects_what_the_kernel_rejects():
+    """The stand-in is only as good as its checks: each documented constraint raises."""
+    import importlib.util
+    import os
+
+    from support.npu_runs import STANDIN_DIR
+
+    # Loaded under another name: this process must not gain a `torch_npu` module.
+    spec = importlib.util.spec_from_file_location("torch_npu_standin", os.path.join(STANDIN_DIR, "torch_npu", "__init__.py"))
+    torch_npu = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(torch_npu)
+    x = torch.zeros(8, 256, dtype=torch.bfloat16)
+    w = torch.zeros(256, 16, dtype=torch.bfloat16)
+    bad = {
+        "k=": (torch.zeros(8, 128, dtype=torch.bfloat16), torch.zeros(128, 16, dtype=torch.bfloat16), {}),
+        "dtype": (x.float(), w.float(), {}),
+        "bias is not supported": (x, w, {"bias": torch.zeros(16, dtype=torch.bfloat16)}),
+        "world_size 3": (x, w, {"world_size": 3}),
+        "unknown hcom": (x, w, {}),
+    }
+    for message, (a, b, kwargs) in bad.items():
+        world_size = kwargs.pop("world_size", 2)
+        with pytest.raises(torch_npu.KernelArgumentError, match=message):
+            torch_npu.npu_mm_reduce_scatter_base(a, b, "no-such-hcom", world_size, **kwargs)

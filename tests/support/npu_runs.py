@@ -1,0 +1,45 @@
+"""Rank bodies that run fcpass's NPU backend against the torch_npu stand-in."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+STANDIN_DIR = os.path.join(os.path.dirname(os.path.dirname(__file__)), "standins", "npu")
+NPU_GROUP_BACKEND = "cpu:gloo,npu:gloo"
+
+
+def npu_setup():
+    """Make ``import torch_npu`` find the stand-in, before the process group exists."""
+    sys.path.insert(0, STANDIN_DIR)
+    import torch_npu
+
+    torch_npu.install()
+
+
+def with_standin_calls(body):
+    """Run ``body`` and return (its result, the stand-in kernel calls it caused)."""
+    import torch_npu
+
+    del torch_npu.calls[:]
+    result = body()
+    return result, list(torch_npu.calls)
+
+
+def run_npu_cases(rank, world_size, rs_cases, ag_cases):
+    import fcpass
+    from support.op_runs import run_cases
+
+    config = fcpass.PassConfig(backend="npu")
+    results, calls = with_standin_calls(lambda: run_cases(rank, world_size, rs_cases, ag_cases, config))
+    return {"results": results, "calls": calls}
+
+
+def run_npu_scaled(rank, world_size, kind, *args):
+    import fcpass
+    from support.scaled_runs import run_scaled_all_gather, run_scaled_reduce_scatter
+
+    config = fcpass.PassConfig(backend="npu")
+    body = run_scaled_reduce_scatter if kind == "rs" else run_scaled_all_gather
+    result, calls = with_standin_calls(lambda: body(rank, world_size, *args, config=config))
+    return {**result, "calls": calls}
