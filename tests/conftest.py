@@ -14,7 +14,7 @@ os.environ["VLLM_CACHE_ROOT"] = os.path.join(_CACHES, "vllm")
 
 
 def pytest_collection_finish(session):
-    """The shared ranks run only the bodies of the modules whose tests were selected (-k, -m, node ids)."""
+    """The shared ranks run only the bodies the selected tests read (-k, -m, node ids)."""
     from support import multirank
 
-    multirank.select_modules({item.module.__name__ for item in session.items})
+    multirank.select_tests(session.items)
