@@ -34,10 +34,15 @@ import torch
 import torch.fx as fx
 
 from fcpass.config import PassConfig
-from passes import forms
-from passes.forms import erase_unused
 from passes import report as outcomes
+from passes.collectives import ALL_GATHER, Collective, find_collectives, group_problem, unsupported_collectives
+from passes.graph_edit import call, erase_unused, insert_fused
+from passes.matmul_kinds import CONFIG_THRESHOLD, KINDS, fused_op
+from passes.matmuls import MatmulNode, match_matmul, matmul_forms
+from passes.naming import site_form
+from passes.nodes import dim
 from passes.report import FAMILY_DISABLED, FUSED, PassReport, Reason
+from passes.rows import row_view_source, rowwise_quantize, unpad_end
 
 FAMILY = "all_gather_mm"
 
@@ -46,34 +51,63 @@ FAMILY = "all_gather_mm"
 class Consumer:
     """A matmul reading the gathered rows, and the row-keeping steps in between."""
 
-    mm: forms.MatmulNode
+    mm: MatmulNode
     steps: tuple[fx.Node, ...]
     end: object = None  # the unpad slice's end, if any
     quantize: fx.Node | None = None
+
+    def erase(self) -> None:
+        """The matmul, then the steps no other matmul reads (consumers share the steps they pass through)."""
+        graph = self.mm.output.graph
+        self.mm.erase()
+        erase_unused(graph, self.steps)
 
 
 def rewrite(graph: fx.Graph, config: PassConfig, report: PassReport) -> None:
     """Fuse every site; record each all_gather seen with what was done or why not (disabled: record only)."""
     enabled = config.fuse_all_gather_mm
-    mm_forms = forms.matmul_forms()
-    collective_forms = forms.all_gather_forms()
-    for form, reason in forms.unsupported_collectives(graph, collective_forms, "all_gather"):
+    mm_forms = matmul_forms()
+    collective_forms = ALL_GATHER.forms()
+    for form, reason in unsupported_collectives(graph, collective_forms, ALL_GATHER):
         report.add(FAMILY, f"{form}/-", reason)
-    for ag in forms.collectives(graph, collective_forms):
+    for ag in find_collectives(graph, collective_forms):
         found = _consumers(ag.output, mm_forms)
         consumers = [c for c in found if not c.mm.problem]  # the others keep reading the gathered rows
         steps = [step for c in consumers for step in c.steps]
-        form = forms.site_form(ag, found[0].mm if found else None, "-", steps)
+        form = site_form(ag, found[0].mm if found else None, "-", steps)
         problems = [c.mm.problem for c in found if c.mm.problem]
         reason = _unfusable(ag, consumers, problems) if enabled else FAMILY_DISABLED
-        if reason:
-            report.add(FAMILY, form, reason)
-            continue
-        report.add(FAMILY, form, _replace(graph, ag, consumers, config.runtime_text()) or FUSED)
+        report.add(FAMILY, form, reason or _replace(graph, ag, consumers, config.runtime_text()) or FUSED)
 
 
-def _unfusable(ag: forms.Collective, consumers: list[Consumer], matmul_problems: list[str]) -> str | Reason | None:
-    problem = forms.group_problem(ag)
+# --------------------------------------------------------------------------- pattern
+
+def _consumers(gathered: fx.Node, mm_forms) -> list[Consumer]:
+    """Every matmul reading ``gathered``'s rows: directly, via ``[:end]``, row-keeping views, a row-wise quantize."""
+    found = []
+
+    def walk(node: fx.Node, steps: tuple, end, quantize) -> None:
+        for user in list(node.users):
+            mm = match_matmul(user, mm_forms)
+            if mm is not None and mm.x is node and mm.w is not node and dim(node) == 2:
+                found.append(Consumer(mm, steps, end, quantize))
+                continue
+            unpad = unpad_end(user, node) if not steps else None
+            if unpad is not None:
+                walk(user, (*steps, user), unpad, quantize)
+            elif row_view_source(user) is node:
+                walk(user, (*steps, user), end, quantize)
+            elif quantize is None and rowwise_quantize(user) and user.args[0] is node:
+                walk(user, (*steps, user), end, user)
+
+    walk(gathered, (), None, None)
+    return found
+
+
+# --------------------------------------------------------------------------- condition
+
+def _unfusable(ag: Collective, consumers: list[Consumer], matmul_problems: list[str]) -> str | Reason | None:
+    problem = group_problem(ag)
     if problem:
         return problem
     if not consumers:
@@ -82,85 +116,51 @@ def _unfusable(ag: forms.Collective, consumers: list[Consumer], matmul_problems:
     quantizes = {_quantize_key(c.quantize) for c in consumers}
     if len({(mm.kind, mm.x_scale, mm.out_dtype) for mm in matmuls}) > 1 or len(quantizes) > 1:
         return outcomes.MIXED_MATMULS
-    if any(mm.x_scale is not None and forms.dim(mm.x_scale) >= 2 for mm in matmuls):
+    if any(mm.x_scale is not None and dim(mm.x_scale) >= 2 for mm in matmuls):
         return outcomes.PER_TOKEN_SCALE
     return None
 
 
-def _replace(graph: fx.Graph, ag: forms.Collective, consumers: list[Consumer], config_text: str) -> Reason | None:
+def _quantize_key(quantize: fx.Node | None):
+    return None if quantize is None else (quantize.target, quantize.args[1:], tuple(quantize.kwargs.items()))
+
+
+# --------------------------------------------------------------------------- replacement
+
+def _replace(graph: fx.Graph, ag: Collective, consumers: list[Consumer], config_text: str) -> Reason | None:
     """Rewrite the site; None, or why the fused op rejects it (then the graph is left as it was)."""
     matmuls = [c.mm for c in consumers]
+    kind = KINDS[matmuls[0].kind]  # one kind for all: see _unfusable
     quantize = consumers[0].quantize
 
     def build():
         x = ag.input
         if quantize is not None:
-            x = forms.call(graph, quantize.target, (x, *quantize.args[1:]), dict(quantize.kwargs))
-        target, op_args = _fused_op(graph, x, matmuls)
-        return forms.call(graph, target, (*op_args, ag.group_name, ag.world_size, forms.CONFIG_THRESHOLD,
-                                          config_text))
+            x = call(graph, quantize.target, (x, *quantize.args[1:]), dict(quantize.kwargs))
+        return call(graph, fused_op(kind.all_gather_mm), (x, *kind.gather_operands(graph, matmuls), ag.group_name,
+                                                          ag.world_size, CONFIG_THRESHOLD, config_text))
 
     # Inserted before the first matmul; nodes defined later are put in order by the
     # pass's topological sort afterwards.
-    fused = forms.insert_fused(graph, matmuls[0].output, build)
+    fused = insert_fused(graph, matmuls[0].output, build)
     if isinstance(fused, Reason):
         return fused
     with graph.inserting_before(matmuls[0].output):
         if quantize is None:  # with a quantize, other users keep the float gather
-            gathered = forms.call(graph, operator.getitem, (fused, 0))
-            ag.output.replace_all_uses_with(_unpadded(graph, ag, gathered))
-            forms.redirect_size_reads(ag, gathered)
-        outs = forms.call(graph, operator.getitem, (fused, 1))
+            ag.replace_with(_unpadded(graph, ag, call(graph, operator.getitem, (fused, 0))))
+        outs = call(graph, operator.getitem, (fused, 1))
         for i, c in enumerate(consumers):
-            out = _unpadded(graph, ag, forms.call(graph, operator.getitem, (outs, i)))
+            out = _unpadded(graph, ag, call(graph, operator.getitem, (outs, i)))
             if c.end is not None:
-                out = forms.call(graph, torch.ops.aten.slice.Tensor, (out, 0, 0, c.end))
-            c.mm.output.replace_all_uses_with(out)
-    erase_unused(graph, [*ag.nodes, *(n for mm in matmuls for n in (mm.output, *mm.inner)),
-                         *(s for c in consumers for s in c.steps)])
+                out = call(graph, torch.ops.aten.slice.Tensor, (out, 0, 0, c.end))
+            c.mm.replace_with(out)
+    for c in consumers:
+        c.erase()
+    ag.erase()
     return None
 
 
-def _fused_op(graph: fx.Graph, x: fx.Node, matmuls: list[forms.MatmulNode]):
-    """The fused op for the matmuls' (one) kind, and its arguments before the collective's."""
-    first, biases = matmuls[0], [mm.bias for mm in matmuls]
-    if first.kind == "onednn":
-        return torch.ops.fcpass.all_gather_onednn_mm.default, (
-            x, [mm.w for mm in matmuls], [mm.handler_n for mm in matmuls], biases)
-    weights = [mm.kn_weight(graph) for mm in matmuls]
-    if first.kind == "scaled":
-        return torch.ops.fcpass.all_gather_scaled_mm.default, (
-            x, first.x_scale, weights, [mm.w_scale for mm in matmuls], biases, first.out_dtype)
-    return torch.ops.fcpass.all_gather_mm.default, (x, weights, biases)
-
-
-def _unpadded(graph: fx.Graph, ag: forms.Collective, rows: fx.Node) -> fx.Node:
+def _unpadded(graph: fx.Graph, ag: Collective, rows: fx.Node) -> fx.Node:
     if not ag.pads_tokens:
         return rows
-    return forms.call(graph, torch.ops.fcpass.drop_token_padding.default, (rows,))
-
-
-def _consumers(gathered: fx.Node, mm_forms) -> list[Consumer]:
-    """Every matmul reading ``gathered``'s rows: directly, via ``[:end]``, row-keeping views, a row-wise quantize."""
-    found = []
-
-    def walk(node: fx.Node, steps: tuple, end, quantize) -> None:
-        for user in list(node.users):
-            mm = forms.match_matmul(user, mm_forms)
-            if mm is not None and mm.x is node and mm.w is not node and forms.dim(node) == 2:
-                found.append(Consumer(mm, steps, end, quantize))
-                continue
-            unpad = forms.unpad_end(user, node) if not steps else None
-            if unpad is not None:
-                walk(user, (*steps, user), unpad, quantize)
-            elif forms.row_view_source(user) is node:
-                walk(user, (*steps, user), end, quantize)
-            elif quantize is None and forms.rowwise_quantize(user) and user.args[0] is node:
-                walk(user, (*steps, user), end, user)
-
-    walk(gathered, (), None, None)
-    return found
-
-
-def _quantize_key(quantize: fx.Node | None):
-    return None if quantize is None else (quantize.target, quantize.args[1:], tuple(quantize.kwargs.items()))
+    return call(graph, torch.ops.fcpass.drop_token_padding.default, (rows,))

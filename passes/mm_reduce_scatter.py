@@ -29,10 +29,15 @@ import torch
 import torch.fx as fx
 
 from fcpass.config import PassConfig
-from passes import forms
-from passes.forms import erase_unused
 from passes import report as outcomes
+from passes.collectives import REDUCE_SCATTER, Collective, find_collectives, group_problem, unsupported_collectives
+from passes.graph_edit import call, erase_unused, insert_fused
+from passes.matmul_kinds import CONFIG_THRESHOLD, KINDS, fused_op
+from passes.matmuls import MatmulNode, match_matmul, matmul_forms
+from passes.naming import site_form
+from passes.nodes import dim
 from passes.report import FAMILY_DISABLED, FUSED, PassReport, Reason
+from passes.rows import row_pad, row_view_source
 
 FAMILY = "mm_reduce_scatter"
 
@@ -40,44 +45,19 @@ FAMILY = "mm_reduce_scatter"
 def rewrite(graph: fx.Graph, config: PassConfig, report: PassReport) -> None:
     """Fuse every site; record each reduce_scatter seen with what was done or why not (disabled: record only)."""
     enabled = config.fuse_mm_reduce_scatter
-    mm_forms = forms.matmul_forms()
-    collective_forms = forms.reduce_scatter_forms()
-    for form, reason in forms.unsupported_collectives(graph, collective_forms, "reduce_scatter"):
+    mm_forms = matmul_forms()
+    collective_forms = REDUCE_SCATTER.forms()
+    for form, reason in unsupported_collectives(graph, collective_forms, REDUCE_SCATTER):
         report.add(FAMILY, f"{form}/-", reason)
-    for rs in forms.collectives(graph, collective_forms):
+    for rs in find_collectives(graph, collective_forms):
         producer, pad, steps = _rows_source(rs.input)
-        mm = forms.match_matmul(producer, mm_forms)
-        form = forms.site_form(rs, mm, producer, steps)
+        mm = match_matmul(producer, mm_forms)
+        form = site_form(rs, mm, producer, steps)
         reason = _unfusable(rs, mm, producer, pad, steps) if enabled else FAMILY_DISABLED
-        if reason:
-            report.add(FAMILY, form, reason)
-            continue
-        def build():
-            rows_pad = _pad_to_multiple(graph, mm.x, rs.world_size) if rs.pads_tokens else pad
-            target, matmul_args = _fused_op(graph, mm)
-            return forms.call(graph, target, (*matmul_args, rs.group_name, rs.world_size,
-                                              forms.CONFIG_THRESHOLD, rows_pad, config.runtime_text()))
-
-        fused = forms.insert_fused(graph, rs.output, build)
-        if isinstance(fused, Reason):
-            report.add(FAMILY, form, fused)
-            continue
-        rs.output.replace_all_uses_with(fused)
-        forms.redirect_size_reads(rs, fused)
-        erase_unused(graph, [*rs.nodes, *steps, producer, *mm.inner])
-        report.add(FAMILY, form, FUSED)
+        report.add(FAMILY, form, reason or _replace(graph, rs, mm, pad, steps, config.runtime_text()) or FUSED)
 
 
-def _fused_op(graph: fx.Graph, mm: forms.MatmulNode):
-    """The fused op for the matmul's kind, and its arguments before the collective's."""
-    if mm.kind == "onednn":
-        return torch.ops.fcpass.mm_reduce_scatter_onednn.default, (mm.x, mm.w, mm.handler_n, mm.bias)
-    w = mm.kn_weight(graph)
-    if mm.kind == "scaled":
-        return torch.ops.fcpass.mm_reduce_scatter_scaled.default, (
-            mm.x, w, mm.x_scale, mm.w_scale, mm.bias, mm.out_dtype)
-    return torch.ops.fcpass.mm_reduce_scatter.default, (mm.x, w, mm.bias)
-
+# --------------------------------------------------------------------------- pattern
 
 def _rows_source(node: fx.Node):
     """Walk back from the scattered tensor through row-keeping views and one zero-row pad.
@@ -86,9 +66,9 @@ def _rows_source(node: fx.Node):
     """
     steps, pad, padded = [], 0, False
     while isinstance(node, fx.Node):
-        source = forms.row_view_source(node)
+        source = row_view_source(node)
         if source is None and not padded:
-            rows = forms.row_pad(node)
+            rows = row_pad(node)
             if rows is not None:
                 source, pad, padded = node.args[0], rows, True
         if source is None:
@@ -98,22 +78,15 @@ def _rows_source(node: fx.Node):
     return node, pad, steps
 
 
-def _pad_to_multiple(graph: fx.Graph, x: fx.Node, world_size: int):
-    """``(-rows) % world_size``: vllm-ascend's pad_size for this token count, as graph arithmetic."""
-    rows = x.meta["val"].shape[0]
-    if isinstance(rows, int):
-        return -rows % world_size
-    size = forms.call(graph, torch.ops.aten.sym_size.int, (x, 0))
-    return forms.call(graph, operator.mod, (forms.call(graph, operator.neg, (size,)), world_size))
+# --------------------------------------------------------------------------- condition
 
-
-def _unfusable(rs: forms.Collective, mm: forms.MatmulNode | None, producer, pad, steps) -> str | Reason | None:
+def _unfusable(rs: Collective, mm: MatmulNode | None, producer, pad, steps) -> str | Reason | None:
     if rs.reduce_op != "sum":
         return Reason(outcomes.NOT_SUM, repr(rs.reduce_op))
-    problem = forms.group_problem(rs)
+    problem = group_problem(rs)
     if problem:
         return problem
-    if forms.dim(rs.input) != 2:
+    if dim(rs.input) != 2:
         return outcomes.NOT_2D_ROWS
     if mm is None:
         return outcomes.NO_MATMUL_PRODUCER
@@ -126,3 +99,34 @@ def _unfusable(rs: forms.Collective, mm: forms.MatmulNode | None, producer, pad,
     if pad and rs.pads_tokens:
         return outcomes.PADDED_TWICE
     return None
+
+
+# --------------------------------------------------------------------------- replacement
+
+def _replace(graph: fx.Graph, rs: Collective, mm: MatmulNode, pad, steps, config_text: str) -> Reason | None:
+    """Rewrite the site; None, or why the fused op rejects it (then the graph is left as it was)."""
+    kind = KINDS[mm.kind]
+
+    def build():
+        rows_pad = _pad_to_multiple(graph, mm.x, rs.world_size) if rs.pads_tokens else pad
+        operands = kind.scatter_operands(graph, mm)
+        return call(graph, fused_op(kind.mm_reduce_scatter), (mm.x, *operands, rs.group_name, rs.world_size,
+                                                              CONFIG_THRESHOLD, rows_pad, config_text))
+
+    fused = insert_fused(graph, rs.output, build)
+    if isinstance(fused, Reason):
+        return fused
+    rs.replace_with(fused)
+    rs.erase()
+    erase_unused(graph, steps)
+    mm.erase()
+    return None
+
+
+def _pad_to_multiple(graph: fx.Graph, x: fx.Node, world_size: int):
+    """``(-rows) % world_size``: vllm-ascend's pad_size for this token count, as graph arithmetic."""
+    rows = x.meta["val"].shape[0]
+    if isinstance(rows, int):
+        return -rows % world_size
+    size = call(graph, torch.ops.aten.sym_size.int, (x, 0))
+    return call(graph, operator.mod, (call(graph, operator.neg, (size,)), world_size))

@@ -47,7 +47,9 @@ from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from fcpass.config import PassConfig
 from fcpass.groups import resolve_group
-from passes import forms
+from passes.collectives import ALL_GATHER, REDUCE_SCATTER, AllReduce, match_all_reduce
+from passes.graph_edit import call, refresh_val
+from passes.nodes import bound_args, dim, fake_value, registered_op
 from passes import report as outcomes
 from passes.report import FAMILY_DISABLED, SPLIT, PassReport, Reason
 
@@ -66,13 +68,13 @@ _ROW_REDUCTIONS = frozenset({aten.mean.dim, aten.sum.dim_IntList})
 def _norm_ops() -> frozenset:
     """vLLM's IR norms (row-local: each token row normalized on its own), where vLLM is loaded."""
     return frozenset(op for name in ("rms_norm", "fused_add_rms_norm")
-                     if (op := forms.registered_op("vllm_ir", name)) is not None)
+                     if (op := registered_op("vllm_ir", name)) is not None)
 
 
 class _Region:
     """All_reduces whose results meet through row-local ops, and the nodes that become token shards."""
 
-    def __init__(self, all_reduce: forms.AllReduce) -> None:
+    def __init__(self, all_reduce: AllReduce) -> None:
         self.all_reduces = [all_reduce]
         self.sharded: list[fx.Node] = []
 
@@ -84,7 +86,7 @@ class _Region:
 def rewrite(graph: fx.Graph, config: PassConfig, report: PassReport) -> None:
     """Split every applicable all_reduce region; record each all_reduce with what was done or why not."""
     enabled, threshold_tokens = config.sequence_parallel, config.sequence_parallel_threshold_tokens
-    all_reduces = [ar for node in list(graph.nodes) if (ar := forms.match_all_reduce(node)) is not None]
+    all_reduces = [ar for node in list(graph.nodes) if (ar := match_all_reduce(node)) is not None]
     if not all_reduces:
         return
     if not enabled:
@@ -107,8 +109,8 @@ def rewrite(graph: fx.Graph, config: PassConfig, report: PassReport) -> None:
             _split(graph, region)
 
 
-def _unsupported(ar: forms.AllReduce) -> str | Reason | None:
-    if forms.dim(ar.input) != 2:
+def _unsupported(ar: AllReduce) -> str | Reason | None:
+    if dim(ar.input) != 2:
         return outcomes.SP_NOT_2D_ROWS
     try:
         resolve_group(ar.group_name)
@@ -117,7 +119,7 @@ def _unsupported(ar: forms.AllReduce) -> str | Reason | None:
     return None
 
 
-def _below_threshold(ar: forms.AllReduce, threshold_tokens: int) -> Reason | None:
+def _below_threshold(ar: AllReduce, threshold_tokens: int) -> Reason | None:
     smallest = smallest_token_count(_rows(ar.input))
     if smallest > threshold_tokens:
         return None
@@ -146,7 +148,7 @@ def _vllm_compile_range_start() -> int | None:
 
 # --------------------------------------------------------------------------- condition
 
-def _regions(graph: fx.Graph, candidates: list[forms.AllReduce], norms: frozenset) -> list[_Region]:
+def _regions(graph: fx.Graph, candidates: list[AllReduce], norms: frozenset) -> list[_Region]:
     """Spread sharding forward from the candidates through row-local ops; group what connects."""
     region_of: dict[fx.Node, _Region] = {}
     for ar in candidates:
@@ -155,12 +157,12 @@ def _regions(graph: fx.Graph, candidates: list[forms.AllReduce], norms: frozense
     for node in graph.nodes:
         if node in region_of or not _row_local(node, norms):
             continue
-        inputs = [i for i in node.all_input_nodes if isinstance(forms.fake_value(i), (torch.Tensor, tuple))]
+        inputs = [i for i in node.all_input_nodes if isinstance(fake_value(i), (torch.Tensor, tuple))]
         sharded = [i for i in inputs if i in region_of]
         if not sharded or not all(i in region_of or _replicated(i) for i in inputs):
             continue
         region = region_of[sharded[0]]
-        if not all(_same_rows(v, region.all_reduces[0]) for v in _tensors(forms.fake_value(node))):
+        if not all(_same_rows(v, region.all_reduces[0]) for v in _tensors(fake_value(node))):
             continue
         for other in {id(region_of[i]): region_of[i] for i in sharded}.values():
             if other is not region:
@@ -190,15 +192,15 @@ def _row_local(node: fx.Node, norms: frozenset) -> bool:
     if node.target in _ELEMENTWISE or node.target in norms:
         return True
     if node.target in _ROW_REDUCTIONS:
-        args = forms.bound_args(node)
+        args = bound_args(node)
         dims = [d % 2 for d in (args["dim"] or [])]
-        return forms.dim(node.args[0]) == 2 and bool(dims) and 0 not in dims and bool(args["keepdim"])
+        return dim(node.args[0]) == 2 and bool(dims) and 0 not in dims and bool(args["keepdim"])
     return False
 
 
 def _replicated(node: fx.Node) -> bool:
     """A tensor without token rows (a norm weight, a scalar): it broadcasts over a shard as over all rows."""
-    val = forms.fake_value(node)
+    val = fake_value(node)
     return isinstance(val, torch.Tensor) and (val.dim() < 2 or statically_known_true(val.shape[0] == 1))
 
 
@@ -207,10 +209,10 @@ def _tensors(val):
 
 
 def _rows(node: fx.Node):
-    return forms.fake_value(node).shape[0]
+    return fake_value(node).shape[0]
 
 
-def _same_rows(val, ar: forms.AllReduce) -> bool:
+def _same_rows(val, ar: AllReduce) -> bool:
     return val.dim() == 2 and statically_known_true(val.shape[0] == _rows(ar.input))
 
 
@@ -219,7 +221,7 @@ def _gathered(region: _Region) -> dict[fx.Node, list[fx.Node]]:
     inside = set(region.sharded)
     readers = {}
     for node in region.sharded:
-        if isinstance(forms.fake_value(node), torch.Tensor):
+        if isinstance(fake_value(node), torch.Tensor):
             outside = [u for u in node.users if u not in inside and not _reads_token_count(u, node)]
             if outside:
                 readers[node] = outside
@@ -240,16 +242,16 @@ def _split(graph: fx.Graph, region: _Region) -> None:
     for ar in all_reduces:
         with graph.inserting_before(ar.nodes[0]):
             padded = _pad_rows(graph, ar.input, world_size)
-            shard = forms.emit_reduce_scatter(graph, ar.form, padded, world_size, ar.group_name)
-        ar.output.replace_all_uses_with(shard)
+            shard = REDUCE_SCATTER.emit(graph, ar.form, padded, world_size, ar.group_name)
+        ar.replace_with(shard)
         sharded.discard(ar.output)
         shards.append(shard)
-        forms.erase_unused(graph, ar.nodes)
+        ar.erase()
     # The earliest all_reduce's input precedes every sharded value and has their unsharded row count.
     token_source = all_reduces[0].input
     derived = [n for n in graph.nodes if n in sharded]
     for node in derived:
-        forms.refresh_val(node)
+        refresh_val(node)
     region.sharded = shards + derived
     for node in region.sharded:
         for user in list(node.users):
@@ -257,8 +259,8 @@ def _split(graph: fx.Graph, region: _Region) -> None:
                 user.replace_input_with(node, token_source)
     for node, readers in _gathered(region).items():
         with graph.inserting_before(node.next):
-            full = forms.emit_all_gather(graph, all_reduces[0].form, node, world_size, all_reduces[0].group_name)
-            full = forms.call(graph, aten.slice.Tensor, (full, 0, 0, _token_count(graph, token_source)))
+            full = ALL_GATHER.emit(graph, all_reduces[0].form, node, world_size, all_reduces[0].group_name)
+            full = call(graph, aten.slice.Tensor, (full, 0, 0, _token_count(graph, token_source)))
         for reader in readers:
             reader.replace_input_with(node, full)
 
@@ -268,9 +270,9 @@ def _pad_rows(graph: fx.Graph, x: fx.Node, world_size: int) -> fx.Node:
     rows = _token_count(graph, x)
     if isinstance(rows, int):
         pad = -rows % world_size
-        return x if pad == 0 else forms.call(graph, aten.constant_pad_nd.default, (x, [0, 0, 0, pad]))
-    pad = forms.call(graph, operator.mod, (forms.call(graph, operator.neg, (rows,)), world_size))
-    return forms.call(graph, aten.constant_pad_nd.default, (x, [0, 0, 0, pad]))
+        return x if pad == 0 else call(graph, aten.constant_pad_nd.default, (x, [0, 0, 0, pad]))
+    pad = call(graph, operator.mod, (call(graph, operator.neg, (rows,)), world_size))
+    return call(graph, aten.constant_pad_nd.default, (x, [0, 0, 0, pad]))
 
 
 def _token_count(graph: fx.Graph, x: fx.Node):
@@ -282,7 +284,7 @@ def _token_count(graph: fx.Graph, x: fx.Node):
     if isinstance(rows, int):
         return rows
     for node in graph.find_nodes(op="placeholder"):
-        val = forms.fake_value(node)
+        val = fake_value(node)
         if isinstance(val, torch.SymInt) and val.node.expr == rows.node.expr:
             return node
-    return forms.call(graph, aten.sym_size.int, (x, 0))
+    return call(graph, aten.sym_size.int, (x, 0))

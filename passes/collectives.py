@@ -1,0 +1,216 @@
+"""How collectives appear in a post-grad graph, as Inductor patterns, and how they are emitted again.
+
+A pattern family is written once over these forms: it asks "is this node a
+reduce_scatter, in any form?" and gets back the same decoded record
+whatever the form was; the record replaces and erases itself.
+"""
+
+from __future__ import annotations
+
+import functools
+import operator
+from dataclasses import dataclass
+
+import torch.fx as fx
+from torch._inductor.pattern_matcher import MULTIPLE, CallFunction, KeywordArg, PatternExpr, is_match
+from torch.fx.experimental.symbolic_shapes import statically_known_true
+
+from fcpass.groups import resolve_group, vllm_shm_group, vllm_tp_group
+from passes import report as outcomes
+from passes.graph_edit import Match, call
+from passes.nodes import (AUTO_FUNCTIONALIZED, aten, bound_args, fake_value, functional_op, mutated_arg,
+                          registered_op, vllm_op)
+from passes.report import Reason
+
+
+@dataclass(frozen=True)
+class Collective(Match):
+    """A decoded reduce_scatter or all_gather along dim 0."""
+
+    form: str
+    output: fx.Node  # the node whose value is the collective's result
+    input: fx.Node
+    world_size: int
+    group_name: str
+    reduce_op: str
+    nodes: tuple[fx.Node, ...]  # every node of the matched form, output last
+    # vllm-ascend's FlashComm ops pad the tokens to a multiple of world_size before a
+    # reduce_scatter and drop that padding (sized at run time) after an all_gather.
+    pads_tokens: bool = False
+
+
+@dataclass(frozen=True)
+class CollectiveKind:
+    """One collective's ops in each form: c10d functional, vLLM's custom op, vllm-ascend's padding op."""
+
+    name: str
+    functional: str
+    vllm: str
+    ascend: str
+    reduces: bool  # takes a reduce op after its input (functional form)
+
+    def forms(self) -> list:
+        """The functional-collective form (op + wait_tensor), when vLLM is loaded vLLM's custom op on dim 0,
+        and vllm-ascend's op."""
+        # The collective's handle may also have its size read (``sym_size``); see Match.replace_with.
+        reduce_op = (KeywordArg("reduce_op"),) if self.reduces else ()
+        issue = CallFunction(functional_op(self.functional), KeywordArg("input"), *reduce_op,
+                             KeywordArg("world_size"), KeywordArg("group_name"), _users=MULTIPLE)
+        forms = [("c10d_functional", CallFunction(functional_op("wait_tensor"), issue))]
+        if vllm_op(self.vllm) is not None:
+            forms.append(("vllm", CallFunction(vllm_op(self.vllm), KeywordArg("input"), 0,
+                                               KeywordArg("world_size"), KeywordArg("group_name"))))
+        return forms + [("vllm_ascend", functools.partial(_ascend_collective, self.ascend))]
+
+    def emit(self, graph: fx.Graph, form: str, x: fx.Node, world_size: int, group_name: str) -> fx.Node:
+        """This collective (a sum reduce_scatter) of ``x``'s rows, vLLM's op for form "vllm", else functional
+        (as the families match it)."""
+        if form == "vllm":
+            return call(graph, vllm_op(self.vllm), (x, 0, world_size, group_name))
+        reduce_op = ("sum",) if self.reduces else ()
+        issue = call(graph, functional_op(self.functional), (x, *reduce_op, world_size, group_name))
+        return call(graph, functional_op("wait_tensor"), (issue,))
+
+
+REDUCE_SCATTER = CollectiveKind("reduce_scatter", "reduce_scatter_tensor", "reduce_scatter",
+                                "maybe_pad_and_reduce", reduces=True)
+ALL_GATHER = CollectiveKind("all_gather", "all_gather_into_tensor", "all_gather",
+                            "maybe_all_gather_and_maybe_unpad", reduces=False)
+
+
+def _ascend_collective(op_name: str, node: fx.Node) -> Collective | None:
+    """vllm-ascend's ``maybe_pad_and_reduce(x)`` / ``maybe_all_gather_and_maybe_unpad(x, label)``.
+
+    Both talk on vLLM's TP group and decide from vllm-ascend's forward
+    context whether to communicate at all (else all_reduce / identity); the
+    traced shape records that decision, so only a node whose output rows
+    differ from its input rows is a scatter or gather. Without a vLLM TP
+    group in this process the collective is returned with world_size 0.
+    """
+    target = vllm_op(op_name)
+    if target is None or node.op != "call_function" or node.target != target:
+        return None
+    args = bound_args(node)
+    x = list(args.values())[0]
+    if args.get("is_ep_comm") or args.get("label") is False or args.get("do_comm") is False:
+        return None
+    out, inp = fake_value(node), fake_value(x)
+    if out is None or inp is None or statically_known_true(out.shape[0] == inp.shape[0]):
+        return None
+    tp = vllm_tp_group()
+    name, size = tp if tp is not None else ("", 0)
+    return Collective(form="vllm_ascend", output=node, input=x, world_size=size, group_name=name,
+                      reduce_op="sum", nodes=(node,), pads_tokens=True)
+
+
+def find_collectives(graph: fx.Graph, forms):
+    """Every collective of ``forms`` in ``graph`` (a snapshot: the caller may rewrite as it goes)."""
+    for node in list(graph.nodes):
+        found = match_collective(node, forms)
+        if found is not None:
+            yield found
+
+
+def unsupported_collectives(graph: fx.Graph, forms, kind: CollectiveKind):
+    """(form, reason) for each ``kind`` collective no form of ``forms`` decodes.
+
+    So the report can say why a collective that looks fusable was not even a
+    candidate (another dim, a functional handle used directly, ...).
+    """
+    decoded = {n for node in graph.nodes if (c := match_collective(node, forms)) is not None for n in c.nodes}
+    for node in graph.nodes:
+        if node.op != "call_function" or node in decoded:
+            continue
+        if node.target == functional_op(kind.functional):
+            yield "c10d_functional", Reason(outcomes.UNSUPPORTED_FORM, "its handle is used other than by wait_tensor")
+        elif node.target is not None and node.target == vllm_op(kind.vllm):
+            dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
+            yield "vllm", Reason(outcomes.UNSUPPORTED_FORM, f"{kind.name} along dim {dim}, not 0")
+
+
+def match_collective(node: fx.Node, forms) -> Collective | None:
+    for form, pattern in forms:
+        if not isinstance(pattern, PatternExpr):
+            found = pattern(node)
+            if found is not None:
+                return found
+            continue
+        m = pattern.match(node)
+        if is_match(m) and _only_waited_or_sized(m.nodes, node):
+            return Collective(
+                form=form, output=node, input=m.kwargs["input"], world_size=int(m.kwargs["world_size"]),
+                group_name=str(m.kwargs["group_name"]), reduce_op=str(m.kwargs.get("reduce_op", "sum")),
+                nodes=tuple(m.nodes),
+            )
+    return None
+
+
+def _only_waited_or_sized(nodes, output: fx.Node) -> bool:
+    """Inner nodes of a matched collective are used by the form itself or have their size read only."""
+    return all(user in nodes or user.target == aten.sym_size.int for n in nodes if n is not output for user in n.users)
+
+
+def group_problem(collective: Collective) -> str | Reason | None:
+    """Why the collective's group cannot be used as named, where the group exists at compile time.
+
+    A world_size that disagrees with the named group's size is a graph the
+    fused op would reject at run time; leaving it alone keeps the original
+    error path. A group unknown here (graphs compiled away from their ranks)
+    is checked by the op when it runs.
+    """
+    if collective.world_size < 1:
+        return outcomes.NO_TP_GROUP
+    try:
+        group = resolve_group(collective.group_name)
+    except ValueError:
+        return None
+    if group.size() != collective.world_size:
+        return Reason(outcomes.GROUP_MISMATCH, f"world_size {collective.world_size}, group "
+                                               f"{collective.group_name!r} of size {group.size()}")
+    return None
+
+
+@dataclass(frozen=True)
+class AllReduce(Match):
+    """A decoded sum all_reduce: vLLM's ``all_reduce(x, group)`` or functional ``all_reduce`` + ``wait_tensor``."""
+
+    form: str
+    output: fx.Node
+    input: fx.Node
+    group_name: str
+    nodes: tuple[fx.Node, ...]  # every node of the form, output last
+
+
+def match_all_reduce(node: fx.Node) -> AllReduce | None:
+    if node.op != "call_function":
+        return None
+    if node.target is not None and node.target == vllm_op("all_reduce"):
+        x, group_name = list(bound_args(node).values())[:2]
+        return AllReduce("vllm", node, x, str(group_name), (node,))
+    if node.target is operator.getitem:
+        return _match_shm_all_reduce(node)
+    if node.target != functional_op("wait_tensor"):
+        return None
+    issue = node.args[0]
+    if (not isinstance(issue, fx.Node) or issue.target != functional_op("all_reduce")
+            or issue.args[1] != "sum" or len(issue.users) != 1):
+        return None
+    return AllReduce("c10d_functional", node, issue.args[0], str(issue.args[2]), (issue, node))
+
+
+def _match_shm_all_reduce(node: fx.Node) -> AllReduce | None:
+    """vLLM's CPU shared-memory all_reduce (``_C`` builds with it, e.g. AVX-512), in place on its input:
+    ``_C.shm_allreduce(handle, data)`` functionalized, ``auto_functionalized(..., handle=h, data=x)[1]``.
+
+    The graph carries the communicator's handle, not a group: the group is the
+    vLLM group whose communicator owns that handle, and the split emits
+    functional collectives on its c10d device group.
+    """
+    target = registered_op("_C", "shm_allreduce")
+    functionalized = node.args[0]
+    if (target is None or node.args[1] != 1 or getattr(functionalized, "target", None) not in AUTO_FUNCTIONALIZED
+            or functionalized.args[0] is not target or len(functionalized.users) != 1):
+        return None
+    handle = functionalized.kwargs["handle"]
+    group_name = vllm_shm_group(handle) or f"<vLLM shm handle {handle}: no vLLM group owns it>"
+    return AllReduce("shm", node, mutated_arg(functionalized, "data"), group_name, (functionalized, node))

@@ -1,0 +1,176 @@
+"""How matmuls appear in a post-grad graph, as Inductor patterns and matchers.
+
+A pattern family asks "is that node a matmul, in any form?" and gets back
+the same decoded record whatever the form was; the record's ``kind`` is its
+key in ``passes.matmul_kinds.KINDS``, the fused ops that take it.
+
+Inner nodes of a pattern match only when they have a single user (the
+pattern matcher's default), so a matmul whose output is used elsewhere too
+never matches: fusing it would compute it twice.
+"""
+
+from __future__ import annotations
+
+import operator
+from dataclasses import dataclass
+
+import torch
+import torch.fx as fx
+from torch._inductor.pattern_matcher import CallFunction, KeywordArg, PatternExpr, is_match
+
+from passes.graph_edit import Match, call
+from passes.nodes import (AUTO_FUNCTIONALIZED, aten, bound_args, dim, fake_value, mutated_arg, npu_op, registered_op,
+                          vllm_op)
+
+
+@dataclass(frozen=True)
+class MatmulNode(Match):
+    """A decoded ``x @ w (+ bias)`` on 2-D rows; scaled forms also carry their scales."""
+
+    form: str
+    output: fx.Node
+    x: fx.Node
+    w: fx.Node
+    bias: fx.Node | None
+    # Which fused op family member takes it: its key in matmul_kinds.KINDS ("plain", "scaled", "onednn").
+    kind: str = "plain"
+    x_scale: fx.Node | None = None
+    w_scale: fx.Node | None = None
+    out_dtype: torch.dtype | None = None
+    # Linear-style ops take the weight as stored, (n, k); the fused ops want (k, n).
+    weight_is_nk: bool = False
+    # vLLM's CPU oneDNN matmul: ``w`` is its handler (the weight is packed inside), this its output width.
+    handler_n: int | None = None
+    inner: tuple[fx.Node, ...] = ()  # nodes of the form besides the output, erased with it
+    # A matmul whose arguments compute something the fused ops do not (addmm's beta, a result scale, ...):
+    # recognised, so the report can say why, and never fused.
+    problem: str | None = None
+
+    @property
+    def nodes(self) -> tuple[fx.Node, ...]:
+        return (*self.inner, self.output)
+
+    def kn_weight(self, graph: fx.Graph) -> fx.Node:
+        """The (k, n) weight node, transposing a stored (n, k) weight at the insertion point."""
+        if not self.weight_is_nk:
+            return self.w
+        return call(graph, aten.permute.default, (self.w, [1, 0]))
+
+
+def matmul_forms() -> list[tuple[str, PatternExpr]]:
+    return [("mm", CallFunction(aten.mm.default, KeywordArg("x"), KeywordArg("w")))]
+
+
+def match_matmul(node: fx.Node, forms) -> MatmulNode | None:
+    for form, pattern in forms:
+        m = pattern.match(node)
+        if is_match(m):
+            return MatmulNode(form, node, m.kwargs["x"], m.kwargs["w"], m.kwargs.get("bias"))
+    return (_match_addmm(node) or _match_scaled_mm(node) or _match_linear(node) or _match_npu_quant_matmul(node)
+            or _match_onednn_mm(node))
+
+
+def _match_addmm(node: fx.Node) -> MatmulNode | None:
+    """``addmm(bias, x, w, beta=1, alpha=1)`` = ``x @ w + bias``: what the fused ops compute only with both 1."""
+    if node.op != "call_function" or node.target != aten.addmm.default:
+        return None
+    args = bound_args(node)
+    scaled = [f"{name}={args[name]}" for name in ("beta", "alpha") if args[name] != 1]
+    problem = f"addmm with {', '.join(scaled)}; the fused ops compute x @ w + bias" if scaled else None
+    return MatmulNode("addmm", node, args["mat1"], args["mat2"], args["self"], problem=problem)
+
+
+def _linear_targets() -> dict:
+    """``y = x @ weight.T + bias`` ops, by form name: aten's and vLLM's (vllm-ascend's on NPU)."""
+    targets = {aten.linear.default: "linear"}
+    for name in ("unquantized_gemm", "rocm_unquantized_gemm"):
+        op = vllm_op(name)
+        if op is not None:
+            targets[op] = name
+    return targets
+
+
+def _match_linear(node: fx.Node) -> MatmulNode | None:
+    if node.op != "call_function":
+        return None
+    form = _linear_targets().get(node.target)
+    if form is None:
+        return None
+    x, weight, bias = list(bound_args(node).values())[:3]  # (x, weight, bias) in every linear op's schema
+    if dim(x) != 2:
+        return None  # an opaque linear on 3-D rows: its output rows are not a plain view away
+    return MatmulNode(form, node, x, weight, bias, weight_is_nk=True)
+
+
+def _match_scaled_mm(node: fx.Node) -> MatmulNode | None:
+    """fp8 ``aten._scaled_mm`` with the semantics fcpass's scaled ops implement.
+
+    A result scale or fast accumulation changes the numbers, so such a node
+    is not a match.
+    """
+    if node.op != "call_function" or node.target != aten._scaled_mm.default:
+        return None
+    args = bound_args(node)
+    problem = _unsupported_arguments("_scaled_mm", args, scale_result=None, use_fast_accum=False)
+    if args["out_dtype"] is None:
+        problem = problem or "_scaled_mm without out_dtype (an fp8 result)"
+    return MatmulNode("scaled_mm", node, args["self"], args["mat2"], args["bias"], kind="scaled",
+                      x_scale=args["scale_a"], w_scale=args["scale_b"], out_dtype=args["out_dtype"], problem=problem)
+
+
+def _unsupported_arguments(op: str, args: dict, **expected) -> str | None:
+    """Which of ``args`` differ from the value the fused ops' semantics need, named, or None."""
+    wrong = [f"{name}={args.get(name)!r}" for name, value in expected.items() if args.get(name, value) != value]
+    return f"{op} with {', '.join(wrong)}" if wrong else None
+
+
+def _match_onednn_mm(node: fx.Node) -> MatmulNode | None:
+    """vLLM's CPU linear, ``out = empty(m, n); _C.onednn_mm(out, x, bias, handler)``, functionalized:
+    ``auto_functionalized(_C.onednn_mm, c=empty, a=x, bias, handler_tensor)`` then ``[1]`` (``out``);
+    vLLM compiles with that v1 form, torch's default is v2 (``_all_bases=[empty]``, ``_c_base_index=0``).
+
+    Matched from either node: the reduce_scatter family walks back to the
+    ``[1]``, the all_gather family forward to the ``auto_functionalized``.
+    """
+    target = registered_op("_C", "onednn_mm")
+    if target is None or node.op != "call_function":
+        return None
+    if node.target is operator.getitem and node.args[1] == 1:
+        functionalized, output = node.args[0], node
+    else:
+        functionalized = node
+        output = next((u for u in node.users if u.target is operator.getitem and u.args[1] == 1), None)
+    if (getattr(functionalized, "target", None) not in AUTO_FUNCTIONALIZED
+            or functionalized.args[0] is not target or output is None or len(functionalized.users) != 1):
+        return None
+    args = functionalized.kwargs
+    buffer = mutated_arg(functionalized, "c")
+    if buffer.target != aten.empty.memory_format or len(buffer.users) != 1 or dim(args["a"]) != 2:
+        return None
+    return MatmulNode("onednn_mm", output, args["a"], args["handler_tensor"], args["bias"], kind="onednn",
+                      handler_n=fake_value(output).shape[1], inner=(functionalized, buffer))
+
+
+def _match_npu_quant_matmul(node: fx.Node) -> MatmulNode | None:
+    """Ascend W8A8 ``npu_quant_matmul(x_int8, w_int8 (k, n), deq_scale, bias=int32, output_dtype)``.
+
+    Its result is ``(x @ w + bias) * scale``, fcpass's W8A8 Matmul. Matched
+    only with a float32 dequant scale (a scale packed into int64 by
+    ``npu_trans_quant_param`` means something else), no offset and no
+    ``pertoken_scale`` (1-D (m,) there, where a 1-D scale means per-tensor to
+    the fused ops).
+    """
+    target = npu_op("npu_quant_matmul")
+    if target is None or node.op != "call_function" or node.target != target:
+        return None
+    args = bound_args(node)
+    scale = fake_value(args["scale"])
+    problem = _unsupported_arguments(
+        "npu_quant_matmul", args, offset=None, pertoken_scale=None, group_sizes=None, y_scale=None,
+        x1_dtype=None, x2_dtype=None, pertoken_scale_dtype=None, scale_dtype=None)
+    if args.get("output_dtype") is None:
+        problem = problem or "npu_quant_matmul without output_dtype (an int8 result)"
+    elif scale is None or scale.dtype != torch.float32:
+        problem = problem or f"npu_quant_matmul with a {getattr(scale, 'dtype', None)} scale, not float32"
+    return MatmulNode("npu_quant_matmul", node, args["x1"], args["x2"], args.get("bias"), kind="scaled",
+                      w_scale=args["scale"], out_dtype=args["output_dtype"], problem=problem)
