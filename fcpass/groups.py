@@ -28,7 +28,3 @@ def resolve_group(group_name: str) -> dist.ProcessGroup:
             f"nor a c10d group name"
         ) from exc
 
-
-# TEMPORARY until passes/ is repointed at fcpass.vllm.state (merge of the forms split)
-vllm_shm_group = state.shm_group_name
-vllm_tp_group = state.tp_group

@@ -15,7 +15,8 @@ import torch.fx as fx
 from torch._inductor.pattern_matcher import MULTIPLE, CallFunction, KeywordArg, PatternExpr, is_match
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
-from fcpass.groups import resolve_group, vllm_shm_group, vllm_tp_group
+from fcpass.groups import resolve_group
+from fcpass.vllm import state as vllm_state
 from passes import report as outcomes
 from passes.graph_edit import Match, call
 from passes.nodes import (AUTO_FUNCTIONALIZED, aten, bound_args, fake_value, functional_op, mutated_arg,
@@ -97,7 +98,7 @@ def _ascend_collective(op_name: str, node: fx.Node) -> Collective | None:
     out, inp = fake_value(node), fake_value(x)
     if out is None or inp is None or statically_known_true(out.shape[0] == inp.shape[0]):
         return None
-    tp = vllm_tp_group()
+    tp = vllm_state.tp_group()
     name, size = tp if tp is not None else ("", 0)
     return Collective(form="vllm_ascend", output=node, input=x, world_size=size, group_name=name,
                       reduce_op="sum", nodes=(node,), pads_tokens=True)
@@ -212,5 +213,5 @@ def _match_shm_all_reduce(node: fx.Node) -> AllReduce | None:
             or functionalized.args[0] is not target or len(functionalized.users) != 1):
         return None
     handle = functionalized.kwargs["handle"]
-    group_name = vllm_shm_group(handle) or f"<vLLM shm handle {handle}: no vLLM group owns it>"
+    group_name = vllm_state.shm_group_name(handle) or f"<vLLM shm handle {handle}: no vLLM group owns it>"
     return AllReduce("shm", node, mutated_arg(functionalized, "data"), group_name, (functionalized, node))

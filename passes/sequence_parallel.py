@@ -39,7 +39,6 @@ else the token count's lower bound), unlike the fused ops' runtime guard.
 from __future__ import annotations
 
 import operator
-import sys
 
 import torch
 import torch.fx as fx
@@ -47,6 +46,7 @@ from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from fcpass.config import PassConfig
 from fcpass.groups import resolve_group
+from fcpass.vllm import state as vllm_state
 from passes.collectives import ALL_GATHER, REDUCE_SCATTER, AllReduce, match_all_reduce
 from passes.graph_edit import call, refresh_val
 from passes.nodes import bound_args, dim, fake_value, registered_op
@@ -131,19 +131,11 @@ def smallest_token_count(rows) -> int:
     compile range start where vLLM compiles, else the symbolic size's lower bound."""
     if isinstance(rows, int):
         return rows
-    start = _vllm_compile_range_start()
+    start = vllm_state.compile_range_start()
     if start is not None:
         return start
     lower = rows.node.shape_env.bound_sympy(rows.node.expr).lower
     return int(lower) if lower.is_finite else 0
-
-
-def _vllm_compile_range_start() -> int | None:
-    module = sys.modules.get("vllm.compilation.passes.inductor_pass")
-    try:
-        return module.get_pass_context().compile_range.start if module is not None else None
-    except (AssertionError, AttributeError):  # no pass context: compiled outside vLLM's backend
-        return None
 
 
 # --------------------------------------------------------------------------- condition
