@@ -30,6 +30,7 @@ PER_TOKEN_SCALE = "per-token activation scale (computed after the gather)"
 # sequence_parallel
 SP_NOT_2D_ROWS = "all_reduce input is not 2-D token rows"
 SP_UNKNOWN_GROUP = "group unknown at compile time (its world size decides the shard size)"  # + the name
+SP_TRANSPORT = "the all_reduce's transport is faster than the split's"  # + which transports
 SP_BELOW_THRESHOLD = "compiled for token counts not all above sequence_parallel_threshold_tokens"  # + both
 SP_MIXED_REGION = "all_reduces of different forms or groups meet in one region"
 SP_NO_NORM = "no RMSNorm on the all_reduce's result (splitting it would shard nothing)"

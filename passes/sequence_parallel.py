@@ -30,7 +30,8 @@ a shard read the unsharded token count instead.
 
 Applies to a region when it contains a norm (otherwise the split buys
 nothing), needs no more all_gathers than it had all_reduces (never more
-traffic), and the graph is compiled only for token counts above
+traffic), its all_reduce's transport is not faster than the split's (vLLM's
+CPU shared-memory all_reduce is; the split would run over gloo), and the graph is compiled only for token counts above
 ``sequence_parallel_threshold_tokens``: the rewrite changes activation
 shapes, so it is decided per compiled graph (vLLM's compile range start,
 else the token count's lower bound), unlike the fused ops' runtime guard.
@@ -95,7 +96,7 @@ def rewrite(graph: fx.Graph, config: PassConfig, report: PassReport) -> None:
         return
     candidates = []
     for ar in all_reduces:
-        reason = _unsupported(ar) or _below_threshold(ar, threshold_tokens)
+        reason = _unsupported(ar) or _transport_does_not_pay(ar) or _below_threshold(ar, threshold_tokens)
         if reason:
             report.add(FAMILY, ar.form, reason)
         else:
@@ -117,6 +118,16 @@ def _unsupported(ar: AllReduce) -> str | Reason | None:
     except ValueError:
         return Reason(outcomes.SP_UNKNOWN_GROUP, repr(ar.group_name))
     return None
+
+
+def _transport_does_not_pay(ar: AllReduce) -> Reason | None:
+    """vLLM's CPU shared-memory all_reduce moves the rows through one shared segment; the split's
+    reduce_scatter and all_gather go through the group's gloo transport, which costs more than the
+    all_reduce it replaces at every size (the real engine measured slower at every prefill and decode
+    point, benchmarks/README.md): splitting it only ever loses."""
+    if ar.form != "shm":
+        return None
+    return Reason(outcomes.SP_TRANSPORT, "vLLM's shm all_reduce; reduce_scatter and all_gather would run over gloo")
 
 
 def _below_threshold(ar: AllReduce, threshold_tokens: int) -> Reason | None:

@@ -4,9 +4,10 @@ These are the demo's runs (``make demo``): each engine in its own process
 (``python -m devtools.engine``), with a deadline, the compile caches on (one
 fresh vLLM cache dir per kernel build, shared by every engine of it). Per kernel
 library (tests/support/vllm_kernels.py): the one vLLM loads on this CPU, and its AVX2
-build, forced; the fcpass engine also starts a second time on the warm
-cache, where the pass does not run and the cached graph's fused ops must
-behave as compiled. Expectation per worker from the model: see
+build, forced; the fcpass engine of the AVX2 build (gloo all_reduce: split
+and fused) also starts a second time on the warm cache, where the pass may
+not run and the cached graph's fused ops must behave as compiled.
+Expectation per worker from the model and the all_reduce's transport: see
 tests/support/engine_expectations.py. Prefills of 40 and 100 tokens (above the
 threshold 16, even) take the fused path, 5 tokens the unfused one. Greedy
 ids equal the engine without fcpass.
@@ -15,10 +16,10 @@ ids equal the engine without fcpass.
 import pytest
 
 from support import vllm_kernels
-from support.engine_expectations import FCPASS, THRESHOLD, sorted_rows, worker_report
+from support.engine_expectations import FCPASS, THRESHOLD, fused_ops_per_prefill, sorted_rows, worker_report
 from devtools import engine
 from examples import demo
-from devtools.engine import LAYERS, PROMPT_LENGTHS
+from devtools.engine import PROMPT_LENGTHS
 from passes.report import NO_MATMUL_CONSUMER, NO_MATMUL_PRODUCER, SPLIT
 
 pytestmark = pytest.mark.e2e
@@ -45,8 +46,8 @@ def engine_runs(model_dir, tmp_path_factory):
     # Two engines at a time (four at once fail to start on 2 cores), the warm one on the cache the first wrote.
     runs = {kernels: engine.run_both(model_dir, FCPASS, PROMPT_LENGTHS, ENGINE_TIMEOUT_S, envs[kernels])
             for kernels in KERNELS}
-    runs["loaded"]["fcpass_warm"] = engine.run_all(model_dir, {"warm": (FCPASS, envs["loaded"])}, PROMPT_LENGTHS,
-                                                   ENGINE_TIMEOUT_S)["warm"]
+    runs["avx2"]["fcpass_warm"] = engine.run_all(model_dir, {"warm": (FCPASS, envs["avx2"])}, PROMPT_LENGTHS,
+                                                 ENGINE_TIMEOUT_S)["warm"]
     runs["expected_all_reduce"] = {"loaded": vllm_kernels.all_reduce_form(), "avx2": "c10d_functional"}
     return runs
 
@@ -59,7 +60,7 @@ def test_same_greedy_tokens_as_without_fcpass(engine_runs, kernels):
 
 
 @pytest.mark.parametrize("kernels", KERNELS)
-def test_workers_split_every_all_reduce_and_fuse_two_sites_each_way_per_layer(engine_runs, kernels):
+def test_workers_split_and_fuse_where_the_all_reduce_transport_lets_it_pay(engine_runs, kernels):
     runs, form = engine_runs[kernels], engine_runs["expected_all_reduce"][kernels]
     assert runs["plain"]["all_reduce"] == runs["fcpass"]["all_reduce"] == [form, form]
     reports = runs["fcpass"]["reports"]
@@ -68,17 +69,15 @@ def test_workers_split_every_all_reduce_and_fuse_two_sites_each_way_per_layer(en
         assert all(sorted_rows(rows) == worker_report(form) for rows in worker_reports)
 
 
-def _assert_prefill_decisions(decisions):
+def _assert_prefill_decisions(decisions, all_reduce_form):
     for n, per_worker in zip(PROMPT_LENGTHS, decisions):
-        path = "fused" if n > THRESHOLD else "unfused"
-        for counts in per_worker:
-            assert counts == {f"mm_reduce_scatter_onednn/{path}": 2 * LAYERS,
-                              f"all_gather_onednn_mm/{path}": 2 * LAYERS}, n
+        expected = fused_ops_per_prefill(all_reduce_form, "fused" if n > THRESHOLD else "unfused")
+        assert per_worker == [expected, expected], n
 
 
 @pytest.mark.parametrize("kernels", KERNELS)
 def test_prefills_above_the_threshold_took_the_fused_path(engine_runs, kernels):
-    _assert_prefill_decisions(engine_runs[kernels]["fcpass"]["decisions"])
+    _assert_prefill_decisions(engine_runs[kernels]["fcpass"]["decisions"], engine_runs["expected_all_reduce"][kernels])
     assert engine_runs[kernels]["plain"]["reports"] == [[], []]
 
 
@@ -86,18 +85,18 @@ def test_a_warm_start_runs_the_cached_graph_as_compiled(engine_runs):
     """The second start, on the caches the first wrote: the fused ops decide by the config they were compiled
     with, with the same tokens. A worker that loaded vLLM's AOT-compiled model ran no pass (no report); vLLM
     0.31/0.32 on CPU cannot load its own artifact and compiles again (the pass runs again, as on a cold start)."""
-    runs = engine_runs["loaded"]
+    runs = engine_runs["avx2"]
     cold, warm = runs["fcpass"], runs["fcpass_warm"]
     assert all(c["vllm/aot_artifacts_loaded"] == 0 and c["vllm/aot_compiles"] == 1 for c in cold["compile_cache"])
     for counts, reports in zip(warm["compile_cache"], warm["reports"]):
         assert counts["vllm/aot_artifacts_loaded"] + counts["vllm/aot_compiles"] == 1
         assert bool(reports) == bool(counts["vllm/aot_compiles"]), counts
-    _assert_prefill_decisions(warm["decisions"])
+    _assert_prefill_decisions(warm["decisions"], "c10d_functional")
     assert warm["ids"] == runs["plain"]["ids"]
 
 
 def test_demo_prints_report_decisions_tokens_and_times(engine_runs):
-    out = demo.render(engine_runs["loaded"], FCPASS, PROMPT_LENGTHS)
+    out = demo.render(engine_runs["avx2"], FCPASS, PROMPT_LENGTHS)
     assert "workers ran the pass" in out and "the other differs" not in out
     assert NO_MATMUL_PRODUCER in out and NO_MATMUL_CONSUMER in out and SPLIT in out
     assert "all greedy tokens equal: yes" in out and "DIFFERENT" not in out and "disagree" not in out
@@ -106,7 +105,7 @@ def test_demo_prints_report_decisions_tokens_and_times(engine_runs):
 
 
 def test_demo_says_when_the_graph_came_from_the_cache(engine_runs):
-    runs = engine_runs["loaded"]
+    runs = engine_runs["avx2"]
     cached = {**runs["fcpass"], "reports": [[], []]}  # what a start that loaded vLLM's artifact reports
     out = demo.render({"plain": runs["plain"], "fcpass": cached}, FCPASS, PROMPT_LENGTHS)
     assert demo.FROM_CACHE in out and "all greedy tokens equal: yes" in out

@@ -1,27 +1,37 @@
 """What FlashCommPass does to the CPU engine's graph of devtools.engine's tiny Llama, per worker (both tests of it).
 
 The engine's one whole-model graph has 2 * LAYERS + 1 all_reduces (embedding, o_proj and down_proj of each
-layer), each before an RMSNorm: all split by sequence parallelism; then per layer 2 onednn_mm->reduce_scatter and
-2 all_gather->onednn_mm fuse (the embedding's scatter has no matmul before it, the final norm's gather none after).
-The all_reduces' form is the kernel library's (tests/support/vllm_kernels.py): "shm" on AVX-512 builds, else
-"c10d_functional"; the split emits functional collectives either way.
+layer), each before an RMSNorm. Their form is the kernel library's (tests/support/vllm_kernels.py): "shm" on
+AVX-512 builds, else "c10d_functional". vLLM's shm all_reduce is faster than the split's collectives over gloo,
+so there nothing is split (and nothing fused: the all_reduce has no reduce_scatter or all_gather to fuse). Over
+gloo every all_reduce is split by sequence parallelism; then per layer 2 onednn_mm->reduce_scatter and 2
+all_gather->onednn_mm fuse (the embedding's scatter has no matmul before it, the final norm's gather none after).
 """
 
 from examples.demo import fcpass_fields
 from devtools.engine import LAYERS
-from passes.report import FUSED, NO_MATMUL_CONSUMER, NO_MATMUL_PRODUCER, SPLIT
+from passes.report import FUSED, NO_MATMUL_CONSUMER, NO_MATMUL_PRODUCER, SP_TRANSPORT, SPLIT
 
 THRESHOLD = 16
 FCPASS = fcpass_fields(THRESHOLD)
 
 
 def worker_report(all_reduce_form: str) -> list[tuple]:
+    if all_reduce_form == "shm":
+        return [("sequence_parallel", "shm", SP_TRANSPORT)] * (2 * LAYERS + 1)
     return sorted(
         [("sequence_parallel", all_reduce_form, SPLIT)] * (2 * LAYERS + 1)
         + [("mm_reduce_scatter", "c10d_functional/onednn_mm+pad", FUSED)] * (2 * LAYERS)
         + [("mm_reduce_scatter", "c10d_functional/aten.where.self+pad", NO_MATMUL_PRODUCER)]
         + [("all_gather_mm", "c10d_functional/onednn_mm+unpad", FUSED)] * (2 * LAYERS)
         + [("all_gather_mm", "c10d_functional/-", NO_MATMUL_CONSUMER)])
+
+
+def fused_ops_per_prefill(all_reduce_form: str, path: str) -> dict[str, int]:
+    """A worker's fused-op decisions in one prefill (``path``: "fused" or "unfused"): none where nothing fused."""
+    if all_reduce_form == "shm":
+        return {}
+    return {f"mm_reduce_scatter_onednn/{path}": 2 * LAYERS, f"all_gather_onednn_mm/{path}": 2 * LAYERS}
 
 
 def sorted_rows(rows) -> list[tuple]:
