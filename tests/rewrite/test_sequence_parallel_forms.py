@@ -102,8 +102,9 @@ class NoNorm(TinyTP):
 
 def _op_name(node) -> str:
     """The op a node runs; for an auto_functionalized op (vLLM's in-place CPU kernels) the op inside."""
-    name = str(node.target)
-    return f"{name}({node.args[0]})" if name.startswith("higher_order.auto_functionalized") else name
+    functionalized = node.target in (torch.ops.higher_order.auto_functionalized,
+                                      torch.ops.higher_order.auto_functionalized_v2)
+    return f"auto_functionalized({node.args[0]})" if functionalized else str(node.target)
 
 
 class Recorded(CustomGraphPass):
@@ -120,13 +121,14 @@ class Recorded(CustomGraphPass):
         return None
 
 
-CASES = {  # name: (model, token counts, dynamic, sequence_parallel_threshold_tokens)
+CASES = {  # name: (model, token counts, dynamic, sequence_parallel_threshold_tokens; None: PassConfig's defaults)
     "dynamic": (TinyTP, (7, 64), True, 1),
     "static_odd": (TinyTP, (7,), False, 4),
     "static_below": (TinyTP, (8,), False, 100),
     "no_norm": (NoNorm, (8,), False, 4),
     "onednn": (OneDNNTinyTP, (8, 64, 33), True, 1),
     "shm": (ShmTinyTP, (8, 64, 33), True, 1),
+    "onednn_defaults": (OneDNNTinyTP, (2, 8, 64), True, None),
 }
 
 
@@ -166,7 +168,8 @@ def run_case(rank, world_size, name):
     torch._dynamo.reset()
     torch.manual_seed(0)
     model = model_class(rank, world_size, dist.group.WORLD)
-    fields = {"threshold_tokens": 16, "sequence_parallel": True, "sequence_parallel_threshold_tokens": sp_threshold}
+    fields = {"sequence_parallel": True} if sp_threshold is None else {
+        "threshold_tokens": 16, "sequence_parallel": True, "sequence_parallel_threshold_tokens": sp_threshold}
     flashcomm = FlashCommPass(fcpass.PassConfig(**fields))
     recorded = Recorded(flashcomm)
     errors, decisions = [], []
@@ -232,6 +235,17 @@ def test_static_count_below_threshold_is_left_alone(runs):
         assert max(r["errors"]) <= 1e-5
 
 
+def test_the_defaults_leave_a_graph_that_serves_decode_sizes_unsplit(runs):
+    """``PassConfig(sequence_parallel=True)``, the rest default, on the CPU engine's forms compiled as vLLM's CPU
+    backend compiles: one graph for every token count from 2 up, so it serves decode batches, and the split
+    (which changes shapes, decided per compiled graph) stays off; the report says why."""
+    for r in runs["onednn_defaults"]:
+        assert r["counts"]["_c10d_functional.all_reduce.default"] == 2
+        assert r["counts"]["_c10d_functional.reduce_scatter_tensor.default"] == 0
+        assert r["outcomes"] == [("sequence_parallel", "c10d_functional", SP_BELOW_THRESHOLD)] * 2
+        assert max(r["errors"]) <= 1e-5
+
+
 def test_all_reduce_without_a_norm_is_left_alone(runs):
     for r in runs["no_norm"]:
         assert r["counts"]["_c10d_functional.all_reduce.default"] == 1
@@ -243,7 +257,7 @@ def test_vllm_shm_all_reduce_is_left_alone_its_transport_is_faster(runs):
     """vLLM's shared-memory all_reduce: the split's reduce_scatter and all_gather would run over gloo, slower
     than it, so it is kept (its group found by the handle's owner all the same) and the report says why."""
     for r in runs["shm"]:
-        assert r["counts"]["higher_order.auto_functionalized(_C.shm_allreduce.default)"] == 2
+        assert r["counts"]["auto_functionalized(_C.shm_allreduce.default)"] == 2
         assert r["counts"]["fcpass.mm_reduce_scatter_onednn.default"] == 0
         assert r["outcomes"] == [("sequence_parallel", "shm", SP_TRANSPORT)] * 2
         assert r["decisions"][:3] == [{}, {}, {}]
@@ -257,7 +271,7 @@ def test_vllm_cpu_onednn_linears_fuse_with_their_handlers(runs):
         assert counts["_c10d_functional.all_reduce.default"] == 0
         assert counts["fcpass.mm_reduce_scatter_onednn.default"] == 2
         assert counts["fcpass.all_gather_onednn_mm.default"] == 1
-        assert not any(op.startswith("higher_order.auto_functionalized") for op in counts)  # all in fused ops
+        assert not any(op.startswith("auto_functionalized") for op in counts)  # every onednn_mm in a fused op
         assert ("sequence_parallel", "c10d_functional", SPLIT) in r["outcomes"]
         assert ("all_gather_mm", "c10d_functional/onednn_mm+unpad", FUSED) in r["outcomes"]
         assert max(r["errors"]) <= 1e-5, r["errors"]
