@@ -384,6 +384,8 @@ def _vllm_version() -> str:
 def main(argv=None) -> int:
     args = parse_args(argv)
     cli.setup_logging()
+    # a SIGTERM unwinds like an error: engine process groups killed, servers stopped, the work dir removed
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
     settings = args.settings
     result = {**cli.machine(), "backend": "vLLM CPU engine, TP=2 (engine kinds: shm all_reduce, gloo all_reduce)",
               "threads_per_rank": 1, "vllm": _vllm_version(), "quick": args.quick, "settings": settings,

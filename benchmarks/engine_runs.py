@@ -30,7 +30,9 @@ PROGRESS_MARK = "ENGINE_BENCH "
 # (their matmul chunks are child events). gloo's own thread events ("gloo:...") are excluded: the transfer
 # they time is what the main thread's wait already counts where it is not hidden.
 COMM_PREFIXES = ("_c10d_functional::", "c10d::", "_C::shm_", "fcpass::")
-_profiler = None
+# The profiler lives on the worker object: vLLM pickles these functions by value when they come from the
+# ``__main__`` module (this one, run with -m), so a module global would not outlive one call.
+PROFILER_ATTRIBUTE = "_engine_bench_profiler"
 
 
 def comm_op(name: str) -> bool:
@@ -38,17 +40,20 @@ def comm_op(name: str) -> bool:
 
 
 def _profile_start(worker) -> None:
-    global _profiler
     from torch.profiler import ProfilerActivity, profile
 
-    _profiler = profile(activities=[ProfilerActivity.CPU])
-    _profiler.start()
+    profiler = profile(activities=[ProfilerActivity.CPU])
+    setattr(worker, PROFILER_ATTRIBUTE, profiler)
+    profiler.start()
 
 
 def _profile_stop(worker) -> dict:
     """{op: self ms} of the communication ops since :func:`_profile_start`, in this worker."""
-    _profiler.stop()
-    return {event.key: event.self_cpu_time_total / 1000 for event in _profiler.key_averages() if comm_op(event.key)}
+    profiler = getattr(worker, PROFILER_ATTRIBUTE)
+    profiler.stop()
+    delattr(worker, PROFILER_ATTRIBUTE)
+    return {event.key: event.self_cpu_time_total / 1000 for event in profiler.key_averages()
+            if comm_op(event.key)}
 
 
 def progress(message: str) -> None:
