@@ -203,8 +203,9 @@ def run_serve(label: str, model_dir: str, fields, settings: dict, env: dict, log
     env = {**env, "PYTHONPATH": engine.with_checkout_on_path({**os.environ, **env})["PYTHONPATH"]}
     max_model_len = max(settings["serve_prompt_tokens"]) + max(settings["serve_max_tokens"])
     concurrency = settings["serve_concurrency"]
-    with servers.running({label: (extra_args, env)}, model_dir, log_dir, START_S, max_model_len) as running:
-        server = running[label]
+    name = label.replace("/", "-")  # names its log file
+    with servers.running({name: (extra_args, env)}, model_dir, log_dir, START_S, max_model_len) as running:
+        server = running[name]
         try:
             run_load(server.base_url, model_dir, serve_requests(settings, SERVE_WARMUP_REQUESTS, 1000), concurrency)
             load = run_load(server.base_url, model_dir, serve_requests(settings, settings["serve_requests"]),
