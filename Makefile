@@ -80,7 +80,8 @@ test-main: venv
 test-next: venv-next
 	$(NEXT_PY) -m pytest -q -p no:cacheprovider $(NEXT_TESTS)
 
-# Every benchmark, in the order their inputs need (limit_model reads ops.json); ~45 min on 2 idle cores.
+# Every benchmark, in the order their inputs need (limit_model reads ops.json); ~45 min on 2 idle cores, then the
+# real engine's (one engine at a time, ~40 min).
 bench: venv
 	$(PY) -m pip install -q matplotlib  # plots only; the tests do not need it
 	$(PY) -m benchmarks.ops
@@ -89,6 +90,7 @@ bench: venv
 		--out benchmarks/results/thresholds.json --report benchmarks/results/calibration.json
 	$(PY) -m benchmarks.guard
 	$(PY) -m benchmarks.pass_cost --layers 32 --repeats 5 --compile-layers 8 --compile-repeats 2
+	$(PY) -m benchmarks.engine
 
 clean:
 	rm -rf $(VENV) $(NEXT_VENV)

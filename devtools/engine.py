@@ -44,14 +44,22 @@ PROMPT_LENGTHS = (5, 40, 100)  # below and above the demo's threshold of 16 toke
 
 def write_tiny_llama(path: str, seed: int = 0) -> str:
     """A random Llama checkpoint (safetensors) at ``path``; initializer 0.2 keeps greedy ids off near-ties."""
+    return write_llama(path, HIDDEN, LAYERS, seed=seed)
+
+
+def write_llama(path: str, hidden: int, layers: int, max_positions: int = 1024, seed: int = 0) -> str:
+    """A random fp32 Llama of the tiny one's proportions (heads of 64, half as many kv heads, intermediate
+    2 x hidden, vocab 1024) at ``path``, unless one is there; benchmarks scale it by hidden size and layers."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
     if not os.path.exists(os.path.join(path, "config.json")):
         torch.manual_seed(seed)
-        config = LlamaConfig(vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=INTERMEDIATE,
-                             num_attention_heads=HEADS, num_key_value_heads=KV_HEADS, num_hidden_layers=LAYERS,
-                             max_position_embeddings=1024, initializer_range=0.2, torch_dtype="float32")
+        heads = hidden // (HIDDEN // HEADS)
+        config = LlamaConfig(vocab_size=VOCAB, hidden_size=hidden, intermediate_size=hidden * INTERMEDIATE // HIDDEN,
+                             num_attention_heads=heads, num_key_value_heads=heads * KV_HEADS // HEADS,
+                             num_hidden_layers=layers, max_position_embeddings=max_positions, initializer_range=0.2,
+                             torch_dtype="float32")
         LlamaForCausalLM(config).save_pretrained(path, safe_serialization=True)
     return path
 
@@ -69,18 +77,11 @@ def run_engine(model_dir: str, pass_config=None, prompt_lengths=PROMPT_LENGTHS, 
     all_reduce kernel ("shm" where vLLM loaded a kernel library with it, else "c10d_functional"),
     "compile_cache": each worker's cache counts (:func:`_compile_cache_counts`), "start_s", "generate_s"}.
     """
-    os.environ.update(ENGINE_ENV)
-    from vllm import LLM, SamplingParams
+    from vllm import SamplingParams
     from vllm.inputs import TokensPrompt
 
-    kwargs = {}
-    if pass_config is not None:
-        import fcpass.vllm
-
-        kwargs["compilation_config"] = fcpass.vllm.compilation_config(pass_config)
     start = time.perf_counter()
-    llm = LLM(model=model_dir, tensor_parallel_size=2, skip_tokenizer_init=True, max_model_len=512, seed=0,
-              dtype="float32", enable_prefix_caching=False, **kwargs)
+    llm = make_llm(model_dir, pass_config)
     started = time.perf_counter()
     prompts = [TokensPrompt(prompt_token_ids=prompt_ids(n, i)) for i, n in enumerate(prompt_lengths)]
     decisions = []
@@ -97,6 +98,21 @@ def run_engine(model_dir: str, pass_config=None, prompt_lengths=PROMPT_LENGTHS, 
               "generate_s": finished - started}
     del llm
     return result
+
+
+def make_llm(model_dir: str, pass_config=None, **engine_args):
+    """``vllm.LLM`` at TP=2 on this CPU (:data:`ENGINE_ENV` set), with FlashCommPass when ``pass_config`` is
+    given; ``engine_args`` add to or override the engine's (max_model_len 512 unless given)."""
+    os.environ.update(ENGINE_ENV)
+    from vllm import LLM
+
+    kwargs = {"max_model_len": 512, **engine_args}
+    if pass_config is not None:
+        import fcpass.vllm
+
+        kwargs["compilation_config"] = fcpass.vllm.compilation_config(pass_config)
+    return LLM(model=model_dir, tensor_parallel_size=2, skip_tokenizer_init=True, seed=0, dtype="float32",
+               enable_prefix_caching=False, **kwargs)
 
 
 def _reset_decisions(worker) -> None:
@@ -127,15 +143,9 @@ def _compile_cache_counts(worker) -> dict:
     return counts
 
 
-def all_reduce_kernel() -> str:
-    """The CPU engine's all_reduce in this process, as the pass reports its form: "shm" where the kernel
-    library vLLM loaded has its shared-memory collectives (AVX-512 builds), else "c10d_functional"."""
-    import torch
-
-    return "shm" if hasattr(torch.ops._C, "shm_allreduce") else "c10d_functional"
-
-
 def _all_reduce_kernel(worker) -> str:
+    from devtools.kernels import all_reduce_kernel
+
     return all_reduce_kernel()
 
 
@@ -158,14 +168,22 @@ def with_checkout_on_path(env: dict) -> dict:
 def start(model_dir: str, fcpass_fields: dict | None = None, prompt_lengths=PROMPT_LENGTHS, env=None):
     """``python -m devtools.engine`` in a new process (one engine per process, ``env`` added to this one's);
     pass it to :func:`result`."""
+    args = [model_dir, "--prompt-lengths", ",".join(map(str, prompt_lengths))]
+    if fcpass_fields is not None:
+        args += ["--fcpass", json.dumps(fcpass_fields)]
+    return start_module("devtools.engine", args, env)
+
+
+def start_module(module: str, args, env=None, new_session: bool = False):
+    """``python -m module args`` in a new process of this checkout (``env`` added to this one's), its stdout
+    and stderr piped; its result line is read by :func:`result` or :func:`parse_result`. ``new_session``: in
+    a process group of its own, so killing the group also stops vLLM's engine core and workers."""
     import subprocess
     import sys
 
-    command = [sys.executable, "-m", "devtools.engine", model_dir, "--prompt-lengths", ",".join(map(str, prompt_lengths))]
-    if fcpass_fields is not None:
-        command += ["--fcpass", json.dumps(fcpass_fields)]
-    return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env=with_checkout_on_path({**os.environ, **(env or {})}))
+    return subprocess.Popen([sys.executable, "-m", module, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env=with_checkout_on_path({**os.environ, **(env or {})}),
+                            start_new_session=new_session)
 
 
 def result(process, timeout: float) -> dict:
@@ -178,9 +196,14 @@ def result(process, timeout: float) -> dict:
         process.kill()
         process.communicate()
         raise TimeoutError(f"engine run did not finish within {timeout:.0f} s") from None
+    return parse_result(process.returncode, stdout, stderr)
+
+
+def parse_result(returncode: int, stdout: str, stderr: str) -> dict:
+    """The last result line of a finished run, or an error with the end of its stderr."""
     lines = [line for line in stdout.splitlines() if line.startswith(RESULT_MARK)]
-    if process.returncode != 0 or not lines:
-        raise RuntimeError(f"engine run failed (exit code {process.returncode}):\n{stderr[-4000:]}")
+    if returncode != 0 or not lines:
+        raise RuntimeError(f"engine run failed (exit code {returncode}):\n{stderr[-4000:]}")
     return json.loads(lines[-1][len(RESULT_MARK):])
 
 

@@ -17,7 +17,7 @@ import os
 import openai
 import pytest
 
-from support import vllm_servers
+from devtools import servers as vllm_servers
 from support import vllm_kernels
 from support.engine_expectations import FCPASS, sorted_rows, worker_report
 from devtools import engine

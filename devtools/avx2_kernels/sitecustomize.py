@@ -7,8 +7,8 @@ then goes through gloo). Only vLLM's own check is changed: Inductor picks
 its vector ISA by the same function, and code generated for AVX2 but cached
 under this machine's key would be served to other processes (wrong numbers).
 Python imports this module at startup from the first ``sitecustomize`` on
-its path: tests put this folder on ``PYTHONPATH`` of the processes they start
-(tests/support/vllm_kernels.py).
+its path: tests and benchmarks put this folder on ``PYTHONPATH`` of the processes they
+start (devtools/kernels.py).
 """
 
 import importlib.abc

@@ -1,9 +1,9 @@
-"""``vllm serve`` processes for tests: started side by side, ready when /health answers, always stopped.
+"""``vllm serve`` processes (tests, benchmarks): started side by side, ready when /health answers, always stopped.
 
 Each server runs in its own session (process group), so stopping it reaches
 vLLM's engine core and worker processes too: SIGTERM to the group, a bounded
 wait, then SIGKILL. Every wait has a deadline; a server that dies or never
-becomes ready fails the test with the end of its log.
+becomes ready raises with the end of its log (failing the test).
 """
 
 from __future__ import annotations
@@ -45,9 +45,10 @@ def vllm_script() -> str:
     return os.path.join(os.path.dirname(sys.executable), "vllm")
 
 
-def start(name: str, port: int, model_dir: str, log_dir: str, extra_args=(), extra_env=None) -> Server:
+def start(name: str, port: int, model_dir: str, log_dir: str, extra_args=(), extra_env=None,
+          max_model_len: int = 512) -> Server:
     command = [vllm_script(), "serve", model_dir, "--host", "127.0.0.1", "--port", str(port),
-               "--tensor-parallel-size", "2", "--dtype", "float32", "--max-model-len", "512",
+               "--tensor-parallel-size", "2", "--dtype", "float32", "--max-model-len", str(max_model_len),
                "--skip-tokenizer-init", "--no-enable-prefix-caching", "--seed", "0", *extra_args]
     env = {**os.environ, **ENGINE_ENV, **(extra_env or {})}
     env.pop("VLLM_ALLOW_INSECURE_SERIALIZATION", None)  # only the LLM runs' collective_rpc readers need it
@@ -98,12 +99,12 @@ def stop(server: Server) -> None:
 
 
 @contextlib.contextmanager
-def running(specs: dict, model_dir: str, log_dir: str, timeout: float):
+def running(specs: dict, model_dir: str, log_dir: str, timeout: float, max_model_len: int = 512):
     """Start every server of ``specs`` ({name: (extra_args, extra_env)}) side by side; yield them ready."""
     servers = []
     try:
         for port, (name, (extra_args, extra_env)) in zip(free_ports(len(specs)), specs.items()):
-            servers.append(start(name, port, model_dir, log_dir, extra_args, extra_env))
+            servers.append(start(name, port, model_dir, log_dir, extra_args, extra_env, max_model_len))
         wait_ready(servers, timeout)
         yield {server.name: server for server in servers}
     finally:
