@@ -36,6 +36,15 @@ SP_MIXED_REGION = "all_reduces of different forms or groups meet in one region"
 SP_NO_NORM = "no RMSNorm on the all_reduce's result (splitting it would shard nothing)"
 SP_TOO_MANY_GATHERS = "more all_gathers than all_reduces"  # + counts
 
+# The constants above, longest first (a constant may be the start of another's text).
+_KINDS = sorted((value for name, value in dict(globals()).items() if name.isupper() and isinstance(value, str)),
+                key=len, reverse=True)
+
+
+def outcome_kind(text: str) -> str:
+    """The constant an outcome's text names: the text is the constant, or the constant then " (detail)"."""
+    return next((kind for kind in _KINDS if text == kind or text.startswith(kind + " (")), text)
+
 
 @dataclass(frozen=True)
 class Reason:
@@ -62,11 +71,11 @@ class PassReport:
 
     @classmethod
     def from_rows(cls, rows) -> "PassReport":
-        """A report rebuilt from (family, form, outcome) rows, as read back from another process (the text
-        only: a kind there is the whole text)."""
+        """A report rebuilt from (family, form, outcome) rows, as read back from another process (each
+        outcome's constant found again from its text)."""
         report = cls()
         for family, form, outcome in rows:
-            report.add(family, form, outcome)
+            report.outcomes.append(SiteOutcome(family, form, outcome, outcome_kind(outcome)))
         return report
 
     def rows(self) -> list[list[str]]:

@@ -102,3 +102,15 @@ def test_report_is_a_table_of_every_site_logged_at_debug_with_one_info_summary_p
 def test_report_of_a_graph_without_collectives_says_so():
     p = apply_pass(_traced(lambda x, w: torch.mm(x, w), torch.randn(M, K), torch.randn(K, N)))
     assert p.last_report.outcomes == [] and "no all_reduce, reduce_scatter or all_gather" in p.report()
+
+
+def test_rows_read_back_in_another_process_keep_their_constants():
+    """Reports cross processes as text rows (vLLM workers, graph dumps); read back, each outcome names its constant
+    again, details and constants with parentheses of their own included."""
+    report = outcomes.PassReport()
+    report.add("sequence_parallel", "shm", outcomes.Reason(outcomes.SP_TRANSPORT, "shm (handle 3) vs gloo"))
+    report.add("sequence_parallel", "vllm", outcomes.SPLIT)
+    report.add("mm_reduce_scatter", "vllm/mm", outcomes.FAMILY_DISABLED)
+    assert outcomes.PassReport.from_rows(report.rows()).kinds() == report.kinds() == [
+        ("sequence_parallel", outcomes.SP_TRANSPORT), ("sequence_parallel", outcomes.SPLIT),
+        ("mm_reduce_scatter", outcomes.FAMILY_DISABLED)]

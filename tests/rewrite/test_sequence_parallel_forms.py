@@ -227,19 +227,12 @@ def test_functional_all_reduce_and_aten_norm_are_split_and_fused(runs, name):
         assert max(r["errors"]) <= 1e-5, r["errors"]
 
 
-def test_static_count_below_threshold_is_left_alone(runs):
-    for r in runs["static_below"]:
-        assert r["counts"]["_c10d_functional.all_reduce.default"] == 2
-        assert r["counts"]["_c10d_functional.reduce_scatter_tensor.default"] == 0
-        assert r["outcomes"] == [("sequence_parallel", "c10d_functional", SP_BELOW_THRESHOLD)] * 2
-        assert max(r["errors"]) <= 1e-5
-
-
-def test_the_defaults_leave_a_graph_that_serves_decode_sizes_unsplit(runs):
-    """``PassConfig(sequence_parallel=True)``, the rest default, on the CPU engine's forms compiled as vLLM's CPU
-    backend compiles: one graph for every token count from 2 up, so it serves decode batches, and the split
-    (which changes shapes, decided per compiled graph) stays off; the report says why."""
-    for r in runs["onednn_defaults"]:
+@pytest.mark.parametrize("name", ["static_below", "onednn_defaults"])
+def test_graphs_below_the_threshold_are_left_alone(runs, name):
+    """A static count at or below the threshold; and the defaults (``PassConfig(sequence_parallel=True)``) on
+    the CPU engine's forms compiled as vLLM's CPU backend compiles them: one graph for every token count from 2
+    up, so it serves decode batches, and the split (it changes shapes: decided per compiled graph) stays off."""
+    for r in runs[name]:
         assert r["counts"]["_c10d_functional.all_reduce.default"] == 2
         assert r["counts"]["_c10d_functional.reduce_scatter_tensor.default"] == 0
         assert r["outcomes"] == [("sequence_parallel", "c10d_functional", SP_BELOW_THRESHOLD)] * 2

@@ -10,7 +10,7 @@ all_gather->onednn_mm fuse (the embedding's scatter has no matmul before it, the
 
 from examples.demo import fcpass_fields
 from devtools.engine import LAYERS
-from passes.report import FUSED, NO_MATMUL_CONSUMER, NO_MATMUL_PRODUCER, SP_TRANSPORT, SPLIT
+from passes.report import FUSED, NO_MATMUL_CONSUMER, NO_MATMUL_PRODUCER, SP_TRANSPORT, SPLIT, outcome_kind
 
 THRESHOLD = 16
 FCPASS = fcpass_fields(THRESHOLD)
@@ -35,4 +35,5 @@ def fused_ops_per_prefill(all_reduce_form: str, path: str) -> dict[str, int]:
 
 
 def sorted_rows(rows) -> list[tuple]:
-    return sorted(tuple(row) for row in rows)
+    """A worker's report rows as (family, form, outcome constant), sorted: the constants, not the details."""
+    return sorted((family, form, outcome_kind(outcome)) for family, form, outcome in rows)
