@@ -347,9 +347,9 @@ def plot(points: list[dict], path: str) -> bool:
 
 # --------------------------------------------------------------------------- main
 
-def measure(args, model_dir: str, caches: str) -> dict:
+def measure(args, plan_: dict, model_dir: str, caches: str) -> dict:
     """Every engine kind x config: the LLM run, then (unless skipped) the serving load; failures recorded."""
-    settings, plan_ = args.settings, plan(args.settings)
+    settings = args.settings
     runs, points, failures = [], [], []
     steps = [(kind, config, phase) for kind in args.engines for phase in ("llm", "serve")
              for config in settings["configs"] if phase == "llm" or not args.skip_serve]
@@ -387,18 +387,18 @@ def main(argv=None) -> int:
     cli.setup_logging()
     # a SIGTERM unwinds like an error: engine process groups killed, servers stopped, the work dir removed
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
-    settings = args.settings
+    settings, plan_ = args.settings, plan(args.settings)
     result = {**cli.machine(), "backend": "vLLM CPU engine, TP=2 (engine kinds: shm all_reduce, gloo all_reduce)",
               "threads_per_rank": 1, "vllm": _vllm_version(), "quick": args.quick, "settings": settings,
               "configs": {name: CONFIGS[name] for name in settings["configs"]}, "engines": list(args.engines),
               "model": f"random Llama, hidden {settings['hidden']}, {settings['layers']} layers, fp32, vocab "
-                       f"{engine.VOCAB}", "plan": plan(settings), "date": time.strftime("%Y-%m-%d %H:%M")}
+                       f"{engine.VOCAB}", "plan": plan_, "date": time.strftime("%Y-%m-%d %H:%M")}
     work = tempfile.mkdtemp(prefix="fcpass-engine-bench-")
     start = time.perf_counter()
     try:
         model_dir = engine.write_llama(os.path.join(work, "llama"), settings["hidden"], settings["layers"],
-                                       max_positions=plan(settings)["engine_args"]["max_model_len"] + 64)
-        result.update(measure(args, model_dir, work))
+                                       max_positions=plan_["engine_args"]["max_model_len"] + 64)
+        result.update(measure(args, plan_, model_dir, work))
     finally:
         shutil.rmtree(work, ignore_errors=True)
     result["duration_s"] = time.perf_counter() - start

@@ -204,8 +204,7 @@ def _match_shm_all_reduce(node: fx.Node) -> AllReduce | None:
     ``_C.shm_allreduce(handle, data)`` functionalized, ``auto_functionalized(..., handle=h, data=x)[1]``.
 
     The graph carries the communicator's handle, not a group: the group is the
-    vLLM group whose communicator owns that handle, and the split emits
-    functional collectives on its c10d device group.
+    vLLM group whose communicator owns that handle (its c10d device group's name).
     """
     target = registered_op("_C", "shm_allreduce")
     functionalized = node.args[0]

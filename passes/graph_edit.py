@@ -7,6 +7,8 @@ reads as pattern, condition, replacement.
 
 from __future__ import annotations
 
+import operator
+
 import torch
 import torch.fx as fx
 
@@ -39,6 +41,14 @@ def refresh_val(node: fx.Node) -> None:
             node.meta["val"] = node.target(*vals, **kwvals)
     elif leaves and all(isinstance(v, (int, torch.SymInt)) for v in leaves):
         node.meta["val"] = node.target(*vals, **kwvals)  # size arithmetic
+
+
+def padding_to_multiple(graph: fx.Graph, rows, world_size: int):
+    """``(-rows) % world_size``, the zero rows that make ``rows`` a multiple of world_size: an int for a static
+    count, else graph arithmetic on the symbolic count's node."""
+    if isinstance(rows, int):
+        return -rows % world_size
+    return call(graph, operator.mod, (call(graph, operator.neg, (rows,)), world_size))
 
 
 def insert_fused(graph: fx.Graph, before: fx.Node, build) -> fx.Node | Reason:

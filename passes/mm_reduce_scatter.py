@@ -23,15 +23,13 @@ the same op, whose protocol does not depend on the bias.
 
 from __future__ import annotations
 
-import operator
-
 import torch
 import torch.fx as fx
 
 from fcpass.config import PassConfig
 from passes import report as outcomes
 from passes.collectives import REDUCE_SCATTER, Collective, find_collectives, group_problem, unsupported_collectives
-from passes.graph_edit import call, erase_unused, insert_fused
+from passes.graph_edit import call, erase_unused, insert_fused, padding_to_multiple
 from passes.matmul_kinds import CONFIG_THRESHOLD, KINDS, fused_op
 from passes.matmuls import MatmulNode, match_matmul, matmul_forms
 from passes.naming import site_form
@@ -124,9 +122,8 @@ def _replace(graph: fx.Graph, rs: Collective, mm: MatmulNode, pad, steps, config
 
 
 def _pad_to_multiple(graph: fx.Graph, x: fx.Node, world_size: int):
-    """``(-rows) % world_size``: vllm-ascend's pad_size for this token count, as graph arithmetic."""
+    """vllm-ascend's pad_size for ``x``'s token count (a size read where the count is symbolic)."""
     rows = x.meta["val"].shape[0]
-    if isinstance(rows, int):
-        return -rows % world_size
-    size = call(graph, torch.ops.aten.sym_size.int, (x, 0))
-    return call(graph, operator.mod, (call(graph, operator.neg, (size,)), world_size))
+    if not isinstance(rows, int):
+        rows = call(graph, torch.ops.aten.sym_size.int, (x, 0))
+    return padding_to_multiple(graph, rows, world_size)

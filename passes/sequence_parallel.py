@@ -49,7 +49,7 @@ from fcpass.config import PassConfig
 from fcpass.groups import resolve_group
 from fcpass.vllm import state as vllm_state
 from passes.collectives import ALL_GATHER, REDUCE_SCATTER, AllReduce, match_all_reduce
-from passes.graph_edit import call, refresh_val
+from passes.graph_edit import call, padding_to_multiple, refresh_val
 from passes.nodes import bound_args, dim, fake_value, registered_op
 from passes import report as outcomes
 from passes.report import FAMILY_DISABLED, SPLIT, PassReport, Reason
@@ -123,8 +123,8 @@ def _unsupported(ar: AllReduce) -> str | Reason | None:
 def _transport_does_not_pay(ar: AllReduce) -> Reason | None:
     """vLLM's CPU shared-memory all_reduce moves the rows through one shared segment; the split's
     reduce_scatter and all_gather go through the group's gloo transport, which costs more than the
-    all_reduce it replaces at every size (the real engine measured slower at every prefill and decode
-    point, benchmarks/README.md): splitting it only ever loses."""
+    all_reduce it replaces at every size (the real engine split there measured slower at every prefill
+    and decode point; numbers in docs/DESIGN.md): splitting it only ever loses."""
     if ar.form != "shm":
         return None
     return Reason(outcomes.SP_TRANSPORT, "vLLM's shm all_reduce; reduce_scatter and all_gather would run over gloo")
@@ -270,12 +270,8 @@ def _split(graph: fx.Graph, region: _Region) -> None:
 
 def _pad_rows(graph: fx.Graph, x: fx.Node, world_size: int) -> fx.Node:
     """``x`` with zero rows appended up to a multiple of world_size (as a graph op when the count is symbolic)."""
-    rows = _token_count(graph, x)
-    if isinstance(rows, int):
-        pad = -rows % world_size
-        return x if pad == 0 else call(graph, aten.constant_pad_nd.default, (x, [0, 0, 0, pad]))
-    pad = call(graph, operator.mod, (call(graph, operator.neg, (rows,)), world_size))
-    return call(graph, aten.constant_pad_nd.default, (x, [0, 0, 0, pad]))
+    pad = padding_to_multiple(graph, _token_count(graph, x), world_size)
+    return x if pad == 0 else call(graph, aten.constant_pad_nd.default, (x, [0, 0, 0, pad]))  # 0: a static count
 
 
 def _token_count(graph: fx.Graph, x: fx.Node):

@@ -17,6 +17,7 @@ from standins import shm as shm_standin
 from support import vllm_kernels
 from fcpass.guard import ONEDNN_GENERIC_ONLY
 from support.multirank import run_ranks
+from passes.nodes import AUTO_FUNCTIONALIZED
 from passes.report import FUSED, NO_MATMUL_CONSUMER, SP_BELOW_THRESHOLD, SP_NO_NORM, SP_TRANSPORT, SPLIT
 
 HIDDEN, FFN = 64, 128
@@ -102,9 +103,7 @@ class NoNorm(TinyTP):
 
 def _op_name(node) -> str:
     """The op a node runs; for an auto_functionalized op (vLLM's in-place CPU kernels) the op inside."""
-    functionalized = node.target in (torch.ops.higher_order.auto_functionalized,
-                                      torch.ops.higher_order.auto_functionalized_v2)
-    return f"auto_functionalized({node.args[0]})" if functionalized else str(node.target)
+    return f"auto_functionalized({node.args[0]})" if node.target in AUTO_FUNCTIONALIZED else str(node.target)
 
 
 class Recorded(CustomGraphPass):
