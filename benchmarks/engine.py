@@ -199,8 +199,6 @@ def run_serve(label: str, model_dir: str, fields, settings: dict, env: dict, log
     from devtools import servers
 
     extra_args = [] if fields is None else ["--additional-config", json.dumps({"fcpass": fields})]
-    # the server's processes import this checkout's fcpass (the plugin), and for gloo the AVX2 site dir
-    env = {**env, "PYTHONPATH": engine.with_checkout_on_path({**os.environ, **env})["PYTHONPATH"]}
     max_model_len = max(settings["serve_prompt_tokens"]) + max(settings["serve_max_tokens"])
     concurrency = settings["serve_concurrency"]
     name = label.replace("/", "-")  # names its log file

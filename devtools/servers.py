@@ -18,7 +18,7 @@ import urllib.error
 import urllib.request
 from dataclasses import dataclass
 
-from devtools.engine import ENGINE_ENV
+from devtools.engine import ENGINE_ENV, with_checkout_on_path
 from devtools.launch import free_ports
 
 STOP_WAIT_S = 30
@@ -50,7 +50,8 @@ def start(name: str, port: int, model_dir: str, log_dir: str, extra_args=(), ext
     command = [vllm_script(), "serve", model_dir, "--host", "127.0.0.1", "--port", str(port),
                "--tensor-parallel-size", "2", "--dtype", "float32", "--max-model-len", str(max_model_len),
                "--skip-tokenizer-init", "--no-enable-prefix-caching", "--seed", "0", *extra_args]
-    env = {**os.environ, **ENGINE_ENV, **(extra_env or {})}
+    # the server's processes import this checkout's fcpass (the plugin), as the engine runner's do
+    env = with_checkout_on_path({**os.environ, **ENGINE_ENV, **(extra_env or {})})
     env.pop("VLLM_ALLOW_INSECURE_SERIALIZATION", None)  # only the LLM runs' collective_rpc readers need it
     log_path = os.path.join(log_dir, f"vllm-serve-{name}.log")
     with open(log_path, "w") as log:
