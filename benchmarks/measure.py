@@ -26,14 +26,14 @@ import torch.distributed as dist
 import fcpass
 # The collectives' non-deprecated spellings and the padding the ops themselves use.
 from fcpass.comm import (
-    all_gather_by_exchange, all_gather_single, reduce_scatter_by_exchange, reduce_scatter_single,
+    all_gather_by_exchange, all_gather_single, all_reduce_rows, reduce_scatter_by_exchange, reduce_scatter_single,
 )
 from fcpass.backends.generic import collectives_everywhere
 from fcpass.padding import append_zero_rows
 
 logger = logging.getLogger(__name__)
 
-OPS = ("mm_reduce_scatter", "all_gather_mm")
+OPS = ("mm_reduce_scatter", "all_gather_mm", "mm_all_reduce")
 CHUNK_CANDIDATES = (1, 2, 4, 8)
 NEVER_FUSE, ALWAYS_FUSE = 1 << 24, 0
 # From the config: "the runtime config's threshold, table or backend default".
@@ -85,8 +85,8 @@ def medians(variants: dict[str, Callable[[], object]], repeats: int, inner: int 
 class Point:
     """One op at one shape and token count: its inputs on this rank and its variants.
 
-    tokens: rows entering the matmul (m for mm_reduce_scatter, world_size x
-    local rows for all_gather_mm), the guard's token count. ``pad_rows``
+    tokens: rows entering the matmul (m for mm_reduce_scatter and
+    mm_all_reduce, world_size x local rows for all_gather_mm), the guard's token count. ``pad_rows``
     (mm_reduce_scatter only) zero rows follow the product, as vLLM pads a
     token count that world_size does not divide.
     """
@@ -105,7 +105,7 @@ class Point:
         self.group_name = dist.group.WORLD.group_name
         g = torch.Generator().manual_seed(dist.get_rank())
         self.w = (torch.randn(self.k, self.n, generator=g) / self.k**0.5).to(self.dtype)
-        if self.op == "mm_reduce_scatter":
+        if self.op != "all_gather_mm":
             self.x = torch.randn(self.tokens, self.k, generator=g).to(self.dtype)
             product = self.x @ self.w  # the collective's input: the product and its padded rows
             self.product = append_zero_rows(product, self.pad_rows) if self.pad_rows else product
@@ -120,6 +120,8 @@ class Point:
         """The fcpass op's arguments for this point."""
         if self.op == "mm_reduce_scatter":
             return self.x, self.w, None, self.group_name, self.world_size, threshold_tokens, self.pad_rows
+        if self.op == "mm_all_reduce":
+            return self.x, self.w, None, self.group_name, self.world_size, threshold_tokens
         return self.x, [self.w], [None], self.group_name, self.world_size, threshold_tokens
 
     def op_call(self, threshold_tokens: int) -> Callable[[], object]:
@@ -144,20 +146,25 @@ class Point:
         return self.op_call(NEVER_FUSE)
 
     def matmul(self) -> Callable[[], object]:
-        if self.op == "mm_reduce_scatter":
-            return lambda: torch.mm(self.x, self.w)
-        return lambda: torch.mm(self.gathered, self.w)
+        if self.op == "all_gather_mm":
+            return lambda: torch.mm(self.gathered, self.w)
+        return lambda: torch.mm(self.x, self.w)
 
     def collective(self, async_op: bool = False) -> Callable[[], object]:
         if self.op == "mm_reduce_scatter":
             return lambda: reduce_scatter_single(self.shard, self.product, async_op=async_op)
+        if self.op == "mm_all_reduce":  # in place, on zeros of the product's shape: repeated sums stay zero
+            zeros = torch.zeros_like(self.product)
+            return lambda: all_reduce_rows(zeros, dist.group.WORLD, async_op=async_op)
         return lambda: all_gather_single(self.gathered, self.x, async_op=async_op)
 
     def exchange(self) -> Callable[[], object]:
         """The other way to move the collective's bytes: the point-to-point exchange the fused path uses
         (``comm.reduce_scatter_by_exchange`` on the product / ``comm.all_gather_by_exchange`` of x), alone,
-        one message per peer."""
+        one message per peer. mm_all_reduce moves its bytes by the all_reduce itself: the collective."""
         group = dist.group.WORLD
+        if self.op == "mm_all_reduce":
+            return self.collective()
         if self.op == "mm_reduce_scatter":
             product, shard_rows = self.product, self.shard.shape[0]
             incoming = product.new_empty((self.world_size - 1, shard_rows, self.n))
@@ -203,6 +210,12 @@ class Point:
         ``reduce_scatter(product)`` / ``all_gather(x)``: another out-of-place collective in place of c10d's.
         """
         x, w, ws, pad = self.x, self.w, self.world_size, self.pad_rows
+        if self.op == "mm_all_reduce":
+            def call():
+                product = torch.mm(x, w)
+                all_reduce_rows(product, dist.group.WORLD)
+                return product
+            return call
         if self.op == "mm_reduce_scatter":
             scatter = reduce_scatter or _c10d_reduce_scatter(ws)
 

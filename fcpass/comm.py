@@ -1,7 +1,7 @@
 """Row-wise communication on a ProcessGroup: the unfused path's collectives, the generic pipeline's exchanges.
 
 The unfused path runs the plain collectives the graph had (reduce_scatter,
-all_gather); the generic pipeline moves the same rows by async point-to-point
+all_gather, all_reduce); the generic pipeline moves the same rows by async point-to-point
 sends, which it can overlap chunk by chunk, and which on gloo cost less than
 its collectives. fp8 has no reduction and is not a gloo dtype; it moves as
 bytes.
@@ -32,6 +32,11 @@ def all_gather_rows(out: torch.Tensor, x: torch.Tensor, group: dist.ProcessGroup
 def reduce_scatter_rows(out: torch.Tensor, x: torch.Tensor, group: dist.ProcessGroup, async_op: bool = False):
     """``out`` (m / world_size, ...) = this rank's block of the SUM over ranks of ``x`` (m, ...)."""
     return reduce_scatter_single(out, x, op=dist.ReduceOp.SUM, group=group, async_op=async_op)
+
+
+def all_reduce_rows(x: torch.Tensor, group: dist.ProcessGroup, async_op: bool = False):
+    """``x`` (m, ...) = the SUM over ranks of every rank's ``x``, in place."""
+    return dist.all_reduce(x, op=dist.ReduceOp.SUM, group=group, async_op=async_op)
 
 
 # ---- point-to-point: the generic pipeline's exchanges. Peers are group ranks; tag = chunk index, so every

@@ -30,6 +30,12 @@ from fcpass.limits import BACKEND_CHOICES, MAX_PIPELINE_CHUNKS, MAX_THRESHOLD_TO
 class PassConfig:
     """What fcpass fuses and when.
 
+    fuse_mm_reduce_scatter / fuse_all_gather_mm / fuse_mm_all_reduce: the
+        fusion families (matmul -> reduce_scatter, all_gather -> matmuls,
+        matmul -> all_reduce). The last changes no shapes and needs no
+        sequence parallelism: it fuses every row-parallel linear's
+        all_reduce that sequence parallelism left (or was not asked to split).
+
     threshold_tokens: fuse when ``num_tokens > threshold_tokens``; None means
         the selected backend's measured default (Ascend: 1000).
     max_world_size: never fuse above this world size (the kernel's own limit
@@ -56,6 +62,7 @@ class PassConfig:
 
     fuse_mm_reduce_scatter: bool = True
     fuse_all_gather_mm: bool = True
+    fuse_mm_all_reduce: bool = True
     threshold_tokens: int | None = None
     max_world_size: int = 8
     backend: str = "auto"
@@ -65,7 +72,7 @@ class PassConfig:
     threshold_table: str | None = None
 
     def __post_init__(self) -> None:
-        for flag in ("fuse_mm_reduce_scatter", "fuse_all_gather_mm", "sequence_parallel"):
+        for flag in ("fuse_mm_reduce_scatter", "fuse_all_gather_mm", "fuse_mm_all_reduce", "sequence_parallel"):
             if not isinstance(getattr(self, flag), bool):
                 raise ValueError(f"PassConfig.{flag} must be a bool, got {getattr(self, flag)!r}")
         t = self.threshold_tokens

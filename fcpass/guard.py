@@ -26,7 +26,7 @@ class GuardFacts(NamedTuple):
     """
 
     op: str
-    num_tokens: int  # rows entering the matmul: m for RS, m * world_size for AG
+    num_tokens: int  # rows entering the matmul: m for RS and AR, m * world_size for AG
     world_size: int
     dtype: torch.dtype
     k: int
@@ -43,6 +43,8 @@ class KernelLimits:
     k_min: int | None = None
     k_max_exclusive: int | None = None
     dtypes: frozenset[torch.dtype] | None = None
+    # The kernel shards the tokens over the ranks (reduce_scatter, all_gather): world_size must divide them.
+    shards_rows: bool = True
 
     def violation(self, facts: GuardFacts) -> str | None:
         if self.max_world_size is not None and facts.world_size > self.max_world_size:
@@ -55,7 +57,7 @@ class KernelLimits:
             return f"k {facts.k} >= kernel limit {self.k_max_exclusive}"
         if self.dtypes is not None and facts.dtype not in self.dtypes:
             return f"dtype {facts.dtype} not supported by kernel"
-        if facts.num_tokens % facts.world_size:
+        if self.shards_rows and facts.num_tokens % facts.world_size:
             return f"tokens {facts.num_tokens} not divisible by world_size {facts.world_size}"
         return None
 

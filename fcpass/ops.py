@@ -9,10 +9,12 @@ for every token count and never recompiles over the fused/unfused choice:
                                                    ((m + pad_rows)/ws, n)
     all_gather_mm(x, ws, biases, group_name, world_size, threshold_tokens, config="")
         = g = all_gather(x, dim 0); (g, [g @ w_i + b_i])
-    mm_reduce_scatter_scaled / all_gather_scaled_mm: the same over
+    mm_all_reduce(x, w, bias, group_name, world_size, threshold_tokens, config="")
+        = all_reduce(x @ w + bias, SUM)               (m, n)
+    mm_reduce_scatter_scaled / all_gather_scaled_mm / mm_all_reduce_scaled: the same over
         W8A8 (int8, per-channel dequant scale, int32 quant bias) and fp8
         (``_scaled_mm``) matmuls, with an output dtype.
-    mm_reduce_scatter_onednn / all_gather_onednn_mm: the same over vLLM's
+    mm_reduce_scatter_onednn / all_gather_onednn_mm / mm_all_reduce_onednn: the same over vLLM's
         CPU oneDNN matmul, whose weight exists only inside its handler:
         (x, handler, n, bias, ...) in place of (x, w, bias, ...).
 
@@ -41,7 +43,7 @@ import torch
 
 from fcpass import comm, guard, oplib, validate
 from fcpass.backends import select_backend
-from fcpass.backends.base import ALL_GATHER_MM, MM_REDUCE_SCATTER, Backend, FusedCall
+from fcpass.backends.base import ALL_GATHER_MM, MM_ALL_REDUCE, MM_REDUCE_SCATTER, Backend, FusedCall
 from fcpass.config import PassConfig
 from fcpass.groups import resolve_group
 from fcpass.matmuls import Matmul, OneDNNMatmul, tensor_signature
@@ -76,7 +78,8 @@ def _config_of(op: str, text: str) -> PassConfig:
         raise validate.FusedOpInputError(f"fcpass::{op}: config argument: {exc}") from None
 
 
-_FAMILY_FLAG = {MM_REDUCE_SCATTER: "fuse_mm_reduce_scatter", ALL_GATHER_MM: "fuse_all_gather_mm"}
+_FAMILY_FLAG = {MM_REDUCE_SCATTER: "fuse_mm_reduce_scatter", ALL_GATHER_MM: "fuse_all_gather_mm",
+                MM_ALL_REDUCE: "fuse_mm_all_reduce"}
 
 
 class Plan(NamedTuple):
@@ -111,7 +114,7 @@ def plan(op: str, family: str, call: FusedCall, threshold_tokens: int, config: P
     off_reason = (
         guard.BACKEND_OFF if backend is None
         else guard.FAMILY_DISABLED if not getattr(config, _FAMILY_FLAG[family])
-        else _onednn_off_reason(call, backend)
+        else _onednn_off_reason(call, backend) or backend.unsupported(family, call)
     )
     limits = None if off_reason else backend.limits(family, call)
     threshold = _resolve_threshold(threshold_tokens, config, backend, family, facts)
@@ -129,6 +132,8 @@ def _run(op: str, family: str, x: torch.Tensor, mms: tuple, row_scale: torch.Ten
     if planned is None:
         if family == MM_REDUCE_SCATTER:
             _check_rs(op, x, mms[0], row_scale, world_size, pad_rows)
+        elif family == MM_ALL_REDUCE:
+            _check_ar(op, x, mms[0], row_scale, world_size)
         else:
             _check_ag(op, x, mms, world_size)
     group = resolve_group(group_name)  # by name on every call: a name can outlive its group
@@ -150,6 +155,8 @@ def _run(op: str, family: str, x: torch.Tensor, mms: tuple, row_scale: torch.Ten
         if planned.decision.fused:
             return planned.backend.mm_reduce_scatter(with_zero_rows(call))
         return unfused_mm_reduce_scatter(call)
+    if family == MM_ALL_REDUCE:
+        return planned.backend.mm_all_reduce(call) if planned.decision.fused else unfused_mm_all_reduce(call)
     return planned.backend.all_gather_mm(call) if planned.decision.fused else unfused_all_gather_mm(call)
 
 
@@ -203,6 +210,13 @@ def unfused_mm_reduce_scatter(call: FusedCall) -> torch.Tensor:
     return out
 
 
+def unfused_mm_all_reduce(call: FusedCall) -> torch.Tensor:
+    (mm,) = call.matmuls
+    product = mm(call.x, call.row_scale)
+    comm.all_reduce_rows(product, call.group)
+    return product
+
+
 def unfused_all_gather_mm(call: FusedCall) -> tuple[torch.Tensor, list[torch.Tensor]]:
     x = call.x
     gathered = x.new_empty((x.shape[0] * call.world_size, x.shape[1]))
@@ -222,6 +236,13 @@ def _check_rs(op, x, mm, row_scale, world_size, pad_rows) -> None:
         validate.check_row_scale(op, x, row_scale)
     validate.check_pad_rows(op, mm, pad_rows)
     validate.check_divisible(op, x.shape[0] + pad_rows, world_size)
+
+
+def _check_ar(op, x, mm, row_scale, world_size) -> None:
+    validate.check_world_size(op, world_size)
+    validate.check_matmul(op, x, mm)
+    if row_scale is not None:
+        validate.check_row_scale(op, x, row_scale)
 
 
 def _check_ag(op, x, mms, world_size) -> None:
@@ -383,3 +404,56 @@ def _(x, handlers, ns, biases, group_name, world_size, threshold_tokens, config=
     _check_ag("all_gather_onednn_mm", x, mms, world_size)
     rows = x.shape[0] * world_size
     return x.new_empty((rows, x.shape[1])), [x.new_empty((rows, n)) for n in ns]
+
+
+# ---- mm_all_reduce: the row-parallel linear's product summed over the ranks; no shapes change.
+
+
+@oplib.define("mm_all_reduce")
+def mm_all_reduce(
+    x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None,
+    group_name: str, world_size: int, threshold_tokens: int, config: str = "",
+) -> torch.Tensor:
+    return _run("mm_all_reduce", MM_ALL_REDUCE, x, (Matmul(w, bias),), None,
+                group_name, world_size, threshold_tokens, 0, config)
+
+
+@oplib.fake("mm_all_reduce")
+def _(x, w, bias, group_name, world_size, threshold_tokens, config=""):
+    _check_ar("mm_all_reduce", x, Matmul(w, bias), None, world_size)
+    return x.new_empty((x.shape[0], w.shape[1]))
+
+
+@oplib.define("mm_all_reduce_scaled")
+def mm_all_reduce_scaled(
+    x: torch.Tensor, w: torch.Tensor, x_scale: torch.Tensor | None, w_scale: torch.Tensor,
+    bias: torch.Tensor | None, out_dtype: torch.dtype,
+    group_name: str, world_size: int, threshold_tokens: int, config: str = "",
+) -> torch.Tensor:
+    per_tensor, per_token = _split_x_scale(x_scale)
+    mm = Matmul(w, bias, w_scale=w_scale, x_scale=per_tensor, out_dtype=out_dtype)
+    return _run("mm_all_reduce_scaled", MM_ALL_REDUCE, x, (mm,), per_token,
+                group_name, world_size, threshold_tokens, 0, config)
+
+
+@oplib.fake("mm_all_reduce_scaled")
+def _(x, w, x_scale, w_scale, bias, out_dtype, group_name, world_size, threshold_tokens, config=""):
+    per_tensor, per_token = _split_x_scale(x_scale)
+    mm = Matmul(w, bias, w_scale=w_scale, x_scale=per_tensor, out_dtype=out_dtype)
+    _check_ar("mm_all_reduce_scaled", x, mm, per_token, world_size)
+    return x.new_empty((x.shape[0], w.shape[1]), dtype=out_dtype)
+
+
+@oplib.define("mm_all_reduce_onednn")
+def mm_all_reduce_onednn(
+    x: torch.Tensor, handler: torch.Tensor, n: int, bias: torch.Tensor | None,
+    group_name: str, world_size: int, threshold_tokens: int, config: str = "",
+) -> torch.Tensor:
+    return _run("mm_all_reduce_onednn", MM_ALL_REDUCE, x, (OneDNNMatmul(handler, n, x.dtype, bias),), None,
+                group_name, world_size, threshold_tokens, 0, config)
+
+
+@oplib.fake("mm_all_reduce_onednn")
+def _(x, handler, n, bias, group_name, world_size, threshold_tokens, config=""):
+    _check_ar("mm_all_reduce_onednn", x, OneDNNMatmul(handler, n, x.dtype, bias), None, world_size)
+    return x.new_empty((x.shape[0], n))

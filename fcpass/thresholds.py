@@ -12,7 +12,7 @@ Format (JSON)::
       "backend": "generic",
       "measured": {...},                       # optional, free-form provenance
       "entries": [
-        {"op": "mm_reduce_scatter",            # or "all_gather_mm"
+        {"op": "mm_reduce_scatter",            # or "all_gather_mm", "mm_all_reduce"
          "world_size": 2,
          "dtype": "float32",                   # torch dtype name of the op's input x
          "k_log2": 10, "n_log2": 10,           # bucket: floor(log2(k)), floor(log2(n))
@@ -48,7 +48,7 @@ import torch
 from fcpass.limits import MAX_PIPELINE_CHUNKS, MAX_THRESHOLD_TOKENS, WORLD_SIZE_RANGE
 
 FORMAT = "fcpass-thresholds/1"
-OPS = ("mm_reduce_scatter", "all_gather_mm")
+OPS = ("mm_reduce_scatter", "all_gather_mm", "mm_all_reduce")
 # A log2 bucket above 40 would mean a dimension of 2**40: a typo, not a shape.
 MAX_LOG2 = 40
 _TOP_KEYS = {"format", "backend", "entries", "measured"}

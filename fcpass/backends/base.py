@@ -12,6 +12,8 @@ from fcpass.matmuls import Matmul
 
 MM_REDUCE_SCATTER = "mm_reduce_scatter"
 ALL_GATHER_MM = "all_gather_mm"
+MM_ALL_REDUCE = "mm_all_reduce"
+FAMILIES = (MM_REDUCE_SCATTER, ALL_GATHER_MM, MM_ALL_REDUCE)
 
 
 class FusedCall(NamedTuple):
@@ -19,9 +21,10 @@ class FusedCall(NamedTuple):
 
     A NamedTuple (immutable, and built on every op call, where a frozen dataclass costs ~1.5 us more).
 
-    ``x`` is this rank's input (the full m rows for mm_reduce_scatter, the
-    local shard for all_gather_mm); ``row_scale`` is a per-token activation
-    scale that travels with the rows (mm_reduce_scatter only); ``pad_rows``
+    ``x`` is this rank's input (the full m rows for mm_reduce_scatter and
+    mm_all_reduce, the local shard for all_gather_mm); ``row_scale`` is a
+    per-token activation scale that travels with the rows (not for
+    all_gather_mm); ``pad_rows``
     zero rows follow the product before the scatter (mm_reduce_scatter only;
     backends receive calls with the padding already applied, pad_rows 0).
     """
@@ -48,8 +51,16 @@ class Backend:
         """Static limits of this backend's kernel for ``op``; None: cannot fuse it."""
         raise NotImplementedError
 
+    def unsupported(self, op: str, call: FusedCall) -> str | None:
+        """Why this backend's kernel for ``op`` cannot take this call at any size (read from rank-equal facts:
+        dtypes, the matmul's kind), or None."""
+        return None
+
     def mm_reduce_scatter(self, call: FusedCall) -> torch.Tensor:
         raise NotImplementedError
 
     def all_gather_mm(self, call: FusedCall) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        raise NotImplementedError
+
+    def mm_all_reduce(self, call: FusedCall) -> torch.Tensor:
         raise NotImplementedError

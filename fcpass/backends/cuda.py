@@ -4,13 +4,16 @@
 ``fused_all_gather_matmul`` (and their fp8 ``scaled`` forms) need symmetric
 memory enabled for the group; whether it is, is a property of the group and
 so the same on every rank. Without it the generic pipeline runs on NCCL.
+torch's symmetric memory has no fused matmul + all_reduce, so mm_all_reduce
+always runs the generic pipeline (row chunks, each chunk's NCCL all_reduce
+on its stream while the next chunk multiplies).
 """
 
 from __future__ import annotations
 
 import torch
 
-from fcpass.backends.base import Backend, FusedCall
+from fcpass.backends.base import MM_ALL_REDUCE, Backend, FusedCall
 from fcpass.backends.generic import GenericBackend
 from fcpass.guard import KernelLimits
 from fcpass.matmuls import FLOAT_DTYPES, FP8_DTYPES, fold_bias
@@ -38,7 +41,12 @@ class CudaBackend(Backend):
         self._generic = GenericBackend()
 
     def limits(self, op, call):
-        return self._generic.limits(op, call) if self._uses_generic(call) else self._limits
+        if op == MM_ALL_REDUCE or self._uses_generic(call):
+            return self._generic.limits(op, call)
+        return self._limits
+
+    def mm_all_reduce(self, call: FusedCall) -> torch.Tensor:
+        return self._generic.mm_all_reduce(call)
 
     def _uses_generic(self, call: FusedCall) -> bool:
         """No symmetric memory on the group, or W8A8 (no int8 symmetric-memory kernel)."""

@@ -19,6 +19,14 @@ Point-to-point exchange (CPU, gloo; ``fcpass.comm``):
   shard's matmul runs while they are in flight, then each peer's chunk is
   multiplied as soon as it has arrived.
 
+mm_all_reduce (every device): row chunks of x, each chunk's all_reduce in
+flight while the next chunk multiplies (no shapes change, so the rows need
+no exchange order; gloo's all_reduce costs no more than the exchange would
+for the same bytes):
+
+      mm(c0) | mm(c1)        | mm(c2)        | ... wait all, concatenate
+             | all_reduce c0 | all_reduce c1 |
+
 One collective per chunk (device groups):
   mm_reduce_scatter: chunk c holds every rank's c-th sub-slice of rows; its
   async reduce_scatter overlaps the next chunk's matmul.
@@ -33,9 +41,11 @@ import contextlib
 import torch
 import torch.distributed as dist
 
-from fcpass.backends.base import MM_REDUCE_SCATTER, Backend, FusedCall
-from fcpass.comm import all_gather_by_exchange, all_gather_rows, reduce_scatter_by_exchange, reduce_scatter_rows
+from fcpass.backends.base import MM_ALL_REDUCE, MM_REDUCE_SCATTER, Backend, FusedCall
+from fcpass.comm import (all_gather_by_exchange, all_gather_rows, all_reduce_rows, reduce_scatter_by_exchange,
+                         reduce_scatter_rows)
 from fcpass.guard import GuardFacts, KernelLimits
+from fcpass.limits import MAX_THRESHOLD_TOKENS
 
 # Where the pipeline moves rows by point-to-point exchange: CPU tensors, which travel over gloo, where the
 # exchange is the cheaper way (its reduce_scatter costs as much as an all_reduce; benchmarks/README.md).
@@ -86,15 +96,23 @@ class GenericBackend(Backend):
     # (benchmarks/README.md); the per-chunk collective pipeline lost at 1k tokens and won from 4k (DESIGN.md).
     default_threshold_tokens = 2048
     EXCHANGE_REDUCE_SCATTER_THRESHOLD = 512
+    # CPU mm_all_reduce: gloo's transport is CPU work on the cores the matmuls need, so there is nothing for
+    # the chunks to overlap with; on 2 gloo ranks the pipeline measured level or slower at every shape up to
+    # 16k tokens (benchmarks/README.md), so on CPU it runs only where a config or table asks for it.
+    EXCHANGE_ALL_REDUCE_THRESHOLD = MAX_THRESHOLD_TOKENS
     _limits = KernelLimits()
+    _all_reduce_limits = KernelLimits(shards_rows=False)
 
     def default_threshold(self, family: str, facts: GuardFacts) -> int:
-        if family == MM_REDUCE_SCATTER and facts.device_type in EXCHANGE_DEVICE_TYPES:
-            return self.EXCHANGE_REDUCE_SCATTER_THRESHOLD
+        if facts.device_type in EXCHANGE_DEVICE_TYPES:
+            if family == MM_REDUCE_SCATTER:
+                return self.EXCHANGE_REDUCE_SCATTER_THRESHOLD
+            if family == MM_ALL_REDUCE:
+                return self.EXCHANGE_ALL_REDUCE_THRESHOLD
         return self.default_threshold_tokens
 
     def limits(self, op, call):
-        return self._limits
+        return self._all_reduce_limits if op == MM_ALL_REDUCE else self._limits
 
     def mm_reduce_scatter(self, call: FusedCall) -> torch.Tensor:
         if call.x.device.type in EXCHANGE_DEVICE_TYPES:
@@ -105,6 +123,26 @@ class GenericBackend(Backend):
         if call.x.device.type in EXCHANGE_DEVICE_TYPES:
             return _all_gather_mm_by_exchange(call)
         return _all_gather_mm_by_collectives(call)
+
+    def mm_all_reduce(self, call: FusedCall) -> torch.Tensor:
+        return _mm_all_reduce_by_chunks(call)
+
+
+def _mm_all_reduce_by_chunks(call: FusedCall) -> torch.Tensor:
+    """Each row chunk's product all-reduced in place, asynchronously, while the next chunk multiplies.
+
+    A rank-0-only bias is added by that rank's matmul to every chunk, so the sum carries it once, as the
+    unfused path's does; every rank runs the same chunks (their bounds read the shape only).
+    """
+    (matmul,) = call.matmuls
+    x, row_scale = call.x, call.row_scale
+    parts, pending = [], []
+    for start, end in _chunks(call, x.shape[0]):
+        parts.append(matmul(x[start:end], None if row_scale is None else row_scale[start:end]))
+        pending.append(all_reduce_rows(parts[-1], call.group, async_op=True))
+    for work in pending:
+        work.wait()
+    return parts[0] if len(parts) == 1 else torch.cat(parts)
 
 
 def _mm_reduce_scatter_by_exchange(call: FusedCall) -> torch.Tensor:

@@ -1,10 +1,13 @@
-"""Ascend: torch_npu's fused MatmulReduceScatter / AllGatherMatmul kernels.
+"""Ascend: torch_npu's fused MatmulReduceScatter / AllGatherMatmul / MatmulAllReduce kernels.
 
 torch_npu is imported on first use, never at module import (it fails to
 import without CANN). The kernels take no bias (the docs: "bias must be
 None/zero"), so a row-parallel bias is folded into the matmul (see
 fcpass.matmuls.fold_bias) and a column-parallel bias is added after the
 gathered matmul, which is exact because every rank holds its own shard.
+``npu_mm_all_reduce_base`` takes a bias (added on each rank before the sum:
+vLLM's rank-0-only bias, as vllm-ascend's MatmulAllreduceRowParallelOp
+passes it) and W8A8 dequant scales in the dtype combinations its docs list.
 """
 
 from __future__ import annotations
@@ -14,7 +17,7 @@ import importlib
 import torch
 import torch.distributed as dist
 
-from fcpass.backends.base import Backend, FusedCall
+from fcpass.backends.base import MM_ALL_REDUCE, Backend, FusedCall
 from fcpass.guard import KernelLimits
 from fcpass.matmuls import MAX_FOLD_COLUMNS, fold_bias
 
@@ -28,6 +31,11 @@ NPU_K_MAX_EXCLUSIVE = 65535 - MAX_FOLD_COLUMNS
 NPU_DTYPES = frozenset({torch.float16, torch.bfloat16, torch.int8})
 # vllm-ascend fuses above 1000 tokens.
 NPU_DEFAULT_THRESHOLD = 1000
+# npu_mm_all_reduce_base: 1, 2, 4 or 8 ranks (HCCS full mesh), any m >= 1, k <= 65535 when quantized; its
+# W8A8 output is float16 or bfloat16.
+NPU_ALL_REDUCE_WORLD_SIZES = frozenset({1, 2, 4, 8})
+NPU_ALL_REDUCE_QUANT_K_MAX_EXCLUSIVE = 65536
+NPU_ALL_REDUCE_OUT_DTYPES = frozenset({torch.float16, torch.bfloat16})
 # "aiv" is the mode that supports both the plain and the quantized kernels.
 COMM_MODE = "aiv"
 
@@ -45,8 +53,28 @@ class NpuBackend(Backend):
     def __init__(self) -> None:
         self._comm_names: dict[str, str] = {}
 
+    _all_reduce_limits = KernelLimits(allowed_world_sizes=NPU_ALL_REDUCE_WORLD_SIZES, dtypes=NPU_DTYPES,
+                                      shards_rows=False)
+    _quant_all_reduce_limits = KernelLimits(allowed_world_sizes=NPU_ALL_REDUCE_WORLD_SIZES, dtypes=NPU_DTYPES,
+                                            k_max_exclusive=NPU_ALL_REDUCE_QUANT_K_MAX_EXCLUSIVE, shards_rows=False)
+
     def limits(self, op, call):
+        if op == MM_ALL_REDUCE:
+            return self._quant_all_reduce_limits if call.matmuls[0].scaled else self._all_reduce_limits
         return self._limits
+
+    def unsupported(self, op, call):
+        (mm, *_) = call.matmuls
+        if op == MM_ALL_REDUCE and mm.scaled and mm.out_dtype not in NPU_ALL_REDUCE_OUT_DTYPES:
+            return f"npu_mm_all_reduce_base's W8A8 output is float16 or bfloat16, not {mm.out_dtype}"
+        return None
+
+    def mm_all_reduce(self, call: FusedCall) -> torch.Tensor:
+        (mm,) = call.matmuls
+        return _torch_npu().npu_mm_all_reduce_base(
+            call.x, mm.w, self.comm_name(call), reduce_op="sum", bias=mm.bias, comm_turn=0,
+            **_all_reduce_quant_kwargs(mm, call.row_scale),
+        )
 
     def mm_reduce_scatter(self, call: FusedCall) -> torch.Tensor:
         torch_npu = _torch_npu()
@@ -110,6 +138,27 @@ def _quant_kwargs(mm, row_scale) -> dict:
     kwargs = {"x2_scale": w_scale, "output_dtype": mm.out_dtype}
     if row_scale is not None:
         kwargs["x1_scale"] = row_scale.to(torch.float32).reshape(-1, 1)
+    return kwargs
+
+
+def _all_reduce_quant_kwargs(mm, row_scale) -> dict:
+    """npu_mm_all_reduce_base's W8A8 scales, in the combinations its docs list: a float32 dequant scale with a
+    per-token scale (m,) (float16 out); packed into int64 by npu_trans_quant_param without one (float16 out);
+    in bfloat16 for a bfloat16 output (the kernel's only form for it: the scale rounds to bfloat16)."""
+    if not mm.scaled:
+        return {}
+    scale = mm.w_scale.to(torch.float32).reshape(-1)
+    if mm.x_scale is not None:  # per-tensor activation scale folds into the channel scale
+        scale = scale * mm.x_scale.to(torch.float32).reshape(1)
+    kwargs = {}
+    if row_scale is not None:
+        kwargs["pertoken_scale"] = row_scale.to(torch.float32).reshape(-1)
+    if mm.out_dtype == torch.bfloat16:
+        kwargs["dequant_scale"] = scale.to(torch.bfloat16)
+    elif row_scale is not None:
+        kwargs["dequant_scale"] = scale
+    else:
+        kwargs["dequant_scale"] = _torch_npu().npu_trans_quant_param(scale)
     return kwargs
 
 

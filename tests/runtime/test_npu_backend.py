@@ -34,6 +34,10 @@ TWO_RANKS = {
     "ag_w8a8": _shared(run_npu_scaled, "ag", torch.int8, 16, K, (64, 32), 0),
     **{("rs_w8a8", per_token): _shared(run_npu_scaled, "rs", torch.int8, 64, K, 64, 63, per_token)
        for per_token in (False, True)},
+    # npu_mm_all_reduce_base's three W8A8 scale forms, and an output it does not have (float32: unfused).
+    **{("ar_w8a8", per_token, out_dtype): _shared(run_npu_scaled, "ar", torch.int8, 37, K, 64, 0, per_token,
+                                                  out_dtype)
+       for per_token in (False, True) for out_dtype in (torch.bfloat16, torch.float16, torch.float32)},
 }
 
 
@@ -42,7 +46,7 @@ def _fused_count(results):
 
 
 def _kernel_cases(world_size):
-    rs, ag = [], []
+    rs, ag, ar = [], [], []
     for dtype in (torch.bfloat16, torch.float16):
         for bias in (False, True):
             for m in (8 * world_size, 64 * world_size):
@@ -50,7 +54,9 @@ def _kernel_cases(world_size):
             m = 16
             ag += [Case(m=m, k=K, ns=(64, 32), dtype=dtype, bias=bias, threshold=t, seed=50 + len(ag))
                    for t in (m * world_size - 1, m * world_size)]
-    return rs, ag
+            m = 8 * world_size + 1  # an all_reduce needs no divisible token count
+            ar += [Case(m=m, k=K, ns=(64,), dtype=dtype, bias=bias, threshold=t, seed=100 + len(ar)) for t in (m - 1, m)]
+    return rs, ag, ar
 
 
 KERNELS = {ws: _shared(run_npu_cases, *_kernel_cases(ws), world_size=ws) for ws in (2, 4)}
@@ -58,14 +64,18 @@ KERNELS = {ws: _shared(run_npu_cases, *_kernel_cases(ws), world_size=ws) for ws 
 
 @pytest.mark.parametrize("world_size", [2, 4])
 def test_npu_kernels_match_reference(world_size):
-    rs, ag = _kernel_cases(world_size)
+    rs, ag, ar = _kernel_cases(world_size)
     per_rank = KERNELS[world_size]()
     check_results([r["results"] for r in per_rank])
-    for r in per_rank:
+    for rank, r in enumerate(per_rank):
         kernels = [name for name, _ in r["calls"]]
         assert len(kernels) == _fused_count(r["results"])  # every fused decision reached a kernel
         assert kernels.count("npu_mm_reduce_scatter_base") == len(rs) // 2
         assert kernels.count("npu_all_gather_base_mm") == len(ag) // 2
+        assert kernels.count("npu_mm_all_reduce_base") == len(ar) // 2
+        # The all_reduce kernel takes the row-parallel bias itself, where vLLM has it: on rank 0 only.
+        biased = [facts["bias"] for name, facts in r["calls"] if name == "npu_mm_all_reduce_base"]
+        assert biased == [rank == 0 and case.bias for case in ar if case.threshold < case.m]
 
 
 def test_npu_falls_back_where_kernel_cannot_take_the_case():
@@ -102,6 +112,23 @@ def test_npu_w8a8_all_gather_mm_with_quant_bias():
         assert kernel == "npu_all_gather_base_mm" and facts["quant"]
 
 
+@pytest.mark.parametrize("per_token", [False, True], ids=["per_tensor", "per_token"])
+def test_npu_w8a8_mm_all_reduce_scale_forms(per_token):
+    """bf16 out: a bf16 dequant scale; fp16 out: float32 with the per-token scale, else packed into int64;
+    float32 out: the kernel has none, so unfused on every rank, saying why."""
+    expected = {torch.bfloat16: torch.bfloat16, torch.float16: torch.float32 if per_token else torch.int64}
+    for out_dtype, dequant_dtype in expected.items():
+        per_rank = TWO_RANKS[("ar_w8a8", per_token, out_dtype)]()
+        for r in per_rank:
+            assert r["decision"][1] == "fused" and r["error"] <= QUANT_TOLERANCE, (out_dtype, r)
+            ((kernel, facts),) = r["calls"]
+            assert kernel == "npu_mm_all_reduce_base" and facts["quant"]
+            assert facts["dequant_dtype"] == dequant_dtype and facts["pertoken_scale"] == per_token
+    for r in TWO_RANKS[("ar_w8a8", per_token, torch.float32)]():
+        assert r["calls"] == [] and r["error"] <= QUANT_TOLERANCE
+        assert r["decision"][1] == "unfused" and "float16 or bfloat16, not torch.float32" in r["decision"][2]
+
+
 def test_standin_rejects_what_the_kernel_rejects():
     """The stand-in is only as good as its checks: each documented constraint raises."""
     import importlib.util
@@ -126,3 +153,21 @@ def test_standin_rejects_what_the_kernel_rejects():
         world_size = kwargs.pop("world_size", 2)
         with pytest.raises(torch_npu.KernelArgumentError, match=message):
             torch_npu.npu_mm_reduce_scatter_base(a, b, "no-such-hcom", world_size, **kwargs)
+    x8, w8 = torch.zeros(8, 256, dtype=torch.int8), torch.zeros(256, 16, dtype=torch.int8)
+    scale = torch.ones(16)
+    bad_all_reduce = {
+        "must not be empty": (x[:0], w, {}),
+        "float16 or bfloat16 alike": (x.float(), w.float(), {}),
+        r"bias torch.bfloat16 \(n,\)": (x, w, {"bias": torch.zeros(16)}),
+        "reduce_op must be 'sum'": (x, w, {"reduce_op": "max"}),
+        "dequant_scale .* required": (x8, w8, {}),
+        "needs a pertoken_scale": (x8, w8, {"dequant_scale": scale}),
+        "bias int32": (x8, w8, {"dequant_scale": scale.bfloat16(), "bias": torch.zeros(16)}),
+        r"quantized k=65536 > 65535": (torch.zeros(1, 65536, dtype=torch.int8), torch.zeros(65536, 1, dtype=torch.int8),
+                                       {"dequant_scale": torch.ones(1).bfloat16()}),
+        "not emulated": (x, w, {"x3": x}),
+        "unknown hcom": (x, w, {}),
+    }
+    for message, (a, b, kwargs) in bad_all_reduce.items():
+        with pytest.raises(torch_npu.KernelArgumentError, match=message):
+            torch_npu.npu_mm_all_reduce_base(a, b, "no-such-hcom", **kwargs)

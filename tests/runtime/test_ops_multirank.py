@@ -1,4 +1,4 @@
-"""Both fused ops on real gloo ranks (generic backend), both sides of the threshold.
+"""The three fused ops on real gloo ranks (generic backend), both sides of the threshold.
 
 Reference: float64, computed per rank from every rank's seeded inputs,
 without fcpass and without a collective.
@@ -14,7 +14,7 @@ import torch.distributed as dist
 import fcpass
 from support.cases import TOLERANCE, Case
 from support.multirank import shared
-from support.op_runs import run_all_gather_mm, run_cases, run_mm_reduce_scatter
+from support.op_runs import run_cases, run_on_group
 
 
 def _threshold_sides(m_tokens: int):
@@ -42,11 +42,22 @@ def _ag_cases(world_size):
     return cases
 
 
+def _ar_cases(world_size):
+    """Token counts world_size does not divide as well (an all_reduce shards nothing)."""
+    cases = []
+    for m, dtype, bias in itertools.product((1, 7, 129, 2048 + 3), (torch.float32, torch.bfloat16), (False, True)):
+        for threshold in _threshold_sides(m):
+            cases.append(Case(m=m, k=64, ns=(48,), dtype=dtype, bias=bias, threshold=threshold, seed=200 + len(cases)))
+    return cases
+
+
 def check_results(per_rank):
     for results in zip(*per_rank):
         case = results[0]["case"]
         decisions = {r["decision"] for r in results}
         assert len(decisions) == 1, f"ranks disagree on {case}: {decisions}"
+        digests = {r.get("digest") for r in results}
+        assert len(digests) == 1, f"ranks hold different all_reduce results for {case}"
         (op, path, reason) = decisions.pop()
         tokens = case.m * len(per_rank) if op.startswith("all_gather") else case.m + case.pad_rows
         assert path == ("fused" if tokens > case.threshold else "unfused"), (case, path, reason)
@@ -63,6 +74,8 @@ def _two_rank_cases():
 
     chunk_rs = [Case(m=2 * 37, k=40, threshold=0, seed=s) for s in range(2)]
     chunk_ag = [Case(m=37, k=40, ns=(24, 8), bias=True, threshold=0, seed=10 + s) for s in range(2)]
+    chunk_ar = [Case(m=2 * 37 + 1, k=40, bias=True, dtype=dtype, threshold=0, seed=60 + s)
+                for s, dtype in enumerate((torch.float32, torch.bfloat16))]
     cuda_rs = [Case(m=64, k=32, bias=True, threshold=0)]
     cuda_ag = [Case(m=16, k=32, ns=(8, 8), bias=True, threshold=0)]
     pad_rs = [
@@ -71,34 +84,34 @@ def _two_rank_cases():
             ((7, 1), (5, 3)), (torch.float32, torch.bfloat16), (False, True), (0, 64)))
     ]
     return {
-        **{("chunks", c): shared(run_cases, chunk_rs, chunk_ag, fcpass.PassConfig(pipeline_chunks=c))
+        **{("chunks", c): shared(run_cases, chunk_rs, chunk_ag, fcpass.PassConfig(pipeline_chunks=c), chunk_ar)
            for c in CHUNK_COUNTS},
-        "cuda": shared(run_cases, cuda_rs, cuda_ag, fcpass.PassConfig(backend="cuda")),
+        "cuda": shared(run_cases, cuda_rs, cuda_ag, fcpass.PassConfig(backend="cuda"), chunk_ar),
         "pad_rows": shared(run_cases, pad_rs, []),
-        "collectives": shared(_by_collectives, chunk_rs + pad_rs, chunk_ag),
+        "collectives": shared(_by_collectives, chunk_rs + pad_rs, chunk_ag, chunk_ar),
     }
 
 
-def _by_collectives(rank, world_size, rs_cases, ag_cases):
+def _by_collectives(rank, world_size, rs_cases, ag_cases, ar_cases):
     """The generic pipeline's per-chunk collectives (its way on device groups), forced on gloo, at 1-8 chunks."""
     from fcpass.backends.generic import collectives_everywhere
 
     with collectives_everywhere():
         return [result for chunks in (1, 3, 8)
-                for result in run_cases(rank, world_size, rs_cases, ag_cases, fcpass.PassConfig(pipeline_chunks=chunks))]
+                for result in run_cases(rank, world_size, rs_cases, ag_cases, fcpass.PassConfig(pipeline_chunks=chunks),
+                                        ar_cases)]
 
 
-def _on_subgroups(rank, world_size, rs_cases, ag_cases):
+def _on_subgroups(rank, world_size, rs_cases, ag_cases, ar_cases):
     """The cases on 2-rank subgroups of 4 ranks, [0, 2] and [1, 3]: group ranks differ from global ranks."""
     groups = [dist.new_group([0, 2]), dist.new_group([1, 3])]  # every rank creates both, in the same order
     group = groups[rank % 2]
     group_rank, size = dist.get_rank(group), dist.get_world_size(group)
     fcpass.configure(fcpass.PassConfig())
-    return ([run_mm_reduce_scatter(c, group_rank, size, group.group_name) for c in rs_cases]
-            + [run_all_gather_mm(c, group_rank, size, group.group_name) for c in ag_cases])
+    return run_on_group(group_rank, size, group.group_name, rs_cases, ag_cases, ar_cases)
 
 
-def _on_one_rank_groups(rank, world_size, rs_cases, ag_cases):
+def _on_one_rank_groups(rank, world_size, rs_cases, ag_cases, ar_cases):
     """The cases on a group of one rank (each rank its own), by exchange and by the per-chunk collectives."""
     from fcpass.backends.generic import collectives_everywhere
 
@@ -108,8 +121,7 @@ def _on_one_rank_groups(rank, world_size, rs_cases, ag_cases):
     for pipeline in (contextlib.nullcontext, collectives_everywhere):
         fcpass.configure(fcpass.PassConfig(pipeline_chunks=3))
         with pipeline():
-            results += [run_mm_reduce_scatter(c, 0, 1, name) for c in rs_cases]
-            results += [run_all_gather_mm(c, 0, 1, name) for c in ag_cases]
+            results += run_on_group(0, 1, name, rs_cases, ag_cases, ar_cases)
     return results
 
 
@@ -119,6 +131,7 @@ ONE_RANK_GROUPS = shared(
      for i, (threshold, pad) in enumerate(itertools.product((0, 1 << 20), (0, 2)))],
     [Case(m=37, k=40, ns=(24, 8), bias=True, threshold=threshold, seed=50 + i)
      for i, threshold in enumerate((0, 1 << 20))],
+    [Case(m=37, k=40, bias=True, threshold=threshold, seed=70 + i) for i, threshold in enumerate((0, 1 << 20))],
 )
 SUBGROUPS = shared(
     _on_subgroups,
@@ -126,9 +139,11 @@ SUBGROUPS = shared(
      for i, (dtype, threshold) in enumerate(itertools.product((torch.float32, torch.bfloat16), (0, 1 << 20)))],
     [Case(m=37, k=40, ns=(24, 8), bias=True, threshold=threshold, seed=30 + i)
      for i, threshold in enumerate((0, 1 << 20))],
+    [Case(m=37, k=40, bias=True, threshold=threshold, seed=80 + i) for i, threshold in enumerate((0, 1 << 20))],
     world_size=4,
 )
-BOTH_SIDES = {ws: shared(run_cases, _rs_cases(ws), _ag_cases(ws), world_size=ws, timeout=240) for ws in (2, 4)}
+BOTH_SIDES = {ws: shared(run_cases, _rs_cases(ws), _ag_cases(ws), None, _ar_cases(ws), world_size=ws, timeout=240)
+              for ws in (2, 4)}
 TWO_RANKS = _two_rank_cases()
 
 
@@ -136,7 +151,7 @@ TWO_RANKS = _two_rank_cases()
 def test_ops_match_reference_on_both_sides_of_threshold(world_size):
     per_rank = BOTH_SIDES[world_size]()
     check_results(per_rank)
-    assert len(per_rank[0]) == len(_rs_cases(world_size)) + len(_ag_cases(world_size))
+    assert len(per_rank[0]) == len(_rs_cases(world_size)) + len(_ag_cases(world_size)) + len(_ar_cases(world_size))
 
 
 def test_pipeline_chunk_counts_are_exact():

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from support.multirank import shared
-from support.scaled_runs import QUANT_TOLERANCE, run_scaled_all_gather, run_scaled_reduce_scatter
+from support.scaled_runs import QUANT_TOLERANCE, run_scaled_all_gather, run_scaled_row_parallel
 
 
 def _check(per_rank, fused):
@@ -20,12 +20,14 @@ FUSED = {"fused": True, "unfused": False}
 
 
 def _cases():
-    cases = {("per_token",): (run_scaled_reduce_scatter, (torch.int8, 128, 64, 40, 0, True))}
+    cases = {("per_token", kind): (run_scaled_row_parallel, (kind, torch.int8, 128, 64, 40, 0, True))
+             for kind in ("rs", "ar")}
     for dtype_id, dtype in DTYPES.items():
         for fused_id, fused in FUSED.items():
             m = 256
-            cases[("rs", dtype_id, fused_id)] = (run_scaled_reduce_scatter,
-                                                 (dtype, m, 64, 40, m - 1 if fused else m, False))
+            for kind in ("rs", "ar"):
+                cases[(kind, dtype_id, fused_id)] = (run_scaled_row_parallel,
+                                                     (kind, dtype, m, 64, 40, m - 1 if fused else m, False))
             m = 64
             cases[("ag", dtype_id, fused_id)] = (run_scaled_all_gather,
                                                  (dtype, m, 64, (40, 24), 2 * m - 1 if fused else 2 * m))
@@ -42,7 +44,17 @@ def test_scaled_mm_reduce_scatter_rank0_bias(dtype_id, fused_id):
 
 
 def test_w8a8_mm_reduce_scatter_per_token_scale():
-    _check(SCALED[("per_token",)](), True)
+    _check(SCALED[("per_token", "rs")](), True)
+
+
+@pytest.mark.parametrize("dtype_id", DTYPES)
+@pytest.mark.parametrize("fused_id", FUSED)
+def test_scaled_mm_all_reduce_rank0_bias(dtype_id, fused_id):
+    _check(SCALED[("ar", dtype_id, fused_id)](), FUSED[fused_id])
+
+
+def test_w8a8_mm_all_reduce_per_token_scale():
+    _check(SCALED[("per_token", "ar")](), True)
 
 
 @pytest.mark.parametrize("dtype_id", DTYPES)

@@ -57,13 +57,19 @@ def rank_biases(case: Case, rank: int, rank0_only: bool) -> list[torch.Tensor | 
     return [torch.randn(n, generator=_gen(case.seed * 1000 + 900 + i)).to(case.dtype) for i, n in enumerate(case.ns)]
 
 
-def reference_mm_reduce_scatter(case: Case, rank: int, world_size: int) -> torch.Tensor:
+def reference_mm_all_reduce(case: Case, world_size: int) -> torch.Tensor:
+    """The row-parallel product summed over the ranks, rank 0's bias once: what every rank's all_reduce holds."""
     total = 0
     for r in range(world_size):
         (w,) = rank_weights(case, r, shared=False)
         (b,) = rank_biases(case, r, rank0_only=True)
         y = rank_x(case, r).double() @ w.double()
         total = total + (y if b is None else y + b.double())
+    return total
+
+
+def reference_mm_reduce_scatter(case: Case, rank: int, world_size: int) -> torch.Tensor:
+    total = reference_mm_all_reduce(case, world_size)
     total = torch.cat([total, total.new_zeros((case.pad_rows, total.shape[1]))])
     shard = (case.m + case.pad_rows) // world_size
     return total[rank * shard:(rank + 1) * shard]

@@ -26,20 +26,23 @@ def with_standin_calls(body):
     return result, list(torch_npu.calls)
 
 
-def run_npu_cases(rank, world_size, rs_cases, ag_cases):
+def run_npu_cases(rank, world_size, rs_cases, ag_cases, ar_cases=()):
     import fcpass
     from support.op_runs import run_cases
 
     config = fcpass.PassConfig(backend="npu")
-    results, calls = with_standin_calls(lambda: run_cases(rank, world_size, rs_cases, ag_cases, config))
+    results, calls = with_standin_calls(lambda: run_cases(rank, world_size, rs_cases, ag_cases, config, ar_cases))
     return {"results": results, "calls": calls}
 
 
 def run_npu_scaled(rank, world_size, kind, *args):
     import fcpass
-    from support.scaled_runs import run_scaled_all_gather, run_scaled_reduce_scatter
+    from support.scaled_runs import run_scaled_all_gather, run_scaled_row_parallel
 
     config = fcpass.PassConfig(backend="npu")
-    body = run_scaled_reduce_scatter if kind == "rs" else run_scaled_all_gather
-    result, calls = with_standin_calls(lambda: body(rank, world_size, *args, config=config))
+    if kind == "ag":
+        result, calls = with_standin_calls(lambda: run_scaled_all_gather(rank, world_size, *args, config=config))
+    else:
+        result, calls = with_standin_calls(lambda: run_scaled_row_parallel(rank, world_size, kind, *args,
+                                                                           config=config))
     return {**result, "calls": calls}

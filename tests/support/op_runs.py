@@ -6,12 +6,15 @@ every rank, including that all ranks took the same path.
 
 from __future__ import annotations
 
+import hashlib
+
 import torch
 import torch.distributed as dist
 
 import fcpass
 from support.cases import (
-    Case, rank_biases, rank_weights, rank_x, reference_all_gather_mm, reference_mm_reduce_scatter, rel_error,
+    Case, rank_biases, rank_weights, rank_x, reference_all_gather_mm, reference_mm_all_reduce,
+    reference_mm_reduce_scatter, rel_error,
 )
 
 
@@ -34,6 +37,20 @@ def run_mm_reduce_scatter(case: Case, rank: int, world_size: int, group_name: st
     return {"case": case, "error": rel_error(out, ref), "decision": decision}
 
 
+def run_mm_all_reduce(case: Case, rank: int, world_size: int, group_name: str) -> dict:
+    """Also returns the result's bytes' digest: every rank must hold the same sum, bit for bit."""
+    x = rank_x(case, rank)
+    (w,) = rank_weights(case, rank, shared=False)
+    (b,) = rank_biases(case, rank, rank0_only=True)
+    out, decision = _decision_of(
+        lambda: torch.ops.fcpass.mm_all_reduce(x, w, b, group_name, world_size, case.threshold)
+    )
+    ref = reference_mm_all_reduce(case, world_size)
+    assert out.shape == ref.shape and out.dtype == case.dtype, (out.shape, ref.shape, out.dtype)
+    digest = hashlib.sha256(out.contiguous().view(torch.uint8).numpy().tobytes()).hexdigest()
+    return {"case": case, "error": rel_error(out, ref), "decision": decision, "digest": digest}
+
+
 def run_all_gather_mm(case: Case, rank: int, world_size: int, group_name: str) -> dict:
     x = rank_x(case, rank)
     ws = rank_weights(case, rank, shared=True)
@@ -48,10 +65,14 @@ def run_all_gather_mm(case: Case, rank: int, world_size: int, group_name: str) -
     return {"case": case, "error": error, "decision": decision}
 
 
-def run_cases(rank: int, world_size: int, rs_cases, ag_cases, config=None) -> list[dict]:
+def run_cases(rank: int, world_size: int, rs_cases, ag_cases, config=None, ar_cases=()) -> list[dict]:
     """The cases under ``config`` (default: PassConfig()), which stays this rank's runtime config."""
     fcpass.configure(config if config is not None else fcpass.PassConfig())
-    name = dist.group.WORLD.group_name
-    results = [run_mm_reduce_scatter(c, rank, world_size, name) for c in rs_cases]
-    results += [run_all_gather_mm(c, rank, world_size, name) for c in ag_cases]
-    return results
+    return run_on_group(rank, world_size, dist.group.WORLD.group_name, rs_cases, ag_cases, ar_cases)
+
+
+def run_on_group(rank: int, world_size: int, name: str, rs_cases, ag_cases, ar_cases=()) -> list[dict]:
+    """Every case of each op on the group ``name``, where this rank is group rank ``rank``."""
+    return ([run_mm_reduce_scatter(c, rank, world_size, name) for c in rs_cases]
+            + [run_all_gather_mm(c, rank, world_size, name) for c in ag_cases]
+            + [run_mm_all_reduce(c, rank, world_size, name) for c in ar_cases])

@@ -1,7 +1,8 @@
-"""Test-only stand-in for torch_npu's two fused communication kernels.
+"""Test-only stand-in for torch_npu's three fused communication kernels.
 
-It has the documented signatures of ``npu_mm_reduce_scatter_base`` and
-``npu_all_gather_base_mm`` (torch_npu / op-plugin docs, CANN 8.x), raises on
+It has the documented signatures of ``npu_mm_reduce_scatter_base``,
+``npu_all_gather_base_mm`` and ``npu_mm_all_reduce_base`` (torch-npu
+2.14.0's op yaml and ``_op_plugin_docs.py``, CANN 8.x), raises on
 every documented constraint a real kernel would reject, and computes the
 documented result over the gloo group behind the communicator name. It lives
 in tests/ only: fcpass never ships it. ``install()`` makes it importable as
@@ -16,6 +17,19 @@ Documented constraints enforced here:
 - quantized (int8): x2_scale float32 (1, n), x1_scale float32 (m, 1) or None,
   output_dtype bfloat16/float16, comm_mode "aiv";
 - hcom must be a name handed out by get_hccl_comm_name.
+
+npu_mm_all_reduce_base (its own table in the docs):
+- x1 (m, k) with m >= 1 (no empty tensors), x2 (k, n); communicator of 1, 2,
+  4 or 8 ranks; reduce_op "sum"; comm_turn 0;
+- float: x1, x2 float16 or bfloat16 alike; bias (n,) of their dtype;
+- W8A8: x1, x2 int8, k <= 65535, bias int32 (n,), dequant_scale (n,) or
+  (1, n) of: int64 (``npu_trans_quant_param``'s packing of a float32 scale;
+  float16 out), bfloat16 (bfloat16 out), float32 only with a float32
+  ``pertoken_scale`` (m,) (float16 out);
+- antiquant (weight-only quant), x3 and communication quant: not emulated
+  (must be None).
+The bias is added on each rank before the sum, as vllm-ascend's
+MatmulAllreduceRowParallelOp relies on (it passes the bias on rank 0 only).
 """
 
 from __future__ import annotations
@@ -109,6 +123,79 @@ def npu_all_gather_base_mm(input, x2, hcom, world_size, bias=None, x1_scale=None
     gathered_scale = None if x1_scale is None else _gather(x1_scale, world_size, group)
     out = _matmul(gathered, x2, gathered_scale, x2_scale, output_dtype)
     return out, (gathered if gather_output else input.new_empty(0))
+
+
+AR_WORLD_SIZES = (1, 2, 4, 8)
+AR_QUANT_K_MAX = 65535
+
+
+def npu_trans_quant_param(scale, offset=None, round_mode=0):
+    """A float32 dequant scale packed into int64 for the quantized kernels: its bits in the low 32 bits."""
+    _check(scale.dtype == torch.float32, f"npu_trans_quant_param: scale must be float32, got {scale.dtype}")
+    _check(offset is None, "npu_trans_quant_param: offset is not emulated")
+    return scale.contiguous().view(torch.int32).to(torch.int64) & 0xFFFFFFFF
+
+
+def _unpack_quant_param(packed):
+    return (packed & 0xFFFFFFFF).to(torch.int32).view(torch.float32)
+
+
+def npu_mm_all_reduce_base(x1, x2, hcom, *, reduce_op="sum", bias=None, antiquant_scale=None, antiquant_offset=None,
+                           x3=None, dequant_scale=None, pertoken_scale=None, comm_quant_scale_1=None,
+                           comm_quant_scale_2=None, antiquant_group_size=0, comm_turn=0, **not_emulated):
+    kernel = "npu_mm_all_reduce_base"
+    _check(not not_emulated, f"{kernel}: arguments {sorted(not_emulated)} are not emulated")
+    _check(x1.dim() == 2 and x2.dim() == 2, f"{kernel}: x1 and x2 must be 2-D here")
+    _check(x1.numel() > 0 and x2.numel() > 0, f"{kernel}: x1 and x2 must not be empty")
+    _check(x1.shape[1] == x2.shape[0], f"{kernel}: k mismatch {x1.shape[1]} vs {x2.shape[0]}")
+    _check(reduce_op == "sum", f"{kernel}: reduce_op must be 'sum'")
+    _check(comm_turn == 0, f"{kernel}: comm_turn must be 0")
+    _check(all(t is None for t in (antiquant_scale, antiquant_offset, x3, comm_quant_scale_1, comm_quant_scale_2)),
+           f"{kernel}: antiquant, x3 and communication quant are not emulated")
+    n = x2.shape[1]
+    if x1.dtype == torch.int8:
+        _check(x2.dtype == torch.int8, f"{kernel}: quantized x2 must be int8, got {x2.dtype}")
+        _check(x1.shape[1] <= AR_QUANT_K_MAX, f"{kernel}: quantized k={x1.shape[1]} > {AR_QUANT_K_MAX}")
+        _check(bias is None or (bias.dtype == torch.int32 and tuple(bias.shape) == (n,)), f"{kernel}: bias int32 (n,)")
+        _check(dequant_scale is not None and dequant_scale.numel() == n and dequant_scale.dim() in (1, 2),
+               f"{kernel}: dequant_scale (n,) or (1, n) required")
+        if dequant_scale.dtype == torch.float32:
+            _check(pertoken_scale is not None, f"{kernel}: a float32 dequant_scale needs a pertoken_scale "
+                                               "(else pack it with npu_trans_quant_param)")
+            scale, out_dtype = dequant_scale, torch.float16
+        elif dequant_scale.dtype == torch.int64:
+            _check(pertoken_scale is None, f"{kernel}: an int64 dequant_scale takes no pertoken_scale")
+            scale, out_dtype = _unpack_quant_param(dequant_scale), torch.float16
+        else:
+            _check(dequant_scale.dtype == torch.bfloat16, f"{kernel}: dequant_scale {dequant_scale.dtype}")
+            scale, out_dtype = dequant_scale.float(), torch.bfloat16
+        _check(pertoken_scale is None or (pertoken_scale.dtype == torch.float32
+                                          and tuple(pertoken_scale.shape) == (x1.shape[0],)),
+               f"{kernel}: pertoken_scale float32 (m,)")
+        acc = torch._int_mm(x1, x2)
+        if bias is not None:
+            acc = acc + bias
+        product = acc.float() * scale.reshape(1, -1)
+        if pertoken_scale is not None:
+            product = product * pertoken_scale.reshape(-1, 1)
+        product = product.to(out_dtype)
+    else:
+        _check(x1.dtype in (torch.float16, torch.bfloat16) and x2.dtype == x1.dtype,
+               f"{kernel}: x1 {x1.dtype} and x2 {x2.dtype}: float16 or bfloat16 alike")
+        _check(dequant_scale is None and pertoken_scale is None, f"{kernel}: dequant scales are for int8 inputs")
+        _check(bias is None or (bias.dtype == x1.dtype and tuple(bias.shape) == (n,)), f"{kernel}: bias {x1.dtype} (n,)")
+        product = torch.mm(x1.float(), x2.float())
+        if bias is not None:
+            product = product + bias.float()
+        product = product.to(x1.dtype)
+    _check(hcom in _groups_by_comm_name, f"{kernel}: unknown hcom {hcom!r}")
+    group = _groups_by_comm_name[hcom]
+    _check(group.size() in AR_WORLD_SIZES, f"{kernel}: {group.size()} ranks, not in {AR_WORLD_SIZES}")
+    calls.append((kernel, {"m": x1.shape[0], "k": x1.shape[1], "dtype": x1.dtype, "quant": x1.dtype == torch.int8,
+                           "bias": bias is not None, "pertoken_scale": pertoken_scale is not None,
+                           "dequant_dtype": None if dequant_scale is None else dequant_scale.dtype}))
+    dist.all_reduce(product, group=group)
+    return product
 
 
 def _gather(t, world_size, group):
