@@ -121,7 +121,7 @@ class Point:
         if self.op == "mm_reduce_scatter":
             return self.x, self.w, None, self.group_name, self.world_size, threshold_tokens, self.pad_rows
         if self.op == "mm_all_reduce":
-            return self.x, self.w, None, self.group_name, self.world_size, threshold_tokens
+            return self.x, self.w, None, self.group_name, threshold_tokens
         return self.x, [self.w], [None], self.group_name, self.world_size, threshold_tokens
 
     def op_call(self, threshold_tokens: int) -> Callable[[], object]:

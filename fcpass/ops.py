@@ -9,8 +9,10 @@ for every token count and never recompiles over the fused/unfused choice:
                                                    ((m + pad_rows)/ws, n)
     all_gather_mm(x, ws, biases, group_name, world_size, threshold_tokens, config="")
         = g = all_gather(x, dim 0); (g, [g @ w_i + b_i])
-    mm_all_reduce(x, w, bias, group_name, world_size, threshold_tokens, config="")
+    mm_all_reduce(x, w, bias, group_name, threshold_tokens, config="")
         = all_reduce(x @ w + bias, SUM)               (m, n)
+        (no world_size: no shape depends on it, so the graph needs no group
+        at compile time; the op reads the group's size when called)
     mm_reduce_scatter_scaled / all_gather_scaled_mm / mm_all_reduce_scaled: the same over
         W8A8 (int8, per-channel dequant scale, int32 quant bias) and fp8
         (``_scaled_mm``) matmuls, with an output dtype.
@@ -240,9 +242,7 @@ def _check_rs(op, x, mm, row_scale, world_size, pad_rows) -> None:
 
 def _check_ar(op, x, mm, row_scale, world_size) -> None:
     validate.check_world_size(op, world_size)
-    validate.check_matmul(op, x, mm)
-    if row_scale is not None:
-        validate.check_row_scale(op, x, row_scale)
+    _check_ar_trace(op, x, mm, row_scale)
 
 
 def _check_ag(op, x, mms, world_size) -> None:
@@ -269,6 +269,12 @@ def _split_x_scale(x_scale):
     return None, x_scale
 
 
+def _scaled_row_matmul(w, x_scale, w_scale, bias, out_dtype):
+    """A row-parallel op's scaled Matmul, and the per-token scale that travels with the rows (or None)."""
+    per_tensor, per_token = _split_x_scale(x_scale)
+    return Matmul(w, bias, w_scale=w_scale, x_scale=per_tensor, out_dtype=out_dtype), per_token
+
+
 @oplib.define("mm_reduce_scatter")
 def mm_reduce_scatter(
     x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None,
@@ -292,8 +298,7 @@ def mm_reduce_scatter_scaled(
     bias: torch.Tensor | None, out_dtype: torch.dtype,
     group_name: str, world_size: int, threshold_tokens: int, pad_rows: int = 0, config: str = "",
 ) -> torch.Tensor:
-    per_tensor, per_token = _split_x_scale(x_scale)
-    mm = Matmul(w, bias, w_scale=w_scale, x_scale=per_tensor, out_dtype=out_dtype)
+    mm, per_token = _scaled_row_matmul(w, x_scale, w_scale, bias, out_dtype)
     return _run(
         "mm_reduce_scatter_scaled", MM_REDUCE_SCATTER, x, (mm,), per_token,
         group_name, world_size, threshold_tokens, pad_rows, config
@@ -302,8 +307,7 @@ def mm_reduce_scatter_scaled(
 
 @oplib.fake("mm_reduce_scatter_scaled")
 def _(x, w, x_scale, w_scale, bias, out_dtype, group_name, world_size, threshold_tokens, pad_rows=0, config=""):
-    per_tensor, per_token = _split_x_scale(x_scale)
-    mm = Matmul(w, bias, w_scale=w_scale, x_scale=per_tensor, out_dtype=out_dtype)
+    mm, per_token = _scaled_row_matmul(w, x_scale, w_scale, bias, out_dtype)
     _check_rs("mm_reduce_scatter_scaled", x, mm, per_token, world_size, pad_rows)
     return x.new_empty(((x.shape[0] + pad_rows) // world_size, w.shape[1]), dtype=out_dtype)
 
@@ -406,54 +410,61 @@ def _(x, handlers, ns, biases, group_name, world_size, threshold_tokens, config=
     return x.new_empty((rows, x.shape[1])), [x.new_empty((rows, n)) for n in ns]
 
 
-# ---- mm_all_reduce: the row-parallel linear's product summed over the ranks; no shapes change.
+# ---- mm_all_reduce: the row-parallel linear's product summed over the ranks; no shapes change, so no world_size
+# argument: the group's size is read when the op is called (rank-equal, like the name it is read from).
+
+
+def _all_reduce(op: str, x, mm, row_scale, group_name: str, threshold_tokens: int, config: str) -> torch.Tensor:
+    world_size = resolve_group(group_name).size()
+    return _run(op, MM_ALL_REDUCE, x, (mm,), row_scale, group_name, world_size, threshold_tokens, 0, config)
+
+
+def _check_ar_trace(op, x, mm, row_scale) -> None:
+    validate.check_matmul(op, x, mm)
+    if row_scale is not None:
+        validate.check_row_scale(op, x, row_scale)
 
 
 @oplib.define("mm_all_reduce")
 def mm_all_reduce(
-    x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None,
-    group_name: str, world_size: int, threshold_tokens: int, config: str = "",
+    x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, group_name: str, threshold_tokens: int,
+    config: str = "",
 ) -> torch.Tensor:
-    return _run("mm_all_reduce", MM_ALL_REDUCE, x, (Matmul(w, bias),), None,
-                group_name, world_size, threshold_tokens, 0, config)
+    return _all_reduce("mm_all_reduce", x, Matmul(w, bias), None, group_name, threshold_tokens, config)
 
 
 @oplib.fake("mm_all_reduce")
-def _(x, w, bias, group_name, world_size, threshold_tokens, config=""):
-    _check_ar("mm_all_reduce", x, Matmul(w, bias), None, world_size)
+def _(x, w, bias, group_name, threshold_tokens, config=""):
+    _check_ar_trace("mm_all_reduce", x, Matmul(w, bias), None)
     return x.new_empty((x.shape[0], w.shape[1]))
 
 
 @oplib.define("mm_all_reduce_scaled")
 def mm_all_reduce_scaled(
     x: torch.Tensor, w: torch.Tensor, x_scale: torch.Tensor | None, w_scale: torch.Tensor,
-    bias: torch.Tensor | None, out_dtype: torch.dtype,
-    group_name: str, world_size: int, threshold_tokens: int, config: str = "",
+    bias: torch.Tensor | None, out_dtype: torch.dtype, group_name: str, threshold_tokens: int, config: str = "",
 ) -> torch.Tensor:
-    per_tensor, per_token = _split_x_scale(x_scale)
-    mm = Matmul(w, bias, w_scale=w_scale, x_scale=per_tensor, out_dtype=out_dtype)
-    return _run("mm_all_reduce_scaled", MM_ALL_REDUCE, x, (mm,), per_token,
-                group_name, world_size, threshold_tokens, 0, config)
+    mm, per_token = _scaled_row_matmul(w, x_scale, w_scale, bias, out_dtype)
+    return _all_reduce("mm_all_reduce_scaled", x, mm, per_token, group_name, threshold_tokens, config)
 
 
 @oplib.fake("mm_all_reduce_scaled")
-def _(x, w, x_scale, w_scale, bias, out_dtype, group_name, world_size, threshold_tokens, config=""):
-    per_tensor, per_token = _split_x_scale(x_scale)
-    mm = Matmul(w, bias, w_scale=w_scale, x_scale=per_tensor, out_dtype=out_dtype)
-    _check_ar("mm_all_reduce_scaled", x, mm, per_token, world_size)
+def _(x, w, x_scale, w_scale, bias, out_dtype, group_name, threshold_tokens, config=""):
+    mm, per_token = _scaled_row_matmul(w, x_scale, w_scale, bias, out_dtype)
+    _check_ar_trace("mm_all_reduce_scaled", x, mm, per_token)
     return x.new_empty((x.shape[0], w.shape[1]), dtype=out_dtype)
 
 
 @oplib.define("mm_all_reduce_onednn")
 def mm_all_reduce_onednn(
-    x: torch.Tensor, handler: torch.Tensor, n: int, bias: torch.Tensor | None,
-    group_name: str, world_size: int, threshold_tokens: int, config: str = "",
+    x: torch.Tensor, handler: torch.Tensor, n: int, bias: torch.Tensor | None, group_name: str,
+    threshold_tokens: int, config: str = "",
 ) -> torch.Tensor:
-    return _run("mm_all_reduce_onednn", MM_ALL_REDUCE, x, (OneDNNMatmul(handler, n, x.dtype, bias),), None,
-                group_name, world_size, threshold_tokens, 0, config)
+    mm = OneDNNMatmul(handler, n, x.dtype, bias)
+    return _all_reduce("mm_all_reduce_onednn", x, mm, None, group_name, threshold_tokens, config)
 
 
 @oplib.fake("mm_all_reduce_onednn")
-def _(x, handler, n, bias, group_name, world_size, threshold_tokens, config=""):
-    _check_ar("mm_all_reduce_onednn", x, OneDNNMatmul(handler, n, x.dtype, bias), None, world_size)
+def _(x, handler, n, bias, group_name, threshold_tokens, config=""):
+    _check_ar_trace("mm_all_reduce_onednn", x, OneDNNMatmul(handler, n, x.dtype, bias), None)
     return x.new_empty((x.shape[0], n))

@@ -21,7 +21,7 @@ from torch._inductor.pattern_matcher import stable_topological_sort
 
 import fcpass  # registers torch.ops.fcpass.*
 from fcpass.config import PassConfig
-from passes import all_gather_mm, mm_reduce_scatter, sequence_parallel
+from passes import all_gather_mm, mm_all_reduce, mm_reduce_scatter, sequence_parallel
 from passes.report import PassReport
 
 # Under "fcpass" like the runtime's loggers, so logging.getLogger("fcpass") reaches the rewrite too.
@@ -33,9 +33,10 @@ _PASS_SOURCES = sorted(Path(__file__).parent.glob("*.py"))
 
 # Family order: sequence parallelism first (it creates the reduce_scatters and
 # all_gathers the others fuse), then reduce_scatter, so an all_gather whose input
-# comes from a rewritten reduce_scatter sees the final graph. Each family reads its
-# flag and threshold from the config; the fused ops get the config itself as text.
-_FAMILIES = (sequence_parallel, mm_reduce_scatter, all_gather_mm)
+# comes from a rewritten reduce_scatter sees the final graph; matmul -> all_reduce last,
+# on the all_reduces the split left. Each family reads its flag and threshold from the
+# config; the fused ops get the config itself as text.
+_FAMILIES = (sequence_parallel, mm_reduce_scatter, all_gather_mm, mm_all_reduce)
 
 # The reports of this process's last graphs, for callers that cannot reach the pass instance (vLLM workers
 # hold copies of it; devtools/engine.py reads them with collective_rpc).
@@ -43,8 +44,8 @@ _RECENT_REPORTS: collections.deque = collections.deque(maxlen=16)
 
 
 class FlashCommPass(CustomGraphPass):
-    """Sequence parallelism (all_reduce -> norm split), then fusion of mm -> reduce_scatter and
-    all_gather -> mm(s) into fcpass ops.
+    """Sequence parallelism (all_reduce -> norm split), then fusion of mm -> reduce_scatter,
+    all_gather -> mm(s) and mm -> all_reduce into fcpass ops.
 
     A plain Inductor ``CustomGraphPass``; vLLM's pass managers take only their own
     pass types, so vLLM gets ``fcpass.vllm.VllmFlashCommPass`` (this pass as a

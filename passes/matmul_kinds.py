@@ -1,10 +1,11 @@
 """The table of matmul kinds: which fused op takes a matmul of each kind, in each family, and its operands.
 
-Both families look a matmul's ``kind`` up here instead of comparing names,
+Every family looks a matmul's ``kind`` up here instead of comparing names,
 so a new matmul form is one matcher (passes/matmuls.py) and, when no fused
 op takes it yet, one entry here. The operands are the op's arguments after
 the activation rows and before the collective's (group, world size, ...);
-the two families' ops order them differently, so each entry builds both.
+the row-parallel ops (reduce_scatter, all_reduce) take one matmul's operands
+in one order, the gather ops a list per operand, so each entry builds both.
 """
 
 from __future__ import annotations
@@ -28,7 +29,8 @@ class MatmulKind:
 
     mm_reduce_scatter: str  # the torch.ops.fcpass op fusing a matmul into the reduce_scatter after it
     all_gather_mm: str  # the torch.ops.fcpass op fusing an all_gather into the matmuls reading its rows
-    scatter_operands: Callable[[fx.Graph, MatmulNode], tuple]
+    mm_all_reduce: str  # the torch.ops.fcpass op fusing a matmul into the all_reduce after it
+    row_parallel_operands: Callable[[fx.Graph, MatmulNode], tuple]  # both row-parallel ops take these
     gather_operands: Callable[[fx.Graph, list[MatmulNode]], tuple]  # every matmul of one gather, one kind
 
 
@@ -48,21 +50,21 @@ def _kn_weights(graph: fx.Graph, matmuls: list[MatmulNode]) -> list[fx.Node]:
 KINDS: dict[str, MatmulKind] = {
     # x @ w (+ bias): mm, addmm, the linear ops.
     "plain": MatmulKind(
-        "mm_reduce_scatter", "all_gather_mm",
-        scatter_operands=lambda graph, mm: (mm.kn_weight(graph), mm.bias),
+        "mm_reduce_scatter", "all_gather_mm", "mm_all_reduce",
+        row_parallel_operands=lambda graph, mm: (mm.kn_weight(graph), mm.bias),
         gather_operands=lambda graph, mms: (_kn_weights(graph, mms), _each(mms, "bias")),
     ),
     # fp8 _scaled_mm, Ascend W8A8 npu_quant_matmul: the gathered rows have one x_scale and out_dtype.
     "scaled": MatmulKind(
-        "mm_reduce_scatter_scaled", "all_gather_scaled_mm",
-        scatter_operands=lambda graph, mm: (mm.kn_weight(graph), mm.x_scale, mm.w_scale, mm.bias, mm.out_dtype),
+        "mm_reduce_scatter_scaled", "all_gather_scaled_mm", "mm_all_reduce_scaled",
+        row_parallel_operands=lambda graph, mm: (mm.kn_weight(graph), mm.x_scale, mm.w_scale, mm.bias, mm.out_dtype),
         gather_operands=lambda graph, mms: (mms[0].x_scale, _kn_weights(graph, mms), _each(mms, "w_scale"),
                                             _each(mms, "bias"), mms[0].out_dtype),
     ),
     # vLLM's CPU oneDNN linear: the op takes the handler (the weight packed inside) and its output width.
     "onednn": MatmulKind(
-        "mm_reduce_scatter_onednn", "all_gather_onednn_mm",
-        scatter_operands=lambda graph, mm: (mm.w, mm.handler_n, mm.bias),
+        "mm_reduce_scatter_onednn", "all_gather_onednn_mm", "mm_all_reduce_onednn",
+        row_parallel_operands=lambda graph, mm: (mm.w, mm.handler_n, mm.bias),
         gather_operands=lambda graph, mms: (_each(mms, "w"), _each(mms, "handler_n"), _each(mms, "bias")),
     ),
 }

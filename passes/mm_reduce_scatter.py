@@ -107,7 +107,7 @@ def _replace(graph: fx.Graph, rs: Collective, mm: MatmulNode, pad, steps, config
 
     def build():
         rows_pad = _pad_to_multiple(graph, mm.x, rs.world_size) if rs.pads_tokens else pad
-        operands = kind.scatter_operands(graph, mm)
+        operands = kind.row_parallel_operands(graph, mm)
         return call(graph, fused_op(kind.mm_reduce_scatter), (mm.x, *operands, rs.group_name, rs.world_size,
                                                               CONFIG_THRESHOLD, rows_pad, config_text))
 

@@ -27,9 +27,12 @@ PADDED_TWICE = "padded twice (explicit pad into a padding collective)"
 NO_MATMUL_CONSUMER = "no matmul consumer"
 MIXED_MATMULS = "matmuls differ in kind or scaling (one fused op needs one kind)"
 PER_TOKEN_SCALE = "per-token activation scale (computed after the gather)"
+# sequence_parallel and mm_all_reduce
+ALL_REDUCE_NOT_2D_ROWS = "all_reduce input is not 2-D token rows"
+UNKNOWN_GROUP = "group unknown at compile time (its world size shapes the rewrite)"  # + the name
+# mm_all_reduce
+FASTER_TRANSPORT = "the all_reduce's transport is faster than the fused op's"  # + which transports
 # sequence_parallel
-SP_NOT_2D_ROWS = "all_reduce input is not 2-D token rows"
-SP_UNKNOWN_GROUP = "group unknown at compile time (its world size decides the shard size)"  # + the name
 SP_TRANSPORT = "the all_reduce's transport is faster than the split's"  # + which transports
 SP_BELOW_THRESHOLD = "compiled for token counts not all above sequence_parallel_threshold_tokens"  # + both
 SP_MIXED_REGION = "all_reduces of different forms or groups meet in one region"

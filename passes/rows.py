@@ -34,6 +34,15 @@ def row_view_source(node: fx.Node) -> fx.Node | None:
     return node.args[0] if statically_known_true(out.shape[-1] == source.shape[-1]) else None
 
 
+def through_row_views(node: fx.Node) -> tuple[fx.Node, list[fx.Node]]:
+    """The node before any chain of row-keeping views ending at ``node``, and the views walked (last first)."""
+    steps = []
+    while isinstance(node, fx.Node) and (source := row_view_source(node)) is not None:
+        steps.append(node)
+        node = source
+    return node, steps
+
+
 def row_pad(node: fx.Node):
     """``p`` if ``node`` appends p zero rows to a 2-D tensor (``F.pad(t, (0, 0, 0, p))``), else None."""
     if node.op != "call_function" or node.target != aten.constant_pad_nd.default or dim(node.args[0]) != 2:

@@ -112,11 +112,11 @@ def rewrite(graph: fx.Graph, config: PassConfig, report: PassReport) -> None:
 
 def _unsupported(ar: AllReduce) -> str | Reason | None:
     if dim(ar.input) != 2:
-        return outcomes.SP_NOT_2D_ROWS
+        return outcomes.ALL_REDUCE_NOT_2D_ROWS
     try:
         resolve_group(ar.group_name)
     except ValueError:
-        return Reason(outcomes.SP_UNKNOWN_GROUP, repr(ar.group_name))
+        return Reason(outcomes.UNKNOWN_GROUP, repr(ar.group_name))
     return None
 
 

@@ -2,7 +2,9 @@
 
 Graphs are traced per rank, as vLLM compiles per rank: rank 0's row-parallel
 graph has addmm (its bias) where rank 1's has mm. Both must become the same
-op protocol: no hang, and the sum equals the unfused one.
+op protocol: no hang, and the sum equals the unfused one. The fused path here
+is forced on CPU by ``threshold_tokens`` (by default mm_all_reduce stays on
+its plain path on CPU: benchmarks/README.md).
 """
 
 import copy
@@ -19,8 +21,8 @@ THRESHOLD = 16
 def run_rewritten_vs_original(rank, world_size):
     import fcpass
     from support.hand_graphs import (
-        FP8, K, N, ag_3d_mm, ag_mm, ag_npu_quant_mm, ag_unpad_tokens_mm, count, linear_rs, mm_3d_rs, mm_pad_rs, mm_rs,
-        npu_quant_mm_rs, quant_inputs, scaled_mm_rs,
+        FP8, K, N, ag_3d_mm, ag_mm, ag_npu_quant_mm, ag_unpad_tokens_mm, count, linear_rs, mm_3d_rs, mm_ar, mm_pad_rs,
+        mm_rs, npu_quant_mm_ar, npu_quant_mm_rs, quant_inputs, scaled_mm_rs,
     )
     from passes import FlashCommPass
 
@@ -56,6 +58,14 @@ def run_rewritten_vs_original(rank, world_size):
                          lambda x: (x, in_scale, rank0_bias), 2e-2),
         "ag_npu_quant": (ag_npu_quant_mm("c10d_functional", group=group),
                          lambda x: (shard(x), in_scale, quant_w), 2e-2),
+        # matmul -> all_reduce: token counts world_size need not divide (63 of them, from 64)
+        "ar": (mm_ar("c10d_functional", bias=(rank == 0), group=group), lambda x: (x[1:], w, b), 1e-5),
+        "ar_3d": (mm_ar("c10d_functional", bias=(rank == 0), matmul="linear_3d", group=group),
+                  lambda x: (x, w, b), 1e-5),
+        "ar_fp8": (mm_ar("c10d_functional", bias=(rank == 0), matmul="scaled_mm", group=group),
+                   lambda x: ((x.to(FP8), fp8_args[1]), (fp8_args[0], fp8_args[2]), fp8_args[3]), 2e-2),
+        "ar_npu_quant": (npu_quant_mm_ar("c10d_functional", bias=(rank == 0), group=group),
+                         lambda x: (x, in_scale, rank0_bias), 2e-2),
     }
     results = {}
     for name, (original, make_args, tolerance) in graphs.items():
@@ -64,7 +74,7 @@ def run_rewritten_vs_original(rank, world_size):
         rewritten.recompile()
         fused_ops = sum(count(rewritten, op.default) for op in (
             torch.ops.fcpass.mm_reduce_scatter, torch.ops.fcpass.all_gather_mm, torch.ops.fcpass.mm_reduce_scatter_scaled,
-            torch.ops.fcpass.all_gather_scaled_mm))
+            torch.ops.fcpass.all_gather_scaled_mm, torch.ops.fcpass.mm_all_reduce, torch.ops.fcpass.mm_all_reduce_scaled))
         for m in (8, 64):  # below and above the threshold
             x = torch.randn(m, K, generator=torch.Generator().manual_seed(rank + m))
             fcpass.reset_decision_counts()
@@ -87,7 +97,7 @@ def test_rewritten_graphs_equal_originals_with_rank0_bias():
         decisions = [r[key]["decisions"] for r in per_rank]
         assert decisions[0] == decisions[1], key  # same protocol on both ranks
         (path,) = {p for (_, p, _) in decisions[0]}
-        tokens = key[1]  # rows entering the matmul on every rank, for both families here
+        tokens = key[1] - (key[0] == "ar")  # rows entering the matmul on every rank, for every family here
         assert path == ("fused" if tokens > THRESHOLD else "unfused"), key
         for r in per_rank:
             assert r[key]["fused_ops"] == 1

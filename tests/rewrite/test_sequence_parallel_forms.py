@@ -18,7 +18,8 @@ from support import vllm_kernels
 from fcpass.guard import ONEDNN_GENERIC_ONLY
 from support.multirank import run_ranks
 from passes.nodes import AUTO_FUNCTIONALIZED
-from passes.report import FUSED, NO_MATMUL_CONSUMER, SP_BELOW_THRESHOLD, SP_NO_NORM, SP_TRANSPORT, SPLIT
+from passes.report import (FASTER_TRANSPORT, FUSED, NO_MATMUL_CONSUMER, SP_BELOW_THRESHOLD, SP_NO_NORM, SP_TRANSPORT,
+                           SPLIT)
 
 HIDDEN, FFN = 64, 128
 
@@ -227,31 +228,43 @@ def test_functional_all_reduce_and_aten_norm_are_split_and_fused(runs, name):
 
 
 @pytest.mark.parametrize("name", ["static_below", "onednn_defaults"])
-def test_graphs_below_the_threshold_are_left_alone(runs, name):
+def test_graphs_below_the_threshold_are_left_unsplit_and_their_all_reduces_fused(runs, name):
     """A static count at or below the threshold; and the defaults (``PassConfig(sequence_parallel=True)``) on
     the CPU engine's forms compiled as vLLM's CPU backend compiles them: one graph for every token count from 2
-    up, so it serves decode batches, and the split (it changes shapes: decided per compiled graph) stays off."""
+    up, so it serves decode batches, and the split (it changes shapes: decided per compiled graph) stays off.
+    matmul -> all_reduce fuses both sites instead (no shape changes), and its guard keeps these token counts
+    on the plain path: at or below threshold_tokens 16, and on CPU by default at every size."""
+    matmul = "onednn_mm" if name == "onednn_defaults" else "mm"
+    fused_op = "mm_all_reduce_onednn" if name == "onednn_defaults" else "mm_all_reduce"
     for r in runs[name]:
-        assert r["counts"]["_c10d_functional.all_reduce.default"] == 2
+        assert r["counts"]["_c10d_functional.all_reduce.default"] == 0
+        assert r["counts"][f"fcpass.{fused_op}.default"] == 2
         assert r["counts"]["_c10d_functional.reduce_scatter_tensor.default"] == 0
-        assert r["outcomes"] == [("sequence_parallel", "c10d_functional", SP_BELOW_THRESHOLD)] * 2
+        assert r["outcomes"] == ([("sequence_parallel", "c10d_functional", SP_BELOW_THRESHOLD)] * 2
+                                 + [("mm_all_reduce", f"c10d_functional/{matmul}", FUSED)] * 2)
+        assert all(d == {(fused_op, "unfused"): 2} for d in r["decisions"]), r["decisions"]
         assert max(r["errors"]) <= 1e-5
 
 
-def test_all_reduce_without_a_norm_is_left_alone(runs):
+def test_all_reduce_without_a_norm_is_left_unsplit_and_fused(runs):
     for r in runs["no_norm"]:
-        assert r["counts"]["_c10d_functional.all_reduce.default"] == 1
-        assert r["outcomes"] == [("sequence_parallel", "c10d_functional", SP_NO_NORM)]
+        assert r["counts"]["_c10d_functional.all_reduce.default"] == 0
+        assert r["outcomes"] == [("sequence_parallel", "c10d_functional", SP_NO_NORM),
+                                 ("mm_all_reduce", "c10d_functional/mm", FUSED)]
+        assert r["decisions"] == [{("mm_all_reduce", "unfused"): 1}]  # 8 tokens, threshold 16
         assert max(r["errors"]) <= 1e-5
 
 
 def test_vllm_shm_all_reduce_is_left_alone_its_transport_is_faster(runs):
-    """vLLM's shared-memory all_reduce: the split's reduce_scatter and all_gather would run over gloo, slower
-    than it, so it is kept (its group found by the handle's owner all the same) and the report says why."""
+    """vLLM's shared-memory all_reduce: the split's reduce_scatter and all_gather, and the fused op's
+    all_reduce, would run over gloo, slower than it, so it is kept (its group found by the handle's owner all
+    the same) and the report says why, for both families."""
     for r in runs["shm"]:
         assert r["counts"]["auto_functionalized(_C.shm_allreduce.default)"] == 2
         assert r["counts"]["fcpass.mm_reduce_scatter_onednn.default"] == 0
-        assert r["outcomes"] == [("sequence_parallel", "shm", SP_TRANSPORT)] * 2
+        assert r["counts"]["fcpass.mm_all_reduce_onednn.default"] == 0
+        assert r["outcomes"] == ([("sequence_parallel", "shm", SP_TRANSPORT)] * 2
+                                 + [("mm_all_reduce", "shm/onednn_mm", FASTER_TRANSPORT)] * 2)
         assert r["decisions"][:3] == [{}, {}, {}]
         assert max(r["errors"]) <= 1e-5, r["errors"]
 

@@ -3,14 +3,15 @@
 The engine's one whole-model graph has 2 * LAYERS + 1 all_reduces (embedding, o_proj and down_proj of each
 layer), each before an RMSNorm. Their form is the kernel library's (tests/support/vllm_kernels.py): "shm" on
 AVX-512 builds, else "c10d_functional". vLLM's shm all_reduce is faster than the split's collectives over gloo,
-so there nothing is split (and nothing fused: the all_reduce has no reduce_scatter or all_gather to fuse). Over
+so there nothing is split and nothing fused (matmul -> all_reduce declines it for the same reason). Over
 gloo every all_reduce is split by sequence parallelism; then per layer 2 onednn_mm->reduce_scatter and 2
 all_gather->onednn_mm fuse (the embedding's scatter has no matmul before it, the final norm's gather none after).
 """
 
 from examples.demo import fcpass_fields
 from devtools.engine import LAYERS
-from passes.report import FUSED, NO_MATMUL_CONSUMER, NO_MATMUL_PRODUCER, SP_TRANSPORT, SPLIT, outcome_kind
+from passes.report import (FASTER_TRANSPORT, FUSED, NO_MATMUL_CONSUMER, NO_MATMUL_PRODUCER, SP_TRANSPORT, SPLIT,
+                           outcome_kind)
 
 THRESHOLD = 16
 FCPASS = fcpass_fields(THRESHOLD)
@@ -18,7 +19,9 @@ FCPASS = fcpass_fields(THRESHOLD)
 
 def worker_report(all_reduce_form: str) -> list[tuple]:
     if all_reduce_form == "shm":
-        return [("sequence_parallel", "shm", SP_TRANSPORT)] * (2 * LAYERS + 1)
+        return sorted([("sequence_parallel", "shm", SP_TRANSPORT)] * (2 * LAYERS + 1)
+                      + [("mm_all_reduce", "shm/onednn_mm", FASTER_TRANSPORT)] * (2 * LAYERS)
+                      + [("mm_all_reduce", "shm/aten.where.self", FASTER_TRANSPORT)])
     return sorted(
         [("sequence_parallel", all_reduce_form, SPLIT)] * (2 * LAYERS + 1)
         + [("mm_reduce_scatter", "c10d_functional/onednn_mm+pad", FUSED)] * (2 * LAYERS)

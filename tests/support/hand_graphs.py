@@ -25,6 +25,12 @@ def _ag(form, t, group):
     return functional.wait_tensor(functional.all_gather_into_tensor(t, WS, group))
 
 
+def _ar(form, t, group):
+    if form == "vllm":
+        return torch.ops.vllm.all_reduce(t, group)
+    return functional.wait_tensor(functional.all_reduce(t, "sum", group))
+
+
 def mm_rs(form="vllm", bias=False, reduce_op="sum", extra_user=False, group="tp:0", world_size=WS,
           addmm_scalars=None, bias_shape=(N,)):
     """x @ w.T (+ b) -> reduce_scatter -> relu; w stored (n, k) like a vLLM weight.
@@ -236,6 +242,41 @@ def ag_npu_quant_mm(form="vllm", group="tp:0"):
 
     _npu_ops()
     return make_fx(f, tracing_mode="fake")(*quant_inputs(M // WS, num_weights=2))
+
+
+# matmul -> all_reduce: the row-parallel linear of every dense model on current vLLM.
+_AR_MATMULS = {  # name: (matmul of (x, w stored (n, k), bias or None), its inputs)
+    "mm": (lambda x, w, b: torch.mm(x, w.t()) if b is None else torch.addmm(b, x, w.t()),
+           lambda bias_shape: (torch.randn(M, K), torch.randn(N, K), torch.randn(bias_shape))),
+    "linear_3d": (lambda x, w, b: torch.nn.functional.linear(x.unsqueeze(0), w, b).squeeze(0),
+                  lambda bias_shape: (torch.randn(M, K), torch.randn(N, K), torch.randn(bias_shape))),
+    "scaled_mm": (lambda x, w, b: torch._scaled_mm(x[0], w[0].t(), x[1], w[1], bias=b, out_dtype=torch.bfloat16),
+                  lambda bias_shape: ((_fp8_inputs(M)[0], torch.tensor(0.5)), (_fp8_inputs(M)[1], torch.tensor(0.25)),
+                                      torch.randn(bias_shape).to(torch.bfloat16))),
+}
+
+
+def mm_ar(form="vllm", bias=False, matmul="mm", extra_user=False, group="tp:0", bias_shape=(N,)):
+    """A matmul (``_AR_MATMULS``; the bias on rank 0 only in vLLM) -> all_reduce -> relu."""
+    product, inputs = _AR_MATMULS[matmul]
+
+    def f(x, w, b):
+        y = product(x, w, b if bias else None)
+        out = torch.relu(_ar(form, y, group))
+        return (out, y * 2) if extra_user else out
+
+    return make_fx(f, tracing_mode="symbolic" if matmul == "linear_3d" else "fake")(*inputs(bias_shape))
+
+
+def npu_quant_mm_ar(form="vllm", bias=True, group="tp:0"):
+    """quantize -> npu_quant_matmul -> all_reduce: vllm-ascend's static W8A8 row-parallel linear."""
+
+    def f(x, in_scale, weights):
+        (w, scale, b), = weights
+        return _ar(form, _quant_linear(_quantize(x, in_scale), w, scale, b if bias else None), group)
+
+    _npu_ops()
+    return make_fx(f, tracing_mode="fake")(*quant_inputs(M))
 
 
 def apply_pass(gm, **config):

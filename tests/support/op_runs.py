@@ -43,7 +43,7 @@ def run_mm_all_reduce(case: Case, rank: int, world_size: int, group_name: str) -
     (w,) = rank_weights(case, rank, shared=False)
     (b,) = rank_biases(case, rank, rank0_only=True)
     out, decision = _decision_of(
-        lambda: torch.ops.fcpass.mm_all_reduce(x, w, b, group_name, world_size, case.threshold)
+        lambda: torch.ops.fcpass.mm_all_reduce(x, w, b, group_name, case.threshold)
     )
     ref = reference_mm_all_reduce(case, world_size)
     assert out.shape == ref.shape and out.dtype == case.dtype, (out.shape, ref.shape, out.dtype)

@@ -61,7 +61,8 @@ def run_scaled_row_parallel(rank, world_size, kind, dtype, m, k, n, threshold, p
     x, w, x_scale, w_scale, bias = inputs[rank]
     fcpass.reset_decision_counts()
     op = getattr(torch.ops.fcpass, ROW_PARALLEL_OPS[kind])
-    out = op(x, w, x_scale, w_scale, bias, out_dtype, name, world_size, threshold)
+    group_args = (name, world_size) if kind == "rs" else (name,)  # an all_reduce reads its group's size itself
+    out = op(x, w, x_scale, w_scale, bias, out_dtype, *group_args, threshold)
     (decision,) = fcpass.decision_counts()
     ref = sum(reference_product(*inp) for inp in inputs)
     if kind == "rs":

@@ -1,0 +1,93 @@
+"""matmul -> all_reduce  ==>  fcpass.mm_all_reduce
+
+    y = mm(x, w)            (or addmm(bias, x, w), the linear ops, the scaled and oneDNN matmuls)
+    [y = view(y, ...)]      row-keeping views, any number
+    out = all_reduce(y, sum, group)
+        ==>
+    out = fcpass.mm_all_reduce(x, w, bias, group, -1, config.runtime_text())
+
+Every row-parallel linear of a dense model on current vLLM ends in this
+form (vLLM's ``all_reduce`` op or the functional ``all_reduce`` +
+``wait_tensor``). Unlike sequence parallelism it changes no shapes, so the
+op's runtime guard alone decides, per call, between the plain matmul +
+all_reduce (decode sizes) and the backend's fused kernel or pipeline: one
+compiled graph serves every token count. It runs after sequence
+parallelism and sees the all_reduces the split left.
+
+Applies when the all_reduce is a sum over 2-D rows (of any group: the op
+reads the group's size when it runs, no shape depends on it), its input is a matmul
+whose only user is the all_reduce (another user would need the unreduced
+product), and its transport is not faster than the fused op's: vLLM's CPU
+shared-memory all_reduce moves the rows through one segment, while the
+fused op's collectives run over the group's gloo. Like the other families
+the rewrite reads the matmul's form, never whether this rank holds a bias
+(vLLM passes it on rank 0 only).
+"""
+
+from __future__ import annotations
+
+import torch.fx as fx
+
+from fcpass.config import PassConfig
+from passes import report as outcomes
+from passes.collectives import AllReduce, match_all_reduce
+from passes.graph_edit import call, erase_unused, insert_fused
+from passes.matmul_kinds import CONFIG_THRESHOLD, KINDS, fused_op
+from passes.matmuls import MatmulNode, match_matmul, matmul_forms
+from passes.naming import site_form
+from passes.nodes import dim
+from passes.report import FAMILY_DISABLED, FUSED, PassReport, Reason
+from passes.rows import through_row_views
+
+FAMILY = "mm_all_reduce"
+
+
+def rewrite(graph: fx.Graph, config: PassConfig, report: PassReport) -> None:
+    """Fuse every site; record each all_reduce seen with what was done or why not (disabled: record only)."""
+    mm_forms = matmul_forms()
+    for ar in [ar for node in list(graph.nodes) if (ar := match_all_reduce(node)) is not None]:
+        producer, steps = through_row_views(ar.input)
+        mm = match_matmul(producer, mm_forms)
+        form = site_form(ar, mm, producer, steps)
+        if not config.fuse_mm_all_reduce:
+            report.add(FAMILY, form, FAMILY_DISABLED)
+            continue
+        reason = _unfusable(ar, mm, producer, steps)
+        report.add(FAMILY, form, reason or _replace(graph, ar, mm, steps, config.runtime_text()) or FUSED)
+
+
+# --------------------------------------------------------------------------- condition
+
+def _unfusable(ar: AllReduce, mm: MatmulNode | None, producer, steps) -> str | Reason | None:
+    if ar.form == "shm":
+        return Reason(outcomes.FASTER_TRANSPORT, "vLLM's shm all_reduce; the fused op's would run over gloo")
+    if dim(ar.input) != 2:
+        return outcomes.ALL_REDUCE_NOT_2D_ROWS
+    if mm is None:
+        return outcomes.NO_MATMUL_PRODUCER
+    if mm.problem:
+        return Reason(outcomes.MATMUL_ARGUMENTS, mm.problem)
+    if any(len(node.users) > 1 for node in [producer, *steps]):
+        return outcomes.MATMUL_OTHER_USERS
+    return None
+
+
+# --------------------------------------------------------------------------- replacement
+
+def _replace(graph: fx.Graph, ar: AllReduce, mm: MatmulNode, steps, config_text: str):
+    """Rewrite the site; None, or why the fused op rejects it (then the graph is left as it was)."""
+    kind = KINDS[mm.kind]
+
+    def build():
+        operands = kind.row_parallel_operands(graph, mm)
+        return call(graph, fused_op(kind.mm_all_reduce), (mm.x, *operands, ar.group_name, CONFIG_THRESHOLD,
+                                                          config_text))
+
+    fused = insert_fused(graph, ar.output, build)
+    if isinstance(fused, Reason):
+        return fused
+    ar.replace_with(fused)
+    ar.erase()
+    erase_unused(graph, steps)
+    mm.erase()
+    return None
