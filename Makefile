@@ -19,7 +19,7 @@ NEXT_PY := $(NEXT_VENV)/bin/python
 NEXT_TESTS := tests/integration/test_sequence_parallel.py tests/integration/test_vllm_engine.py tests/integration/test_vllm_integration.py \
 	tests/integration/test_vllm_llama_graphs.py
 
-.PHONY: venv venv-next demo test test-main test-next bench clean
+.PHONY: venv venv-next ascend-src demo test test-main test-next bench clean
 
 venv: $(VENV)/.fcpass-installed
 venv-next: $(NEXT_VENV)/.fcpass-installed
@@ -74,7 +74,11 @@ demo: venv
 
 test: test-main test-next
 
-test-main: venv
+# vllm-ascend's source (its vllm_ascend/ package from the registry's sdist): its real compile path runs in the tests.
+ascend-src: venv
+	$(PY) -m devtools.sources
+
+test-main: venv ascend-src
 	$(PY) -m pytest -q tests
 
 test-next: venv-next

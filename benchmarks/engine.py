@@ -1,6 +1,6 @@
 """vLLM's real engine with and without fcpass, side by side: prefill, decode, a serving load, and their comm share.
 
-    python -m benchmarks.engine [--quick] [--engines shm,gloo] [--configs off,defaults,sp,demo]
+    python -m benchmarks.engine [--quick] [--engines shm,gloo] [--configs off,defaults,sp,demo,ar512]
                                 [--hidden 512] [--layers 4] [--out PATH]
 
 On a random fp32 Llama (devtools.engine.write_llama), for each engine kind
@@ -52,6 +52,8 @@ CONFIGS = {
     "defaults": {},
     "sp": {"sequence_parallel": True},
     "demo": {"threshold_tokens": 16, "sequence_parallel": True, "sequence_parallel_threshold_tokens": 1},
+    # matmul -> all_reduce forced to its pipeline above 512 tokens (on CPU its default is never)
+    "ar512": {"threshold_tokens": 512},
 }
 ENGINE_KINDS = ("shm", "gloo")
 FULL = {"hidden": 512, "layers": 4, "prefill_tokens": (256, 512, 1024, 2048, 4096, 8192), "batch_prompts": 8,

@@ -42,7 +42,7 @@ import torch.distributed as dist
 import fcpass
 from fcpass import guard, oplib, ops
 from fcpass.backends import get_backend
-from fcpass.backends.base import ALL_GATHER_MM, MM_REDUCE_SCATTER, FusedCall
+from fcpass.backends.base import ALL_GATHER_MM, FusedCall
 from fcpass.groups import resolve_group
 from fcpass.matmuls import Matmul
 from devtools.launch import run_ranks
@@ -79,7 +79,7 @@ def decide_costs(point: measure.Point) -> dict[str, float]:
 
 
 def _layer_costs(point: measure.Point, stub_out) -> dict[str, float]:
-    family = MM_REDUCE_SCATTER if point.op == "mm_reduce_scatter" else ALL_GATHER_MM
+    family = point.op  # each op is its family's plain form
     generic = get_backend("generic")
     facts = guard.GuardFacts(op=point.op, num_tokens=point.tokens, world_size=point.world_size,
                              dtype=point.dtype, k=point.k, n=point.n, device_type="cpu")
@@ -90,13 +90,14 @@ def _layer_costs(point: measure.Point, stub_out) -> dict[str, float]:
         "decide": _per_call_ns(lambda: decide(facts, below, limits, 8)),
         "decide_and_record": _per_call_ns(lambda: guard.record(facts, decide(facts, below, limits, 8))),
     }
-    stub_name = "unfused_mm_reduce_scatter" if family == MM_REDUCE_SCATTER else "unfused_all_gather_mm"
+    stub_name = f"unfused_{family}"
     original = getattr(ops, stub_name)
     setattr(ops, stub_name, lambda call: stub_out)
     try:
         call = FusedCall(x=point.x, matmuls=(Matmul(point.w, None),), group=resolve_group(point.group_name),
                          group_name=point.group_name, world_size=point.world_size, pad_rows=point.pad_rows)
-        costs["plan"] = _per_call_ns(lambda: ops.plan(point.op, family, call, measure.NEVER_FUSE))
+        config = fcpass.PassConfig()
+        costs["plan"] = _per_call_ns(lambda: ops.plan(point.op, family, call, measure.NEVER_FUSE, config))
         body = getattr(ops, point.op)  # the kernel itself (planned after its first call), without the dispatcher
         args = point.op_args(measure.NEVER_FUSE)
         costs["op_body"] = _per_call_ns(lambda: body(*args))
@@ -104,7 +105,7 @@ def _layer_costs(point: measure.Point, stub_out) -> dict[str, float]:
         costs["torch_ops_call"] = _per_call_ns(lambda: op(*args))
     finally:
         setattr(ops, stub_name, original)
-    result = stub_out if family == MM_REDUCE_SCATTER else stub_out[0]
+    result = stub_out[0] if family == ALL_GATHER_MM else stub_out
     for floor_name, noop in _noop_ops(result).items():
         costs[floor_name] = _per_call_ns(
             lambda: noop(point.x, point.w, None, point.group_name, point.world_size, measure.NEVER_FUSE, 0))
@@ -137,12 +138,15 @@ def vllm_unfused(point: measure.Point, group_name: str):
     """torch.mm and vLLM's collective op on its group: the site as vLLM's graph holds it without fcpass."""
     ws = point.world_size
     return point.direct(reduce_scatter=lambda product: torch.ops.vllm.reduce_scatter(product, 0, ws, group_name),
-                        all_gather=lambda x: torch.ops.vllm.all_gather(x, 0, ws, group_name))
+                        all_gather=lambda x: torch.ops.vllm.all_gather(x, 0, ws, group_name),
+                        all_reduce=lambda product: torch.ops.vllm.all_reduce(product, group_name))
 
 
 def make_point(op: str, rows: int, k: int, n: int, world_size: int) -> measure.Point:
     if op == "mm_reduce_scatter":
         return measure.Point(op, rows, k, n, world_size, pad_rows=-rows % world_size)
+    if op == "mm_all_reduce":
+        return measure.Point(op, rows, k, n, world_size)
     return measure.Point(op, rows * world_size, k, n, world_size)
 
 

@@ -204,17 +204,18 @@ class Point:
 
         return call
 
-    def direct(self, reduce_scatter=None, all_gather=None) -> Callable[[], object]:
+    def direct(self, reduce_scatter=None, all_gather=None, all_reduce=None) -> Callable[[], object]:
         """Matmul + collective called directly, allocating outputs as the op does: the op's floor.
 
-        ``reduce_scatter(product)`` / ``all_gather(x)``: another out-of-place collective in place of c10d's.
+        ``reduce_scatter(product)`` / ``all_gather(x)`` / ``all_reduce(product)``: another out-of-place collective
+        in place of c10d's.
         """
         x, w, ws, pad = self.x, self.w, self.world_size, self.pad_rows
         if self.op == "mm_all_reduce":
+            reduce = all_reduce or _c10d_all_reduce
+
             def call():
-                product = torch.mm(x, w)
-                all_reduce_rows(product, dist.group.WORLD)
-                return product
+                return reduce(torch.mm(x, w))
             return call
         if self.op == "mm_reduce_scatter":
             scatter = reduce_scatter or _c10d_reduce_scatter(ws)
@@ -243,6 +244,11 @@ def _c10d_reduce_scatter(world_size: int):
         reduce_scatter_single(out, product)
         return out
     return scatter
+
+
+def _c10d_all_reduce(product):
+    all_reduce_rows(product, dist.group.WORLD)
+    return product
 
 
 def _c10d_all_gather(world_size: int):

@@ -19,17 +19,19 @@ design points, DESIGN.md's naive pipeline (a reduce_scatter per chunk of
 every rank's rows, 4 and 8 chunks: the generic backend's pipeline on device
 groups, forced here) runs in the same interleaving. fp32, one
 thread per rank, tokens = total rows entering the matmul (m for
-mm_reduce_scatter, world_size x local rows for all_gather_mm).
+mm_reduce_scatter and mm_all_reduce, world_size x local rows for all_gather_mm).
+mm_all_reduce moves its bytes only by the all_reduce ("exchange" is the
+collective again).
 
 Shapes (groups, for --only):
   llama: Llama-3-70B at TP=8, per-rank shapes with every dimension divided
       by 8 for this 2-core machine (hidden 8192, intermediate 28672, 64 heads,
       8 kv heads, head dim 128; tokens not scaled):
-        o_proj   mm->RS  k = 8192/8/8 = 128,  n = 8192/8 = 1024
-        down     mm->RS  k = 28672/8/8 = 448, n = 8192/8 = 1024
+        o_proj   mm->RS  k = 8192/8/8 = 128,  n = 8192/8 = 1024  (and mm->AR)
+        down     mm->RS  k = 28672/8/8 = 448, n = 8192/8 = 1024  (and mm->AR)
         qkv      AG->mm  k = 8192/8 = 1024,   n = (64+2*8)*128/8/8 = 160
         gate_up  AG->mm  k = 8192/8 = 1024,   n = 2*28672/8/8 = 896
-  small: 1024x1024 and 512x2048 (k x n), both ops.
+  small: 1024x1024 and 512x2048 (k x n), every op.
   design: the four (m, k, n) mm->RS points of ../shared/DESIGN.md
       "Performance facts", at their m, with its naive pipeline measured in
       the same run; DESIGN.md's own numbers are stored next to them
@@ -56,7 +58,7 @@ from benchmarks import cli, measure
 logger = logging.getLogger(__name__)
 
 WORLD_SIZE = 2
-RS, AG = measure.OPS
+RS, AG, AR = measure.OPS
 TOKENS = tuple(2**p for p in range(4, 15))  # 16 .. 16384
 QUICK_TOKENS = (256, 4096)
 LLAMA_SCALE = 8
@@ -84,6 +86,8 @@ SHAPES = (
     # Llama-3-70B, TP=8 per-rank (k, n), then / LLAMA_SCALE.
     _llama("o_proj", RS, 8192 // 8, 8192),
     _llama("down_proj", RS, 28672 // 8, 8192),
+    _llama("o_proj", AR, 8192 // 8, 8192),
+    _llama("down_proj", AR, 28672 // 8, 8192),
     _llama("qkv_proj", AG, 8192, (64 + 2 * 8) * 128 // 8),
     _llama("gate_up_proj", AG, 8192, 2 * 28672 // 8),
     *(Shape("small", f"{k}x{n}", op, k, n) for op in measure.OPS for k, n in ((1024, 1024), (512, 2048))),

@@ -49,6 +49,7 @@ def demo_rank(rank: int, world_size: int, tokens, threshold: int) -> list[dict]:
             ("mm_reduce_scatter", lambda t: torch.ops.fcpass.mm_reduce_scatter(x, w_row, bias, name, world_size, t)),
             ("all_gather_mm",
              lambda t: torch.ops.fcpass.all_gather_mm(x[: m // world_size], [w_col], [None], name, world_size, t)[1][0]),
+            ("mm_all_reduce", lambda t: torch.ops.fcpass.mm_all_reduce(x, w_row, bias, name, t)),
         ):
             call(threshold), call(never)  # warm-up: first-call allocations stay out of the timings
             fcpass.reset_decision_counts()

@@ -162,6 +162,20 @@ def _run(op: str, family: str, x: torch.Tensor, mms: tuple, row_scale: torch.Ten
     return planned.backend.all_gather_mm(call) if planned.decision.fused else unfused_all_gather_mm(call)
 
 
+def never_fused(family: str, device: torch.device, config: PassConfig) -> str | None:
+    """Why every call of ``family`` on ``device`` tensors would take the unfused path under ``config``: its
+    backend's default threshold is never passed, and neither the config's ``threshold_tokens`` nor its table
+    gives another; None where some call may fuse. Read by the rewrite (the device is in the graph, equal on
+    every rank), which then leaves the site as it was."""
+    backend = select_backend(config.backend, device)
+    if backend is None or config.threshold_tokens is not None or not getattr(config, _FAMILY_FLAG[family]):
+        return None
+    table = config.table()
+    if table is not None and table.backend == backend.name and any(key[0] == family for key in table.entries):
+        return None
+    return backend.never_pays(family, device.type)
+
+
 def _onednn_off_reason(call: FusedCall, backend: Backend) -> str | None:
     if not isinstance(call.matmuls[0], OneDNNMatmul):
         return None

@@ -66,7 +66,17 @@ class FlashCommPass(CustomGraphPass):
         """Why-not-fused table of the last graph: every collective seen, fused or the reason it was left alone."""
         return self.last_report.table()
 
-    def __call__(self, graph: fx.Graph) -> None:
+    def __call__(self, graph: fx.Graph | fx.GraphModule) -> None:
+        """Rewrite ``graph`` in place. Inductor's post-grad passes get an ``fx.Graph``; vllm-ascend's
+        GraphFusionPassManager (aot_autograd's compiler in its ``fusion_pass_compile``, no Inductor after it)
+        hands each pass the ``fx.GraphModule``, whose code is then regenerated here."""
+        if isinstance(graph, fx.GraphModule):
+            self._rewrite(graph.graph)
+            graph.recompile()
+        else:
+            self._rewrite(graph)
+
+    def _rewrite(self, graph: fx.Graph) -> None:
         start = time.perf_counter()
         self.last_report = PassReport()
         self._calls += 1

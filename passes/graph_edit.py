@@ -65,6 +65,19 @@ def insert_fused(graph: fx.Graph, before: fx.Node, build) -> fx.Node | Reason:
             return Reason(outcomes.REJECTED_BY_OP, str(exc))
 
 
+def replace_site(graph: fx.Graph, collective: "Match", matmul: "Match", steps, build) -> Reason | None:
+    """``build()``'s fused op in place of ``collective``, the row steps between them and ``matmul``; or, where the
+    op rejects the site, its reason with the graph left as it was."""
+    fused = insert_fused(graph, collective.output, build)
+    if isinstance(fused, Reason):
+        return fused
+    collective.replace_with(fused)
+    collective.erase()
+    erase_unused(graph, steps)
+    matmul.erase()
+    return None
+
+
 def erase_unused(graph: fx.Graph, nodes) -> None:
     """Erase the matched nodes the rewrite left without users, consumers first."""
     for node in sorted(set(nodes), key=_position(graph), reverse=True):

@@ -18,6 +18,7 @@ import torch
 import torch.fx as fx
 from torch._inductor.pattern_matcher import CallFunction, KeywordArg, PatternExpr, is_match
 
+from passes import report as outcomes
 from passes.graph_edit import Match, call
 from passes.nodes import (AUTO_FUNCTIONALIZED, aten, bound_args, dim, fake_value, mutated_arg, npu_op, registered_op,
                           vllm_op)
@@ -55,6 +56,19 @@ class MatmulNode(Match):
         if not self.weight_is_nk:
             return self.w
         return call(graph, aten.permute.default, (self.w, [1, 0]))
+
+
+def producer_problem(mm: "MatmulNode | None", producer: fx.Node, steps) -> "str | outcomes.Reason | None":
+    """Why the matmul before a row-parallel collective (through ``steps``) cannot move into a fused op: none
+    there, arguments that change what the op computes, or another user of its product (it would need the
+    unreduced rows)."""
+    if mm is None:
+        return outcomes.NO_MATMUL_PRODUCER
+    if mm.problem:
+        return outcomes.Reason(outcomes.MATMUL_ARGUMENTS, mm.problem)
+    if any(len(node.users) > 1 for node in [producer, *steps]):
+        return outcomes.MATMUL_OTHER_USERS
+    return None
 
 
 def matmul_forms() -> list[tuple[str, PatternExpr]]:

@@ -17,9 +17,13 @@ parallelism and sees the all_reduces the split left.
 Applies when the all_reduce is a sum over 2-D rows (of any group: the op
 reads the group's size when it runs, no shape depends on it), its input is a matmul
 whose only user is the all_reduce (another user would need the unreduced
-product), and its transport is not faster than the fused op's: vLLM's CPU
+product), its transport is not faster than the fused op's (vLLM's CPU
 shared-memory all_reduce moves the rows through one segment, while the
-fused op's collectives run over the group's gloo. Like the other families
+fused op's collectives run over the group's gloo), and the op could take
+its fused path at all: on CPU tensors the generic backend never does by
+default (no overlap to gain there), so with no threshold or table asking
+for it the site stays as compiled without fcpass, not an op call that only
+ever runs the plain path. Like the other families
 the rewrite reads the matmul's form, never whether this rank holds a bias
 (vLLM passes it on rank 0 only).
 """
@@ -29,13 +33,14 @@ from __future__ import annotations
 import torch.fx as fx
 
 from fcpass.config import PassConfig
+from fcpass.ops import never_fused
 from passes import report as outcomes
 from passes.collectives import AllReduce, match_all_reduce
-from passes.graph_edit import call, erase_unused, insert_fused
+from passes.graph_edit import call, replace_site
 from passes.matmul_kinds import CONFIG_THRESHOLD, KINDS, fused_op
-from passes.matmuls import MatmulNode, match_matmul, matmul_forms
+from passes.matmuls import MatmulNode, match_matmul, matmul_forms, producer_problem
 from passes.naming import site_form
-from passes.nodes import dim
+from passes.nodes import dim, fake_value
 from passes.report import FAMILY_DISABLED, FUSED, PassReport, Reason
 from passes.rows import through_row_views
 
@@ -52,24 +57,22 @@ def rewrite(graph: fx.Graph, config: PassConfig, report: PassReport) -> None:
         if not config.fuse_mm_all_reduce:
             report.add(FAMILY, form, FAMILY_DISABLED)
             continue
-        reason = _unfusable(ar, mm, producer, steps)
+        reason = _unfusable(ar, mm, producer, steps, config)
         report.add(FAMILY, form, reason or _replace(graph, ar, mm, steps, config.runtime_text()) or FUSED)
 
 
 # --------------------------------------------------------------------------- condition
 
-def _unfusable(ar: AllReduce, mm: MatmulNode | None, producer, steps) -> str | Reason | None:
+def _unfusable(ar: AllReduce, mm: MatmulNode | None, producer, steps, config: PassConfig) -> str | Reason | None:
     if ar.form == "shm":
         return Reason(outcomes.FASTER_TRANSPORT, "vLLM's shm all_reduce; the fused op's would run over gloo")
+    val = fake_value(ar.input)
+    never = never_fused(FAMILY, val.device, config) if val is not None else None
+    if never:  # the op would only add a call: leave the graph as compiled without fcpass
+        return Reason(outcomes.NEVER_FUSED, never)
     if dim(ar.input) != 2:
         return outcomes.ALL_REDUCE_NOT_2D_ROWS
-    if mm is None:
-        return outcomes.NO_MATMUL_PRODUCER
-    if mm.problem:
-        return Reason(outcomes.MATMUL_ARGUMENTS, mm.problem)
-    if any(len(node.users) > 1 for node in [producer, *steps]):
-        return outcomes.MATMUL_OTHER_USERS
-    return None
+    return producer_problem(mm, producer, steps)
 
 
 # --------------------------------------------------------------------------- replacement
@@ -83,11 +86,4 @@ def _replace(graph: fx.Graph, ar: AllReduce, mm: MatmulNode, steps, config_text:
         return call(graph, fused_op(kind.mm_all_reduce), (mm.x, *operands, ar.group_name, CONFIG_THRESHOLD,
                                                           config_text))
 
-    fused = insert_fused(graph, ar.output, build)
-    if isinstance(fused, Reason):
-        return fused
-    ar.replace_with(fused)
-    ar.erase()
-    erase_unused(graph, steps)
-    mm.erase()
-    return None
+    return replace_site(graph, ar, mm, steps, build)

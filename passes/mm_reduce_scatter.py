@@ -29,9 +29,9 @@ import torch.fx as fx
 from fcpass.config import PassConfig
 from passes import report as outcomes
 from passes.collectives import REDUCE_SCATTER, Collective, find_collectives, group_problem, unsupported_collectives
-from passes.graph_edit import call, erase_unused, insert_fused, padding_to_multiple
+from passes.graph_edit import call, padding_to_multiple, replace_site
 from passes.matmul_kinds import CONFIG_THRESHOLD, KINDS, fused_op
-from passes.matmuls import MatmulNode, match_matmul, matmul_forms
+from passes.matmuls import MatmulNode, match_matmul, matmul_forms, producer_problem
 from passes.naming import site_form
 from passes.nodes import dim
 from passes.report import FAMILY_DISABLED, FUSED, PassReport, Reason
@@ -86,12 +86,9 @@ def _unfusable(rs: Collective, mm: MatmulNode | None, producer, pad, steps) -> s
         return problem
     if dim(rs.input) != 2:
         return outcomes.NOT_2D_ROWS
-    if mm is None:
-        return outcomes.NO_MATMUL_PRODUCER
-    if mm.problem:
-        return Reason(outcomes.MATMUL_ARGUMENTS, mm.problem)
-    if any(len(node.users) > 1 for node in [producer, *steps]):
-        return outcomes.MATMUL_OTHER_USERS
+    problem = producer_problem(mm, producer, steps)
+    if problem:
+        return problem
     if (pad or rs.pads_tokens) and mm.form == "scaled_mm":  # never on bias presence: it differs per rank
         return outcomes.FP8_PADDED
     if pad and rs.pads_tokens:
@@ -111,14 +108,7 @@ def _replace(graph: fx.Graph, rs: Collective, mm: MatmulNode, pad, steps, config
         return call(graph, fused_op(kind.mm_reduce_scatter), (mm.x, *operands, rs.group_name, rs.world_size,
                                                               CONFIG_THRESHOLD, rows_pad, config_text))
 
-    fused = insert_fused(graph, rs.output, build)
-    if isinstance(fused, Reason):
-        return fused
-    rs.replace_with(fused)
-    rs.erase()
-    erase_unused(graph, steps)
-    mm.erase()
-    return None
+    return replace_site(graph, rs, mm, steps, build)
 
 
 def _pad_to_multiple(graph: fx.Graph, x: fx.Node, world_size: int):

@@ -32,6 +32,7 @@ ALL_REDUCE_NOT_2D_ROWS = "all_reduce input is not 2-D token rows"
 UNKNOWN_GROUP = "group unknown at compile time (its world size shapes the rewrite)"  # + the name
 # mm_all_reduce
 FASTER_TRANSPORT = "the all_reduce's transport is faster than the fused op's"  # + which transports
+NEVER_FUSED = "the fused path is never taken here by default (no threshold or table asks for it)"  # + why
 # sequence_parallel
 SP_TRANSPORT = "the all_reduce's transport is faster than the split's"  # + which transports
 SP_BELOW_THRESHOLD = "compiled for token counts not all above sequence_parallel_threshold_tokens"  # + both

@@ -39,6 +39,7 @@ else the token count's lower bound), unlike the fused ops' runtime guard.
 
 from __future__ import annotations
 
+import logging
 import operator
 
 import torch
@@ -55,6 +56,9 @@ from passes import report as outcomes
 from passes.report import FAMILY_DISABLED, SPLIT, PassReport, Reason
 
 FAMILY = "sequence_parallel"
+
+logger = logging.getLogger(f"fcpass.{__name__}")
+_warned_one_graph = False
 
 aten, prims = torch.ops.aten, torch.ops.prims
 
@@ -99,6 +103,8 @@ def rewrite(graph: fx.Graph, config: PassConfig, report: PassReport) -> None:
         reason = _unsupported(ar) or _transport_does_not_pay(ar) or _below_threshold(ar, threshold_tokens)
         if reason:
             report.add(FAMILY, ar.form, reason)
+            if isinstance(reason, Reason) and reason.kind == outcomes.SP_BELOW_THRESHOLD:
+                _warn_one_graph_for_all_sizes(ar, threshold_tokens)
         else:
             candidates.append(ar)
     norms = _norm_ops()
@@ -135,6 +141,22 @@ def _below_threshold(ar: AllReduce, threshold_tokens: int) -> Reason | None:
     if smallest > threshold_tokens:
         return None
     return Reason(outcomes.SP_BELOW_THRESHOLD, f"compiled for {smallest} tokens and up, threshold {threshold_tokens}")
+
+
+def _warn_one_graph_for_all_sizes(ar: AllReduce, threshold_tokens: int) -> None:
+    """Once per process, loudly: SP was asked for, but the graph serves decode sizes too (no compile ranges, as
+    vLLM's CPU engine compiles), so nothing will be split; a report row alone would leave it a silent no-op."""
+    global _warned_one_graph
+    rows = _rows(ar.input)
+    if _warned_one_graph or isinstance(rows, int) or vllm_state.compile_range_start() is not None:
+        return
+    _warned_one_graph = True
+    logger.warning(
+        "fcpass: sequence_parallel is on, but this graph serves every token count from %d up (one graph for all "
+        "sizes, no compile ranges: vLLM's CPU engine compiles so), not above sequence_parallel_threshold_tokens="
+        "%d: the split stays off, as it would run at decode sizes too. matmul -> all_reduce fusion still applies "
+        "(its guard decides per call); set sequence_parallel_threshold_tokens below %d to split anyway.",
+        smallest_token_count(rows), threshold_tokens, smallest_token_count(rows))
 
 
 def smallest_token_count(rows) -> int:

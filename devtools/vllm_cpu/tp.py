@@ -51,19 +51,21 @@ def agree_on_dist_ident():
 
 
 @contextlib.contextmanager
-def vllm_tp(rank, world_size, compilation_config=None):
+def vllm_tp(rank, world_size, compilation_config=None, additional_config=None):
     """vLLM's config and TP=world_size group in this rank (VLLM_CPU.md steps 1, 2): yields (vllm_config, tp_group).
 
     Call inside a rank of ``run_ranks(..., setup=rank_setup)``. ``compilation_config``
     (a dict or vLLM CompilationConfig, e.g. from ``fcpass.vllm.compilation_config``)
-    goes into the VllmConfig as a user's would.
+    and ``additional_config`` (a platform's settings, e.g. vllm-ascend's) go into the
+    VllmConfig as a user's would.
     """
     from vllm.config import VllmConfig, set_current_vllm_config
     from vllm.distributed import parallel_state
 
     _custom_op_collectives_on()
     agree_on_dist_ident()
-    vllm_config = VllmConfig() if compilation_config is None else VllmConfig(compilation_config=compilation_config)
+    fields = {"compilation_config": compilation_config, "additional_config": additional_config}
+    vllm_config = VllmConfig(**{name: value for name, value in fields.items() if value is not None})
     with contextlib.ExitStack() as stack:
         stack.enter_context(_all_reduce_clone_fix())
         stack.enter_context(set_current_vllm_config(vllm_config))

@@ -51,6 +51,12 @@ class Backend:
         """Static limits of this backend's kernel for ``op``; None: cannot fuse it."""
         raise NotImplementedError
 
+    def never_pays(self, op: str, device_type: str) -> str | None:
+        """Why this backend's fused path for ``op`` on ``device_type`` tensors is never taken by default (its
+        default threshold is above every token count), or None. Where neither a config's threshold nor a
+        table gives one, the rewrite leaves such a site alone with this reason."""
+        return None
+
     def unsupported(self, op: str, call: FusedCall) -> str | None:
         """Why this backend's kernel for ``op`` cannot take this call at any size (read from rank-equal facts:
         dtypes, the matmul's kind), or None."""

@@ -99,17 +99,22 @@ class GenericBackend(Backend):
     # CPU mm_all_reduce: gloo's transport is CPU work on the cores the matmuls need, so there is nothing for
     # the chunks to overlap with; on 2 gloo ranks the pipeline measured level or slower at every shape up to
     # 16k tokens (benchmarks/README.md), so on CPU it runs only where a config or table asks for it.
-    EXCHANGE_ALL_REDUCE_THRESHOLD = MAX_THRESHOLD_TOKENS
+    EXCHANGE_ALL_REDUCE_NEVER_PAYS = ("the generic pipeline's all_reduce chunks on CPU tensors: gloo's transport is "
+                                      "CPU work on the matmuls' cores, no gain measured (benchmarks/README.md)")
     _limits = KernelLimits()
     _all_reduce_limits = KernelLimits(shards_rows=False)
 
     def default_threshold(self, family: str, facts: GuardFacts) -> int:
-        if facts.device_type in EXCHANGE_DEVICE_TYPES:
-            if family == MM_REDUCE_SCATTER:
-                return self.EXCHANGE_REDUCE_SCATTER_THRESHOLD
-            if family == MM_ALL_REDUCE:
-                return self.EXCHANGE_ALL_REDUCE_THRESHOLD
+        if self.never_pays(family, facts.device_type):
+            return MAX_THRESHOLD_TOKENS
+        if family == MM_REDUCE_SCATTER and facts.device_type in EXCHANGE_DEVICE_TYPES:
+            return self.EXCHANGE_REDUCE_SCATTER_THRESHOLD
         return self.default_threshold_tokens
+
+    def never_pays(self, op: str, device_type: str) -> str | None:
+        if op == MM_ALL_REDUCE and device_type in EXCHANGE_DEVICE_TYPES:
+            return self.EXCHANGE_ALL_REDUCE_NEVER_PAYS
+        return None
 
     def limits(self, op, call):
         return self._all_reduce_limits if op == MM_ALL_REDUCE else self._limits

@@ -90,6 +90,33 @@ def install_from_additional_config(vllm_config) -> bool:
     return True
 
 
+def passes_do_not_run(vllm_config) -> str | None:
+    """Why vLLM's platform will not run the FlashCommPass installed in ``vllm_config``, or None.
+
+    vllm-ascend compiles the full graph modes (cudagraph_mode FULL, FULL_DECODE_ONLY) with npugraph_ex when
+    ``ascend_compilation_config.enable_npugraph_ex`` is on (its default; it switches it off itself for NONE and
+    the piecewise modes), and npugraph_ex never calls its GraphFusionPassManager: no user pass runs at all.
+    """
+    compilation = vllm_config.compilation_config
+    if not _is_flashcomm((compilation.inductor_compile_config or {}).get(ASCEND_PASS_KEY)):
+        return None
+    ascend = (getattr(vllm_config, "additional_config", None) or {}).get("ascend_compilation_config") or {}
+    mode = compilation.cudagraph_mode
+    if not ascend.get("enable_npugraph_ex", True) or mode is None or not mode.has_full_cudagraphs() \
+            or mode.requires_piecewise_compilation():
+        return None
+    return (f"vllm-ascend compiles cudagraph_mode {mode.name} with npugraph_ex, which runs no user pass: fcpass "
+            "would do nothing. Set additional_config['ascend_compilation_config']['enable_npugraph_ex'] to false "
+            "(or use a piecewise cudagraph_mode) for fcpass to run")
+
+
+def warn_if_passes_do_not_run(vllm_config) -> None:
+    """Loudly, at startup: a user who turned fcpass on must not get a silent no-op."""
+    reason = passes_do_not_run(vllm_config)
+    if reason:
+        logger.warning("fcpass: %s", reason)
+
+
 def make_pass(pass_config: PassConfig | Mapping[str, Any] | None = None):
     """FlashCommPass as vLLM takes it, for ``pass_config`` (a PassConfig, a dict of its fields, or None for the
     defaults)."""

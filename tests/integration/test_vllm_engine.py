@@ -1,22 +1,27 @@
 """The real engine: ``vllm.LLM(tensor_parallel_size=2)`` on CPU with fcpass turned on the way a user does.
 
-These are the demo's runs (``make demo``): each engine in its own process
+These are the demo's runs (``make demo``, ``--config showcase`` and the default ``--config defaults``): each
+engine in its own process
 (``python -m devtools.engine``), with a deadline, the compile caches on (one
 fresh vLLM cache dir per kernel build, shared by every engine of it). Per kernel
 library (tests/support/vllm_kernels.py): the one vLLM loads on this CPU, and its AVX2
-build, forced; the fcpass engine of the AVX2 build (gloo all_reduce: split
-and fused) also starts a second time on the warm cache, where the pass may
-not run and the cached graph's fused ops must behave as compiled.
+build, forced. The loaded library's fcpass engine runs the defaults
+(``PassConfig()``: they must do no harm whatever the transport), the AVX2
+build's the showcase config (gloo all_reduce: split and fused), which also
+starts a second time on the warm cache, where the pass may not run and the
+cached graph's fused ops must behave as compiled.
 Expectation per worker from the model and the all_reduce's transport: see
 tests/support/engine_expectations.py. Prefills of 40 and 100 tokens (above the
-threshold 16, even) take the fused path, 5 tokens the unfused one. Greedy
+threshold 16, even) take the fused path under the showcase config, 5 tokens
+the unfused one; under the defaults every size takes the plain path. Greedy
 ids equal the engine without fcpass.
 """
 
 import pytest
 
 from support import vllm_kernels
-from support.engine_expectations import FCPASS, THRESHOLD, fused_ops_per_prefill, sorted_rows, worker_report
+from support.engine_expectations import (DEFAULTS, FCPASS, THRESHOLD, fused_ops_per_prefill, sorted_rows,
+                                         worker_report)
 from devtools import engine
 from examples import demo
 from devtools.engine import PROMPT_LENGTHS
@@ -26,6 +31,7 @@ pytestmark = pytest.mark.e2e
 
 ENGINE_TIMEOUT_S = 480
 KERNELS = ("loaded", "avx2")
+CONFIG = {"loaded": DEFAULTS, "avx2": FCPASS}  # the fcpass engine's PassConfig fields per kernel library
 
 
 @pytest.fixture(scope="module")
@@ -44,7 +50,7 @@ def engine_runs(model_dir, tmp_path_factory):
     envs = {kernels: {**_fresh_caches(tmp_path_factory.mktemp(f"caches-{kernels}")),
                       **(vllm_kernels.avx2_env() if kernels == "avx2" else {})} for kernels in KERNELS}
     # Two engines at a time (four at once fail to start on 2 cores), the warm one on the cache the first wrote.
-    runs = {kernels: engine.run_both(model_dir, FCPASS, PROMPT_LENGTHS, ENGINE_TIMEOUT_S, envs[kernels])
+    runs = {kernels: engine.run_both(model_dir, CONFIG[kernels], PROMPT_LENGTHS, ENGINE_TIMEOUT_S, envs[kernels])
             for kernels in KERNELS}
     runs["avx2"]["fcpass_warm"] = engine.run_all(model_dir, {"warm": (FCPASS, envs["avx2"])}, PROMPT_LENGTHS,
                                                  ENGINE_TIMEOUT_S)["warm"]
@@ -66,18 +72,19 @@ def test_workers_split_and_fuse_where_the_all_reduce_transport_lets_it_pay(engin
     reports = runs["fcpass"]["reports"]
     assert len(reports) == 2 and any(reports)  # one list per worker
     for worker_reports in reports:  # a worker may have hit the entry the other just wrote (shared cache dir)
-        assert all(sorted_rows(rows) == worker_report(form) for rows in worker_reports)
+        assert all(sorted_rows(rows) == worker_report(form, CONFIG[kernels]) for rows in worker_reports)
 
 
-def _assert_prefill_decisions(decisions, all_reduce_form):
+def _assert_prefill_decisions(decisions, all_reduce_form, fields=FCPASS):
     for n, per_worker in zip(PROMPT_LENGTHS, decisions):
-        expected = fused_ops_per_prefill(all_reduce_form, "fused" if n > THRESHOLD else "unfused")
+        expected = fused_ops_per_prefill(all_reduce_form, "fused" if n > THRESHOLD else "unfused", fields)
         assert per_worker == [expected, expected], n
 
 
 @pytest.mark.parametrize("kernels", KERNELS)
 def test_prefills_above_the_threshold_took_the_fused_path(engine_runs, kernels):
-    _assert_prefill_decisions(engine_runs[kernels]["fcpass"]["decisions"], engine_runs["expected_all_reduce"][kernels])
+    _assert_prefill_decisions(engine_runs[kernels]["fcpass"]["decisions"], engine_runs["expected_all_reduce"][kernels],
+                              CONFIG[kernels])
     assert engine_runs[kernels]["plain"]["reports"] == [[], []]
 
 
@@ -102,6 +109,12 @@ def test_demo_prints_report_decisions_tokens_and_times(engine_runs):
     assert "all greedy tokens equal: yes" in out and "DIFFERENT" not in out and "disagree" not in out
     assert "mm_reduce_scatter_onednn/unfused x4" in out and "mm_reduce_scatter_onednn/fused x4" in out
     assert "engine start s (without / with)" in out
+
+
+def test_demo_of_the_defaults_says_they_are_the_config_to_deploy(engine_runs):
+    out = demo.render(engine_runs["loaded"], DEFAULTS, PROMPT_LENGTHS)
+    assert "PassConfig() (the defaults" in out and "showcase" not in out
+    assert "all greedy tokens equal: yes" in out and "disagree" not in out
 
 
 def test_demo_says_when_the_graph_came_from_the_cache(engine_runs):

@@ -2,7 +2,6 @@
 
 import copy
 import pickle
-import types
 
 import pytest
 import torch
@@ -13,6 +12,7 @@ from fcpass.vllm import POST_GRAD_PASS_KEY
 from fcpass.vllm.compilation import _vllm_has_async_tp
 from devtools.vllm_cpu import rank_setup
 from support.multirank import shared
+from support.vllm_backend import configure_post_pass
 from passes import FlashCommPass
 
 pytest.importorskip("vllm")
@@ -185,7 +185,7 @@ def _manager_for(threshold, vllm_pass_config):
 
     config = fcpass_vllm.compilation_config({"threshold_tokens": threshold}, base={"pass_config": vllm_pass_config})
     vllm_config = VllmConfig(compilation_config=config, parallel_config=ParallelConfig(tensor_parallel_size=2))
-    return _configure_post_pass(vllm_config, pass_manager.PostGradPassManager(), POST_GRAD_PASS_KEY)
+    return configure_post_pass(vllm_config, pass_manager.PostGradPassManager(), POST_GRAD_PASS_KEY)
 
 
 def test_vllm_pass_manager_runs_it_last_and_keys_its_cache_on_it():
@@ -210,49 +210,6 @@ def test_vllm_pass_manager_runs_it_after_sequence_parallelism_in_place_of_async_
     names = [type(p).__name__ for p in manager.passes]
     assert "AsyncTPPass" not in names
     assert names.index("SequenceParallelismPass") < names.index("VllmFlashCommPass") == len(names) - 1
-
-
-class GraphFusionPassManagerStandIn:
-    """vllm-ascend's GraphFusionPassManager as far as registration goes: add() takes VllmInductorPass only."""
-
-    def __init__(self):
-        self.passes = []
-
-    def configure(self, config):
-        pass
-
-    def add(self, pass_):
-        from vllm.compilation.passes.vllm_inductor_pass import VllmInductorPass
-
-        assert isinstance(pass_, VllmInductorPass)
-        self.passes.append(pass_)
-
-
-def test_vllm_ascend_graph_fusion_manager_gets_the_pass(monkeypatch):
-    from vllm.config import VllmConfig
-    from vllm.platforms import current_platform
-
-    monkeypatch.setattr(type(current_platform), "pass_key", property(lambda self: "graph_fusion_manager"))
-    config = fcpass_vllm.compilation_config({"threshold_tokens": 16})
-    assert set(config["inductor_compile_config"]) == {"graph_fusion_manager"}
-    vllm_config = VllmConfig(compilation_config=config)
-    manager = _configure_post_pass(vllm_config, GraphFusionPassManagerStandIn(), "graph_fusion_manager")
-    assert [type(p).__name__ for p in manager.passes] == ["VllmFlashCommPass"]
-    assert manager.passes[0].config.threshold_tokens == 16
-
-
-def _configure_post_pass(vllm_config, manager, key):
-    """Run vLLM's VllmBackend.configure_post_pass (the real registration code) with ``manager``."""
-    from vllm.compilation.backends import VllmBackend
-    from vllm.config import set_current_vllm_config
-
-    backend = types.SimpleNamespace(
-        pass_key=key, vllm_config=vllm_config, compilation_config=vllm_config.compilation_config,
-        inductor_config=copy.deepcopy(vllm_config.compilation_config.inductor_compile_config), pass_manager=manager)
-    with set_current_vllm_config(vllm_config):
-        VllmBackend.configure_post_pass(backend)
-    assert backend.inductor_config[key] is manager
-    return manager
 
 
 def plugin_probe(rank, world_size, cases):
@@ -290,3 +247,29 @@ def test_plugin_entry_point_installs_the_pass_from_additional_config():
     assert result["not set"] is None and result["other keys only"] is None
     assert result["bad value"].startswith("error:") and "pipeline_chunks" in result["bad value"]
     assert result["unknown field"].startswith("error:") and "'threshold'" in result["unknown field"]
+
+
+@pytest.mark.parametrize("mode, ascend_compilation_config, runs", [
+    ("FULL_DECODE_ONLY", None, False), ("FULL", {}, False), ("FULL_DECODE_ONLY", {"enable_npugraph_ex": True}, False),
+    ("FULL_DECODE_ONLY", {"enable_npugraph_ex": False}, True), ("PIECEWISE", None, True),
+    ("FULL_AND_PIECEWISE", None, True), ("NONE", None, True),
+])
+def test_vllm_ascend_graph_modes_that_run_no_user_pass_are_said_at_startup(monkeypatch, caplog, mode,
+                                                                          ascend_compilation_config, runs):
+    """vllm-ascend's npugraph_ex (on by default) compiles FULL / FULL_DECODE_ONLY without its pass manager."""
+    from vllm.config import CUDAGraphMode, VllmConfig
+    from vllm.platforms import current_platform
+
+    from fcpass.vllm.compilation import ASCEND_PASS_KEY, passes_do_not_run, warn_if_passes_do_not_run
+
+    monkeypatch.setattr(type(current_platform), "pass_key", property(lambda self: ASCEND_PASS_KEY))
+    vllm_config = VllmConfig(compilation_config=fcpass_vllm.compilation_config({}))
+    vllm_config.compilation_config.cudagraph_mode = CUDAGraphMode[mode]  # as vllm-ascend's platform leaves it
+    vllm_config.additional_config = ({} if ascend_compilation_config is None
+                                     else {"ascend_compilation_config": ascend_compilation_config})
+    with caplog.at_level("WARNING", logger="fcpass"):
+        warn_if_passes_do_not_run(vllm_config)
+    assert (passes_do_not_run(vllm_config) is None) == runs
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING" and r.name.startswith("fcpass")]
+    assert bool(warnings) == (not runs)
+    assert all(f"cudagraph_mode {mode}" in w and "enable_npugraph_ex'] to false" in w for w in warnings)

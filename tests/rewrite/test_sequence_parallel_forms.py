@@ -8,6 +8,7 @@ a static count exactly, a dynamic one by its lower bound.
 
 import collections
 import contextlib
+import logging
 
 import pytest
 import torch
@@ -18,8 +19,8 @@ from support import vllm_kernels
 from fcpass.guard import ONEDNN_GENERIC_ONLY
 from support.multirank import run_ranks
 from passes.nodes import AUTO_FUNCTIONALIZED
-from passes.report import (FASTER_TRANSPORT, FUSED, NO_MATMUL_CONSUMER, SP_BELOW_THRESHOLD, SP_NO_NORM, SP_TRANSPORT,
-                           SPLIT)
+from passes.report import (FASTER_TRANSPORT, FUSED, NEVER_FUSED, NO_MATMUL_CONSUMER, SP_BELOW_THRESHOLD, SP_NO_NORM,
+                           SP_TRANSPORT, SPLIT)
 
 HIDDEN, FFN = 64, 128
 
@@ -132,6 +133,17 @@ CASES = {  # name: (model, token counts, dynamic, sequence_parallel_threshold_to
 }
 
 
+class _Warnings(logging.Handler):
+    """fcpass's WARNING records, as text."""
+
+    def __init__(self):
+        super().__init__(logging.WARNING)
+        self.messages = []
+
+    def emit(self, record):
+        self.messages.append(record.getMessage())
+
+
 def run_cases(rank, world_size):
     with vllm_tp_group_in_shm_mode(rank, world_size):
         return {name: run_case(rank, world_size, name) for name in CASES}
@@ -189,11 +201,17 @@ def run_case(rank, world_size, name):
         return {reason for _, _, reason in fcpass.decision_counts()}
 
     inputs = [torch.randn(n, HIDDEN, generator=torch.Generator().manual_seed(n)) for n in counts]  # equal on all ranks
-    reasons = compiled_with(recorded, inputs)
+    warnings = _Warnings()
+    logging.getLogger("fcpass").addHandler(warnings)
+    try:
+        reasons = compiled_with(recorded, inputs)
+    finally:
+        logging.getLogger("fcpass").removeHandler(warnings)
     if name == "onednn":  # a backend forced by the user that cannot call a oneDNN handler: unfused, same result
         reasons = compiled_with(FlashCommPass(fcpass.PassConfig(backend="cuda", **fields)), inputs[-1:])
     outcomes = [(o.family, o.form, o.kind) for o in flashcomm.last_report.outcomes]
     return {"counts": recorded.counts, "errors": errors, "decisions": decisions, "reasons": reasons,
+            "warnings": warnings.messages,
             "outcomes": outcomes, "shm_kernels": "real" if shm_standin.real_kernels_loaded() else "stand-in"}
 
 
@@ -227,23 +245,41 @@ def test_functional_all_reduce_and_aten_norm_are_split_and_fused(runs, name):
         assert max(r["errors"]) <= 1e-5, r["errors"]
 
 
-@pytest.mark.parametrize("name", ["static_below", "onednn_defaults"])
-def test_graphs_below_the_threshold_are_left_unsplit_and_their_all_reduces_fused(runs, name):
-    """A static count at or below the threshold; and the defaults (``PassConfig(sequence_parallel=True)``) on
-    the CPU engine's forms compiled as vLLM's CPU backend compiles them: one graph for every token count from 2
-    up, so it serves decode batches, and the split (it changes shapes: decided per compiled graph) stays off.
-    matmul -> all_reduce fuses both sites instead (no shape changes), and its guard keeps these token counts
-    on the plain path: at or below threshold_tokens 16, and on CPU by default at every size."""
-    matmul = "onednn_mm" if name == "onednn_defaults" else "mm"
-    fused_op = "mm_all_reduce_onednn" if name == "onednn_defaults" else "mm_all_reduce"
-    for r in runs[name]:
+def test_graphs_below_the_threshold_are_left_unsplit_and_their_all_reduces_fused(runs):
+    """A static count at or below the threshold: the split (it changes shapes: decided per compiled graph)
+    stays off; matmul -> all_reduce fuses both sites instead (no shape changes), and its guard keeps these
+    token counts (at or below threshold_tokens 16) on the plain path."""
+    for r in runs["static_below"]:
         assert r["counts"]["_c10d_functional.all_reduce.default"] == 0
-        assert r["counts"][f"fcpass.{fused_op}.default"] == 2
+        assert r["counts"]["fcpass.mm_all_reduce.default"] == 2
         assert r["counts"]["_c10d_functional.reduce_scatter_tensor.default"] == 0
         assert r["outcomes"] == ([("sequence_parallel", "c10d_functional", SP_BELOW_THRESHOLD)] * 2
-                                 + [("mm_all_reduce", f"c10d_functional/{matmul}", FUSED)] * 2)
-        assert all(d == {(fused_op, "unfused"): 2} for d in r["decisions"]), r["decisions"]
+                                 + [("mm_all_reduce", "c10d_functional/mm", FUSED)] * 2)
+        assert all(d == {("mm_all_reduce", "unfused"): 2} for d in r["decisions"]), r["decisions"]
         assert max(r["errors"]) <= 1e-5
+
+
+def test_the_defaults_leave_the_cpu_engines_graph_as_it_was(runs):
+    """The defaults (``PassConfig(sequence_parallel=True)``) on the CPU engine's forms compiled as vLLM's CPU
+    backend compiles them: one graph for every token count from 2 up, so it serves decode batches. The split
+    stays off (it changes shapes: decided per compiled graph, and this one serves decode sizes), and
+    matmul -> all_reduce leaves its sites alone too: on CPU tensors its fused path is never taken by default."""
+    for r in runs["onednn_defaults"]:
+        assert r["counts"]["_c10d_functional.all_reduce.default"] == 2
+        assert r["counts"]["fcpass.mm_all_reduce_onednn.default"] == 0
+        assert r["outcomes"] == ([("sequence_parallel", "c10d_functional", SP_BELOW_THRESHOLD)] * 2
+                                 + [("mm_all_reduce", "c10d_functional/onednn_mm", NEVER_FUSED)] * 2)
+        assert all(d == {} for d in r["decisions"]), r["decisions"]
+        assert max(r["errors"]) <= 1e-5
+
+
+def test_sequence_parallel_asked_for_on_one_graph_for_all_sizes_warns_once(runs):
+    """The defaults with ``sequence_parallel=True`` on the CPU engine's one graph split nothing: said at WARNING
+    (once per process), naming the setting, not only in the report."""
+    for r in runs["onednn_defaults"]:
+        (message,) = r["warnings"]
+        assert "serves every token count from 2 up" in message and "sequence_parallel_threshold_tokens=1000" in message
+    assert all(not r["warnings"] for name in CASES if name != "onednn_defaults" for r in runs[name])
 
 
 def test_all_reduce_without_a_norm_is_left_unsplit_and_fused(runs):

@@ -37,24 +37,19 @@ def _cases():
 SCALED = {key: shared(fn, *args) for key, (fn, args) in _cases().items()}
 
 
+ROW_PARALLEL = {"mm_reduce_scatter": "rs", "mm_all_reduce": "ar"}
+
+
+@pytest.mark.parametrize("op", ROW_PARALLEL)
 @pytest.mark.parametrize("dtype_id", DTYPES)
 @pytest.mark.parametrize("fused_id", FUSED)
-def test_scaled_mm_reduce_scatter_rank0_bias(dtype_id, fused_id):
-    _check(SCALED[("rs", dtype_id, fused_id)](), FUSED[fused_id])
+def test_scaled_row_parallel_ops_rank0_bias(op, dtype_id, fused_id):
+    _check(SCALED[(ROW_PARALLEL[op], dtype_id, fused_id)](), FUSED[fused_id])
 
 
-def test_w8a8_mm_reduce_scatter_per_token_scale():
-    _check(SCALED[("per_token", "rs")](), True)
-
-
-@pytest.mark.parametrize("dtype_id", DTYPES)
-@pytest.mark.parametrize("fused_id", FUSED)
-def test_scaled_mm_all_reduce_rank0_bias(dtype_id, fused_id):
-    _check(SCALED[("ar", dtype_id, fused_id)](), FUSED[fused_id])
-
-
-def test_w8a8_mm_all_reduce_per_token_scale():
-    _check(SCALED[("per_token", "ar")](), True)
+@pytest.mark.parametrize("op", ROW_PARALLEL)
+def test_w8a8_row_parallel_ops_per_token_scale(op):
+    _check(SCALED[("per_token", ROW_PARALLEL[op])](), True)
 
 
 @pytest.mark.parametrize("dtype_id", DTYPES)

@@ -221,12 +221,12 @@ def quant_inputs(rows, num_weights=1, seed=0):
     return x, torch.tensor([20.0]), weights
 
 
-def npu_quant_mm_rs(form="vllm", bias=True, group="tp:0"):
-    """quantize -> npu_quant_matmul (row-parallel, bias on rank 0 only) -> reduce_scatter."""
+def npu_quant_mm_rs(form="vllm", bias=True, group="tp:0", collective=_rs):
+    """quantize -> npu_quant_matmul (row-parallel, bias on rank 0 only) -> reduce_scatter (``collective``)."""
 
     def f(x, in_scale, weights):
         (w, scale, b), = weights
-        return _rs(form, _quant_linear(_quantize(x, in_scale), w, scale, b if bias else None), group)
+        return collective(form, _quant_linear(_quantize(x, in_scale), w, scale, b if bias else None), group)
 
     _npu_ops()
     return make_fx(f, tracing_mode="fake")(*quant_inputs(M))
@@ -270,13 +270,7 @@ def mm_ar(form="vllm", bias=False, matmul="mm", extra_user=False, group="tp:0", 
 
 def npu_quant_mm_ar(form="vllm", bias=True, group="tp:0"):
     """quantize -> npu_quant_matmul -> all_reduce: vllm-ascend's static W8A8 row-parallel linear."""
-
-    def f(x, in_scale, weights):
-        (w, scale, b), = weights
-        return _ar(form, _quant_linear(_quantize(x, in_scale), w, scale, b if bias else None), group)
-
-    _npu_ops()
-    return make_fx(f, tracing_mode="fake")(*quant_inputs(M))
+    return npu_quant_mm_rs(form, bias, group, collective=_ar)
 
 
 def apply_pass(gm, **config):

@@ -172,13 +172,7 @@ def npu_mm_all_reduce_base(x1, x2, hcom, *, reduce_op="sum", bias=None, antiquan
         _check(pertoken_scale is None or (pertoken_scale.dtype == torch.float32
                                           and tuple(pertoken_scale.shape) == (x1.shape[0],)),
                f"{kernel}: pertoken_scale float32 (m,)")
-        acc = torch._int_mm(x1, x2)
-        if bias is not None:
-            acc = acc + bias
-        product = acc.float() * scale.reshape(1, -1)
-        if pertoken_scale is not None:
-            product = product * pertoken_scale.reshape(-1, 1)
-        product = product.to(out_dtype)
+        product = _dequantized_matmul(x1, x2, bias, scale, pertoken_scale, out_dtype)
     else:
         _check(x1.dtype in (torch.float16, torch.bfloat16) and x2.dtype == x1.dtype,
                f"{kernel}: x1 {x1.dtype} and x2 {x2.dtype}: float16 or bfloat16 alike")
@@ -267,13 +261,18 @@ def _npu_quant_matmul(x1, x2, scale, *, offset=None, pertoken_scale=None, bias=N
     _check(offset is None, f"{kernel}: offset is not emulated")
     _check(bias is None or (bias.dtype == torch.int32 and tuple(bias.shape) == (n,)), f"{kernel}: bias int32 (n,)")
     _check(output_dtype in OUT_DTYPES, f"{kernel}: output_dtype {output_dtype} not emulated")
+    return _dequantized_matmul(x1, x2, bias, scale, pertoken_scale, output_dtype)
+
+
+def _dequantized_matmul(x1, x2, bias, scale, pertoken_scale, out_dtype):
+    """The quantized kernels' result: (x1 @ x2 in int32 + bias) * scale [* pertoken_scale], in out_dtype."""
     acc = torch._int_mm(x1, x2)
     if bias is not None:
         acc = acc + bias
-    out = acc.float() * scale.reshape(1, -1)
+    out = acc.float() * scale.float().reshape(1, -1)
     if pertoken_scale is not None:
         out = out * pertoken_scale.reshape(-1, 1)
-    return out.to(output_dtype)
+    return out.to(out_dtype)
 
 
 def _npu_quant_matmul_fake(x1, x2, scale, *, offset=None, pertoken_scale=None, bias=None, output_dtype=None):
