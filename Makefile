@@ -19,7 +19,7 @@ NEXT_PY := $(NEXT_VENV)/bin/python
 NEXT_TESTS := tests/integration/test_sequence_parallel.py tests/integration/test_vllm_engine.py tests/integration/test_vllm_integration.py \
 	tests/integration/test_vllm_llama_graphs.py
 
-.PHONY: venv venv-next ascend-src demo test test-main test-next bench clean
+.PHONY: venv venv-next ascend-src ascend-check demo test test-main test-next bench clean
 
 venv: $(VENV)/.fcpass-installed
 venv-next: $(NEXT_VENV)/.fcpass-installed
@@ -77,6 +77,11 @@ test: test-main test-next
 # vllm-ascend's source (its vllm_ascend/ package from the registry's sdist): its real compile path runs in the tests.
 ascend-src: venv
 	$(PY) -m devtools.sources
+
+# On an Ascend machine (2+ NPUs, CANN, torch_npu, vllm-ascend in the active python): the hardware check, one
+# table to send back (devtools/ascend_check.py). Elsewhere it says what is missing and exits 2.
+ascend-check:
+	PYTHONPATH=$(CURDIR) $(PYTHON) -m devtools.ascend_check
 
 test-main: venv ascend-src
 	$(PY) -m pytest -q tests

@@ -1,11 +1,15 @@
-"""Source of a package fcpass plugs into that cannot be installed here, unpacked from its sdist on the registry.
+"""Files of packages fcpass plugs into that cannot be installed here, unpacked from the registry's distributions.
 
-vllm-ascend's compile path (its GraphFusionPassManager, ``fusion_pass_compile``)
-imports without torch_npu, but its distribution cannot be installed on CPU
-(its build wants CANN, and installed it registers itself as vLLM's platform,
-which then imports torch_npu). So only its ``vllm_ascend/`` package is
-unpacked from the sdist PyPI serves, checked against the index's sha256,
-into ``.deps/`` (tests put that folder on sys.path).
+- vllm-ascend's compile path (its GraphFusionPassManager, ``fusion_pass_compile``)
+  imports without torch_npu, but its distribution cannot be installed on CPU
+  (its build wants CANN, and installed it registers itself as vLLM's platform,
+  which then imports torch_npu): only its ``vllm_ascend/`` package is
+  unpacked from the sdist.
+- torch_npu must never be installed here (it fails to import without CANN):
+  only its op schemas (``npu_native_functions_by_codegen.yaml``) and op docs
+  are unpacked from its wheel; the stand-in's schemas are checked against them.
+
+Each download is checked against the index's sha256 and unpacked into ``.deps/<project>-<version>/``.
 
     python -m devtools.sources        # what `make test` runs first; does nothing when already unpacked
 """
@@ -18,49 +22,86 @@ import json
 import sys
 import tarfile
 import urllib.request
+import zipfile
+from dataclasses import dataclass
 from pathlib import Path
 
 DEPS_DIR = Path(__file__).resolve().parent.parent / ".deps"
 SIMPLE_INDEX = "https://pypi.org/simple"
-VLLM_ASCEND = ("vllm-ascend", "0.23.0.post1", "vllm_ascend")
 
 
-def source_dir(project: str = VLLM_ASCEND[0], version: str = VLLM_ASCEND[1]) -> Path:
-    """The folder holding the unpacked package (put it on sys.path)."""
-    return DEPS_DIR / f"{project}-{version}"
+@dataclass(frozen=True)
+class Source:
+    project: str
+    version: str
+    filename: str  # the distribution file on the index
+    members: tuple[str, ...]  # paths inside it (a folder ends with "/"), relative to the sdist's root folder
+
+    @property
+    def folder(self) -> Path:
+        """Where the members are unpacked (put it on sys.path for a package)."""
+        return DEPS_DIR / f"{self.project}-{self.version}"
+
+    def path(self, member: str) -> Path:
+        return self.folder / member
 
 
-def fetch(project: str, version: str, package: str) -> Path:
-    """Unpack ``package/`` of ``project``'s ``version`` sdist into :func:`source_dir`, once; returns that folder."""
-    target = source_dir(project, version)
-    if (target / package / "__init__.py").is_file():
-        return target
-    url, sha256 = _sdist(project, version)
-    data = urllib.request.urlopen(url, timeout=300).read()
+VLLM_ASCEND = Source("vllm-ascend", "0.23.0.post1", "vllm_ascend-0.23.0.post1.tar.gz", ("vllm_ascend/",))
+TORCH_NPU_SCHEMAS = "torch_npu/csrc/aten/npu_native_functions_by_codegen.yaml"
+TORCH_NPU_DOCS = "torch_npu/_op_plugin_docs.py"
+TORCH_NPU = Source("torch-npu", "2.14.0", "torch_npu-2.14.0-cp311-cp311-manylinux_2_28_x86_64.whl",
+                   (TORCH_NPU_SCHEMAS, TORCH_NPU_DOCS))
+SOURCES = (VLLM_ASCEND, TORCH_NPU)
+
+
+def fetch(source: Source) -> Path:
+    """Unpack ``source``'s members into its folder, once; returns the folder."""
+    if all(source.path(m.rstrip("/")).exists() for m in source.members):
+        return source.folder
+    url, sha256 = _index_entry(source)
+    data = urllib.request.urlopen(url, timeout=600).read()
     if hashlib.sha256(data).hexdigest() != sha256:
         raise RuntimeError(f"{url}: sha256 differs from the index's {sha256}")
-    partial = target.with_name(target.name + ".partial")
+    partial = source.folder.with_name(source.folder.name + ".partial")
+    if source.filename.endswith(".tar.gz"):
+        _unpack_sdist(data, source.members, partial)
+    else:
+        _unpack_wheel(data, source.members, partial)
+    partial.rename(source.folder)
+    return source.folder
+
+
+def _wanted(name: str, members) -> bool:
+    return any(name == m or (m.endswith("/") and name.startswith(m)) for m in members)
+
+
+def _unpack_sdist(data: bytes, members, into: Path) -> None:
     with tarfile.open(fileobj=io.BytesIO(data), mode="r:gz") as sdist:
         root = sdist.getnames()[0].split("/")[0]
-        members = [m for m in sdist.getmembers() if m.name.startswith(f"{root}/{package}/") and (m.isfile() or m.isdir())]
-        for member in members:
-            member.name = member.name[len(root) + 1:]
-        sdist.extractall(partial, members=members, filter="data")
-    partial.rename(target)
-    return target
+        chosen = []
+        for member in sdist.getmembers():
+            name = member.name[len(root) + 1:]
+            if (member.isfile() or member.isdir()) and _wanted(name, members):
+                member.name = name
+                chosen.append(member)
+        sdist.extractall(into, members=chosen, filter="data")
 
 
-def _sdist(project: str, version: str) -> tuple[str, str]:
-    """(URL, sha256) of the sdist, from the registry's JSON simple index (PEP 691)."""
-    request = urllib.request.Request(f"{SIMPLE_INDEX}/{project}/",
+def _unpack_wheel(data: bytes, members, into: Path) -> None:
+    with zipfile.ZipFile(io.BytesIO(data)) as wheel:
+        wheel.extractall(into, members=[n for n in wheel.namelist() if _wanted(n, members)])
+
+
+def _index_entry(source: Source) -> tuple[str, str]:
+    """(URL, sha256) of the distribution file, from the registry's JSON simple index (PEP 691)."""
+    request = urllib.request.Request(f"{SIMPLE_INDEX}/{source.project}/",
                                      headers={"Accept": "application/vnd.pypi.simple.v1+json"})
-    files = json.load(urllib.request.urlopen(request, timeout=60))["files"]
-    name = f"{project.replace('-', '_')}-{version}.tar.gz"
-    for entry in files:
-        if entry["filename"] == name:
+    for entry in json.load(urllib.request.urlopen(request, timeout=60))["files"]:
+        if entry["filename"] == source.filename:
             return entry["url"], entry["hashes"]["sha256"]
-    raise RuntimeError(f"{project} {version}: no sdist {name} on {SIMPLE_INDEX}")
+    raise RuntimeError(f"{source.project} {source.version}: no {source.filename} on {SIMPLE_INDEX}")
 
 
 if __name__ == "__main__":
-    print(fetch(*VLLM_ASCEND), file=sys.stderr)
+    for source in SOURCES:
+        print(fetch(source), file=sys.stderr)

@@ -14,6 +14,10 @@ from dataclasses import dataclass
 import torch
 
 FLOAT_DTYPES = frozenset({torch.float32, torch.float16, torch.bfloat16})
+# c10::ScalarType numbers (c10/core/ScalarType.h): torch_npu's ops take and graphs carry dtypes as these ints.
+SCALAR_TYPE_NUMBERS = {torch.uint8: 0, torch.int8: 1, torch.int16: 2, torch.int32: 3, torch.int64: 4,
+                       torch.float16: 5, torch.float32: 6, torch.float64: 7, torch.bool: 11, torch.qint8: 12,
+                       torch.bfloat16: 15}
 FP8_DTYPES = frozenset({torch.float8_e4m3fn, torch.float8_e5m2})
 QUANT_OUT_DTYPES = frozenset({torch.float16, torch.bfloat16, torch.float32})
 
@@ -59,6 +63,8 @@ class Matmul:
         if not self.scaled:
             return torch.mm(x, self.w) if self.bias is None else torch.addmm(self.bias, x, self.w)
         x_scale = row_scale if row_scale is not None else self.x_scale
+        if x.dtype == torch.int8 and x.device.type == "npu":
+            return npu_w8a8(x, self, row_scale)
         if x.dtype == torch.int8:
             acc = torch._int_mm(x, self.w)
             if self.bias is not None:
@@ -69,6 +75,18 @@ class Matmul:
             x, self.w, scale_a=x_scale, scale_b=_row_vector_or_scalar(self.w_scale),
             bias=self.bias, out_dtype=self.out_dtype,
         )
+
+
+def npu_w8a8(x: torch.Tensor, mm: Matmul, row_scale: torch.Tensor | None) -> torch.Tensor:
+    """The W8A8 Matmul on NPU tensors, where torch has no ``_int_mm``: torch_npu's ``npu_quant_matmul``, which
+    computes the same ``(x @ w + bias) * scale [* pertoken_scale]``; a per-tensor x_scale folds into the float32
+    channel scale, a per-token one (m, 1) is its ``pertoken_scale`` (m,)."""
+    scale = mm.w_scale.to(torch.float32).reshape(-1)
+    if mm.x_scale is not None:
+        scale = scale * mm.x_scale.to(torch.float32).reshape(1)
+    pertoken = None if row_scale is None else row_scale.to(torch.float32).reshape(-1)
+    return torch.ops.npu.npu_quant_matmul(x, mm.w, scale, pertoken_scale=pertoken, bias=mm.bias,
+                                          output_dtype=SCALAR_TYPE_NUMBERS[mm.out_dtype])
 
 
 @dataclass(eq=False, slots=True)  # as Matmul

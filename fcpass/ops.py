@@ -20,10 +20,14 @@ for every token count and never recompiles over the fused/unfused choice:
         CPU oneDNN matmul, whose weight exists only inside its handler:
         (x, handler, n, bias, ...) in place of (x, w, bias, ...).
 
+``flash_comm=True`` (the last argument of the reduce_scatter and all_gather
+ops): the site was one of vllm-ascend's FlashComm v1 collectives, which it
+switches per forward; see :func:`_run`.
+
 ``threshold_tokens < 0`` means "the config's": its threshold_tokens, else
 its threshold table's bucket, else the backend's default.
 
-The config is the op's last argument, ``config``: a
+The config is an argument of every op, ``config``: a
 ``PassConfig.runtime_text()``, which FlashCommPass puts into every op it
 emits, so the compiled graph carries it (a compile-cache hit runs the ops
 with the config they were compiled with, in every process and on every
@@ -50,6 +54,7 @@ from fcpass.config import PassConfig
 from fcpass.groups import resolve_group
 from fcpass.matmuls import Matmul, OneDNNMatmul, tensor_signature
 from fcpass.padding import append_zero_rows, with_zero_rows
+from fcpass.vllm import state
 
 _eager_config = PassConfig()
 
@@ -126,10 +131,21 @@ def plan(op: str, family: str, call: FusedCall, threshold_tokens: int, config: P
 
 
 def _run(op: str, family: str, x: torch.Tensor, mms: tuple, row_scale: torch.Tensor | None, group_name: str,
-         world_size: int, threshold_tokens: int, pad_rows: int, config: str):
-    """An op's body: validate and plan on a signature's first call, then record the decision and run its path."""
-    key = (op, x.shape, x.dtype, x.device, tensor_signature(row_scale), group_name, world_size, threshold_tokens,
-           pad_rows, config, *[mm.signature() for mm in mms])
+         world_size: int, threshold_tokens: int, pad_rows: int, config: str, flash_comm: bool = False):
+    """An op's body: validate and plan on a signature's first call, then record the decision and run its path.
+
+    ``flash_comm``: the op replaced one of vllm-ascend's FlashComm v1 collectives, which vllm-ascend switches
+    per forward (a rank-equal choice from the token count); with FlashComm off in this forward it computes
+    what that collective then does: the all_reduce of the matmul (a matmul -> all_reduce site, planned as
+    one) in place of pad + reduce_scatter, the local rows in place of the gather.
+    """
+    if flash_comm and not state.ascend_flash_comm_enabled():
+        if family == MM_REDUCE_SCATTER:
+            family, world_size, pad_rows = MM_ALL_REDUCE, resolve_group(group_name).size(), 0
+        else:
+            return x.clone(), [mm(x) for mm in mms]  # an op returns new tensors, never its input
+    key = (op, family, x.shape, x.dtype, x.device, tensor_signature(row_scale), group_name, world_size,
+           threshold_tokens, pad_rows, config, *[mm.signature() for mm in mms])
     planned = _plans.get(key)
     if planned is None:
         if family == MM_REDUCE_SCATTER:
@@ -293,15 +309,16 @@ def _scaled_row_matmul(w, x_scale, w_scale, bias, out_dtype):
 def mm_reduce_scatter(
     x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None,
     group_name: str, world_size: int, threshold_tokens: int, pad_rows: int = 0, config: str = "",
+    flash_comm: bool = False,
 ) -> torch.Tensor:
     return _run(
         "mm_reduce_scatter", MM_REDUCE_SCATTER, x, (Matmul(w, bias),), None,
-        group_name, world_size, threshold_tokens, pad_rows, config
+        group_name, world_size, threshold_tokens, pad_rows, config, flash_comm
     )
 
 
 @oplib.fake("mm_reduce_scatter")
-def _(x, w, bias, group_name, world_size, threshold_tokens, pad_rows=0, config=""):
+def _(x, w, bias, group_name, world_size, threshold_tokens, pad_rows=0, config="", flash_comm=False):
     _check_rs("mm_reduce_scatter", x, Matmul(w, bias), None, world_size, pad_rows)
     return x.new_empty(((x.shape[0] + pad_rows) // world_size, w.shape[1]))
 
@@ -311,16 +328,18 @@ def mm_reduce_scatter_scaled(
     x: torch.Tensor, w: torch.Tensor, x_scale: torch.Tensor | None, w_scale: torch.Tensor,
     bias: torch.Tensor | None, out_dtype: torch.dtype,
     group_name: str, world_size: int, threshold_tokens: int, pad_rows: int = 0, config: str = "",
+    flash_comm: bool = False,
 ) -> torch.Tensor:
     mm, per_token = _scaled_row_matmul(w, x_scale, w_scale, bias, out_dtype)
     return _run(
         "mm_reduce_scatter_scaled", MM_REDUCE_SCATTER, x, (mm,), per_token,
-        group_name, world_size, threshold_tokens, pad_rows, config
+        group_name, world_size, threshold_tokens, pad_rows, config, flash_comm
     )
 
 
 @oplib.fake("mm_reduce_scatter_scaled")
-def _(x, w, x_scale, w_scale, bias, out_dtype, group_name, world_size, threshold_tokens, pad_rows=0, config=""):
+def _(x, w, x_scale, w_scale, bias, out_dtype, group_name, world_size, threshold_tokens, pad_rows=0, config="",
+      flash_comm=False):
     mm, per_token = _scaled_row_matmul(w, x_scale, w_scale, bias, out_dtype)
     _check_rs("mm_reduce_scatter_scaled", x, mm, per_token, world_size, pad_rows)
     return x.new_empty(((x.shape[0] + pad_rows) // world_size, w.shape[1]), dtype=out_dtype)
@@ -329,17 +348,18 @@ def _(x, w, x_scale, w_scale, bias, out_dtype, group_name, world_size, threshold
 @oplib.define("all_gather_mm")
 def all_gather_mm(
     x: torch.Tensor, ws: Sequence[torch.Tensor], biases: Sequence[torch.Tensor | None],
-    group_name: str, world_size: int, threshold_tokens: int, config: str = "",
+    group_name: str, world_size: int, threshold_tokens: int, config: str = "", flash_comm: bool = False,
 ) -> tuple[torch.Tensor, list[torch.Tensor]]:
     mms = [Matmul(w, b) for w, b in _zip_lists("all_gather_mm", ws, biases, "biases")]
     gathered, outs = _run(
-        "all_gather_mm", ALL_GATHER_MM, x, tuple(mms), None, group_name, world_size, threshold_tokens, 0, config
+        "all_gather_mm", ALL_GATHER_MM, x, tuple(mms), None, group_name, world_size, threshold_tokens, 0, config,
+        flash_comm
     )
     return gathered, list(outs)
 
 
 @oplib.fake("all_gather_mm")
-def _(x, ws, biases, group_name, world_size, threshold_tokens, config=""):
+def _(x, ws, biases, group_name, world_size, threshold_tokens, config="", flash_comm=False):
     mms = [Matmul(w, b) for w, b in _zip_lists("all_gather_mm", ws, biases, "biases")]
     _check_ag("all_gather_mm", x, mms, world_size)
     rows = x.shape[0] * world_size
@@ -363,17 +383,19 @@ def _scaled_matmuls(op, ws, w_scales, biases, x_scale, out_dtype):
 def all_gather_scaled_mm(
     x: torch.Tensor, x_scale: torch.Tensor | None, ws: Sequence[torch.Tensor],
     w_scales: Sequence[torch.Tensor], biases: Sequence[torch.Tensor | None], out_dtype: torch.dtype,
-    group_name: str, world_size: int, threshold_tokens: int, config: str = "",
+    group_name: str, world_size: int, threshold_tokens: int, config: str = "", flash_comm: bool = False,
 ) -> tuple[torch.Tensor, list[torch.Tensor]]:
     mms = _scaled_matmuls("all_gather_scaled_mm", ws, w_scales, biases, x_scale, out_dtype)
     gathered, outs = _run(
-        "all_gather_scaled_mm", ALL_GATHER_MM, x, tuple(mms), None, group_name, world_size, threshold_tokens, 0, config
+        "all_gather_scaled_mm", ALL_GATHER_MM, x, tuple(mms), None, group_name, world_size, threshold_tokens, 0, config,
+        flash_comm
     )
     return gathered, list(outs)
 
 
 @oplib.fake("all_gather_scaled_mm")
-def _(x, x_scale, ws, w_scales, biases, out_dtype, group_name, world_size, threshold_tokens, config=""):
+def _(x, x_scale, ws, w_scales, biases, out_dtype, group_name, world_size, threshold_tokens, config="",
+      flash_comm=False):
     mms = _scaled_matmuls("all_gather_scaled_mm", ws, w_scales, biases, x_scale, out_dtype)
     _check_ag("all_gather_scaled_mm", x, mms, world_size)
     rows = x.shape[0] * world_size
@@ -384,16 +406,17 @@ def _(x, x_scale, ws, w_scales, biases, out_dtype, group_name, world_size, thres
 def mm_reduce_scatter_onednn(
     x: torch.Tensor, handler: torch.Tensor, n: int, bias: torch.Tensor | None,
     group_name: str, world_size: int, threshold_tokens: int, pad_rows: int = 0, config: str = "",
+    flash_comm: bool = False,
 ) -> torch.Tensor:
     mm = OneDNNMatmul(handler, n, x.dtype, bias)
     return _run(
         "mm_reduce_scatter_onednn", MM_REDUCE_SCATTER, x, (mm,), None,
-        group_name, world_size, threshold_tokens, pad_rows, config
+        group_name, world_size, threshold_tokens, pad_rows, config, flash_comm
     )
 
 
 @oplib.fake("mm_reduce_scatter_onednn")
-def _(x, handler, n, bias, group_name, world_size, threshold_tokens, pad_rows=0, config=""):
+def _(x, handler, n, bias, group_name, world_size, threshold_tokens, pad_rows=0, config="", flash_comm=False):
     mm = OneDNNMatmul(handler, n, x.dtype, bias)
     _check_rs("mm_reduce_scatter_onednn", x, mm, None, world_size, pad_rows)
     return x.new_empty(((x.shape[0] + pad_rows) // world_size, n))
@@ -407,17 +430,18 @@ def _onednn_matmuls(op, x, handlers, ns, biases):
 @oplib.define("all_gather_onednn_mm")
 def all_gather_onednn_mm(
     x: torch.Tensor, handlers: Sequence[torch.Tensor], ns: Sequence[int], biases: Sequence[torch.Tensor | None],
-    group_name: str, world_size: int, threshold_tokens: int, config: str = "",
+    group_name: str, world_size: int, threshold_tokens: int, config: str = "", flash_comm: bool = False,
 ) -> tuple[torch.Tensor, list[torch.Tensor]]:
     mms = _onednn_matmuls("all_gather_onednn_mm", x, handlers, ns, biases)
     gathered, outs = _run(
-        "all_gather_onednn_mm", ALL_GATHER_MM, x, tuple(mms), None, group_name, world_size, threshold_tokens, 0, config
+        "all_gather_onednn_mm", ALL_GATHER_MM, x, tuple(mms), None, group_name, world_size, threshold_tokens, 0, config,
+        flash_comm
     )
     return gathered, list(outs)
 
 
 @oplib.fake("all_gather_onednn_mm")
-def _(x, handlers, ns, biases, group_name, world_size, threshold_tokens, config=""):
+def _(x, handlers, ns, biases, group_name, world_size, threshold_tokens, config="", flash_comm=False):
     mms = _onednn_matmuls("all_gather_onednn_mm", x, handlers, ns, biases)
     _check_ag("all_gather_onednn_mm", x, mms, world_size)
     rows = x.shape[0] * world_size

@@ -10,7 +10,7 @@
 
 A matmul reads g's rows directly, through the unpad slice, through views
 that keep the rows (``unsqueeze``/``reshape`` to 3-D and back), or through
-Ascend's row-wise ``npu_quantize``: quantizing commutes with gathering rows,
+Ascend's row-wise ``npu_quantize`` (or vllm-ascend's ``vllm.quantize``): quantizing commutes with gathering rows,
 so the quantize moves before the gather (which then moves int8, not floats)
 and the matmuls become one ``fcpass.all_gather_scaled_mm``, as
 ``_scaled_mm`` consumers (one x_scale, one out_dtype) do.
@@ -18,7 +18,9 @@ and the matmuls become one ``fcpass.all_gather_scaled_mm``, as
 The unpad slice moves after the matmul: (g @ v)[:end] == g[:end] @ v, row
 by row, so the result is exact; the padded rows cost a few extra matmul rows.
 vllm-ascend's gather drops its padding at run time: each result goes
-through ``fcpass.drop_token_padding``.
+through ``fcpass.drop_token_padding``; and it gathers only where its FlashComm
+is on in that forward (``flash_comm=True``: with it off the op multiplies the
+local rows, as the original then passes them through).
 
 One gathered tensor often feeds several matmuls; a one-to-one traced
 replacement cannot express that, so the rewrite is built by hand: one fused
@@ -138,7 +140,8 @@ def _replace(graph: fx.Graph, ag: Collective, consumers: list[Consumer], config_
         if quantize is not None:
             x = call(graph, quantize.target, (x, *quantize.args[1:]), dict(quantize.kwargs))
         return call(graph, fused_op(kind.all_gather_mm), (x, *kind.gather_operands(graph, matmuls), ag.group_name,
-                                                          ag.world_size, CONFIG_THRESHOLD, config_text))
+                                                          ag.world_size, CONFIG_THRESHOLD, config_text,
+                                                          ag.pads_tokens))
 
     # Inserted before the first matmul; nodes defined later are put in order by the
     # pass's topological sort afterwards.

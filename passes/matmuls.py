@@ -20,8 +20,8 @@ from torch._inductor.pattern_matcher import CallFunction, KeywordArg, PatternExp
 
 from passes import report as outcomes
 from passes.graph_edit import Match, call
-from passes.nodes import (AUTO_FUNCTIONALIZED, aten, bound_args, dim, fake_value, mutated_arg, npu_op, registered_op,
-                          vllm_op)
+from passes.nodes import (AUTO_FUNCTIONALIZED, as_dtype, aten, bound_args, dim, fake_value, mutated_arg, npu_op,
+                          registered_op, vllm_op)
 
 
 @dataclass(frozen=True)
@@ -166,25 +166,32 @@ def _match_onednn_mm(node: fx.Node) -> MatmulNode | None:
 
 
 def _match_npu_quant_matmul(node: fx.Node) -> MatmulNode | None:
-    """Ascend W8A8 ``npu_quant_matmul(x_int8, w_int8 (k, n), deq_scale, bias=int32, output_dtype)``.
+    """Ascend W8A8 ``npu_quant_matmul(x_int8, w_int8 (k, n), deq_scale, bias=int32, output_dtype=15)``, with
+    torch-npu's schema (its dtypes are c10 ScalarType numbers: 15 bfloat16, 5 float16).
 
     Its result is ``(x @ w + bias) * scale``, fcpass's W8A8 Matmul. Matched
     only with a float32 dequant scale (a scale packed into int64 by
-    ``npu_trans_quant_param`` means something else), no offset and no
-    ``pertoken_scale`` (1-D (m,) there, where a 1-D scale means per-tensor to
-    the fused ops).
+    ``npu_trans_quant_param`` means something else), an int32 bias, no offset, no
+    dtype overrides and no ``pertoken_scale`` (1-D (m,) there, where a 1-D
+    scale means per-tensor to the fused ops); any other is recognised and
+    left alone with what differs.
     """
     target = npu_op("npu_quant_matmul")
     if target is None or node.op != "call_function" or node.target != target:
         return None
     args = bound_args(node)
-    scale = fake_value(args["scale"])
+    scale, bias = fake_value(args["scale"]), fake_value(args.get("bias"))
+    out_dtype = as_dtype(args.get("output_dtype"))
     problem = _unsupported_arguments(
         "npu_quant_matmul", args, offset=None, pertoken_scale=None, group_sizes=None, y_scale=None,
         x1_dtype=None, x2_dtype=None, pertoken_scale_dtype=None, scale_dtype=None)
     if args.get("output_dtype") is None:
         problem = problem or "npu_quant_matmul without output_dtype (an int8 result)"
+    elif out_dtype is None:
+        problem = problem or f"npu_quant_matmul with output_dtype {args['output_dtype']!r}, not a known dtype"
     elif scale is None or scale.dtype != torch.float32:
         problem = problem or f"npu_quant_matmul with a {getattr(scale, 'dtype', None)} scale, not float32"
+    elif bias is not None and bias.dtype != torch.int32:
+        problem = problem or f"npu_quant_matmul with a {bias.dtype} bias, not int32"
     return MatmulNode("npu_quant_matmul", node, args["x1"], args["x2"], args.get("bias"), kind="scaled",
-                      w_scale=args["scale"], out_dtype=args["output_dtype"], problem=problem)
+                      w_scale=args["scale"], out_dtype=out_dtype, problem=problem)

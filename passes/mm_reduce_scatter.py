@@ -11,7 +11,9 @@ and the same from ``_scaled_mm`` and Ascend's ``npu_quant_matmul`` to
 ``fcpass.mm_reduce_scatter_scaled``; linear-style matmuls (``aten.linear``,
 ``vllm.unquantized_gemm``) get their stored (n, k) weight transposed.
 vllm-ascend's ``maybe_pad_and_reduce(y)`` pads by ``(-m) % world_size``
-itself (its ``pad_size``): the same rewrite with that pad computed in the graph.
+itself (its ``pad_size``): the same rewrite with that pad computed in the graph,
+and ``flash_comm=True``: vllm-ascend switches FlashComm per forward, and with it
+off that op all-reduces, which the fused op then does too.
 
 Applies when the reduction is a sum along dim 0 of 2-D rows, the group
 agrees with the world size, and the matmul's only user is the collective
@@ -106,7 +108,7 @@ def _replace(graph: fx.Graph, rs: Collective, mm: MatmulNode, pad, steps, config
         rows_pad = _pad_to_multiple(graph, mm.x, rs.world_size) if rs.pads_tokens else pad
         operands = kind.row_parallel_operands(graph, mm)
         return call(graph, fused_op(kind.mm_reduce_scatter), (mm.x, *operands, rs.group_name, rs.world_size,
-                                                              CONFIG_THRESHOLD, rows_pad, config_text))
+                                                              CONFIG_THRESHOLD, rows_pad, config_text, rs.pads_tokens))
 
     return replace_site(graph, rs, mm, steps, build)
 

@@ -9,6 +9,8 @@ from __future__ import annotations
 import torch
 import torch.fx as fx
 
+from fcpass.matmuls import SCALAR_TYPE_NUMBERS
+
 aten = torch.ops.aten
 
 AUTO_FUNCTIONALIZED = (torch.ops.higher_order.auto_functionalized, torch.ops.higher_order.auto_functionalized_v2)
@@ -35,6 +37,19 @@ def vllm_op(name: str):
 def npu_op(name: str):
     """torch_npu's op, or None where torch_npu is not loaded."""
     return registered_op("npu", name)
+
+
+# torch_npu's ``int`` dtype arguments in a graph are c10 ScalarType numbers (npu_quant_matmul's output_dtype 15 is
+# bfloat16, npu_quantize's dtype 12 qint8).
+_SCALAR_TYPES = {number: dtype for dtype, number in SCALAR_TYPE_NUMBERS.items()}
+
+
+def as_dtype(value) -> torch.dtype | None:
+    """A dtype argument as a torch.dtype: itself, or the dtype of its c10 ScalarType number; None for None or an
+    unknown number."""
+    if value is None or isinstance(value, torch.dtype):
+        return value
+    return _SCALAR_TYPES.get(value) if isinstance(value, int) else None
 
 
 def bound_args(node: fx.Node) -> dict:

@@ -10,7 +10,7 @@ import torch
 import torch.fx as fx
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
-from passes.nodes import bound_args, dim, fake_value, npu_op
+from passes.nodes import bound_args, dim, fake_value, npu_op, vllm_op
 
 aten = torch.ops.aten
 
@@ -65,14 +65,20 @@ def unpad_end(node: fx.Node, source: fx.Node):
 
 
 def rowwise_quantize(node: fx.Node) -> bool:
-    """Ascend static ``npu_quantize`` with a per-tensor or per-channel scale: each row on its own, so it
-    commutes with gathering rows."""
-    target = npu_op("npu_quantize")
-    if target is None or node.op != "call_function" or node.target != target:
+    """Ascend static quantization, each row on its own, so it commutes with gathering rows: vllm-ascend's
+    ``vllm.quantize(x, scale, scale_reciprocal, offset)`` (what its W8A8 linear emits: ``npu_quantize`` along
+    the last axis inside), or ``npu_quantize`` with a per-tensor or per-channel scale."""
+    if node.op != "call_function":
         return False
-    args = bound_args(node)
+    vllm_quantize = vllm_op("quantize")
+    if vllm_quantize is not None and node.target == vllm_quantize:
+        return True
+    target = npu_op("npu_quantize")
+    if target is None or node.target != target:
+        return False
+    args = bound_args(node)  # torch-npu's schema: npu_quantize(Tensor self, Tensor scales, ..., int axis=1, ...)
     scales = fake_value(args["scales"])
-    along_k = args["axis"] in (-1, dim(args["input"]) - 1)
+    along_k = args["axis"] in (-1, dim(args["self"]) - 1)
     return scales is not None and (scales.numel() == 1 or along_k)
 
 

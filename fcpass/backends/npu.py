@@ -118,8 +118,8 @@ class NpuBackend(Backend):
                     f"fcpass: HCCL communicator name of group {call.group_name!r} first needed during "
                     "graph capture; run one eager step before capturing"
                 )
-            rank = dist.get_rank(call.group)
-            name = call.group._get_backend(torch.device("npu")).get_hccl_comm_name(rank)
+            # torch_npu documents getHcclCommName's rankid as this process's global rank (not its group rank).
+            name = call.group._get_backend(torch.device("npu")).get_hccl_comm_name(dist.get_rank())
             self._comm_names[call.group_name] = name
         return name
 

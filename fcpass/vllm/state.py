@@ -50,6 +50,17 @@ def compile_range_start() -> int | None:
         return None
 
 
+def ascend_flash_comm_enabled() -> bool:
+    """Whether vllm-ascend runs its FlashComm v1 collectives as reduce_scatter / all_gather in this forward
+    (it decides per forward from the token count; off: all_reduce / no gather). True outside vllm-ascend's
+    forward context (the traced form is the FlashComm one)."""
+    context = sys.modules.get("vllm_ascend.ascend_forward_context")  # loaded wherever its collectives run
+    try:
+        return bool(context._EXTRA_CTX.flash_comm_v1_enabled)
+    except (AttributeError, AssertionError):  # no vllm-ascend, or outside its forward context
+        return True
+
+
 def ascend_pad_size() -> int:
     """vllm-ascend's current FlashComm ``pad_size``: its extra-context proxy (newer), else vLLM's forward
     context."""

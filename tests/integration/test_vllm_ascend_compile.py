@@ -31,7 +31,7 @@ HIDDEN, FFN = 32, 48
 
 def ascend_compile_setup():
     """vllm-ascend's source and the torch_npu stand-in on the path, vllm-ascend's pass key as the platform's."""
-    source = sources.source_dir()
+    source = sources.VLLM_ASCEND.folder
     if not (source / "vllm_ascend" / "__init__.py").is_file():
         raise RuntimeError(f"vllm-ascend's source is not in {source}: run `make ascend-src` (python -m devtools.sources)")
     sys.path[:0] = [str(source), STANDIN_DIR]  # importable, not installed: no "npu" device, CPU ranks

@@ -65,12 +65,15 @@ def test_npu_quant_matmul_before_the_scatter():
     assert p.matched == {"mm_reduce_scatter": {"vllm/npu_quant_matmul": 1}}
 
 
-def test_npu_quantize_moves_before_the_gather_and_the_float_rows_stay_for_other_users():
-    gm = ag_npu_quant_mm()
+@pytest.mark.parametrize("quantize_op", ["npu", "vllm"])
+def test_the_quantize_moves_before_the_gather_and_the_float_rows_stay_for_other_users(quantize_op):
+    """npu.npu_quantize, and vllm-ascend's vllm.quantize (what its static W8A8 linear emits)."""
+    gm = ag_npu_quant_mm(quantize=quantize_op)
     p = apply_pass(gm)
     fused = _fused(gm, fc.all_gather_scaled_mm.default)
     quantize = fused.args[0]
-    assert quantize.target == torch.ops.npu.npu_quantize.default
+    target = torch.ops.npu.npu_quantize if quantize_op == "npu" else torch.ops.vllm.quantize
+    assert quantize.target == target.default
     assert quantize.args[0].op == "placeholder"  # the local shard: int8 rows are gathered
     assert len(fused.args[2]) == 2 and count(gm, torch.ops.npu.npu_quant_matmul.default) == 0
     assert count(gm, torch.ops.vllm.all_gather.default) == 1  # the float rows' other user (g + 1)
@@ -89,10 +92,10 @@ def test_npu_quant_matmul_with_a_per_token_scale_is_not_matched():
     there means per-tensor. Such a matmul is left alone rather than rewritten with the wrong meaning."""
     from torch.fx.experimental.proxy_tensor import make_fx
 
-    from support.hand_graphs import K, M, N, WS
+    from support.hand_graphs import BF16_SCALAR_TYPE, K, M, N, WS
 
     def f(x, w, scale, token_scale):
-        y = torch.ops.npu.npu_quant_matmul(x, w, scale, pertoken_scale=token_scale, output_dtype=torch.bfloat16)
+        y = torch.ops.npu.npu_quant_matmul(x, w, scale, pertoken_scale=token_scale, output_dtype=BF16_SCALAR_TYPE)
         return torch.ops.vllm.reduce_scatter(y, 0, WS, "tp:0")
 
     npu_quant_mm_rs()  # loads the torch_npu stand-in ops
@@ -102,3 +105,35 @@ def test_npu_quant_matmul_with_a_per_token_scale_is_not_matched():
     assert count(gm, fc.mm_reduce_scatter_scaled.default) == 0
     (outcome,) = p.last_report.outcomes
     assert outcome.kind == outcomes.MATMUL_ARGUMENTS and "npu_quant_matmul with pertoken_scale=" in outcome.outcome
+
+
+@pytest.mark.parametrize("variant, problem", [
+    ({"bias": torch.zeros(24, dtype=torch.bfloat16)}, "torch.bfloat16 bias, not int32"),
+    ({"scale": torch.ones(24, dtype=torch.int64)}, "torch.int64 scale, not float32"),
+    ({"x1_dtype": 1}, "x1_dtype=1"),
+    ({"output_dtype": 99}, "output_dtype 99, not a known dtype"),
+], ids=["bf16_bias", "int64_scale", "dtype_override", "unknown_output_dtype"])
+def test_a_real_npu_quant_matmul_the_fused_ops_cannot_take_is_left_alone_saying_why(variant, problem):
+    """torch-npu's npu_quant_matmul takes bf16/fp16/fp32 biases, int64 (packed) and bf16 scales and dtype
+    overrides; fcpass's W8A8 op computes only (x @ w + int32 bias) * float32 scale: any other site stays."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    from support.hand_graphs import BF16_SCALAR_TYPE, K, M, N, WS
+
+    assert N == 24
+    args = {"scale": torch.ones(N), "bias": torch.zeros(N, dtype=torch.int32), "output_dtype": BF16_SCALAR_TYPE,
+            **variant}
+
+    def f(x, w, scale, bias):
+        extra = {k: v for k, v in args.items() if k not in ("scale", "bias")}
+        y = torch.ops.npu.npu_quant_matmul(x, w, scale, bias=bias, **extra)
+        return torch.ops.vllm.reduce_scatter(y, 0, WS, "tp:0")
+
+    npu_quant_mm_rs()  # loads the torch_npu stand-in ops
+    gm = make_fx(f, tracing_mode="fake")(torch.zeros(M, K, dtype=torch.int8), torch.zeros(K, N, dtype=torch.int8),
+                                         args["scale"], args["bias"])
+    before = str(gm.graph)
+    p = apply_pass(gm)
+    assert str(gm.graph) == before
+    (outcome,) = [o for o in p.last_report.outcomes if o.family == "mm_reduce_scatter"]
+    assert outcome.kind == outcomes.MATMUL_ARGUMENTS and problem in outcome.outcome, outcome

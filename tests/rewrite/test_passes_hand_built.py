@@ -108,8 +108,9 @@ def test_the_config_travels_into_the_op():
     config = fcpass.PassConfig(threshold_tokens=4096, backend="generic", pipeline_chunks=3)
     apply_pass(gm, **config.to_dict())
     (fused,) = [n for n in gm.graph.nodes if n.target == fc.mm_reduce_scatter.default]
-    assert fused.args[3:] == ("tp:0", 2, -1, 0, config.runtime_text())  # group, world size, threshold, pad, config
-    assert fcpass.PassConfig.from_runtime_text(fused.args[-1]) == config
+    # group, world size, threshold, pad, config, flash_comm (not a vllm-ascend FlashComm site)
+    assert fused.args[3:] == ("tp:0", 2, -1, 0, config.runtime_text(), False)
+    assert fcpass.PassConfig.from_runtime_text(fused.args[-2]) == config
 
 
 def test_unpad_slice_before_the_matmuls_moves_after_the_fused_op():

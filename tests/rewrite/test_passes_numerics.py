@@ -58,6 +58,8 @@ def run_rewritten_vs_original(rank, world_size):
                          lambda x: (x, in_scale, rank0_bias), 2e-2),
         "ag_npu_quant": (ag_npu_quant_mm("c10d_functional", group=group),
                          lambda x: (shard(x), in_scale, quant_w), 2e-2),
+        "ag_vllm_quantize": (ag_npu_quant_mm("c10d_functional", group=group, quantize="vllm"),
+                             lambda x: (shard(x), in_scale, quant_w), 2e-2),
         # matmul -> all_reduce: token counts world_size need not divide (63 of them, from 64)
         "ar": (mm_ar("c10d_functional", bias=(rank == 0), group=group), lambda x: (x[1:], w, b), 1e-5),
         "ar_3d": (mm_ar("c10d_functional", bias=(rank == 0), matmul="linear_3d", group=group),

@@ -68,16 +68,19 @@ def run_ascend_forms(rank, world_size):
             results[name] = {"matched": flashcomm.matched, "ops": {
                 op: count(rewritten, getattr(torch.ops.fcpass, op).default)
                 for op in ("mm_reduce_scatter", "all_gather_mm", "drop_token_padding")}}
-            for tokens in (7, 8, 63, 64):  # padded to 8 (unfused) and 64 (fused); odd counts pad one row
-                set_tokens(tokens, world_size)
+            # padded to 8 (unfused) and 64 (fused); odd counts pad one row; then FlashComm off in the forward, as
+            # vllm-ascend switches it per forward: all_reduce for the scatter, the local rows for the gather
+            for tokens, flash_comm in [(n, True) for n in (7, 8, 63, 64)] + [(n, False) for n in (7, 64)]:
+                set_tokens(tokens, world_size, enabled=flash_comm)
                 padded = tokens + (-tokens) % world_size
                 x = torch.randn(tokens, K, generator=torch.Generator().manual_seed(tokens))
-                args = (x, w, b) if name == "rs" else (torch.randn(padded // world_size, K), w1, w2)
+                shard = torch.randn(padded // world_size, K) if flash_comm else x
+                args = (x, w, b) if name == "rs" else (shard, w1, w2)
                 fcpass.reset_decision_counts()
                 got, want = rewritten(*args), original(*args)
                 got, want = (got if isinstance(got, tuple) else (got,)), (want if isinstance(want, tuple) else (want,))
                 assert all(a.shape == e.shape for a, e in zip(got, want)), (name, tokens)
-                results[name][tokens] = {
+                results[name][tokens if flash_comm else ("off", tokens)] = {
                     "error": max(((a - e).abs().max() / e.abs().max()).item() for a, e in zip(got, want)),
                     "decisions": fcpass.decision_counts(), "rows": want[0].shape[0]}
     return results
@@ -102,6 +105,13 @@ def test_vllm_ascend_flashcomm_collectives_fuse_and_match_the_originals():
                 (path,) = {p for (_, p, _) in r["decisions"]}
                 assert path == ("fused" if tokens > THRESHOLD else "unfused"), (name, tokens)
         assert results["ag"][7]["rows"] == 7 and results["rs"][7]["rows"] == 4  # unpadded / padded then scattered
+        for tokens in (7, 64):  # FlashComm off in the forward: all rows everywhere, the numbers of the original
+            off_rs, off_ag = results["rs"][("off", tokens)], results["ag"][("off", tokens)]
+            assert off_rs["rows"] == off_ag["rows"] == tokens
+            assert off_rs["error"] <= 1e-5 and off_ag["error"] <= 1e-5, (off_rs, off_ag)
+            (decision,) = off_rs["decisions"]  # the scatter's site ran as matmul -> all_reduce
+            assert decision[1] == ("fused" if tokens > THRESHOLD else "unfused"), decision
+            assert off_ag["decisions"] == {}  # no gather, no collective
     for name in ("rs", "ag"):
-        for tokens in (7, 8, 63, 64):
+        for tokens in (7, 8, 63, 64, ("off", 7), ("off", 64)):
             assert per_rank[0][name][tokens]["decisions"] == per_rank[1][name][tokens]["decisions"]

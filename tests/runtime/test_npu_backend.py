@@ -62,6 +62,39 @@ def _kernel_cases(world_size):
 KERNELS = {ws: _shared(run_npu_cases, *_kernel_cases(ws), world_size=ws) for ws in (2, 4)}
 
 
+def _on_npu_subgroups(rank, world_size):
+    """mm_all_reduce through npu_mm_all_reduce_base on 2-rank subgroups [0, 2] and [1, 3] of 4 ranks."""
+    import torch.distributed as dist
+    import torch_npu
+
+    import fcpass
+    from support.npu_runs import NPU_GROUP_BACKEND, with_standin_calls
+    from support.op_runs import run_on_group
+
+    groups = [dist.new_group([0, 2], backend=NPU_GROUP_BACKEND), dist.new_group([1, 3], backend=NPU_GROUP_BACKEND)]
+    group = groups[rank % 2]
+    del torch_npu.comm_name_ranks[:]  # bodies before this one in the same ranks asked for the world group's
+    fcpass.configure(fcpass.PassConfig(backend="npu"))
+    cases = [Case(m=9, k=K, ns=(32,), dtype=torch.bfloat16, bias=True, threshold=0, seed=300)]
+    results, calls = with_standin_calls(
+        lambda: run_on_group(dist.get_rank(group), dist.get_world_size(group), group.group_name, (), (), cases))
+    return {"results": results, "calls": calls, "comm_name_ranks": list(torch_npu.comm_name_ranks)}
+
+
+SUBGROUPS = _shared(_on_npu_subgroups, world_size=4)
+
+
+def test_the_hccl_comm_name_is_asked_with_the_global_rank():
+    """torch_npu's docs: get_hccl_comm_name's rankid is the global rank; on a subgroup it is not the group rank
+    (rank 2 is rank 1 of [0, 2]). The stand-in rejects any other rankid."""
+    per_rank = SUBGROUPS()
+    for global_rank, r in enumerate(per_rank):
+        assert r["comm_name_ranks"] == [global_rank]
+        assert [name for name, _ in r["calls"]] == ["npu_mm_all_reduce_base"]
+    for group_ranks in ((0, 2), (1, 3)):
+        check_results([per_rank[rank]["results"] for rank in group_ranks])
+
+
 @pytest.mark.parametrize("world_size", [2, 4])
 def test_npu_kernels_match_reference(world_size):
     rs, ag, ar = _kernel_cases(world_size)
@@ -171,3 +204,28 @@ def test_standin_rejects_what_the_kernel_rejects():
     for message, (a, b, kwargs) in bad_all_reduce.items():
         with pytest.raises(torch_npu.KernelArgumentError, match=message):
             torch_npu.npu_mm_all_reduce_base(a, b, "no-such-hcom", **kwargs)
+
+
+@pytest.mark.parametrize("x_scale_kind", ["per_tensor", "per_token"])
+@pytest.mark.parametrize("out_dtype", [torch.bfloat16, torch.float16])
+def test_w8a8_matmul_on_npu_tensors_is_torch_npus_quant_matmul(x_scale_kind, out_dtype):
+    """NPU has no ``torch._int_mm``: fcpass's W8A8 Matmul on NPU tensors (the unfused paths, the NPU backend's
+    extra gather consumers) calls ``npu.npu_quant_matmul`` with its scales translated; the stand-in (its real
+    schema, its checks) computes the same as the CPU path."""
+    import importlib.util
+    import os
+
+    from fcpass.matmuls import Matmul, npu_w8a8
+    from support.npu_runs import STANDIN_DIR
+    from support.scaled_runs import quant_inputs
+
+    spec = importlib.util.spec_from_file_location("torch_npu_w8a8", os.path.join(STANDIN_DIR, "torch_npu", "__init__.py"))
+    spec.loader.exec_module(importlib.util.module_from_spec(spec))  # registers torch.ops.npu.* (this process: no torch_npu)
+    x, w, x_scale, w_scale, bias = quant_inputs(0, 37, K, 64, torch.int8, 5, with_bias=True,
+                                                per_token=x_scale_kind == "per_token")
+    per_token = x_scale if x_scale_kind == "per_token" else None
+    mm = Matmul(w, bias, w_scale=w_scale, x_scale=None if per_token is not None else x_scale, out_dtype=out_dtype)
+    want = mm(x, per_token)  # the CPU path, torch._int_mm
+    got = npu_w8a8(x, mm, per_token)
+    assert got.dtype == out_dtype and got.shape == want.shape
+    assert ((got.double() - want.double()).abs().max() / want.double().abs().max()).item() <= QUANT_TOLERANCE

@@ -190,6 +190,10 @@ def ag_3d_mm(form="vllm", group="tp:0"):
 # Ascend static W8A8 (vllm-ascend's W8A8 linear): npu_quantize, then npu_quant_matmul with the int8
 # weight stored (k, n), a float32 dequant scale and an int32 bias. Stand-ins: tests/standins/npu.
 
+# torch-npu's int dtype arguments (c10 ScalarType numbers), as vllm-ascend's traced graphs hold them.
+BF16_SCALAR_TYPE, QINT8_SCALAR_TYPE = 15, 12
+
+
 def _npu_ops():
     import sys
 
@@ -203,11 +207,11 @@ def _npu_ops():
 
 
 def _quant_linear(x_int8, w, deq_scale, bias):
-    return _npu_ops().npu_quant_matmul(x_int8, w, deq_scale, bias=bias, output_dtype=torch.bfloat16)
+    return _npu_ops().npu_quant_matmul(x_int8, w, deq_scale, bias=bias, output_dtype=BF16_SCALAR_TYPE)
 
 
 def _quantize(x, in_scale):
-    return _npu_ops().npu_quantize(x, in_scale, None, torch.qint8, -1, False)
+    return _npu_ops().npu_quantize(x, in_scale, None, QINT8_SCALAR_TYPE, -1, False)
 
 
 def quant_inputs(rows, num_weights=1, seed=0):
@@ -232,15 +236,39 @@ def npu_quant_mm_rs(form="vllm", bias=True, group="tp:0", collective=_rs):
     return make_fx(f, tracing_mode="fake")(*quant_inputs(M))
 
 
-def ag_npu_quant_mm(form="vllm", group="tp:0"):
-    """all_gather -> quantize -> two npu_quant_matmul (qkv-like), the float rows also used elsewhere."""
+def _register_vllm_ascend_quantize():
+    """Stand-in for vllm-ascend's ``vllm.quantize`` (its W8A8 linear's static quantization, registered in its
+    ops/register_custom_ops.py with this signature): ``npu_quantize(x, scale_reciprocal, offset, qint8, -1,
+    False)`` inside."""
+    if hasattr(torch.ops.vllm, "quantize"):
+        return
+
+    @torch.library.custom_op("vllm::quantize", mutates_args=())
+    def quantize(in_tensor: torch.Tensor, input_scale: torch.Tensor, input_scale_reciprocal: torch.Tensor,
+                 input_offset: torch.Tensor) -> torch.Tensor:
+        return _npu_ops().npu_quantize(in_tensor, input_scale_reciprocal, input_offset, QINT8_SCALAR_TYPE, -1, False)
+
+    @quantize.register_fake
+    def _(in_tensor, input_scale, input_scale_reciprocal, input_offset):
+        return in_tensor.new_empty(in_tensor.shape, dtype=torch.int8)
+
+
+def ag_npu_quant_mm(form="vllm", group="tp:0", quantize="npu"):
+    """all_gather -> quantize -> two npu_quant_matmul (qkv-like), the float rows also used elsewhere.
+
+    ``quantize``: "npu" (``npu.npu_quantize``) or "vllm" (vllm-ascend's ``vllm.quantize``, what its W8A8
+    linear emits)."""
 
     def f(x, in_scale, weights):
         g = _ag(form, x, group)
-        q = _quantize(g, in_scale)
+        if quantize == "vllm":
+            q = torch.ops.vllm.quantize(g, 1 / in_scale, in_scale, torch.zeros_like(in_scale))
+        else:
+            q = _quantize(g, in_scale)
         return (*(_quant_linear(q, w, scale, b) for w, scale, b in weights), g + 1)
 
     _npu_ops()
+    _register_vllm_ascend_quantize()
     return make_fx(f, tracing_mode="fake")(*quant_inputs(M // WS, num_weights=2))
 
 

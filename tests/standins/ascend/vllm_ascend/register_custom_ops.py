@@ -3,8 +3,8 @@
 maybe_pad_and_reduce(x): FlashComm on: pad the tokens by pad_size, reduce_scatter over TP;
     off: all_reduce.
 maybe_all_gather_and_maybe_unpad(x, label): FlashComm on and label: all_gather over TP, drop
-    the last pad_size rows; else x. The fake impls follow vllm-ascend's: shapes from the
-    context at trace time, the gather's fake not unpadded.
+    the last pad_size rows; else x. The fake impls follow vllm-ascend 0.23's: shapes from the
+    context at trace time, the reduce's rows floored, the gather's not unpadded.
 """
 
 import torch
@@ -30,8 +30,8 @@ def maybe_pad_and_reduce(x: torch.Tensor, is_ep_comm: bool = False) -> torch.Ten
 def _(x, is_ep_comm=False):
     if not _EXTRA_CTX.flash_comm_v1_enabled:
         return x.new_empty(x.shape)
-    ws = get_tensor_model_parallel_world_size()
-    return x.new_empty(((x.shape[0] + ws - 1) // ws, *x.shape[1:]))
+    # vllm-ascend 0.23's fake floors (its run-time pad rounds up): traced shapes are the floor, as in real graphs
+    return x.new_empty((x.shape[0] // get_tensor_model_parallel_world_size(), *x.shape[1:]))
 
 
 @torch.library.custom_op("vllm::maybe_all_gather_and_maybe_unpad", mutates_args=())

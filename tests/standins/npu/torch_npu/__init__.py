@@ -111,7 +111,7 @@ def npu_mm_reduce_scatter_base(input, x2, hcom, world_size, *, reduce_op="sum", 
     return out
 
 
-def npu_all_gather_base_mm(input, x2, hcom, world_size, bias=None, x1_scale=None, x2_scale=None, gather_index=0,
+def npu_all_gather_base_mm(input, x2, hcom, world_size, *, bias=None, x1_scale=None, x2_scale=None, gather_index=0,
                            gather_output=True, comm_turn=0, output_dtype=None, comm_mode=None):
     kernel = "npu_all_gather_base_mm"
     group = _check_common(kernel, input, x2, hcom, world_size, bias, comm_turn, x1_scale, x2_scale,
@@ -142,9 +142,13 @@ def _unpack_quant_param(packed):
 
 def npu_mm_all_reduce_base(x1, x2, hcom, *, reduce_op="sum", bias=None, antiquant_scale=None, antiquant_offset=None,
                            x3=None, dequant_scale=None, pertoken_scale=None, comm_quant_scale_1=None,
-                           comm_quant_scale_2=None, antiquant_group_size=0, comm_turn=0, **not_emulated):
+                           comm_quant_scale_2=None, antiquant_group_size=0, comm_turn=0, group_sizes=None,
+                           y_dtype=None, x1_dtype=None, x2_dtype=None, dequant_scale_dtype=None,
+                           pertoken_scale_dtype=None, comm_quant_mode=0, comm_mode=None):
     kernel = "npu_mm_all_reduce_base"
-    _check(not not_emulated, f"{kernel}: arguments {sorted(not_emulated)} are not emulated")
+    overrides = (group_sizes, y_dtype, x1_dtype, x2_dtype, dequant_scale_dtype, pertoken_scale_dtype, comm_mode)
+    _check(all(a is None for a in overrides) and antiquant_group_size == 0 and comm_quant_mode == 0,
+           f"{kernel}: group_sizes, the *_dtype overrides, comm_mode and the quant modes are not emulated")
     _check(x1.dim() == 2 and x2.dim() == 2, f"{kernel}: x1 and x2 must be 2-D here")
     _check(x1.numel() > 0 and x2.numel() > 0, f"{kernel}: x1 and x2 must not be empty")
     _check(x1.shape[1] == x2.shape[0], f"{kernel}: k mismatch {x1.shape[1]} vs {x2.shape[0]}")
@@ -198,8 +202,15 @@ def _gather(t, world_size, group):
     return gathered
 
 
+comm_name_ranks: list[int] = []  # the rankid of every comm-name lookup
+
+
 def _get_hccl_comm_name(backend, rank):
-    """The HCCL backend's comm-name lookup, on a gloo backend registered for "npu"."""
+    """The HCCL backend's comm-name lookup, on a gloo backend registered for "npu". torch_npu's docs: rankid
+    is the global rank."""
+    _check(rank == dist.get_rank(), f"get_hccl_comm_name: rankid {rank} is not this process's global rank "
+                                    f"{dist.get_rank()}")
+    comm_name_ranks.append(rank)
     for group in dist.distributed_c10d._world.pg_map:
         try:
             if group._get_backend(torch.device("npu")) is backend:
@@ -225,48 +236,60 @@ def install() -> None:
 # ---------------------------------------------------------------------------
 # The static W8A8 linear as vllm-ascend emits it: npu_quantize, then
 # npu_quant_matmul, registered under torch_npu's qualified names
-# (torch.ops.npu.*) with their documented schemas. Emulated:
+# (torch.ops.npu.*) with the schemas of torch-npu 2.14.0's op yaml, verbatim
+# (tests/runtime/test_npu_standin_schemas.py checks them against the wheel's):
+# dtypes travel as c10 ScalarType numbers (``int``), as in real traced graphs.
+# Emulated:
 # - npu_quantize: y = round(x * scales + zero_points) (div_mode False) or
 #   round(x / scales + zero_points) (div_mode True), saturated to int8;
-#   scales per tensor or per channel along ``axis``;
+#   scales per tensor or per channel along ``axis``; dtype qint8 (12) or int8 (1);
 # - npu_quant_matmul: (x1 @ x2 in int32 + bias) * scale [* pertoken_scale],
-#   cast to output_dtype; x1, x2 int8; bias int32 (n,); scale float32 (1,)
-#   or (n,) (the int64 form packed by npu_trans_quant_param is not emulated);
-#   pertoken_scale float32 (m,); offset not emulated.
+#   cast to output_dtype (bf16 15 / fp16 5); x1, x2 int8; bias int32 (n,); scale
+#   float32 (1,) or (n,) (the int64 form packed by npu_trans_quant_param and
+#   bf16 scales are not emulated); pertoken_scale float32 (m,); offset, the
+#   *_dtype overrides, group_sizes and y_scale not emulated.
 
+SCALAR_TYPES = {1: torch.int8, 3: torch.int32, 5: torch.float16, 6: torch.float32, 12: torch.qint8,
+                15: torch.bfloat16}  # c10::ScalarType numbers torch_npu's int dtype arguments carry
 _npu_lib = torch.library.Library("npu", "FRAGMENT")
-_QUANT_SCHEMAS = {
-    "npu_quantize": "npu_quantize(Tensor input, Tensor scales, Tensor? zero_points, ScalarType dtype, int axis=1, "
+SCHEMAS = {
+    "npu_quantize": "npu_quantize(Tensor self, Tensor scales, Tensor? zero_points, int dtype, int axis=1, "
                     "bool div_mode=True) -> Tensor",
     "npu_quant_matmul": "npu_quant_matmul(Tensor x1, Tensor x2, Tensor scale, *, Tensor? offset=None, "
-                        "Tensor? pertoken_scale=None, Tensor? bias=None, ScalarType? output_dtype=None) -> Tensor",
+                        "Tensor? pertoken_scale=None, Tensor? bias=None, int? output_dtype=None, int? x1_dtype=None, "
+                        "int? x2_dtype=None, int? pertoken_scale_dtype=None, int? scale_dtype=None, "
+                        "int[]? group_sizes=None, Tensor? y_scale=None) -> Tensor",
 }
 
 
-def _npu_quantize(input, scales, zero_points, dtype, axis=1, div_mode=True):
-    _check(dtype in (torch.qint8, torch.int8), f"npu_quantize: dtype {dtype} not emulated (qint8 only)")
-    _check(scales.numel() == 1 or axis in (-1, input.dim() - 1), "npu_quantize: scales per tensor or along axis")
-    y = input.float() / scales.float() if div_mode else input.float() * scales.float()
+def _npu_quantize(self, scales, zero_points, dtype, axis=1, div_mode=True):
+    _check(SCALAR_TYPES.get(dtype) in (torch.qint8, torch.int8), f"npu_quantize: dtype {dtype} not emulated (qint8 only)")
+    _check(scales.numel() == 1 or axis in (-1, self.dim() - 1), "npu_quantize: scales per tensor or along axis")
+    y = self.float() / scales.float() if div_mode else self.float() * scales.float()
     if zero_points is not None:
         y = y + zero_points.float()
     return torch.round(y).clamp(-128, 127).to(torch.int8)
 
 
-def _npu_quant_matmul(x1, x2, scale, *, offset=None, pertoken_scale=None, bias=None, output_dtype=None):
+def _npu_quant_matmul(x1, x2, scale, *, offset=None, pertoken_scale=None, bias=None, output_dtype=None,
+                      x1_dtype=None, x2_dtype=None, pertoken_scale_dtype=None, scale_dtype=None, group_sizes=None,
+                      y_scale=None):
     kernel = "npu_quant_matmul"
     _check(x1.dtype == torch.int8 and x2.dtype == torch.int8, f"{kernel}: x1 and x2 must be int8")
     _check(x1.dim() == 2 and x2.dim() == 2 and x1.shape[1] == x2.shape[0], f"{kernel}: shapes {x1.shape} @ {x2.shape}")
     n = x2.shape[1]
     _check(scale.dtype == torch.float32 and scale.numel() in (1, n), f"{kernel}: scale must be float32 (1,) or (n,)")
-    _check(offset is None, f"{kernel}: offset is not emulated")
+    _check(all(a is None for a in (offset, x1_dtype, x2_dtype, pertoken_scale_dtype, scale_dtype, group_sizes,
+                                   y_scale)), f"{kernel}: offset, *_dtype, group_sizes, y_scale are not emulated")
     _check(bias is None or (bias.dtype == torch.int32 and tuple(bias.shape) == (n,)), f"{kernel}: bias int32 (n,)")
-    _check(output_dtype in OUT_DTYPES, f"{kernel}: output_dtype {output_dtype} not emulated")
-    return _dequantized_matmul(x1, x2, bias, scale, pertoken_scale, output_dtype)
+    out_dtype = SCALAR_TYPES.get(output_dtype)
+    _check(out_dtype in OUT_DTYPES, f"{kernel}: output_dtype {output_dtype} not emulated")
+    return _dequantized_matmul(x1, x2, bias, scale, pertoken_scale, out_dtype)
 
 
 def _dequantized_matmul(x1, x2, bias, scale, pertoken_scale, out_dtype):
     """The quantized kernels' result: (x1 @ x2 in int32 + bias) * scale [* pertoken_scale], in out_dtype."""
-    acc = torch._int_mm(x1, x2)
+    acc = torch._int_mm(x1, x2)  # the stand-in's CPU emulation; NPU has no _int_mm
     if bias is not None:
         acc = acc + bias
     out = acc.float() * scale.float().reshape(1, -1)
@@ -275,19 +298,19 @@ def _dequantized_matmul(x1, x2, bias, scale, pertoken_scale, out_dtype):
     return out.to(out_dtype)
 
 
-def _npu_quant_matmul_fake(x1, x2, scale, *, offset=None, pertoken_scale=None, bias=None, output_dtype=None):
-    return x1.new_empty((x1.shape[0], x2.shape[1]), dtype=output_dtype)
+def _npu_quant_matmul_fake(x1, x2, scale, *, output_dtype=None, **_):
+    return x1.new_empty((x1.shape[0], x2.shape[1]), dtype=SCALAR_TYPES.get(output_dtype, torch.int8))
 
 
 def _register_quant_ops() -> None:
     if hasattr(torch.ops.npu, "npu_quant_matmul"):
         return
-    for name, schema in _QUANT_SCHEMAS.items():
+    for name, schema in SCHEMAS.items():
         _npu_lib.define(schema)
     _npu_lib.impl("npu_quantize", _npu_quantize, "CompositeExplicitAutograd")
     _npu_lib.impl("npu_quant_matmul", _npu_quant_matmul, "CompositeExplicitAutograd")
-    torch.library.register_fake("npu::npu_quantize", lambda input, *a, **k: input.new_empty(input.shape,
-                                                                                          dtype=torch.int8),
+    torch.library.register_fake("npu::npu_quantize", lambda self, *a, **k: self.new_empty(self.shape,
+                                                                                        dtype=torch.int8),
                                 lib=_npu_lib)
     torch.library.register_fake("npu::npu_quant_matmul", _npu_quant_matmul_fake, lib=_npu_lib)
 

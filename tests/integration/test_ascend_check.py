@@ -1,0 +1,31 @@
+"""The prepared Ascend hardware check (devtools/ascend_check.py, ``make ascend-check``), run here as far as a CPU
+allows: its kernel cases on 2 gloo ranks through the generic backend (its references, calls and table), and
+its refusal to run without an NPU."""
+
+import torch
+
+from devtools import ascend_check
+from support.multirank import shared
+
+TOKENS, THRESHOLD = (8, 64), 16
+TOLERANCE = {"float32": 1e-5, "bfloat16": 2e-2, "int8": 2e-2}
+CPU_RUN = shared(ascend_check.kernels_rank, TOKENS, "cpu", THRESHOLD, (256, 128), 1, timeout=240)
+
+
+def test_its_kernel_cases_give_the_reference_on_both_sides_of_the_threshold():
+    per_rank = CPU_RUN()
+    ops = {(r["op"], r["dtype"], r["w8a8"]) for r in per_rank[0]}
+    assert len(ops) == 3 * 2 + 5  # every op in two float dtypes; W8A8 per-tensor, and per-token where it exists
+    for rows in zip(*per_rank):
+        assert len({(r["path"], r["reason"]) for r in rows}) == 1  # the same protocol on both ranks
+        for r in rows:
+            assert r["path"] == ("fused" if r["tokens"] > THRESHOLD else "unfused"), r
+            assert r["error"] <= TOLERANCE[r["dtype"]], r
+    text = ascend_check.table(per_rank[0])
+    assert text.splitlines()[0].split()[:4] == ["op", "dtype", "w8a8", "tokens"] and len(text.splitlines()) == 23
+
+
+def test_without_an_npu_it_says_what_is_missing_and_runs_nothing(capsys):
+    assert ascend_check.main([]) == 2
+    assert "torch_npu is not installed" in capsys.readouterr().err
+    assert not hasattr(torch, "npu")
