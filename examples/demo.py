@@ -70,7 +70,7 @@ def render(results: dict, fields: dict, prompt_lengths) -> str:
     lines += ["", f"{'prefill tokens':>14}  decisions per worker (fused ops' guard)"]
     for n, per_worker in zip(prompt_lengths, fused["decisions"]):
         agree = all(d == per_worker[0] for d in per_worker)
-        calls = ", ".join(f"{key} x{count}" for key, count in sorted(per_worker[0].items()))
+        calls = ", ".join(f"{key} x{count}" for key, count in sorted(per_worker[0].items())) or "no fused op in the graph"
         lines.append(f"{n:>14}  {calls}" + ("" if agree else "  (workers disagree!)"))
     lines.append("\ngreedy tokens (without fcpass | with fcpass):")
     for n, a, b in zip(prompt_lengths, plain["ids"], fused["ids"]):

@@ -53,6 +53,12 @@ class PassConfig:
         smallest token count is above this. Default 1000, the Ascend fusion
         threshold: below it the fused ops would run unfused anyway, so the
         split would only add a pad and a slice.
+    cuda_symmetric_memory: let the CUDA backend run torch's symmetric-memory
+        fused ops where the group has symmetric memory (else it runs the
+        generic pipeline on NCCL). Off by default: torch 2.15 reports every
+        GPU group as enabled, so the backend would switch kernels without
+        anyone asking, and those kernels raise when their workspace must grow
+        during CUDA-graph capture, which vLLM does. Rank-equal (a config field).
     threshold_table: path of a measured threshold table (fcpass.thresholds,
         written by benchmarks/calibrate.py). An op's threshold is, first
         found: the op's own, ``threshold_tokens``, the table's bucket, the
@@ -69,10 +75,12 @@ class PassConfig:
     pipeline_chunks: int = 0
     sequence_parallel: bool = False
     sequence_parallel_threshold_tokens: int = 1000
+    cuda_symmetric_memory: bool = False
     threshold_table: str | None = None
 
     def __post_init__(self) -> None:
-        for flag in ("fuse_mm_reduce_scatter", "fuse_all_gather_mm", "fuse_mm_all_reduce", "sequence_parallel"):
+        for flag in ("fuse_mm_reduce_scatter", "fuse_all_gather_mm", "fuse_mm_all_reduce", "sequence_parallel",
+                     "cuda_symmetric_memory"):
             if not isinstance(getattr(self, flag), bool):
                 raise ValueError(f"PassConfig.{flag} must be a bool, got {getattr(self, flag)!r}")
         t = self.threshold_tokens

@@ -96,6 +96,7 @@ class Plan(NamedTuple):
     decision: guard.Decision
     backend: Backend | None
     pipeline_chunks: int  # fused path: the config's, else the table's; 0: the backend's choice
+    symmetric_memory: bool  # the config's cuda_symmetric_memory
 
 
 # Call signature -> Plan. Validation and the guard read only the inputs' shapes, dtypes and device, the
@@ -110,6 +111,7 @@ MAX_PLANS = 4096
 
 def plan(op: str, family: str, call: FusedCall, threshold_tokens: int, config: PassConfig) -> Plan:
     """The guard's decision for a validated call, with the backend and chunk count its path runs with."""
+    call = call._replace(symmetric_memory=config.cuda_symmetric_memory)  # the CUDA backend's limits read it
     x, device, mms = call.x, call.x.device, call.matmuls
     rows, k = x.shape
     num_tokens = rows * call.world_size if family == ALL_GATHER_MM else rows + call.pad_rows
@@ -127,7 +129,7 @@ def plan(op: str, family: str, call: FusedCall, threshold_tokens: int, config: P
     threshold = _resolve_threshold(threshold_tokens, config, backend, family, facts)
     decision = guard.decide(facts, threshold, limits, config.max_world_size, off_reason)
     chunks = _table_chunks(config, backend, family, facts) if decision.fused else 0
-    return Plan(facts, decision, backend, chunks)
+    return Plan(facts, decision, backend, chunks, config.cuda_symmetric_memory)
 
 
 def _run(op: str, family: str, x: torch.Tensor, mms: tuple, row_scale: torch.Tensor | None, group_name: str,
@@ -167,8 +169,8 @@ def _run(op: str, family: str, x: torch.Tensor, mms: tuple, row_scale: torch.Ten
             _plans.clear()
         _plans[key] = planned
     guard.record(planned.facts, planned.decision)
-    if planned.pipeline_chunks:
-        call = call._replace(pipeline_chunks=planned.pipeline_chunks)
+    if planned.pipeline_chunks or planned.symmetric_memory:
+        call = call._replace(pipeline_chunks=planned.pipeline_chunks, symmetric_memory=planned.symmetric_memory)
     if family == MM_REDUCE_SCATTER:
         if planned.decision.fused:
             return planned.backend.mm_reduce_scatter(with_zero_rows(call))

@@ -37,6 +37,7 @@ class FusedCall(NamedTuple):
     row_scale: torch.Tensor | None = None
     pipeline_chunks: int = 0
     pad_rows: int = 0
+    symmetric_memory: bool = False  # the config lets the CUDA backend use symmetric memory (cuda_symmetric_memory)
 
 
 class Backend:

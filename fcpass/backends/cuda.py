@@ -3,7 +3,9 @@
 ``torch.ops.symm_mem.fused_matmul_reduce_scatter`` /
 ``fused_all_gather_matmul`` (and their fp8 ``scaled`` forms) need symmetric
 memory enabled for the group; whether it is, is a property of the group and
-so the same on every rank. Without it the generic pipeline runs on NCCL.
+so the same on every rank. They run only where the config asks for them too
+(``PassConfig.cuda_symmetric_memory``): torch 2.15 reports every GPU group as
+enabled. Otherwise the generic pipeline runs on NCCL.
 torch's symmetric memory has no fused matmul + all_reduce, so mm_all_reduce
 always runs the generic pipeline (row chunks, each chunk's NCCL all_reduce
 on its stream while the next chunk multiplies).
@@ -49,8 +51,8 @@ class CudaBackend(Backend):
         return self._generic.mm_all_reduce(call)
 
     def _uses_generic(self, call: FusedCall) -> bool:
-        """No symmetric memory on the group, or W8A8 (no int8 symmetric-memory kernel)."""
-        return not symm_mem_enabled(call.group.group_name) or any(
+        """Symmetric memory not asked for by the config, or not on the group, or W8A8 (no int8 kernel)."""
+        return not call.symmetric_memory or not symm_mem_enabled(call.group.group_name) or any(
             mm.scaled and mm.w.dtype == torch.int8 for mm in call.matmuls
         )
 

@@ -99,8 +99,7 @@ class GenericBackend(Backend):
     # CPU mm_all_reduce: gloo's transport is CPU work on the cores the matmuls need, so there is nothing for
     # the chunks to overlap with; on 2 gloo ranks the pipeline measured level or slower at every shape up to
     # 16k tokens (benchmarks/README.md), so on CPU it runs only where a config or table asks for it.
-    EXCHANGE_ALL_REDUCE_NEVER_PAYS = ("the generic pipeline's all_reduce chunks on CPU tensors: gloo's transport is "
-                                      "CPU work on the matmuls' cores, no gain measured (benchmarks/README.md)")
+    EXCHANGE_ALL_REDUCE_NEVER_PAYS = "generic pipeline on CPU tensors: no gain measured, benchmarks/README.md"
     _limits = KernelLimits()
     _all_reduce_limits = KernelLimits(shards_rows=False)
 

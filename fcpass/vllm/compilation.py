@@ -110,8 +110,28 @@ def passes_do_not_run(vllm_config) -> str | None:
             "(or use a piecewise cudagraph_mode) for fcpass to run")
 
 
-def warn_if_passes_do_not_run(vllm_config) -> None:
-    """Loudly, at startup: a user who turned fcpass on must not get a silent no-op."""
+def competing_vllm_pass(vllm_config) -> str | None:
+    """Why the FlashCommPass installed in ``vllm_config`` cannot do what its config asks, given vLLM's own
+    passes, or None. vLLM's ``pass_config.fuse_allreduce_rms`` (on by default with TP > 1 on Hopper and
+    Blackwell) rewrites every all_reduce + RMSNorm into its fused op before user passes run, so fcpass's
+    sequence parallelism would find nothing to split."""
+    installed = (vllm_config.compilation_config.inductor_compile_config or {}).get(pass_key())
+    pass_config = getattr(vllm_config.compilation_config, "pass_config", None)
+    if not _is_flashcomm(installed) or not installed.config.sequence_parallel \
+            or not getattr(pass_config, "fuse_allreduce_rms", False):
+        return None
+    return ("fcpass's sequence_parallel and vLLM's pass_config.fuse_allreduce_rms both take the all_reduce + "
+            "RMSNorm sites, and vLLM's pass runs first (the split would find nothing): set "
+            "compilation_config pass_config fuse_allreduce_rms=False to split them, or fcpass "
+            "sequence_parallel=False to keep vLLM's fusion")
+
+
+def check_installed_pass(vllm_config) -> None:
+    """At startup, where vLLM builds its config: a competing vLLM pass is an error naming both settings; a
+    platform that will not run the pass is a warning (a user who turned fcpass on must not get a silent no-op)."""
+    conflict = competing_vllm_pass(vllm_config)
+    if conflict:
+        raise ValueError(f"fcpass: {conflict}")
     reason = passes_do_not_run(vllm_config)
     if reason:
         logger.warning("fcpass: %s", reason)

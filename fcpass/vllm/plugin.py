@@ -6,7 +6,9 @@ registers the fcpass ops (workers run them) and makes every ``VllmConfig``
 built afterwards install FlashCommPass when its ``additional_config`` has an
 "fcpass" entry, validating the entry there, at startup. Without that entry
 nothing changes. Where the platform will not run the installed pass at all
-(vllm-ascend's npugraph_ex under full graph modes) it says so at WARNING.
+(vllm-ascend's npugraph_ex under full graph modes) it says so at WARNING; a
+vLLM pass that takes the sites first (``fuse_allreduce_rms`` with fcpass's
+sequence parallelism) is an error naming both settings.
 
 vLLM gives general plugins no hook on its config, so this is the one place
 fcpass wraps a vLLM method: ``VllmConfig.__post_init__``, once per process,
@@ -40,10 +42,10 @@ def _install_on_new_configs() -> None:
     @functools.wraps(original)
     def post_init_then_install_fcpass(self) -> None:
         original(self)
-        from fcpass.vllm.compilation import install_from_additional_config, warn_if_passes_do_not_run
+        from fcpass.vllm.compilation import check_installed_pass, install_from_additional_config
 
         install_from_additional_config(self)
-        warn_if_passes_do_not_run(self)  # installed either way: from additional_config or compilation_config
+        check_installed_pass(self)  # installed either way: from additional_config or compilation_config
 
     setattr(post_init_then_install_fcpass, _WRAPPED_MARK, True)
     VllmConfig.__post_init__ = post_init_then_install_fcpass

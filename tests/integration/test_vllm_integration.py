@@ -260,7 +260,7 @@ def test_vllm_ascend_graph_modes_that_run_no_user_pass_are_said_at_startup(monke
     from vllm.config import CUDAGraphMode, VllmConfig
     from vllm.platforms import current_platform
 
-    from fcpass.vllm.compilation import ASCEND_PASS_KEY, passes_do_not_run, warn_if_passes_do_not_run
+    from fcpass.vllm.compilation import ASCEND_PASS_KEY, check_installed_pass, passes_do_not_run
 
     monkeypatch.setattr(type(current_platform), "pass_key", property(lambda self: ASCEND_PASS_KEY))
     vllm_config = VllmConfig(compilation_config=fcpass_vllm.compilation_config({}))
@@ -268,8 +268,26 @@ def test_vllm_ascend_graph_modes_that_run_no_user_pass_are_said_at_startup(monke
     vllm_config.additional_config = ({} if ascend_compilation_config is None
                                      else {"ascend_compilation_config": ascend_compilation_config})
     with caplog.at_level("WARNING", logger="fcpass"):
-        warn_if_passes_do_not_run(vllm_config)
+        check_installed_pass(vllm_config)
     assert (passes_do_not_run(vllm_config) is None) == runs
     warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING" and r.name.startswith("fcpass")]
     assert bool(warnings) == (not runs)
     assert all(f"cudagraph_mode {mode}" in w and "enable_npugraph_ex'] to false" in w for w in warnings)
+
+
+@pytest.mark.parametrize("sequence_parallel", [True, False])
+def test_vllms_allreduce_rms_fusion_and_fcpass_sequence_parallelism_fail_at_startup_naming_both(sequence_parallel):
+    """vLLM's fuse_allreduce_rms (on by default with TP > 1 on Hopper/Blackwell) rewrites the all_reduce + RMSNorm
+    sites before user passes run; with fcpass's split asked for too, startup fails naming both settings. Checked
+    where vLLM builds its config: the plugin's hook (vLLM loads general plugins before building its config)."""
+    from vllm.config import VllmConfig
+
+    from fcpass.vllm.compilation import check_installed_pass
+
+    vllm_config = VllmConfig(compilation_config=fcpass_vllm.compilation_config({"sequence_parallel": sequence_parallel}))
+    vllm_config.compilation_config.pass_config.fuse_allreduce_rms = True  # as vLLM resolves it on an H100
+    if not sequence_parallel:
+        check_installed_pass(vllm_config)  # the fusion families do not compete: nothing to say
+        return
+    with pytest.raises(ValueError, match="sequence_parallel.*fuse_allreduce_rms.*fuse_allreduce_rms=False"):
+        check_installed_pass(vllm_config)
