@@ -54,6 +54,12 @@ class Matmul:
     def result_dtype(self) -> torch.dtype:
         return self.out_dtype if self.scaled else self.w.dtype
 
+    def channel_scale(self) -> torch.Tensor:
+        """The float32 per-channel dequant scale (n,) with a per-tensor x_scale folded in: what the NPU kernels
+        take as one scale."""
+        scale = self.w_scale.to(torch.float32).reshape(-1)
+        return scale if self.x_scale is None else scale * self.x_scale.to(torch.float32).reshape(1)
+
     def signature(self) -> tuple:
         """What validation reads of this matmul: its tensors' shapes and dtypes, and its out dtype."""
         return (tensor_signature(self.w), tensor_signature(self.bias), tensor_signature(self.w_scale),
@@ -81,11 +87,8 @@ def npu_w8a8(x: torch.Tensor, mm: Matmul, row_scale: torch.Tensor | None) -> tor
     """The W8A8 Matmul on NPU tensors, where torch has no ``_int_mm``: torch_npu's ``npu_quant_matmul``, which
     computes the same ``(x @ w + bias) * scale [* pertoken_scale]``; a per-tensor x_scale folds into the float32
     channel scale, a per-token one (m, 1) is its ``pertoken_scale`` (m,)."""
-    scale = mm.w_scale.to(torch.float32).reshape(-1)
-    if mm.x_scale is not None:
-        scale = scale * mm.x_scale.to(torch.float32).reshape(1)
     pertoken = None if row_scale is None else row_scale.to(torch.float32).reshape(-1)
-    return torch.ops.npu.npu_quant_matmul(x, mm.w, scale, pertoken_scale=pertoken, bias=mm.bias,
+    return torch.ops.npu.npu_quant_matmul(x, mm.w, mm.channel_scale(), pertoken_scale=pertoken, bias=mm.bias,
                                           output_dtype=SCALAR_TYPE_NUMBERS[mm.out_dtype])
 
 

@@ -133,8 +133,10 @@ def plan(op: str, family: str, call: FusedCall, threshold_tokens: int, config: P
 
 
 def _run(op: str, family: str, x: torch.Tensor, mms: tuple, row_scale: torch.Tensor | None, group_name: str,
-         world_size: int, threshold_tokens: int, pad_rows: int, config: str, flash_comm: bool = False):
+         world_size: int | None, threshold_tokens: int, pad_rows: int, config: str, flash_comm: bool = False):
     """An op's body: validate and plan on a signature's first call, then record the decision and run its path.
+
+    ``world_size`` None: the group's (mm_all_reduce takes none, no shape depending on it).
 
     ``flash_comm``: the op replaced one of vllm-ascend's FlashComm v1 collectives, which vllm-ascend switches
     per forward (a rank-equal choice from the token count); with FlashComm off in this forward it computes
@@ -142,10 +144,13 @@ def _run(op: str, family: str, x: torch.Tensor, mms: tuple, row_scale: torch.Ten
     one) in place of pad + reduce_scatter, the local rows in place of the gather.
     """
     if flash_comm and not state.ascend_flash_comm_enabled():
-        if family == MM_REDUCE_SCATTER:
-            family, world_size, pad_rows = MM_ALL_REDUCE, resolve_group(group_name).size(), 0
-        else:
+        if family != MM_REDUCE_SCATTER:
             return x.clone(), [mm(x) for mm in mms]  # an op returns new tensors, never its input
+        family, world_size, pad_rows = MM_ALL_REDUCE, None, 0
+    group = None
+    if world_size is None:
+        group = resolve_group(group_name)  # by name on every call: a name can outlive its group
+        world_size = group.size()
     key = (op, family, x.shape, x.dtype, x.device, tensor_signature(row_scale), group_name, world_size,
            threshold_tokens, pad_rows, config, *[mm.signature() for mm in mms])
     planned = _plans.get(key)
@@ -156,7 +161,8 @@ def _run(op: str, family: str, x: torch.Tensor, mms: tuple, row_scale: torch.Ten
             _check_ar(op, x, mms[0], row_scale, world_size)
         else:
             _check_ag(op, x, mms, world_size)
-    group = resolve_group(group_name)  # by name on every call: a name can outlive its group
+    if group is None:
+        group = resolve_group(group_name)
     if group.size() != world_size:
         raise validate.FusedOpInputError(
             f"fcpass::{op}: world_size {world_size} does not match group {group_name!r} of size {group.size()}"
@@ -455,8 +461,7 @@ def _(x, handlers, ns, biases, group_name, world_size, threshold_tokens, config=
 
 
 def _all_reduce(op: str, x, mm, row_scale, group_name: str, threshold_tokens: int, config: str) -> torch.Tensor:
-    world_size = resolve_group(group_name).size()
-    return _run(op, MM_ALL_REDUCE, x, (mm,), row_scale, group_name, world_size, threshold_tokens, 0, config)
+    return _run(op, MM_ALL_REDUCE, x, (mm,), row_scale, group_name, None, threshold_tokens, 0, config)
 
 
 def _check_ar_trace(op, x, mm, row_scale) -> None:

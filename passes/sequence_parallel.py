@@ -151,12 +151,13 @@ def _warn_one_graph_for_all_sizes(ar: AllReduce, threshold_tokens: int) -> None:
     if _warned_one_graph or isinstance(rows, int) or vllm_state.compile_range_start() is not None:
         return
     _warned_one_graph = True
+    smallest = smallest_token_count(rows)
     logger.warning(
         "fcpass: sequence_parallel is on, but this graph serves every token count from %d up (one graph for all "
         "sizes, no compile ranges: vLLM's CPU engine compiles so), not above sequence_parallel_threshold_tokens="
         "%d: the split stays off, as it would run at decode sizes too. matmul -> all_reduce fusion still applies "
         "(its guard decides per call); set sequence_parallel_threshold_tokens below %d to split anyway.",
-        smallest_token_count(rows), threshold_tokens, smallest_token_count(rows))
+        smallest, threshold_tokens, smallest)
 
 
 def smallest_token_count(rows) -> int:

@@ -132,10 +132,7 @@ def _quant_kwargs(mm, row_scale) -> dict:
     """The kernel's W8A8 arguments: per-channel x2_scale (1, n), per-token x1_scale (m, 1)."""
     if not mm.scaled:
         return {}
-    w_scale = mm.w_scale.to(torch.float32).reshape(1, -1)
-    if mm.x_scale is not None:  # per-tensor activation scale folds into the channel scale
-        w_scale = w_scale * mm.x_scale.to(torch.float32).reshape(1, 1)
-    kwargs = {"x2_scale": w_scale, "output_dtype": mm.out_dtype}
+    kwargs = {"x2_scale": mm.channel_scale().reshape(1, -1), "output_dtype": mm.out_dtype}
     if row_scale is not None:
         kwargs["x1_scale"] = row_scale.to(torch.float32).reshape(-1, 1)
     return kwargs
@@ -147,9 +144,7 @@ def _all_reduce_quant_kwargs(mm, row_scale) -> dict:
     in bfloat16 for a bfloat16 output (the kernel's only form for it: the scale rounds to bfloat16)."""
     if not mm.scaled:
         return {}
-    scale = mm.w_scale.to(torch.float32).reshape(-1)
-    if mm.x_scale is not None:  # per-tensor activation scale folds into the channel scale
-        scale = scale * mm.x_scale.to(torch.float32).reshape(1)
+    scale = mm.channel_scale()
     kwargs = {}
     if row_scale is not None:
         kwargs["pertoken_scale"] = row_scale.to(torch.float32).reshape(-1)
@@ -164,7 +159,4 @@ def _all_reduce_quant_kwargs(mm, row_scale) -> dict:
 
 def _add_int_bias_after(out, mm, gathered):
     """Column-parallel int32 quant bias: add its dequantized value (exact up to rounding)."""
-    scale = mm.w_scale.to(torch.float32).reshape(1, -1)
-    if mm.x_scale is not None:
-        scale = scale * mm.x_scale.to(torch.float32)
-    return (out.to(torch.float32) + mm.bias.to(torch.float32) * scale).to(out.dtype)
+    return (out.to(torch.float32) + mm.bias.to(torch.float32) * mm.channel_scale().reshape(1, -1)).to(out.dtype)
