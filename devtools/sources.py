@@ -5,6 +5,9 @@
   (its build wants CANN, and installed it registers itself as vLLM's platform,
   which then imports torch_npu): only its ``vllm_ascend/`` package is
   unpacked from the sdist.
+  Its build step also writes ``vllm_ascend/_build_info.py`` (the chip it was
+  built for; its device code reads it at import): written here as that step
+  writes it for an Atlas A2 (``SOC_VERSION=ascend910b1``).
 - torch_npu must never be installed here (it fails to import without CANN):
   only its op schemas (``npu_native_functions_by_codegen.yaml``) and op docs
   are unpacked from its wheel; the stand-in's schemas are checked against them.
@@ -54,10 +57,21 @@ TORCH_NPU = Source("torch-npu", "2.14.0", "torch_npu-2.14.0-cp311-cp311-manylinu
 SOURCES = (VLLM_ASCEND, TORCH_NPU)
 
 
+# What vllm-ascend's setup.py (gen_build_info) writes for SOC_VERSION=ascend910b1, the A2 of its Dockerfile.
+BUILD_INFO = "vllm_ascend/_build_info.py"
+BUILD_INFO_TEXT = "# Auto-generated file\n__device_type__ = 'A2'\n"
+
+
 def fetch(source: Source) -> Path:
     """Unpack ``source``'s members into its folder, once; returns the folder."""
-    if all(source.path(m.rstrip("/")).exists() for m in source.members):
-        return source.folder
+    if not all(source.path(m.rstrip("/")).exists() for m in source.members):
+        _download(source)
+    if source is VLLM_ASCEND and not source.path(BUILD_INFO).exists():
+        source.path(BUILD_INFO).write_text(BUILD_INFO_TEXT)
+    return source.folder
+
+
+def _download(source: Source) -> None:
     url, sha256 = _index_entry(source)
     data = urllib.request.urlopen(url, timeout=600).read()
     if hashlib.sha256(data).hexdigest() != sha256:
@@ -68,7 +82,6 @@ def fetch(source: Source) -> Path:
     else:
         _unpack_wheel(data, source.members, partial)
     partial.rename(source.folder)
-    return source.folder
 
 
 def _wanted(name: str, members) -> bool:

@@ -139,14 +139,14 @@ def _run(op: str, family: str, x: torch.Tensor, mms: tuple, row_scale: torch.Ten
     ``world_size`` None: the group's (mm_all_reduce takes none, no shape depending on it).
 
     ``flash_comm``: the op replaced one of vllm-ascend's FlashComm v1 collectives, which vllm-ascend switches
-    per forward (a rank-equal choice from the token count); with FlashComm off in this forward it computes
-    what that collective then does: the all_reduce of the matmul (a matmul -> all_reduce site, planned as
-    one) in place of pad + reduce_scatter, the local rows in place of the gather.
+    per forward (a rank-equal choice from the token count); it computes what that collective does in this
+    forward (:func:`_as_flash_comm_runs`): with FlashComm off, the all_reduce of the matmul (a matmul ->
+    all_reduce site, planned as one) in place of pad + reduce_scatter, the local rows in place of the gather.
     """
-    if flash_comm and not state.ascend_flash_comm_enabled():
-        if family != MM_REDUCE_SCATTER:
+    if flash_comm:
+        family, world_size, pad_rows, local = _as_flash_comm_runs(family, world_size, pad_rows)
+        if local:
             return x.clone(), [mm(x) for mm in mms]  # an op returns new tensors, never its input
-        family, world_size, pad_rows = MM_ALL_REDUCE, None, 0
     group = None
     if world_size is None:
         group = resolve_group(group_name)  # by name on every call: a name can outlive its group
@@ -184,6 +184,20 @@ def _run(op: str, family: str, x: torch.Tensor, mms: tuple, row_scale: torch.Ten
     if family == MM_ALL_REDUCE:
         return planned.backend.mm_all_reduce(call) if planned.decision.fused else unfused_mm_all_reduce(call)
     return planned.backend.all_gather_mm(call) if planned.decision.fused else unfused_all_gather_mm(call)
+
+
+def _as_flash_comm_runs(family: str, world_size: int | None, pad_rows: int):
+    """(family, world_size, pad_rows, gather skipped) of a site that replaced a vllm-ascend FlashComm
+    collective, as that collective runs in this forward: off, the scatter all-reduces and the gather keeps the
+    local rows; on, the scatter pads by vllm-ascend's ``pad_size`` (under DP: up to the largest count across
+    DP ranks, more than the graph's ``(-m) % world_size``)."""
+    flash_comm = state.ascend_flash_comm()
+    if flash_comm is None:  # vllm-ascend not loaded: the traced form
+        return family, world_size, pad_rows, False
+    enabled, pad_size = flash_comm
+    if not enabled:
+        return (MM_ALL_REDUCE, None, 0, False) if family == MM_REDUCE_SCATTER else (family, world_size, 0, True)
+    return family, world_size, pad_size if family == MM_REDUCE_SCATTER else pad_rows, False
 
 
 def never_fused(family: str, device: torch.device, config: PassConfig) -> str | None:

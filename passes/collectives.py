@@ -79,6 +79,12 @@ ALL_GATHER = CollectiveKind("all_gather", "all_gather_into_tensor", "all_gather"
                             "maybe_all_gather_and_maybe_unpad", reduces=False)
 
 
+# vllm-ascend's dense row-parallel linear with its reduction, one op that finds its layer by name at run time
+ASCEND_ROW_PARALLEL_LINEAR = "matmul_and_reduce"
+ASCEND_ROW_PARALLEL_LINEAR_DOES = ("vllm-ascend's matmul_and_reduce: with FlashComm v1 on it runs "
+                                   "npu_mm_reduce_scatter_base itself (TP <= 8), off a matmul and an all_reduce")
+
+
 def _ascend_collective(op_name: str, node: fx.Node) -> Collective | None:
     """vllm-ascend's ``maybe_pad_and_reduce(x)`` / ``maybe_all_gather_and_maybe_unpad(x, label)``.
 
@@ -127,6 +133,8 @@ def unsupported_collectives(graph: fx.Graph, forms, kind: CollectiveKind):
         elif node.target is not None and node.target == vllm_op(kind.vllm):
             dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
             yield "vllm", Reason(outcomes.UNSUPPORTED_FORM, f"{kind.name} along dim {dim}, not 0")
+        elif kind.reduces and node.target is not None and node.target == vllm_op(ASCEND_ROW_PARALLEL_LINEAR):
+            yield "vllm_ascend", Reason(outcomes.OPAQUE_MATMUL, ASCEND_ROW_PARALLEL_LINEAR_DOES)
 
 
 def match_collective(node: fx.Node, forms) -> Collective | None:

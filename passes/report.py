@@ -17,6 +17,7 @@ NO_TP_GROUP = "vllm-ascend collective without a vLLM TP group at compile time"
 REJECTED_BY_OP = "the fused op rejects it"  # + the op's validation message
 MATMUL_ARGUMENTS = "matmul arguments change what the fused ops compute"  # + which
 # mm_reduce_scatter
+OPAQUE_MATMUL = "the matmul is inside an opaque op (its weight is not in the graph)"  # + the op, what it does
 NOT_SUM = "reduce op is not sum"  # + the op
 NOT_2D_ROWS = "reduce_scatter input is not 2-D rows"
 NO_MATMUL_PRODUCER = "no matmul producer"

@@ -51,12 +51,13 @@ def agree_on_dist_ident():
 
 
 @contextlib.contextmanager
-def vllm_tp(rank, world_size, compilation_config=None, additional_config=None):
+def vllm_tp(rank, world_size, compilation_config=None, additional_config=None, model_config=None):
     """vLLM's config and TP=world_size group in this rank (VLLM_CPU.md steps 1, 2): yields (vllm_config, tp_group).
 
     Call inside a rank of ``run_ranks(..., setup=rank_setup)``. ``compilation_config``
     (a dict or vLLM CompilationConfig, e.g. from ``fcpass.vllm.compilation_config``)
-    and ``additional_config`` (a platform's settings, e.g. vllm-ascend's) go into the
+    ``additional_config`` (a platform's settings, e.g. vllm-ascend's) and ``model_config``
+    (vLLM's ModelConfig, for code that reads the model's architecture) go into the
     VllmConfig as a user's would.
     """
     from vllm.config import VllmConfig, set_current_vllm_config
@@ -64,7 +65,8 @@ def vllm_tp(rank, world_size, compilation_config=None, additional_config=None):
 
     _custom_op_collectives_on()
     agree_on_dist_ident()
-    fields = {"compilation_config": compilation_config, "additional_config": additional_config}
+    fields = {"compilation_config": compilation_config, "additional_config": additional_config,
+              "model_config": model_config}
     vllm_config = VllmConfig(**{name: value for name, value in fields.items() if value is not None})
     with contextlib.ExitStack() as stack:
         stack.enter_context(_all_reduce_clone_fix())

@@ -20,6 +20,7 @@ import torch.distributed as dist
 from fcpass.backends.base import MM_ALL_REDUCE, Backend, FusedCall
 from fcpass.guard import KernelLimits
 from fcpass.matmuls import MAX_FOLD_COLUMNS, fold_bias
+from fcpass.vllm import state as vllm_state
 
 # Documented limits of npu_mm_reduce_scatter_base / npu_all_gather_base_mm
 # (Atlas A2: 2, 4 or 8 ranks; k in [256, 65535)). The k limit keeps room for
@@ -67,7 +68,8 @@ class NpuBackend(Backend):
         (mm, *_) = call.matmuls
         if op == MM_ALL_REDUCE and mm.scaled and mm.out_dtype not in NPU_ALL_REDUCE_OUT_DTYPES:
             return f"npu_mm_all_reduce_base's W8A8 output is float16 or bfloat16, not {mm.out_dtype}"
-        return None
+        return _another_communicator_on_a2(call.group)
+
 
     def mm_all_reduce(self, call: FusedCall) -> torch.Tensor:
         (mm,) = call.matmuls
@@ -160,3 +162,16 @@ def _all_reduce_quant_kwargs(mm, row_scale) -> dict:
 def _add_int_bias_after(out, mm, gathered):
     """Column-parallel int32 quant bias: add its dequantized value (exact up to rounding)."""
     return (out.to(torch.float32) + mm.bias.to(torch.float32) * mm.channel_scale().reshape(1, -1)).to(out.dtype)
+
+
+def _another_communicator_on_a2(group) -> str | None:
+    """On Atlas A2 every fused compute-communication kernel of one model must use the same communicator
+    (torch_npu's docs of all three): fcpass fuses on vLLM's TP group only, whose communicator vllm-ascend's own
+    fused row-parallel linear (``matmul_and_reduce``) uses too. Rank-equal: a group is, or is not, the TP
+    group of every one of its ranks. Without vLLM's parallel state (the ops called on their own) there is no
+    model to share the communicator with."""
+    tp_group = vllm_state.tp_device_group()
+    if vllm_state.ascend_device_type() != "A2" or tp_group is None or group is tp_group:
+        return None
+    return ("Atlas A2 fuses on one communicator per model, vLLM's TP group's "
+            f"({tp_group.group_name!r}); this group ({group.group_name!r}) is another")

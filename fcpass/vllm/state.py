@@ -31,6 +31,12 @@ def tp_group() -> tuple[str, int] | None:
     return (tp.unique_name, tp.world_size) if tp is not None else None
 
 
+def tp_device_group():
+    """The c10d group of vLLM's tensor-parallel group in this process, or None."""
+    tp = getattr(sys.modules.get("vllm.distributed.parallel_state"), "_TP", None)
+    return tp.device_group if tp is not None else None
+
+
 def shm_group_name(handle: int) -> str | None:
     """c10d name of the device group of the vLLM group whose CPU shared-memory communicator owns ``handle``."""
     for ref in groups().values():
@@ -50,25 +56,30 @@ def compile_range_start() -> int | None:
         return None
 
 
-def ascend_flash_comm_enabled() -> bool:
-    """Whether vllm-ascend runs its FlashComm v1 collectives as reduce_scatter / all_gather in this forward
-    (it decides per forward from the token count; off: all_reduce / no gather). True outside vllm-ascend's
-    forward context (the traced form is the FlashComm one)."""
+def ascend_device_type() -> str | None:
+    """The Ascend chip vllm-ascend was built for ("A2", "A3", "_310P", "A5"), or None where it is not loaded."""
+    utils = sys.modules.get("vllm_ascend.utils")
+    return utils.get_ascend_device_type().name if utils is not None else None
+
+
+def ascend_flash_comm() -> tuple[bool, int] | None:
+    """vllm-ascend's FlashComm v1 in this forward: (on, pad_size), as its collectives read them; None where
+    vllm-ascend is not loaded (the traced form, the FlashComm one, then holds).
+
+    vllm-ascend decides per forward, from rank-equal facts (the token count, and under DP the largest count
+    across DP ranks, which sets ``pad_size``); outside its forward context its collectives all-reduce and do
+    not gather, as FlashComm off."""
     context = sys.modules.get("vllm_ascend.ascend_forward_context")  # loaded wherever its collectives run
+    if context is None:
+        return None
     try:
-        return bool(context._EXTRA_CTX.flash_comm_v1_enabled)
-    except (AttributeError, AssertionError):  # no vllm-ascend, or outside its forward context
-        return True
+        extra = context._EXTRA_CTX
+        return bool(extra.flash_comm_v1_enabled), int(extra.pad_size or 0)
+    except AssertionError:  # outside vLLM's forward context
+        return False, 0
 
 
 def ascend_pad_size() -> int:
-    """vllm-ascend's current FlashComm ``pad_size``: its extra-context proxy (newer), else vLLM's forward
-    context."""
-    try:
-        from vllm_ascend.ascend_forward_context import _EXTRA_CTX
-
-        return int(_EXTRA_CTX.pad_size or 0)
-    except (ImportError, AttributeError):
-        from vllm.forward_context import get_forward_context
-
-        return int(getattr(get_forward_context(), "pad_size", 0) or 0)
+    """The rows vllm-ascend pads the tokens with in this forward (0 where it is not loaded)."""
+    flash_comm = ascend_flash_comm()
+    return 0 if flash_comm is None else flash_comm[1]

@@ -4,71 +4,91 @@ vllm-ascend's own code, unpacked from its sdist (devtools/sources.py; `make test
 ``VllmBackend.configure_post_pass`` fills its ``GraphFusionPassManager`` (pass key ``graph_fusion_manager``),
 and its ``fusion_pass_compile`` calls that manager as aot_autograd's compiler, handing every pass an
 ``fx.GraphModule`` and running the result eagerly (no Inductor after it), as vllm-ascend compiles a model
-(../shared/ASCEND.md). torch_npu is the test stand-in (tests/standins/npu): vllm-ascend's utils import it
-(importable only: no "npu" device is made, the ranks are CPU ones).
-vllm-ascend's own fusion passes are switched off (``ascend_compilation_config``: their patterns need
-torchair and NPU kernels), so fcpass is the manager's only pass. The matmuls and collectives are vLLM's:
-``linear`` (rank-0-only bias on the row-parallel side), ``vllm.all_reduce`` / ``reduce_scatter`` /
-``all_gather`` on the TP group; the fused ops run the generic backend (CPU tensors).
-"""
+(../shared/ASCEND.md). torch_npu is the test stand-in (tests/standins/npu, its kernels on CPU tensors).
+vllm-ascend's own fusion passes are switched off (their patterns need torchair and NPU kernels), so fcpass
+is the manager's only pass.
 
-import sys
+Two kinds of graph: vLLM's own collectives (``linear`` with a rank-0-only bias, ``vllm.all_reduce`` /
+``reduce_scatter`` / ``all_gather``), and vllm-ascend's: its registered ops (``vllm.unquantized_gemm``,
+``vllm.quantize``, the FlashComm v1 collectives ``maybe_pad_and_reduce`` /
+``maybe_all_gather_and_maybe_unpad``; tests/support/vllm_ascend_code.py) with ``npu.npu_quant_matmul``,
+run in vllm-ascend's own forward context, which switches FlashComm per forward.
+"""
 
 import pytest
 import torch
 
-from devtools import sources
-from devtools.vllm_cpu import rank_setup, vllm_tp
+from support import vllm_ascend_code as ascend
 from support.multirank import shared
-from support.npu_runs import STANDIN_DIR
 
 THRESHOLD = 16
 TOKENS = (8, 64, 63)  # at or below the threshold, above it, and a count world_size does not divide
-ASCEND_FLAGS = {"ascend_compilation_config": {flag: False for flag in (
-    "fuse_norm_quant", "fuse_qknorm_rope", "fuse_allreduce_rms", "fuse_muls_add")}}
+# vllm-ascend's forwards: FlashComm off (<= 1000 tokens, below and above the threshold), on with TP padding,
+# on with DP padding (tokens, DP padded length)
+ASCEND_RUNS = ((7, None), (700, None), (1001, None), (2048, None), (2047, 2052))
 HIDDEN, FFN = 32, 48
+BF16_SCALAR_TYPE = 15  # torch-npu's output_dtype argument is a c10 ScalarType number
 
 
 def ascend_compile_setup():
     """vllm-ascend's source and the torch_npu stand-in on the path, vllm-ascend's pass key as the platform's."""
-    source = sources.VLLM_ASCEND.folder
-    if not (source / "vllm_ascend" / "__init__.py").is_file():
-        raise RuntimeError(f"vllm-ascend's source is not in {source}: run `make ascend-src` (python -m devtools.sources)")
-    sys.path[:0] = [str(source), STANDIN_DIR]  # importable, not installed: no "npu" device, CPU ranks
+    ascend.setup()
     from vllm.platforms import current_platform
 
     from fcpass.vllm.compilation import ASCEND_PASS_KEY
 
     type(current_platform).pass_key = property(lambda self: ASCEND_PASS_KEY)
-    rank_setup()
 
 
 class RowThenColumn(torch.nn.Module):
-    """Row-parallel linear (bias on rank 0 only, as vLLM's RowParallelLinear) -> all_reduce -> relu; and the
-    sequence-parallel form: row-parallel -> reduce_scatter -> relu -> all_gather -> column-parallel linear."""
+    """Row-parallel linear (bias on rank 0 only, as vLLM's RowParallelLinear) -> all_reduce -> relu; or the
+    sequence-parallel form: row-parallel -> reduce_scatter -> relu -> all_gather -> column-parallel linear, with
+    vLLM's collectives or vllm-ascend's FlashComm ones (and its gemm op, or its W8A8 linear's ops)."""
 
-    def __init__(self, rank, world_size, sequence_parallel):
+    def __init__(self, rank, form):
         super().__init__()
         g = torch.Generator().manual_seed(rank)
-        self.sequence_parallel = sequence_parallel
+        self.form = form
         self.w_row = torch.nn.Parameter(torch.randn(HIDDEN, FFN, generator=g) / FFN ** 0.5)
         self.b_row = torch.nn.Parameter(torch.randn(HIDDEN, generator=g)) if rank == 0 else None
         self.w_col = torch.nn.Parameter(torch.randn(FFN, HIDDEN, generator=g) / HIDDEN ** 0.5)
+        # W8A8 as vllm-ascend's linear holds it: int8 weights stored (k, n), float32 dequant scales, int32 biases
+        self.q_row = torch.randint(-127, 128, (FFN, HIDDEN), generator=g, dtype=torch.int8)
+        self.q_col = torch.randint(-127, 128, (HIDDEN, FFN), generator=g, dtype=torch.int8)
+        self.deq_row, self.deq_col = torch.rand(HIDDEN, generator=g) * 2e-5, torch.rand(FFN, generator=g) * 1e-3
+        self.qb_row = torch.randint(-1000, 1000, (HIDDEN,), generator=g, dtype=torch.int32) if rank == 0 else None
+        # vllm-ascend quantizes x * (1 / input_scale): int8 steps of 1/40 for rows of unit scale
+        self.in_scale, self.in_offset = torch.tensor([1 / 40]), torch.tensor([0.0])
 
     def forward(self, x):
         from vllm.distributed import (tensor_model_parallel_all_gather, tensor_model_parallel_all_reduce,
                                       tensor_model_parallel_reduce_scatter)
 
+        vllm = torch.ops.vllm
+        if self.form == "flashcomm_w8a8":
+            shard = torch.relu(vllm.maybe_pad_and_reduce(self._w8a8(x, self.q_row, self.deq_row, self.qb_row)))
+            return self._w8a8(vllm.maybe_all_gather_and_maybe_unpad(shard, True), self.q_col, self.deq_col, None)
+        if self.form == "flashcomm":
+            shard = torch.relu(vllm.maybe_pad_and_reduce(vllm.unquantized_gemm(x, self.w_row, self.b_row)))
+            return vllm.unquantized_gemm(vllm.maybe_all_gather_and_maybe_unpad(shard, True), self.w_col, None)
         y = torch.nn.functional.linear(x, self.w_row, self.b_row)
-        if not self.sequence_parallel:
+        if self.form == "all_reduce":
             return torch.relu(tensor_model_parallel_all_reduce(y))
         shard = torch.relu(tensor_model_parallel_reduce_scatter(y, 0))
         return torch.nn.functional.linear(tensor_model_parallel_all_gather(shard, 0), self.w_col)
 
+    def _w8a8(self, x, w, deq_scale, bias):
+        """vllm-ascend's static W8A8 linear: its quantize op, then npu_quant_matmul."""
+        q = torch.ops.vllm.quantize(x, self.in_scale, 1 / self.in_scale, self.in_offset)
+        return torch.ops.npu.npu_quant_matmul(q, w, deq_scale, bias=bias, output_dtype=BF16_SCALAR_TYPE)
+
 
 def run_in_vllm_ascend_compile(rank, world_size):
+    import contextlib
+
     import fcpass
     import fcpass.vllm as fcpass_vllm
+    from devtools.vllm_cpu import vllm_tp
     from vllm.compilation.passes.inductor_pass import pass_context
     from vllm.config.utils import Range
     from vllm_ascend.compilation.compiler_interface import fusion_pass_compile
@@ -79,7 +99,10 @@ def run_in_vllm_ascend_compile(rank, world_size):
 
     config = fcpass_vllm.compilation_config({"threshold_tokens": THRESHOLD})
     results = {}
-    with vllm_tp(rank, world_size, config, ASCEND_FLAGS) as (vllm_config, _), torch.no_grad():
+    with vllm_tp(rank, world_size, config, ascend.ADDITIONAL_CONFIG, ascend.model_config()) as (vllm_config, _), \
+            torch.no_grad():
+        ascend.init_config(vllm_config)
+        ascend.load_ops()
         manager = configure_post_pass(vllm_config, GraphFusionPassManager(), ASCEND_PASS_KEY)
         results["passes"] = [type(p).__name__ for p in manager.passes]
         compile_range = Range(start=1, end=8192)
@@ -89,26 +112,30 @@ def run_in_vllm_ascend_compile(rank, world_size):
             compiled, _ = fusion_pass_compile(gm, example_inputs, {ASCEND_PASS_KEY: manager}, compile_range)
             return compiled
 
-        for name, sp in (("all_reduce", False), ("sequence_parallel", True)):
+        for form in ("all_reduce", "sequence_parallel", "flashcomm", "flashcomm_w8a8"):
             torch._dynamo.reset()
-            model = RowThenColumn(rank, world_size, sp)
+            model = RowThenColumn(rank, form)
             compiled = torch.compile(model, backend=vllm_ascend_backend, dynamic=True, fullgraph=True)
+            on_ascend = form.startswith("flashcomm")
             runs = {}
-            for tokens in TOKENS:
-                if sp and tokens % world_size:
+            for tokens, dp_padded_length in (ASCEND_RUNS[::-1] if on_ascend else [(n, None) for n in TOKENS]):
+                if form == "sequence_parallel" and tokens % world_size:
                     continue  # the model itself scatters without padding
                 x = torch.randn(tokens, FFN, generator=torch.Generator().manual_seed(tokens))
+                forward = ascend.forward(vllm_config, tokens, dp_padded_length) if on_ascend else contextlib.nullcontext()
                 fcpass.reset_decision_counts()
-                with pass_context(compile_range):
+                with pass_context(compile_range), forward:
                     got = compiled(x)
-                want = model(x)
-                runs[tokens] = {"error": ((got - want).abs().max() / want.abs().max()).item(),
-                                "decisions": sorted(fcpass.decision_counts())}
-            results[name] = {"runs": runs, "matched": manager.passes[-1].matched}
+                    want = model(x)
+                assert want.float().abs().max() > 0, (form, tokens)
+                runs[tokens, dp_padded_length] = {
+                    "error": ((got.float() - want.float()).abs().max() / want.float().abs().max()).item(),
+                    "decisions": sorted(fcpass.decision_counts())}
+            results[form] = {"runs": runs, "matched": manager.passes[-1].matched}
     return results
 
 
-ASCEND_COMPILE = shared(run_in_vllm_ascend_compile, setup=ascend_compile_setup, timeout=300)
+ASCEND_COMPILE = shared(run_in_vllm_ascend_compile, setup=ascend_compile_setup, timeout=360)
 
 
 def test_vllm_registers_the_pass_in_vllm_ascends_real_manager():
@@ -116,19 +143,26 @@ def test_vllm_registers_the_pass_in_vllm_ascends_real_manager():
         assert r["passes"] == ["VllmFlashCommPass"]  # vllm-ascend's own passes off (they need torchair)
 
 
-@pytest.mark.parametrize("name, families", [
-    ("all_reduce", {"mm_all_reduce"}),
-    ("sequence_parallel", {"mm_reduce_scatter", "all_gather_mm"}),
+@pytest.mark.parametrize("form, matched", [
+    # vLLM's linear traces to addmm on rank 0 (its bias) and mm elsewhere
+    ("all_reduce", {"mm_all_reduce": 1}),
+    ("sequence_parallel", {"mm_reduce_scatter": 1, "all_gather_mm": 1}),
+    ("flashcomm", {"mm_reduce_scatter": {"vllm_ascend/unquantized_gemm": 1},
+                   "all_gather_mm": {"vllm_ascend/unquantized_gemm": 1}}),
+    ("flashcomm_w8a8", {"mm_reduce_scatter": {"vllm_ascend/npu_quant_matmul": 1},
+                        "all_gather_mm": {"vllm_ascend/npu_quant_matmul+quantize": 1}}),
 ])
-def test_fusion_pass_compile_runs_fcpass_on_its_graph_module_and_the_numbers_hold(name, families):
-    """It used to raise AttributeError: the manager hands the pass a GraphModule, not a Graph."""
+def test_fusion_pass_compile_runs_fcpass_on_its_graph_module_and_the_numbers_hold(form, matched):
+    """It used to raise AttributeError: the manager hands the pass a GraphModule, not a Graph. vllm-ascend's
+    forms: FlashComm off in a forward (<= 1000 tokens: all_reduce, no gather), on with TP and DP padding."""
     per_rank = ASCEND_COMPILE()
     for rank, r in enumerate(per_rank):
-        result = r[name]
-        assert set(result["matched"]) == families, result["matched"]
-        for tokens, run in result["runs"].items():
-            assert run["error"] <= 1e-5, (name, tokens, run["error"])
+        result = r[form]
+        sites = {family: sum(forms.values()) for family, forms in result["matched"].items()}
+        assert (result["matched"] if isinstance(next(iter(matched.values())), dict) else sites) == matched, sites
+        for (tokens, _), run in result["runs"].items():
+            assert run["error"] <= (1e-2 if form == "flashcomm_w8a8" else 1e-5), (form, tokens, run["error"])
             paths = {path for _, path, _ in run["decisions"]}
-            assert paths == {"fused" if tokens > THRESHOLD else "unfused"}, (name, tokens, run["decisions"])
-    for tokens in per_rank[0][name]["runs"]:
-        assert per_rank[0][name]["runs"][tokens]["decisions"] == per_rank[1][name]["runs"][tokens]["decisions"]
+            assert paths == {"fused" if tokens > THRESHOLD else "unfused"}, (form, tokens, run["decisions"])
+    for run in per_rank[0][form]["runs"]:
+        assert per_rank[0][form]["runs"][run]["decisions"] == per_rank[1][form]["runs"][run]["decisions"]

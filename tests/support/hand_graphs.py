@@ -101,16 +101,17 @@ def ag_scaled_mm(form="vllm", group="tp:0", mixed=False):
 
 
 def _register_vllm_ascend_gemm():
-    """Stand-in for vllm-ascend's ``vllm.unquantized_gemm(x, weight, bias)`` (a linear), same qualified name."""
+    """Stand-in for vllm-ascend's ``vllm.unquantized_gemm(x, weight, bias)`` (a linear), same qualified name
+    and schema (test_passes_vllm_ascend checks it against vllm-ascend's own registration)."""
     if hasattr(torch.ops.vllm, "unquantized_gemm"):
         return
 
     @torch.library.custom_op("vllm::unquantized_gemm", mutates_args=())
-    def unquantized_gemm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    def unquantized_gemm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         return torch.nn.functional.linear(x, weight, bias)
 
     @unquantized_gemm.register_fake
-    def _(x, weight, bias):
+    def _(x, weight, bias=None):
         return x.new_empty((*x.shape[:-1], weight.shape[0]))
 
 
@@ -238,8 +239,8 @@ def npu_quant_mm_rs(form="vllm", bias=True, group="tp:0", collective=_rs):
 
 def _register_vllm_ascend_quantize():
     """Stand-in for vllm-ascend's ``vllm.quantize`` (its W8A8 linear's static quantization, registered in its
-    ops/register_custom_ops.py with this signature): ``npu_quantize(x, scale_reciprocal, offset, qint8, -1,
-    False)`` inside."""
+    ops/register_custom_ops.py with this signature, checked as the gemm's): ``npu_quantize(x,
+    scale_reciprocal, offset, qint8, -1, False)`` inside."""
     if hasattr(torch.ops.vllm, "quantize"):
         return
 
@@ -251,6 +252,12 @@ def _register_vllm_ascend_quantize():
     @quantize.register_fake
     def _(in_tensor, input_scale, input_scale_reciprocal, input_offset):
         return in_tensor.new_empty(in_tensor.shape, dtype=torch.int8)
+
+
+def register_vllm_ascend_standins() -> None:
+    """The vllm-ascend ops the hand-built graphs call, where vllm-ascend's own are not loaded."""
+    _register_vllm_ascend_gemm()
+    _register_vllm_ascend_quantize()
 
 
 def ag_npu_quant_mm(form="vllm", group="tp:0", quantize="npu"):

@@ -316,3 +316,5 @@ def _register_quant_ops() -> None:
 
 
 _register_quant_ops()
+# torch_npu's ops are attributes of the module too: vllm-ascend calls ``torch_npu.npu_quantize(...)``
+npu_quantize, npu_quant_matmul = torch.ops.npu.npu_quantize, torch.ops.npu.npu_quant_matmul
