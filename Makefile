@@ -19,7 +19,7 @@ NEXT_PY := $(NEXT_VENV)/bin/python
 NEXT_TESTS := tests/integration/test_sequence_parallel.py tests/integration/test_vllm_engine.py tests/integration/test_vllm_integration.py \
 	tests/integration/test_vllm_llama_graphs.py
 
-.PHONY: venv venv-next ascend-src ascend-check demo test test-main test-next bench clean
+.PHONY: venv venv-next ascend-src ascend-check gpu-check demo test test-main test-next bench clean
 
 venv: $(VENV)/.fcpass-installed
 venv-next: $(NEXT_VENV)/.fcpass-installed
@@ -82,6 +82,11 @@ ascend-src: venv
 # table to send back (devtools/ascend_check.py). Elsewhere it says what is missing and exits 2.
 ascend-check:
 	PYTHONPATH=$(CURDIR) $(PYTHON) -m devtools.ascend_check
+
+# On a machine with an NVIDIA GPU and a CUDA torch in $(PYTHON); without one it runs its CPU parts and says
+# which parts need a GPU.
+gpu-check:
+	PYTHONPATH=$(CURDIR) $(PYTHON) -m devtools.gpu_check
 
 test-main: venv ascend-src
 	$(PY) -m pytest -q tests

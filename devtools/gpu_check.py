@@ -1,0 +1,139 @@
+"""The GPU check: what fcpass cannot verify without an NVIDIA GPU, in one run (``make gpu-check``).
+
+    python -m devtools.gpu_check [--tokens 512,4096]
+
+On one GPU (a one-rank NCCL group):
+1. every fused op (bf16/fp16 and W8A8) on CUDA tensors through the CUDA backend, below and above the
+   threshold (1024): the path it took and why (torch's symmetric-memory kernels only where
+   ``PassConfig.cuda_symmetric_memory`` asks, else the generic pipeline on NCCL), the max relative error vs
+   float64, the guarded op's and its unfused path's time, next to the plain matmul's;
+2. each op under CUDA-graph capture (as vLLM captures decode graphs): captured after one eager call,
+   replayed on new inputs, compared with the eager result.
+On 2+ GPUs, also:
+3. the kernels on 2 ranks over NCCL, with ``cuda_symmetric_memory`` off and on.
+
+Without a GPU it runs what a CPU can (parts 1 and 3 on gloo ranks through the generic backend: the cases,
+references and table) and says which parts need a GPU. Prints one table per part, to send back.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from devtools import kernel_check
+from devtools.kernel_check import table, torch
+
+THRESHOLD = 1024  # the CUDA backend's default
+NEEDS_A_GPU = ("the CUDA backend (symmetric memory, the NCCL pipeline), CUDA tensors", "CUDA-graph capture",
+               "2 ranks over NCCL")
+
+
+def gpus() -> int:
+    return torch.cuda.device_count() if torch is not None and torch.cuda.is_available() else 0
+
+
+def kernels_rank(rank: int, world_size: int, tokens_list, device_type: str, symmetric_memory: bool = False,
+                 shape=(kernel_check.K, kernel_check.N), repeats: int = kernel_check.REPEATS) -> list[dict]:
+    """Part 1 (one rank) or 3: the cases, each row with the plain matmul's time on this rank's x and w."""
+    backend = "cuda" if device_type == "cuda" else "generic"
+    rows = kernel_check.kernels_rank(rank, world_size, tokens_list, device_type, backend, None, shape, repeats,
+                                     cuda_symmetric_memory=symmetric_memory)
+    for row in rows:
+        row["symmetric_memory"] = symmetric_memory
+        if row["w8a8"] == "-":
+            dtype = getattr(torch, row["dtype"])
+            x = torch.randn(row["tokens"], shape[0], dtype=dtype, device=device_type)
+            w = torch.randn(shape[0], shape[1], dtype=dtype, device=device_type)
+            row["matmul_ms"] = kernel_check.timed_ms(lambda: x @ w, device_type, repeats)
+        else:
+            row["matmul_ms"] = float("nan")
+    return rows
+
+
+def capture_rank(rank: int, world_size: int, tokens_list, shape=(kernel_check.K, kernel_check.N)) -> list[dict]:
+    """Part 2: each plain op captured in a CUDA graph after one eager call, replayed on new inputs."""
+    import torch.distributed as dist
+
+    import fcpass
+
+    torch.cuda.set_device(rank)
+    fcpass.configure(fcpass.PassConfig(backend="cuda"))
+    name, rows = dist.group.WORLD.group_name, []
+    for op in kernel_check.OPS:
+        for seed, tokens in enumerate(tokens_list):
+            static = [None if t is None else t.cuda() for t in kernel_check.inputs(
+                rank, world_size, op, tokens, torch.bfloat16, None, seed, *shape)]
+
+            def run():
+                return kernel_check.call(op, None, name, world_size, *static, threshold=-1)
+
+            row = {"op": op, "tokens": tokens}
+            try:
+                run()  # plans the call, outside the capture
+                torch.cuda.synchronize()
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph):
+                    out = run()
+                fresh = kernel_check.inputs(rank, world_size, op, tokens, torch.bfloat16, None, seed + 1000, *shape)
+                for held, new in zip(static, fresh):
+                    if held is not None:
+                        held.copy_(new)
+                graph.replay()
+                torch.cuda.synchronize()
+                eager = run()
+                row.update(captured=True, error=((out.float() - eager.float()).abs().max()
+                                                 / eager.float().abs().max()).item(), failure="-")
+            except Exception as e:  # a row to send back, not a crash: the next op still runs
+                row.update(captured=False, error=float("nan"), failure=f"{type(e).__name__}: {e}"[:120])
+            rows.append(row)
+    return rows
+
+
+def run(tokens, shape=(kernel_check.K, kernel_check.N), repeats: int = kernel_check.REPEATS) -> dict[str, list]:
+    """Every part this machine can run: {title: rows}."""
+    from devtools.launch import run_ranks
+
+    count = gpus()
+    device, backend = ("cuda", "nccl") if count else ("cpu", "gloo")
+    ms = f"ms: median of {repeats} calls"
+    parts = {f"1. fcpass ops, 1 rank ({backend}, {device}) (error: max relative vs float64; {ms})":
+             run_ranks(kernels_rank, 1, tokens, device, False, shape, repeats, backend=backend, timeout=1800)[0]}
+    if count:
+        parts["2. under CUDA-graph capture, 1 rank (error: replay vs eager)"] = run_ranks(
+            capture_rank, 1, tokens, shape, backend="nccl", timeout=1800)[0]
+    if count != 1:
+        for symmetric_memory in ((False, True) if count else (False,)):
+            per_rank = run_ranks(kernels_rank, 2, tokens, device, symmetric_memory, shape, repeats,
+                                 backend=backend, timeout=1800)
+            title = f"3. fcpass ops, 2 ranks ({backend}, {device}), cuda_symmetric_memory={symmetric_memory} ({ms})"
+            parts[title] = kernel_check.merged(per_rank)
+    return parts
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tokens", default="512,4096", help="token counts (even): below and above the threshold")
+    parser.add_argument("--shape", default=f"{kernel_check.K},{kernel_check.N}", help="k,n of the matmuls")
+    parser.add_argument("--repeats", type=int, default=kernel_check.REPEATS, help="timed calls per case")
+    args = parser.parse_args(argv)
+    if torch is None:
+        print(f"gpu-check: nothing run: torch is not installed in {sys.executable}", file=sys.stderr)
+        return 2
+    print(preamble(gpus()))
+    parts = run([int(t) for t in args.tokens.split(",")], tuple(int(d) for d in args.shape.split(",")), args.repeats)
+    for title, rows in parts.items():
+        print(f"\n{title}\n{table(rows)}")
+    return 0
+
+
+def preamble(count: int) -> str:
+    """What this run covers, and (without a GPU, or with one) what it leaves out."""
+    if not count:
+        return ("gpu-check: no CUDA GPU here; running the parts a CPU can (gloo ranks, the generic backend). "
+                "Needs a GPU: " + "; ".join(NEEDS_A_GPU) + ".")
+    return f"gpu-check: {count} GPU(s): {torch.cuda.get_device_name(0)}" + ("; part 3 needs 2" if count == 1 else "")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,39 @@
+"""The prepared GPU check (devtools/gpu_check.py, ``make gpu-check``), run here as far as a CPU allows: its parts
+1 and 3 on 1 and 2 gloo ranks through the generic backend (cases, references, table), and what it says needs
+a GPU."""
+
+import math
+
+import pytest
+
+from devtools import gpu_check, kernel_check
+
+TOKENS = (8, 4096)  # below and above the generic backend's default thresholds on CPU
+TOLERANCE = {"float32": 1e-5, "bfloat16": 2e-2, "int8": 2e-2}
+
+
+@pytest.fixture(scope="module")
+def parts():
+    return gpu_check.run(TOKENS, shape=(256, 128), repeats=1)
+
+
+def test_without_a_gpu_it_runs_the_cpu_parts_and_says_which_need_one(parts):
+    assert [title.split(",")[0] for title in parts] == ["1. fcpass ops", "3. fcpass ops"]
+    assert "Needs a GPU: " in gpu_check.preamble(0) and "CUDA-graph capture" in gpu_check.preamble(0)
+
+
+def test_its_cases_give_the_reference_on_one_and_two_ranks(parts):
+    cases = len(kernel_check.cases((None, None))) * len(TOKENS)
+    for title, rows in parts.items():
+        assert len(rows) == cases, title
+        for r in rows:
+            assert r["error"] <= TOLERANCE[r["dtype"]], (title, r)
+            assert r.get("ranks_agree", True), (title, r)
+            assert r["path"] in ("fused", "unfused") and r["guarded_ms"] > 0 and r["unfused_ms"] > 0
+            assert math.isnan(r["matmul_ms"]) == (r["w8a8"] != "-")
+        # the generic backend's defaults on CPU tensors: reduce_scatter fused above 512 tokens, all_gather above
+        # 2048, all_reduce never (the measured thresholds, benchmarks/README.md)
+        fused = {(r["op"], r["tokens"]) for r in rows if r["path"] == "fused"}
+        assert fused == {("mm_reduce_scatter", 4096), ("all_gather_mm", 4096)}, (title, fused)
+    text = kernel_check.table(next(iter(parts.values())))
+    assert text.splitlines()[0].split()[:4] == ["op", "dtype", "w8a8", "tokens"]
