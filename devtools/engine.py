@@ -32,13 +32,15 @@ import json
 import os
 import time
 
+from devtools import checkpoints
+from devtools.checkpoints import HIDDEN, LAYERS, VOCAB
+
 ENGINE_ENV = {
     "VLLM_CPU_KVCACHE_SPACE": "1",
     "VLLM_CPU_OMP_THREADS_BIND": "0|1",
     # collective_rpc with a function (this module's readers) needs vLLM's pickle fallback; local engine only
     "VLLM_ALLOW_INSECURE_SERIALIZATION": "1",
 }
-HIDDEN, INTERMEDIATE, HEADS, KV_HEADS, LAYERS, VOCAB = 256, 512, 4, 2, 2, 1024
 PROMPT_LENGTHS = (5, 40, 100)  # below and above the demo's threshold of 16 tokens
 
 
@@ -50,18 +52,7 @@ def write_tiny_llama(path: str, seed: int = 0) -> str:
 def write_llama(path: str, hidden: int, layers: int, max_positions: int = 1024, seed: int = 0) -> str:
     """A random fp32 Llama of the tiny one's proportions (heads of 64, half as many kv heads, intermediate
     2 x hidden, vocab 1024) at ``path``, unless one is there; benchmarks scale it by hidden size and layers."""
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    if not os.path.exists(os.path.join(path, "config.json")):
-        torch.manual_seed(seed)
-        heads = hidden // (HIDDEN // HEADS)
-        config = LlamaConfig(vocab_size=VOCAB, hidden_size=hidden, intermediate_size=hidden * INTERMEDIATE // HIDDEN,
-                             num_attention_heads=heads, num_key_value_heads=heads * KV_HEADS // HEADS,
-                             num_hidden_layers=layers, max_position_embeddings=max_positions, initializer_range=0.2,
-                             torch_dtype="float32")
-        LlamaForCausalLM(config).save_pretrained(path, safe_serialization=True)
-    return path
+    return checkpoints.write(path, "llama", hidden, layers, max_positions, seed)
 
 
 def prompt_ids(length: int, salt: int = 0) -> list[int]:
@@ -165,10 +156,11 @@ def with_checkout_on_path(env: dict) -> dict:
     return {**env, "PYTHONPATH": os.pathsep.join(p for p in (CHECKOUT, env.get("PYTHONPATH")) if p)}
 
 
-def start(model_dir: str, fcpass_fields: dict | None = None, prompt_lengths=PROMPT_LENGTHS, env=None):
-    """``python -m devtools.engine`` in a new process (one engine per process, ``env`` added to this one's);
-    pass it to :func:`result`."""
-    args = [model_dir, "--prompt-lengths", ",".join(map(str, prompt_lengths))]
+def start(model_dir: str, fcpass_fields: dict | None = None, prompt_lengths=PROMPT_LENGTHS, env=None,
+          architecture: str = "llama"):
+    """``python -m devtools.engine`` in a new process (one engine per process, ``env`` added to this one's) on
+    a random ``architecture`` checkpoint at ``model_dir`` (devtools.checkpoints); pass it to :func:`result`."""
+    args = [model_dir, "--prompt-lengths", ",".join(map(str, prompt_lengths)), "--architecture", architecture]
     if fcpass_fields is not None:
         args += ["--fcpass", json.dumps(fcpass_fields)]
     return start_module("devtools.engine", args, env)
@@ -207,15 +199,19 @@ def parse_result(returncode: int, stdout: str, stderr: str) -> dict:
     return json.loads(lines[-1][len(RESULT_MARK):])
 
 
-def run_both(model_dir: str, fcpass_fields: dict, prompt_lengths, timeout: float = 480, env=None) -> dict:
+def run_both(model_dir: str, fcpass_fields: dict, prompt_lengths, timeout: float = 480, env=None,
+             architecture: str = "llama") -> dict:
     """The engine without and with fcpass, side by side (most of a start is waiting, not computing)."""
-    return run_all(model_dir, {"plain": (None, env), "fcpass": (fcpass_fields, env)}, prompt_lengths, timeout)
+    return run_all(model_dir, {"plain": (None, env), "fcpass": (fcpass_fields, env)}, prompt_lengths, timeout,
+                   architecture)
 
 
-def run_all(model_dir: str, engines: dict, prompt_lengths, timeout: float = 480) -> dict:
+def run_all(model_dir: str, engines: dict, prompt_lengths, timeout: float = 480, architecture: str = "llama") -> dict:
     """Every engine of ``engines`` ({name: (fcpass fields or None, env additions or None)}) at once, on the
-    checkpoint ``model_dir``; their results by name."""
-    processes = {name: start(model_dir, fields, prompt_lengths, env) for name, (fields, env) in engines.items()}
+    ``architecture`` checkpoint at ``model_dir`` (written first, once); their results by name."""
+    checkpoints.write(model_dir, architecture)
+    processes = {name: start(model_dir, fields, prompt_lengths, env, architecture)
+                 for name, (fields, env) in engines.items()}
     try:
         return {name: result(process, timeout) for name, process in processes.items()}
     finally:
@@ -230,12 +226,13 @@ def main(argv=None) -> None:
     parser.add_argument("model_dir")
     parser.add_argument("--fcpass", help="PassConfig fields as JSON; without it the engine runs without fcpass")
     parser.add_argument("--prompt-lengths", default=",".join(map(str, PROMPT_LENGTHS)))
+    parser.add_argument("--architecture", default="llama", choices=sorted(checkpoints.ARCHITECTURES))
     args = parser.parse_args(argv)
     import fcpass
 
     pass_config = fcpass.PassConfig.from_dict(json.loads(args.fcpass)) if args.fcpass else None
     lengths = tuple(int(n) for n in args.prompt_lengths.split(","))
-    result = run_engine(write_tiny_llama(args.model_dir), pass_config, lengths)
+    result = run_engine(checkpoints.write(args.model_dir, args.architecture), pass_config, lengths)
     print(RESULT_MARK + json.dumps(result), flush=True)
 
 

@@ -8,6 +8,7 @@ this package, never the other way round.
 
 from fcpass import ascend as _ascend  # noqa: F401  (registers torch.ops.fcpass.drop_token_padding)
 from fcpass import ops as _ops  # noqa: F401  (registers torch.ops.fcpass.*)
+from fcpass import shards as _shards  # noqa: F401  (registers torch.ops.fcpass.token_shard)
 from fcpass.config import PassConfig
 from fcpass.guard import decision_counts, reset_decision_counts
 from fcpass.ops import configure, runtime_config

@@ -38,7 +38,7 @@ NEVER_FUSED = "the fused path is never taken here by default (no threshold or ta
 SP_TRANSPORT = "the all_reduce's transport is faster than the split's"  # + which transports
 SP_BELOW_THRESHOLD = "compiled for token counts not all above sequence_parallel_threshold_tokens"  # + both
 SP_MIXED_REGION = "all_reduces of different forms or groups meet in one region"
-SP_NO_NORM = "no RMSNorm on the all_reduce's result (splitting it would shard nothing)"
+SP_NO_NORM = "no norm (RMSNorm, LayerNorm) on the all_reduce's result (splitting it would shard nothing)"
 SP_TOO_MANY_GATHERS = "more all_gathers than all_reduces"  # + counts
 
 # The constants above, longest first (a constant may be the start of another's text).

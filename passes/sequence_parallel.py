@@ -1,4 +1,4 @@
-"""all_reduce -> (residual add) -> RMSNorm  ==>  reduce_scatter -> norm on the token shard -> all_gather
+"""all_reduce -> (residual add) -> RMSNorm or LayerNorm  ==>  reduce_scatter -> norm on the token shard -> all_gather
 
 FlashComm v1 as a graph rewrite (vLLM <= 0.31's SequenceParallelismPass,
 vllm-ascend's FlashComm linear ops, both gone from current releases):
@@ -17,7 +17,8 @@ the fusion families then fuse into the matmuls on either side.
 Pattern: every sum all_reduce of 2-D token rows (vLLM's ``all_reduce`` op
 or functional ``all_reduce`` + ``wait_tensor``). Sharding then spreads
 forward through row-local ops (vLLM's ``rms_norm``/``fused_add_rms_norm``
-IR ops, their decomposed aten math, the residual adds) whose every
+IR ops, their decomposed aten math, LayerNorm's (``var_mean`` over hidden, its weight
+and bias), the residual adds) whose every
 token-row input is sharded, so a residual becomes a shard only when all its
 producers are (the embedding's all_reduce in the first layer, the norms
 after it). Connected sharded nodes form a region; each region's
@@ -67,7 +68,8 @@ _ELEMENTWISE = frozenset({
     aten.pow.Tensor_Scalar, aten.rsqrt.default, aten.sqrt.default, aten.neg.default, aten.clone.default,
     aten._to_copy.default, prims.convert_element_type.default, operator.getitem,
 })
-_ROW_REDUCTIONS = frozenset({aten.mean.dim, aten.sum.dim_IntList})
+# over hidden only (checked per node): RMSNorm's mean of squares, LayerNorm's var_mean
+_ROW_REDUCTIONS = frozenset({aten.mean.dim, aten.sum.dim_IntList, aten.var_mean.correction, aten.var.correction})
 
 
 def _norm_ops() -> frozenset:
@@ -82,10 +84,12 @@ class _Region:
     def __init__(self, all_reduce: AllReduce) -> None:
         self.all_reduces = [all_reduce]
         self.sharded: list[fx.Node] = []
+        self.everywhere_rows: set[fx.Node] = set()  # full rows every rank holds alike, read by sharded nodes
 
     def merge(self, other: "_Region") -> None:
         self.all_reduces += other.all_reduces
         self.sharded += other.sharded
+        self.everywhere_rows |= other.everywhere_rows
 
 
 def rewrite(graph: fx.Graph, config: PassConfig, report: PassReport) -> None:
@@ -185,11 +189,15 @@ def _regions(graph: fx.Graph, candidates: list[AllReduce], norms: frozenset) -> 
             continue
         inputs = [i for i in node.all_input_nodes if isinstance(fake_value(i), (torch.Tensor, tuple))]
         sharded = [i for i in inputs if i in region_of]
-        if not sharded or not all(i in region_of or _replicated(i) for i in inputs):
+        if not sharded:
             continue
         region = region_of[sharded[0]]
+        everywhere = [i for i in inputs if i not in region_of and not _replicated(i)]
+        if not all(_same_rows(fake_value(i), region.all_reduces[0]) and _same_on_every_rank(i) for i in everywhere):
+            continue
         if not all(_same_rows(v, region.all_reduces[0]) for v in _tensors(fake_value(node))):
             continue
+        region.everywhere_rows.update(everywhere)
         for other in {id(region_of[i]): region_of[i] for i in sharded}.values():
             if other is not region:
                 region.merge(other)
@@ -228,6 +236,29 @@ def _replicated(node: fx.Node) -> bool:
     """A tensor without token rows (a norm weight, a scalar): it broadcasts over a shard as over all rows."""
     val = fake_value(node)
     return isinstance(val, torch.Tensor) and (val.dim() < 2 or statically_known_true(val.shape[0] == 1))
+
+
+# What a value every rank computes alike may be made of: lookups and arithmetic on the graph's inputs (token
+# ids and positions are every rank's; replicated tables) and on ranges of the token count. No matmul (a TP linear's output is a shard or a
+# partial sum) and no collective; vLLM's vocab-parallel embedding masks with `where`, not listed.
+_SAME_ON_EVERY_RANK = _ELEMENTWISE | {aten.embedding.default, aten.arange.default, aten.arange.start,
+                                     aten.arange.start_step, prims.iota.default}
+_SAME_ON_EVERY_RANK_MAX_NODES = 64
+
+
+def _same_on_every_rank(node: fx.Node) -> bool:
+    """Token rows every rank holds in full and alike (OPT's learned positions): made only of graph inputs,
+    lookups and arithmetic (a bounded walk back)."""
+    seen, stack = set(), [node]
+    while stack:
+        n = stack.pop()
+        if n in seen or n.op == "placeholder":
+            continue
+        seen.add(n)
+        if n.op != "call_function" or n.target not in _SAME_ON_EVERY_RANK or len(seen) > _SAME_ON_EVERY_RANK_MAX_NODES:
+            return False
+        stack.extend(n.all_input_nodes)
+    return True
 
 
 def _tensors(val):
@@ -276,6 +307,11 @@ def _split(graph: fx.Graph, region: _Region) -> None:
     # The earliest all_reduce's input precedes every sharded value and has their unsharded row count.
     token_source = all_reduces[0].input
     derived = [n for n in graph.nodes if n in sharded]
+    for rows in region.everywhere_rows:  # this rank's shard of it, for the sharded nodes that read it
+        with graph.inserting_after(rows):
+            shard = call(graph, torch.ops.fcpass.token_shard.default, (rows, all_reduces[0].group_name, world_size))
+        for reader in [u for u in rows.users if u in sharded]:
+            reader.replace_input_with(rows, shard)
     for node in derived:
         refresh_val(node)
     region.sharded = shards + derived

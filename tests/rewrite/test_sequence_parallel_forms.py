@@ -103,6 +103,54 @@ class NoNorm(TinyTP):
         return self.all_reduce(x @ self.w_in) @ self.w_up
 
 
+def layer_norm(x, weight, bias):
+    return torch.nn.functional.layer_norm(x, (x.shape[-1],), weight, bias, 1e-5)
+
+
+class ParallelResidual(TinyTP):
+    """GPT-NeoX's layout with LayerNorm (weight and bias): attention and MLP read the layer's input through
+    norms of their own, and their all_reduced outputs are summed with it; a final LayerNorm."""
+
+    def __init__(self, rank, world_size, group):
+        super().__init__(rank, world_size, group)
+        own, shared = torch.Generator().manual_seed(11 + rank), torch.Generator().manual_seed(10)
+        self.w_up2 = torch.nn.Parameter(torch.randn(HIDDEN, FFN // world_size, generator=own) / HIDDEN ** 0.5)
+        self.w_down2 = torch.nn.Parameter(torch.randn(FFN // world_size, HIDDEN, generator=own) / FFN ** 0.5)
+        self.bias1, self.bias2 = (torch.nn.Parameter(0.1 * torch.randn(HIDDEN, generator=shared)) for _ in range(2))
+
+    def forward(self, x):
+        h = self.all_reduce(self.matmul(x, "w_in"))
+        a = self.all_reduce(self.matmul(torch.relu(self.matmul(layer_norm(h, self.norm1, self.bias1), "w_up")),
+                                        "w_down"))
+        m = self.all_reduce(self.matmul(torch.relu(self.matmul(layer_norm(h, self.norm2, self.bias2), "w_up2")),
+                                        "w_down2"))
+        return layer_norm(h + a + m, self.norm1, self.bias2)
+
+
+class LearnedPositions(TinyTP):
+    """OPT's embedding: the all_reduced token embedding plus learned positions, which every rank looks up
+    alike (full rows next to the shards: each rank takes its own), then LayerNorms."""
+
+    def __init__(self, rank, world_size, group):
+        super().__init__(rank, world_size, group)
+        self.positions = torch.nn.Parameter(torch.randn(128, HIDDEN, generator=torch.Generator().manual_seed(12)))
+        self.bias1 = torch.nn.Parameter(0.1 * torch.randn(HIDDEN, generator=torch.Generator().manual_seed(13)))
+
+    def forward(self, x):
+        positions = torch.nn.functional.embedding(torch.arange(x.shape[0]), self.positions)
+        h = self.all_reduce(self.matmul(x, "w_in")) + positions
+        up = self.matmul(layer_norm(h, self.norm1, self.bias1), "w_up")
+        return layer_norm(self.all_reduce(self.matmul(torch.relu(up), "w_down")) + h, self.norm2, self.bias1)
+
+
+class RankLocalRows(TinyTP):
+    """This rank's own product added after the all_reduce: rows that differ per rank cannot be sharded like
+    the same-everywhere ones, so the norm after it is not reached and nothing is split."""
+
+    def forward(self, x):
+        return rms_norm(self.all_reduce(self.matmul(x, "w_in")) + self.matmul(x, "w_in"), self.norm1)
+
+
 def _op_name(node) -> str:
     """The op a node runs; for an auto_functionalized op (vLLM's in-place CPU kernels) the op inside."""
     return f"auto_functionalized({node.args[0]})" if node.target in AUTO_FUNCTIONALIZED else str(node.target)
@@ -130,6 +178,9 @@ CASES = {  # name: (model, token counts, dynamic, sequence_parallel_threshold_to
     "onednn": (OneDNNTinyTP, (8, 64, 33), True, 1),
     "shm": (ShmTinyTP, (8, 64, 33), True, 1),
     "onednn_defaults": (OneDNNTinyTP, (2, 8, 64), True, None),
+    "parallel_residual": (ParallelResidual, (7, 64), True, 1),
+    "learned_positions": (LearnedPositions, (7, 64), True, 1),
+    "rank_local_rows": (RankLocalRows, (7, 64), True, 1),
 }
 
 
@@ -325,3 +376,38 @@ def test_vllm_cpu_onednn_linears_fuse_with_their_handlers(runs):
     for r in runs["onednn"]:  # compiled again with backend="cuda", 33 tokens again
         assert r["decisions"][3] == {("mm_reduce_scatter_onednn", "unfused"): 2, ("all_gather_onednn_mm", "unfused"): 1}
         assert r["reasons"] == {ONEDNN_GENERIC_ONLY}
+
+
+def test_layernorm_and_the_parallel_residual_layout_are_split_and_fused(runs):
+    """Three all_reduces (the embedding-like input, attention, MLP), each LayerNorm'd reader gathered into its
+    matmul, the final norm's output gathered plainly."""
+    for r in runs["parallel_residual"]:
+        assert r["counts"]["_c10d_functional.all_reduce.default"] == 0
+        assert r["counts"]["fcpass.mm_reduce_scatter.default"] == 3
+        assert r["counts"]["fcpass.all_gather_mm.default"] == 2
+        assert sorted(r["outcomes"]) == sorted(
+            [("sequence_parallel", "c10d_functional", SPLIT)] * 3
+            + [("mm_reduce_scatter", "c10d_functional/mm+pad", FUSED)] * 3
+            + [("all_gather_mm", "c10d_functional/mm+unpad", FUSED)] * 2
+            + [("all_gather_mm", "c10d_functional/-", NO_MATMUL_CONSUMER)])
+        assert max(r["errors"]) <= 1e-5, r["errors"]
+
+
+def test_rows_every_rank_holds_alike_are_sharded_at_run_time(runs):
+    """The learned positions meet the embedding's shard: each rank takes its rows of them when the op runs
+    (``fcpass.token_shard``: the graph, shared by the ranks, holds no rank)."""
+    for r in runs["learned_positions"]:
+        assert r["counts"]["fcpass.token_shard.default"] == 1
+        assert r["counts"]["_c10d_functional.all_reduce.default"] == 0
+        assert r["counts"]["fcpass.mm_reduce_scatter.default"] == 2
+        assert r["counts"]["fcpass.all_gather_mm.default"] == 1
+        assert max(r["errors"]) <= 1e-5, r["errors"]
+
+
+def test_rows_that_differ_per_rank_stop_the_split_and_the_numbers_hold(runs):
+    for r in runs["rank_local_rows"]:
+        assert r["counts"]["fcpass.token_shard.default"] == 0
+        assert r["counts"]["_c10d_functional.reduce_scatter_tensor.default"] == 0
+        assert [(family, kind) for family, _, kind in r["outcomes"]] == [
+            ("sequence_parallel", SP_NO_NORM), ("mm_all_reduce", FUSED)]
+        assert max(r["errors"]) <= 1e-5, r["errors"]
