@@ -19,7 +19,7 @@ NEXT_PY := $(NEXT_VENV)/bin/python
 NEXT_TESTS := tests/integration/test_sequence_parallel.py tests/integration/test_vllm_engine.py tests/integration/test_vllm_integration.py \
 	tests/integration/test_vllm_llama_graphs.py
 
-.PHONY: venv venv-next ascend-src ascend-check gpu-check demo test test-main test-next bench clean
+.PHONY: venv venv-next ascend-src ascend-check gpu-check engine-matrix demo test test-main test-next bench clean
 
 venv: $(VENV)/.fcpass-installed
 venv-next: $(NEXT_VENV)/.fcpass-installed
@@ -90,6 +90,11 @@ gpu-check:
 
 test-main: venv ascend-src
 	$(PY) -m pytest -q tests
+
+# The real engine on every model family of tests/integration/test_engine_matrix.py (Llama, GPT-NeoX, OPT,
+# Qwen3-MoE), with and without fcpass; `make test` runs its quick subset (GPT-NeoX). ~8 min.
+engine-matrix: venv
+	FCPASS_ENGINE_MATRIX=full $(PY) -m pytest -q tests/integration/test_engine_matrix.py
 
 test-next: venv-next
 	$(NEXT_PY) -m pytest -q -p no:cacheprovider $(NEXT_TESTS)

@@ -1,0 +1,77 @@
+"""The real engine on the model families vLLM serves: ``vllm.LLM(tensor_parallel_size=2)`` with and without
+fcpass's showcase config, on random checkpoints of each (devtools/checkpoints.py), vLLM's AVX2 kernel build
+(its all_reduce over gloo, where the split pays; on the shm build nothing is split, test_vllm_engine covers
+that), compile caches on.
+
+The quick subset (in ``make test``): GPT-NeoX, LayerNorm with its bias and the parallel-residual layout.
+The full matrix (``make engine-matrix``, ``FCPASS_ENGINE_MATRIX=full``): also Llama (RMSNorm, dense), OPT
+(LayerNorm, biases, learned positions every rank looks up alike) and Qwen3-MoE (RMSNorm, MoE MLP).
+
+Expected per worker, from each architecture (2 layers): every all_reduce split (the embedding's and two per
+layer), the reduce_scatters of matmul outputs fused (a dense layer's two row-parallel linears, an MoE layer's
+attention output only: its experts' sum is no matmul), the all_gathers read by matmuls fused (the qkv and the
+MLP's up / router projections); the embedding's scatter has no matmul before it, the final norm's gather none
+after. Same greedy tokens as without fcpass.
+"""
+
+import os
+
+import pytest
+
+from devtools import engine
+from devtools.engine import LAYERS, PROMPT_LENGTHS
+from passes.report import FUSED, NO_MATMUL_CONSUMER, NO_MATMUL_PRODUCER, SPLIT
+from support import vllm_kernels
+from support.engine_expectations import FCPASS, THRESHOLD, sorted_rows
+
+pytestmark = pytest.mark.e2e
+
+ENGINE_TIMEOUT_S = 480
+# architecture -> (row-parallel matmuls before an all_reduce, matmuls reading a gathered norm) per layer
+LAYER_SHAPES = {"gpt_neox": (2, 2), "llama": (2, 2), "opt": (2, 2), "qwen3_moe": (1, 2)}
+QUICK = ("gpt_neox",)
+ARCHITECTURES = tuple(LAYER_SHAPES) if os.environ.get("FCPASS_ENGINE_MATRIX") == "full" else QUICK
+
+
+def expected_report(architecture: str) -> list[tuple]:
+    reduced, gathered = LAYER_SHAPES[architecture]
+    splits = 1 + 2 * LAYERS
+    not_a_matmul = 1 + (2 - reduced) * LAYERS  # the embedding's, and an MoE layer's experts' sum
+    moe = [("mm_reduce_scatter", "c10d_functional/<built-in function getitem>+pad", NO_MATMUL_PRODUCER)] * (
+        not_a_matmul - 1)
+    return sorted([("sequence_parallel", "c10d_functional", SPLIT)] * splits
+                  + [("mm_reduce_scatter", "c10d_functional/onednn_mm+pad", FUSED)] * (reduced * LAYERS)
+                  + [("mm_reduce_scatter", "c10d_functional/aten.where.self+pad", NO_MATMUL_PRODUCER)] + moe
+                  + [("all_gather_mm", "c10d_functional/onednn_mm+unpad", FUSED)] * (gathered * LAYERS)
+                  + [("all_gather_mm", "c10d_functional/-", NO_MATMUL_CONSUMER)])
+
+
+@pytest.fixture(scope="module", params=ARCHITECTURES)
+def runs(request, tmp_path_factory):
+    architecture = request.param
+    folder = tmp_path_factory.mktemp(f"engine-{architecture}")
+    env = {"VLLM_CACHE_ROOT": str(folder / "vllm"), "TORCHINDUCTOR_CACHE_DIR": str(folder / "inductor"),
+           **vllm_kernels.avx2_env()}
+    return architecture, engine.run_both(str(folder / "model"), FCPASS, PROMPT_LENGTHS, ENGINE_TIMEOUT_S, env,
+                                         architecture)
+
+
+def test_same_greedy_tokens_as_without_fcpass(runs):
+    _, result = runs
+    assert result["fcpass"]["ids"] == result["plain"]["ids"]
+
+
+def test_every_all_reduce_is_split_and_the_matmuls_beside_them_fused(runs):
+    architecture, result = runs
+    assert result["fcpass"]["all_reduce"] == ["c10d_functional"] * 2
+    for reports in result["fcpass"]["reports"]:  # per worker: its one graph's report
+        assert [sorted_rows(rows) for rows in reports] == [expected_report(architecture)]
+
+
+def test_prefills_above_the_threshold_take_the_fused_path(runs):
+    architecture, result = runs
+    reduced, gathered = LAYER_SHAPES[architecture]
+    for length, per_worker in zip(PROMPT_LENGTHS, result["fcpass"]["decisions"]):
+        path = "fused" if length > THRESHOLD else "unfused"
+        assert per_worker == [{f"mm_reduce_scatter_onednn/{path}": reduced * LAYERS,
+                               f"all_gather_onednn_mm/{path}": gathered * LAYERS}] * 2, (length, per_worker)
