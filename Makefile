@@ -126,7 +126,7 @@ gpu-check:
 	PYTHONPATH=$(CURDIR) $(PYTHON) -m devtools.gpu_check
 
 test-main: venv ascend-src
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q --durations=12 tests
 
 # The real engine on every model family of tests/integration/test_engine_matrix.py (Llama, GPT-NeoX, OPT,
 # Qwen3-MoE), with and without fcpass; `make test` runs its quick subset (GPT-NeoX). ~8 min.
@@ -134,7 +134,7 @@ engine-matrix: venv
 	FCPASS_ENGINE_MATRIX=full $(PY) -m pytest -q tests/integration/test_engine_matrix.py
 
 test-next: venv-next
-	$(NEXT_PY) -m pytest -q -p no:cacheprovider $(NEXT_TESTS)
+	$(NEXT_PY) -m pytest -q --durations=8 -p no:cacheprovider $(NEXT_TESTS)
 
 # Every benchmark, in the order their inputs need (limit_model reads ops.json); ~45 min on 2 idle cores, then the
 # real engine's (one engine at a time, ~40 min).

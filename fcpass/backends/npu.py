@@ -70,7 +70,6 @@ class NpuBackend(Backend):
             return f"npu_mm_all_reduce_base's W8A8 output is float16 or bfloat16, not {mm.out_dtype}"
         return _another_communicator_on_a2(call.group)
 
-
     def mm_all_reduce(self, call: FusedCall) -> torch.Tensor:
         (mm,) = call.matmuls
         return _torch_npu().npu_mm_all_reduce_base(
