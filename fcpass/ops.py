@@ -96,7 +96,7 @@ class Plan(NamedTuple):
     decision: guard.Decision
     backend: Backend | None
     pipeline_chunks: int  # fused path: the config's, else the table's; 0: the backend's choice
-    symmetric_memory: bool  # the config's cuda_symmetric_memory
+    symmetric_memory: bool  # the config's cuda_symmetric_memory, unless its workspace could not be reserved
 
 
 # Call signature -> Plan. Validation and the guard read only the inputs' shapes, dtypes and device, the
@@ -129,7 +129,8 @@ def plan(op: str, family: str, call: FusedCall, threshold_tokens: int, config: P
     threshold = _resolve_threshold(threshold_tokens, config, backend, family, facts)
     decision = guard.decide(facts, threshold, limits, config.max_world_size, off_reason)
     chunks = _table_chunks(config, backend, family, facts) if decision.fused else 0
-    return Plan(facts, decision, backend, chunks, config.cuda_symmetric_memory)
+    symmetric_memory = config.cuda_symmetric_memory and (not decision.fused or backend.reserve(family, call))
+    return Plan(facts, decision, backend, chunks, symmetric_memory)
 
 
 def _run(op: str, family: str, x: torch.Tensor, mms: tuple, row_scale: torch.Tensor | None, group_name: str,

@@ -63,6 +63,13 @@ class Backend:
         dtypes, the matmul's kind), or None."""
         return None
 
+    def reserve(self, op: str, call: FusedCall) -> bool:
+        """Reserve what this backend's fused kernel needs for the call, when it is planned (its first call of a
+        signature: vLLM runs every size it captures eagerly first); False: it cannot be had now, and the call
+        takes this backend's other path. Reads rank-equal facts only (every rank plans the same calls in the
+        same order)."""
+        return True
+
     def mm_reduce_scatter(self, call: FusedCall) -> torch.Tensor:
         raise NotImplementedError
 

@@ -6,6 +6,10 @@ memory enabled for the group; whether it is, is a property of the group and
 so the same on every rank. They run only where the config asks for them too
 (``PassConfig.cuda_symmetric_memory``): torch 2.15 reports every GPU group as
 enabled. Otherwise the generic pipeline runs on NCCL.
+Their symmetric-memory workspace (one per group) is sized when a call is
+planned, which vLLM does eagerly for every size before it captures CUDA
+graphs: torch cannot grow it during capture and raises there. A call first
+planned during capture whose workspace is too small takes the pipeline.
 torch's symmetric memory has no fused matmul + all_reduce, so mm_all_reduce
 always runs the generic pipeline (row chunks, each chunk's NCCL all_reduce
 on its stream while the next chunk multiplies).
@@ -13,9 +17,11 @@ on its stream while the next chunk multiplies).
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
-from fcpass.backends.base import MM_ALL_REDUCE, Backend, FusedCall
+from fcpass.backends.base import ALL_GATHER_MM, MM_ALL_REDUCE, Backend, FusedCall
 from fcpass.backends.generic import GenericBackend
 from fcpass.guard import KernelLimits
 from fcpass.matmuls import FLOAT_DTYPES, FP8_DTYPES, fold_bias
@@ -34,6 +40,22 @@ def symm_mem_enabled(group_name: str) -> bool:
     return is_symm_mem_enabled_for_group(group_name)
 
 
+def capturing() -> bool:
+    """Whether the current CUDA stream is capturing a graph."""
+    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+
+
+def symm_mem_workspace_bytes(op: str, call: FusedCall) -> int:
+    """The most workspace torch's fused kernels ask for this call: the all_gather's whole gathered input (its
+    multimem path), two of the reduce_scatter's output shards (its pipelined path)."""
+    rows, k = call.x.shape
+    if op == ALL_GATHER_MM:
+        return rows * call.world_size * k * call.x.element_size()
+    (mm,) = call.matmuls
+    shard_rows = -(-rows // call.world_size)
+    return 2 * shard_rows * mm.n * torch.empty((), dtype=mm.result_dtype).element_size()
+
+
 class CudaBackend(Backend):
     name = "cuda"
     default_threshold_tokens = CUDA_DEFAULT_THRESHOLD
@@ -49,6 +71,23 @@ class CudaBackend(Backend):
 
     def mm_all_reduce(self, call: FusedCall) -> torch.Tensor:
         return self._generic.mm_all_reduce(call)
+
+    def reserve(self, op, call):
+        """The group's symmetric-memory workspace, at least what the kernel of this call asks torch for."""
+        if op == MM_ALL_REDUCE or self._uses_generic(call):
+            return True
+        from torch.distributed._symmetric_memory import get_symm_mem_workspace
+
+        reserve = functools.partial(get_symm_mem_workspace, call.group.group_name,
+                                    min_size=symm_mem_workspace_bytes(op, call))
+        if not capturing():
+            reserve()  # any failure here is an error, never a quiet switch of protocol on one rank
+            return True
+        try:
+            reserve()
+        except RuntimeError:  # it would have to grow during capture, which torch refuses (the same on every rank)
+            return False
+        return True
 
     def _uses_generic(self, call: FusedCall) -> bool:
         """Symmetric memory not asked for by the config, or not on the group, or W8A8 (no int8 kernel)."""
