@@ -32,12 +32,17 @@ def _gpt_neox(hidden, layers, max_positions):
                          initializer_range=INIT, tie_word_embeddings=False)
 
 
-def _opt(hidden, layers, max_positions):
+def _opt(hidden, layers, max_positions, pre_norm=True):
     from transformers import OPTConfig
 
     return OPTConfig(vocab_size=VOCAB, hidden_size=hidden, ffn_dim=2 * hidden, word_embed_proj_dim=hidden,
                      num_attention_heads=hidden // (HIDDEN // HEADS), num_hidden_layers=layers,
-                     max_position_embeddings=max_positions, do_layer_norm_before=True, init_std=INIT)
+                     max_position_embeddings=max_positions, do_layer_norm_before=pre_norm, init_std=INIT)
+
+
+def _opt_post_norm(hidden, layers, max_positions):
+    """OPT-350m's layout: each norm after its residual add (post-norm), none before the first layer."""
+    return _opt(hidden, layers, max_positions, pre_norm=False)
 
 
 def _qwen3_moe(hidden, layers, max_positions):
@@ -52,8 +57,9 @@ def _qwen3_moe(hidden, layers, max_positions):
 
 
 # name -> transformers config of that family: RMSNorm dense, LayerNorm + parallel residual, LayerNorm dense
-# (biases everywhere), RMSNorm MoE
-ARCHITECTURES = {"llama": _llama, "gpt_neox": _gpt_neox, "opt": _opt, "qwen3_moe": _qwen3_moe}
+# (biases everywhere) pre- and post-norm, RMSNorm MoE
+ARCHITECTURES = {"llama": _llama, "gpt_neox": _gpt_neox, "opt": _opt, "opt_post_norm": _opt_post_norm,
+                 "qwen3_moe": _qwen3_moe}
 
 
 def write(path: str, architecture: str = "llama", hidden: int = HIDDEN, layers: int = LAYERS,

@@ -5,7 +5,8 @@ that), compile caches on.
 
 The quick subset (in ``make test``): GPT-NeoX, LayerNorm with its bias and the parallel-residual layout.
 The full matrix (``make engine-matrix``, ``FCPASS_ENGINE_MATRIX=full``): also Llama (RMSNorm, dense), OPT
-(LayerNorm, biases, learned positions every rank looks up alike) and Qwen3-MoE (RMSNorm, MoE MLP).
+(LayerNorm, biases, learned positions every rank looks up alike), OPT with post-norms (OPT-350m's layout)
+and Qwen3-MoE (RMSNorm, MoE MLP).
 
 Expected per worker, from each architecture (2 layers): every all_reduce split (the embedding's and two per
 layer), the reduce_scatters of matmul outputs fused (a dense layer's two row-parallel linears, an MoE layer's
@@ -28,7 +29,7 @@ pytestmark = pytest.mark.e2e
 
 ENGINE_TIMEOUT_S = 480
 # architecture -> (row-parallel matmuls before an all_reduce, matmuls reading a gathered norm) per layer
-LAYER_SHAPES = {"gpt_neox": (2, 2), "llama": (2, 2), "opt": (2, 2), "qwen3_moe": (1, 2)}
+LAYER_SHAPES = {"gpt_neox": (2, 2), "llama": (2, 2), "opt": (2, 2), "opt_post_norm": (2, 2), "qwen3_moe": (1, 2)}
 QUICK = ("gpt_neox",)
 ARCHITECTURES = tuple(LAYER_SHAPES) if os.environ.get("FCPASS_ENGINE_MATRIX") == "full" else QUICK
 
