@@ -193,7 +193,7 @@ def _regions(graph: fx.Graph, candidates: list[AllReduce], norms: frozenset) -> 
             continue
         region = region_of[sharded[0]]
         everywhere = [i for i in inputs if i not in region_of and not _replicated(i)]
-        if not all(_same_rows(fake_value(i), region.all_reduces[0]) and _same_on_every_rank(i) for i in everywhere):
+        if not all(_same_shape(fake_value(i), region.all_reduces[0]) and _same_on_every_rank(i) for i in everywhere):
             continue
         if not all(_same_rows(v, region.all_reduces[0]) for v in _tensors(fake_value(node))):
             continue
@@ -239,8 +239,9 @@ def _replicated(node: fx.Node) -> bool:
 
 
 # What a value every rank computes alike may be made of: lookups and arithmetic on the graph's inputs (token
-# ids and positions are every rank's; replicated tables) and on ranges of the token count. No matmul (a TP linear's output is a shard or a
-# partial sum) and no collective; vLLM's vocab-parallel embedding masks with `where`, not listed.
+# ids and positions are every rank's; replicated tables) and on ranges of the token count. No matmul (a TP
+# linear's output is a shard or a partial sum) and no collective; vLLM's vocab-parallel embedding masks with
+# `where`, not listed.
 _SAME_ON_EVERY_RANK = _ELEMENTWISE | {aten.embedding.default, aten.arange.default, aten.arange.start,
                                      aten.arange.start_step, prims.iota.default}
 _SAME_ON_EVERY_RANK_MAX_NODES = 64
@@ -271,6 +272,11 @@ def _rows(node: fx.Node):
 
 def _same_rows(val, ar: AllReduce) -> bool:
     return val.dim() == 2 and statically_known_true(val.shape[0] == _rows(ar.input))
+
+
+def _same_shape(val, ar: AllReduce) -> bool:
+    """The all_reduced rows' shape: token rows of the full hidden width (a TP shard of columns is narrower)."""
+    return _same_rows(val, ar) and statically_known_true(val.shape[1] == fake_value(ar.input).shape[1])
 
 
 def _gathered(region: _Region) -> dict[fx.Node, list[fx.Node]]:

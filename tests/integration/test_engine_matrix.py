@@ -36,15 +36,14 @@ ARCHITECTURES = tuple(LAYER_SHAPES) if os.environ.get("FCPASS_ENGINE_MATRIX") ==
 
 def expected_report(architecture: str) -> list[tuple]:
     reduced, gathered = LAYER_SHAPES[architecture]
-    splits = 1 + 2 * LAYERS
-    not_a_matmul = 1 + (2 - reduced) * LAYERS  # the embedding's, and an MoE layer's experts' sum
-    moe = [("mm_reduce_scatter", "c10d_functional/<built-in function getitem>+pad", NO_MATMUL_PRODUCER)] * (
-        not_a_matmul - 1)
-    return sorted([("sequence_parallel", "c10d_functional", SPLIT)] * splits
+    experts = (2 - reduced) * LAYERS  # an MoE layer's experts' sum: its reduce_scatter has no matmul before it
+    return sorted([("sequence_parallel", "c10d_functional", SPLIT)] * (1 + 2 * LAYERS)
                   + [("mm_reduce_scatter", "c10d_functional/onednn_mm+pad", FUSED)] * (reduced * LAYERS)
-                  + [("mm_reduce_scatter", "c10d_functional/aten.where.self+pad", NO_MATMUL_PRODUCER)] + moe
+                  + [("mm_reduce_scatter", "c10d_functional/aten.where.self+pad", NO_MATMUL_PRODUCER)]  # embedding
+                  + [("mm_reduce_scatter", "c10d_functional/<built-in function getitem>+pad", NO_MATMUL_PRODUCER)]
+                  * experts
                   + [("all_gather_mm", "c10d_functional/onednn_mm+unpad", FUSED)] * (gathered * LAYERS)
-                  + [("all_gather_mm", "c10d_functional/-", NO_MATMUL_CONSUMER)])
+                  + [("all_gather_mm", "c10d_functional/-", NO_MATMUL_CONSUMER)])  # the final norm's
 
 
 @pytest.fixture(scope="module", params=ARCHITECTURES)

@@ -122,7 +122,8 @@ def run_in_vllm_ascend_compile(rank, world_size):
                 if form == "sequence_parallel" and tokens % world_size:
                     continue  # the model itself scatters without padding
                 x = torch.randn(tokens, FFN, generator=torch.Generator().manual_seed(tokens))
-                forward = ascend.forward(vllm_config, tokens, dp_padded_length) if on_ascend else contextlib.nullcontext()
+                forward = (ascend.forward(vllm_config, tokens, dp_padded_length) if on_ascend
+                           else contextlib.nullcontext())
                 fcpass.reset_decision_counts()
                 with pass_context(compile_range), forward:
                     got = compiled(x)

@@ -96,7 +96,7 @@ def run_ascend_forms(rank, world_size):
                         args = (x, w, b) if name == "rs" else (shard, w1, w2)
                         fcpass.reset_decision_counts()
                         got, want = rewritten(*args), original(*args)
-                    got, want = (got if isinstance(got, tuple) else (got,)), (want if isinstance(want, tuple) else (want,))
+                    got, want = (v if isinstance(v, tuple) else (v,) for v in (got, want))
                     assert all(a.shape == e.shape for a, e in zip(got, want)), (name, tokens, dp_padded_length)
                     result[tokens, dp_padded_length] = {
                         "flash_comm": on, "padded": padded, "rows": want[0].shape[0],

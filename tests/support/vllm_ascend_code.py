@@ -44,7 +44,8 @@ ADDITIONAL_CONFIG = {"enable_flashcomm1": True, "ascend_compilation_config": {fl
 def setup():
     """run_ranks ``setup``: vllm-ascend's source and the torch_npu stand-in importable, vLLM's rank setup."""
     if not (SOURCE / "vllm_ascend" / "__init__.py").is_file():
-        raise RuntimeError(f"vllm-ascend's source is not in {SOURCE}: run `make ascend-src` (python -m devtools.sources)")
+        raise RuntimeError(f"vllm-ascend's source is not in {SOURCE}: run `make ascend-src` "
+                           "(python -m devtools.sources)")
     sys.path[:0] = [str(SOURCE), STANDIN_DIR]
     rank_setup()
 
