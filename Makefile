@@ -129,7 +129,8 @@ test-main: venv ascend-src
 	$(PY) -m pytest -q --durations=12 tests
 
 # The real engine on every model family of tests/integration/test_engine_matrix.py (Llama, GPT-NeoX, OPT pre-
-# and post-norm, Qwen3-MoE), with and without fcpass; `make test` runs its quick subset (GPT-NeoX). ~10 min.
+# and post-norm, Falcon, Qwen3-MoE), with and without fcpass; `make test` runs its quick subset (GPT-NeoX).
+# ~12 min.
 engine-matrix: venv
 	FCPASS_ENGINE_MATRIX=full $(PY) -m pytest -q tests/integration/test_engine_matrix.py
 

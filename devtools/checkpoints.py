@@ -32,6 +32,17 @@ def _gpt_neox(hidden, layers, max_positions):
                          initializer_range=INIT, tie_word_embeddings=False)
 
 
+def _falcon(hidden, layers, max_positions):
+    """Falcon-7B's layout: attention and MLP read one LayerNorm of the layer's input, and their outputs are
+    summed before one all_reduce."""
+    from transformers import FalconConfig
+
+    return FalconConfig(vocab_size=VOCAB, hidden_size=hidden, num_attention_heads=hidden // (HIDDEN // HEADS),
+                        num_hidden_layers=layers, parallel_attn=True, new_decoder_architecture=False,
+                        multi_query=False, bias=False, alibi=False, max_position_embeddings=max_positions,
+                        initializer_range=INIT, tie_word_embeddings=False)
+
+
 def _opt(hidden, layers, max_positions, pre_norm=True):
     from transformers import OPTConfig
 
@@ -57,9 +68,9 @@ def _qwen3_moe(hidden, layers, max_positions):
 
 
 # name -> transformers config of that family: RMSNorm dense, LayerNorm + parallel residual, LayerNorm dense
-# (biases everywhere) pre- and post-norm, RMSNorm MoE
-ARCHITECTURES = {"llama": _llama, "gpt_neox": _gpt_neox, "opt": _opt, "opt_post_norm": _opt_post_norm,
-                 "qwen3_moe": _qwen3_moe}
+# (biases everywhere) pre- and post-norm, RMSNorm MoE; Falcon: one norm and one all_reduce for attention + MLP
+ARCHITECTURES = {"llama": _llama, "gpt_neox": _gpt_neox, "falcon": _falcon, "opt": _opt,
+                 "opt_post_norm": _opt_post_norm, "qwen3_moe": _qwen3_moe}
 
 
 def write(path: str, architecture: str = "llama", hidden: int = HIDDEN, layers: int = LAYERS,

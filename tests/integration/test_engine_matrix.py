@@ -5,17 +5,19 @@ that), compile caches on.
 
 The quick subset (in ``make test``): GPT-NeoX, LayerNorm with its bias and the parallel-residual layout.
 The full matrix (``make engine-matrix``, ``FCPASS_ENGINE_MATRIX=full``): also Llama (RMSNorm, dense), OPT
-(LayerNorm, biases, learned positions every rank looks up alike), OPT with post-norms (OPT-350m's layout)
-and Qwen3-MoE (RMSNorm, MoE MLP).
+(LayerNorm, biases, learned positions every rank looks up alike), OPT with post-norms (OPT-350m's layout),
+Falcon (one LayerNorm for attention and MLP, their outputs summed before one all_reduce) and Qwen3-MoE
+(RMSNorm, MoE MLP).
 
-Expected per worker, from each architecture (2 layers): every all_reduce split (the embedding's and two per
-layer), the reduce_scatters of matmul outputs fused (a dense layer's two row-parallel linears, an MoE layer's
-attention output only: its experts' sum is no matmul), the all_gathers read by matmuls fused (the qkv and the
-MLP's up / router projections); the embedding's scatter has no matmul before it, the final norm's gather none
-after. Same greedy tokens as without fcpass.
+Expected per worker, from each architecture (2 layers, :class:`Layer`): every all_reduce split (the
+embedding's and each layer's), the reduce_scatters of matmul outputs fused (a dense layer's two row-parallel
+linears; an MoE layer's attention output only: its experts' sum is no matmul; none in Falcon's, whose one
+scatter follows the sum of two), the all_gathers read by matmuls fused; the embedding's scatter has no matmul
+before it, the final norm's gather none after. Same greedy tokens as without fcpass.
 """
 
 import os
+from dataclasses import dataclass
 
 import pytest
 
@@ -28,21 +30,35 @@ from support.engine_expectations import FCPASS, THRESHOLD, sorted_rows
 pytestmark = pytest.mark.e2e
 
 ENGINE_TIMEOUT_S = 480
-# architecture -> (row-parallel matmuls before an all_reduce, matmuls reading a gathered norm) per layer
-LAYER_SHAPES = {"gpt_neox": (2, 2), "llama": (2, 2), "opt": (2, 2), "opt_post_norm": (2, 2), "qwen3_moe": (1, 2)}
+@dataclass(frozen=True)
+class Layer:
+    """One decoder layer as fcpass sees it: its all_reduces, the reduce_scatters fused (a matmul before them),
+    what is before the others, and the gathers fused (matmuls read them)."""
+
+    all_reduces: int = 2
+    scatters_fused: int = 2
+    gathers_fused: int = 2  # qkv, and the MLP's up (or the router) projection
+    not_a_matmul: str = ""  # the form of a scatter with no matmul before it
+
+
+LAYER_SHAPES = {
+    "gpt_neox": Layer(), "llama": Layer(), "opt": Layer(), "opt_post_norm": Layer(),
+    "qwen3_moe": Layer(scatters_fused=1, not_a_matmul="<built-in function getitem>"),  # the experts' sum
+    # one norm read by attention and MLP (one gather into both), their outputs summed before one all_reduce
+    "falcon": Layer(all_reduces=1, scatters_fused=0, gathers_fused=1, not_a_matmul="aten.add.Tensor"),
+}
 QUICK = ("gpt_neox",)
 ARCHITECTURES = tuple(LAYER_SHAPES) if os.environ.get("FCPASS_ENGINE_MATRIX") == "full" else QUICK
 
 
 def expected_report(architecture: str) -> list[tuple]:
-    reduced, gathered = LAYER_SHAPES[architecture]
-    experts = (2 - reduced) * LAYERS  # an MoE layer's experts' sum: its reduce_scatter has no matmul before it
-    return sorted([("sequence_parallel", "c10d_functional", SPLIT)] * (1 + 2 * LAYERS)
-                  + [("mm_reduce_scatter", "c10d_functional/onednn_mm+pad", FUSED)] * (reduced * LAYERS)
+    layer = LAYER_SHAPES[architecture]
+    others = (layer.all_reduces - layer.scatters_fused) * LAYERS
+    return sorted([("sequence_parallel", "c10d_functional", SPLIT)] * (1 + layer.all_reduces * LAYERS)
+                  + [("mm_reduce_scatter", "c10d_functional/onednn_mm+pad", FUSED)] * (layer.scatters_fused * LAYERS)
                   + [("mm_reduce_scatter", "c10d_functional/aten.where.self+pad", NO_MATMUL_PRODUCER)]  # embedding
-                  + [("mm_reduce_scatter", "c10d_functional/<built-in function getitem>+pad", NO_MATMUL_PRODUCER)]
-                  * experts
-                  + [("all_gather_mm", "c10d_functional/onednn_mm+unpad", FUSED)] * (gathered * LAYERS)
+                  + [("mm_reduce_scatter", f"c10d_functional/{layer.not_a_matmul}+pad", NO_MATMUL_PRODUCER)] * others
+                  + [("all_gather_mm", "c10d_functional/onednn_mm+unpad", FUSED)] * (layer.gathers_fused * LAYERS)
                   + [("all_gather_mm", "c10d_functional/-", NO_MATMUL_CONSUMER)])  # the final norm's
 
 
@@ -70,8 +86,9 @@ def test_every_all_reduce_is_split_and_the_matmuls_beside_them_fused(runs):
 
 def test_prefills_above_the_threshold_take_the_fused_path(runs):
     architecture, result = runs
-    reduced, gathered = LAYER_SHAPES[architecture]
+    layer = LAYER_SHAPES[architecture]
     for length, per_worker in zip(PROMPT_LENGTHS, result["fcpass"]["decisions"]):
         path = "fused" if length > THRESHOLD else "unfused"
-        assert per_worker == [{f"mm_reduce_scatter_onednn/{path}": reduced * LAYERS,
-                               f"all_gather_onednn_mm/{path}": gathered * LAYERS}] * 2, (length, per_worker)
+        counts = {f"mm_reduce_scatter_onednn/{path}": layer.scatters_fused * LAYERS,
+                  f"all_gather_onednn_mm/{path}": layer.gathers_fused * LAYERS}
+        assert per_worker == [{op: n for op, n in counts.items() if n}] * 2, (length, per_worker)
