@@ -4,8 +4,8 @@ Its source comes from the sdist (devtools/sources.py, ``make ascend-src``); torc
 (tests/standins/npu), importable only, never ``install()``ed: no "npu" device, the ranks are CPU ones. Two
 things of vllm-ascend cannot run here, and only these are worked around:
 
-- ``vllm_ascend/ops/__init__.py`` imports its fused-MoE layer, which needs vLLM 0.23's ``FusedMoE`` (gone in
-  vLLM 0.31): the ``vllm_ascend.ops`` package is entered without running that file (every module in it is the
+- ``vllm_ascend/ops/__init__.py`` imports its fused-MoE layer, which imports a vLLM ``FusedMoE`` that vLLM
+  0.31 no longer has: the ``vllm_ascend.ops`` package is entered without running that file (every module in it is the
   real one), and the one MoE name its forward context reads, ``moe_comm_method.get_moe_comm_method``,
   answers None (a dense model has no MoE method);
 - its ops register kernels for PrivateUse1 (NPU) only: the same Python functions of its
