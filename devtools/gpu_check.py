@@ -24,7 +24,6 @@ import sys
 from devtools import kernel_check
 from devtools.kernel_check import table, torch
 
-THRESHOLD = 1024  # the CUDA backend's default
 NEEDS_A_GPU = ("the CUDA backend (symmetric memory, the NCCL pipeline), CUDA tensors", "CUDA-graph capture",
                "2 ranks over NCCL")
 

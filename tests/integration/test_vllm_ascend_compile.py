@@ -18,6 +18,7 @@ run in vllm-ascend's own forward context, which switches FlashComm per forward.
 import pytest
 import torch
 
+from fcpass.matmuls import SCALAR_TYPE_NUMBERS
 from support import vllm_ascend_code as ascend
 from support.multirank import shared
 
@@ -27,7 +28,7 @@ TOKENS = (8, 64, 63)  # at or below the threshold, above it, and a count world_s
 # on with DP padding (tokens, DP padded length)
 ASCEND_RUNS = ((7, None), (700, None), (1001, None), (2048, None), (2047, 2052))
 HIDDEN, FFN = 32, 48
-BF16_SCALAR_TYPE = 15  # torch-npu's output_dtype argument is a c10 ScalarType number
+BF16_SCALAR_TYPE = SCALAR_TYPE_NUMBERS[torch.bfloat16]  # torch-npu's output_dtype: a c10 ScalarType number
 
 
 def ascend_compile_setup():
