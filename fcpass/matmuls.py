@@ -21,6 +21,16 @@ SCALAR_TYPE_NUMBERS = {torch.uint8: 0, torch.int8: 1, torch.int16: 2, torch.int3
 FP8_DTYPES = frozenset({torch.float8_e4m3fn, torch.float8_e5m2})
 QUANT_OUT_DTYPES = frozenset({torch.float16, torch.bfloat16, torch.float32})
 
+# The matmul ops a site may have had (passes/matmuls.py matches them; their names are the report's forms).
+# ``y = x @ weight.T + bias`` ops take the weight as stored, (n, k): called with the fused op's (k, n) weight
+# transposed back, which is the stored weight's own view.
+LINEAR_OPS = {
+    "linear": lambda: torch.ops.aten.linear.default,
+    "unquantized_gemm": lambda: torch.ops.vllm.unquantized_gemm.default,
+    "rocm_unquantized_gemm": lambda: torch.ops.vllm.rocm_unquantized_gemm.default,
+}
+MATMUL_FORMS = ("mm", "addmm", *LINEAR_OPS, "scaled_mm", "npu_quant_matmul", "onednn_mm")
+
 
 # Not frozen: built on every op call, where a frozen dataclass's __init__ costs ~0.7 us more than a slotted one.
 # Never assigned after construction (padding builds a new one with dataclasses.replace).
@@ -34,6 +44,11 @@ class Matmul:
     fp8 (CUDA ``_scaled_mm``): ``(x @ w) * x_scale * w_scale + bias``.
     A per-token ``x_scale`` (m, 1) travels with the rows, so it is passed to
     ``__call__`` instead of stored.
+
+    ``form``: the matmul op the site had (``fcpass.sites``), which ``__call__``
+    runs, so the unfused path computes what the graph did with the graph's
+    own op (a linear op, vLLM's or vllm-ascend's GEMM op, torch_npu's quant
+    matmul); "" (an eager call) or "mm"/"addmm"/"scaled_mm": aten's.
     """
 
     w: torch.Tensor
@@ -41,6 +56,7 @@ class Matmul:
     w_scale: torch.Tensor | None = None
     x_scale: torch.Tensor | None = None  # per-tensor only
     out_dtype: torch.dtype | None = None
+    form: str = ""
 
     @property
     def scaled(self) -> bool:
@@ -66,8 +82,14 @@ class Matmul:
                 tensor_signature(self.x_scale), self.out_dtype)
 
     def __call__(self, x: torch.Tensor, row_scale: torch.Tensor | None = None) -> torch.Tensor:
+        linear = LINEAR_OPS.get(self.form)
+        if linear is not None:
+            return linear()(x, self.w.t(), self.bias)
         if not self.scaled:
             return torch.mm(x, self.w) if self.bias is None else torch.addmm(self.bias, x, self.w)
+        if self.form == "npu_quant_matmul":  # as the graph called it: the dequant scale, no per-token one
+            return torch.ops.npu.npu_quant_matmul(x, self.w, self.w_scale, bias=self.bias,
+                                                  output_dtype=SCALAR_TYPE_NUMBERS[self.out_dtype])
         x_scale = row_scale if row_scale is not None else self.x_scale
         if x.dtype == torch.int8 and x.device.type == "npu":
             return npu_w8a8(x, self, row_scale)

@@ -20,9 +20,11 @@ for every token count and never recompiles over the fused/unfused choice:
         CPU oneDNN matmul, whose weight exists only inside its handler:
         (x, handler, n, bias, ...) in place of (x, w, bias, ...).
 
-``flash_comm=True`` (the last argument of the reduce_scatter and all_gather
-ops): the site was one of vllm-ascend's FlashComm v1 collectives, which it
-switches per forward; see :func:`_run`.
+``site`` (the last argument of every op): the collective and matmul ops the
+graph had at the site (:mod:`fcpass.sites`), which the unfused path runs, so
+that below the threshold the op does exactly what the graph did; "" (an eager
+call) is the functional collectives and aten's matmuls. A vllm-ascend
+FlashComm v1 site is switched per forward by vllm-ascend; see :func:`_run`.
 
 ``threshold_tokens < 0`` means "the config's": its threshold_tokens, else
 its threshold table's bucket, else the backend's default.
@@ -47,7 +49,7 @@ from typing import NamedTuple
 
 import torch
 
-from fcpass import comm, guard, oplib, validate
+from fcpass import guard, oplib, sites, validate
 from fcpass.backends import select_backend
 from fcpass.backends.base import ALL_GATHER_MM, MM_ALL_REDUCE, MM_REDUCE_SCATTER, Backend, FusedCall
 from fcpass.config import PassConfig
@@ -134,26 +136,27 @@ def plan(op: str, family: str, call: FusedCall, threshold_tokens: int, config: P
 
 
 def _run(op: str, family: str, x: torch.Tensor, mms: tuple, row_scale: torch.Tensor | None, group_name: str,
-         world_size: int | None, threshold_tokens: int, pad_rows: int, config: str, flash_comm: bool = False):
+         world_size: int | None, threshold_tokens: int, pad_rows: int, config: str, site: sites.Site):
     """An op's body: validate and plan on a signature's first call, then record the decision and run its path.
 
     ``world_size`` None: the group's (mm_all_reduce takes none, no shape depending on it).
 
-    ``flash_comm``: the op replaced one of vllm-ascend's FlashComm v1 collectives, which vllm-ascend switches
-    per forward (a rank-equal choice from the token count); it computes what that collective does in this
-    forward (:func:`_as_flash_comm_runs`): with FlashComm off, the all_reduce of the matmul (a matmul ->
-    all_reduce site, planned as one) in place of pad + reduce_scatter, the local rows in place of the gather.
+    ``site``: the ops the graph had (:mod:`fcpass.sites`); the unfused path runs them. A vllm-ascend FlashComm
+    v1 site is switched per forward by vllm-ascend (a rank-equal choice from the token count): the fused path
+    is planned as that collective runs in this forward (:func:`_as_flash_comm_runs`: with FlashComm off a
+    matmul -> all_reduce site, and a gather that keeps the local rows, which is vllm-ascend's own op).
     """
-    if flash_comm:
+    traced_family = family
+    if site.collective == sites.VLLM_ASCEND:
         family, world_size, pad_rows, local = _as_flash_comm_runs(family, world_size, pad_rows)
         if local:
-            return x.clone(), [mm(x) for mm in mms]  # an op returns new tensors, never its input
+            return _unfused(traced_family, site, x, mms, row_scale, world_size, group_name, pad_rows)
     group = None
     if world_size is None:
         group = resolve_group(group_name)  # by name on every call: a name can outlive its group
         world_size = group.size()
     key = (op, family, x.shape, x.dtype, x.device, tensor_signature(row_scale), group_name, world_size,
-           threshold_tokens, pad_rows, config, *[mm.signature() for mm in mms])
+           threshold_tokens, pad_rows, config, site, *[mm.signature() for mm in mms])
     planned = _plans.get(key)
     if planned is None:
         if family == MM_REDUCE_SCATTER:
@@ -176,15 +179,15 @@ def _run(op: str, family: str, x: torch.Tensor, mms: tuple, row_scale: torch.Ten
             _plans.clear()
         _plans[key] = planned
     guard.record(planned.facts, planned.decision)
+    if not planned.decision.fused:
+        return _unfused(traced_family, site, x, mms, row_scale, world_size, group_name, pad_rows)
     if planned.pipeline_chunks or planned.symmetric_memory:
         call = call._replace(pipeline_chunks=planned.pipeline_chunks, symmetric_memory=planned.symmetric_memory)
     if family == MM_REDUCE_SCATTER:
-        if planned.decision.fused:
-            return planned.backend.mm_reduce_scatter(with_zero_rows(call))
-        return unfused_mm_reduce_scatter(call)
+        return planned.backend.mm_reduce_scatter(with_zero_rows(call))
     if family == MM_ALL_REDUCE:
-        return planned.backend.mm_all_reduce(call) if planned.decision.fused else unfused_mm_all_reduce(call)
-    return planned.backend.all_gather_mm(call) if planned.decision.fused else unfused_all_gather_mm(call)
+        return planned.backend.mm_all_reduce(call)
+    return planned.backend.all_gather_mm(call)
 
 
 def _as_flash_comm_runs(family: str, world_size: int | None, pad_rows: int):
@@ -199,6 +202,35 @@ def _as_flash_comm_runs(family: str, world_size: int | None, pad_rows: int):
     if not enabled:
         return (MM_ALL_REDUCE, None, 0, False) if family == MM_REDUCE_SCATTER else (family, world_size, 0, True)
     return family, world_size, pad_size if family == MM_REDUCE_SCATTER else pad_rows, False
+
+
+def _unfused(family: str, site: sites.Site, x: torch.Tensor, mms: tuple, row_scale: torch.Tensor | None,
+             world_size: int | None, group_name: str, pad_rows: int):
+    """What the graph did at the site: its own matmul op(s) and its own collective op, with its arguments.
+
+    ``family`` is the traced one (a vllm-ascend scatter stays a scatter: its op decides what it does).
+    """
+    if family == ALL_GATHER_MM:
+        return _unfused_all_gather_mm(site, x, mms, world_size, group_name)
+    (mm,) = mms
+    product = mm(x, row_scale)
+    if family == MM_ALL_REDUCE:
+        return sites.all_reduce(site, product, group_name)
+    if pad_rows and site.collective != sites.VLLM_ASCEND:  # vllm-ascend's op pads by its own pad_size
+        product = append_zero_rows(product, pad_rows)
+    return sites.reduce_scatter(site, product, world_size, group_name)
+
+
+def _unfused_all_gather_mm(site: sites.Site, x: torch.Tensor, mms: tuple, world_size: int | None, group_name: str):
+    gathered = sites.all_gather(site, x, world_size, group_name)
+    if gathered is x:  # vllm-ascend with FlashComm off: its op keeps the local rows; an op returns new tensors
+        gathered = x.clone()
+    outs = [mm(gathered) for mm in mms]
+    if site.collective == sites.VLLM_ASCEND:  # its op dropped its pad rows: put back what drop_token_padding drops
+        missing = x.shape[0] * world_size - gathered.shape[0]
+        if 0 < missing == state.ascend_pad_size():
+            gathered, outs = append_zero_rows(gathered, missing), [append_zero_rows(out, missing) for out in outs]
+    return gathered, outs
 
 
 def never_fused(family: str, device: torch.device, config: PassConfig) -> str | None:
@@ -255,30 +287,6 @@ def _table_entry(config: PassConfig, backend: Backend, family: str, facts: guard
     return table.lookup(backend.name, family, facts.world_size, facts.dtype, facts.k, facts.n)
 
 
-def unfused_mm_reduce_scatter(call: FusedCall) -> torch.Tensor:
-    (mm,) = call.matmuls
-    product = mm(call.x, call.row_scale)
-    if call.pad_rows:
-        product = append_zero_rows(product, call.pad_rows)
-    out = product.new_empty((product.shape[0] // call.world_size, product.shape[1]))
-    comm.reduce_scatter_rows(out, product, call.group)
-    return out
-
-
-def unfused_mm_all_reduce(call: FusedCall) -> torch.Tensor:
-    (mm,) = call.matmuls
-    product = mm(call.x, call.row_scale)
-    comm.all_reduce_rows(product, call.group)
-    return product
-
-
-def unfused_all_gather_mm(call: FusedCall) -> tuple[torch.Tensor, list[torch.Tensor]]:
-    x = call.x
-    gathered = x.new_empty((x.shape[0] * call.world_size, x.shape[1]))
-    comm.all_gather_rows(gathered, x, call.group)
-    return gathered, [mm(gathered) for mm in call.matmuls]
-
-
 # --------------------------------------------------------------------------
 # Op bodies: build the Matmul(s), then _run (validate and plan once per signature, run). The fake impls run the
 # same validation and return shapes only.
@@ -312,6 +320,14 @@ def _zip_lists(op, ws, others, what):
     return zip(ws, others)
 
 
+def _site_of(op: str, text: str, num_matmuls: int) -> sites.Site:
+    site = sites.parse(op, text)
+    if site.matmuls and len(site.matmuls) != num_matmuls:
+        raise validate.FusedOpInputError(
+            f"fcpass::{op}: site {text!r} names {len(site.matmuls)} matmul forms for {num_matmuls} matmuls")
+    return site
+
+
 def _split_x_scale(x_scale):
     """A per-tensor scale (0-d or (1,)) stays on the Matmul; a per-token (m, 1) one travels with the rows.
 
@@ -322,26 +338,28 @@ def _split_x_scale(x_scale):
     return None, x_scale
 
 
-def _scaled_row_matmul(w, x_scale, w_scale, bias, out_dtype):
+def _scaled_row_matmul(w, x_scale, w_scale, bias, out_dtype, form=""):
     """A row-parallel op's scaled Matmul, and the per-token scale that travels with the rows (or None)."""
     per_tensor, per_token = _split_x_scale(x_scale)
-    return Matmul(w, bias, w_scale=w_scale, x_scale=per_tensor, out_dtype=out_dtype), per_token
+    return Matmul(w, bias, w_scale=w_scale, x_scale=per_tensor, out_dtype=out_dtype, form=form), per_token
 
 
 @oplib.define("mm_reduce_scatter")
 def mm_reduce_scatter(
     x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None,
     group_name: str, world_size: int, threshold_tokens: int, pad_rows: int = 0, config: str = "",
-    flash_comm: bool = False,
+    site: str = "",
 ) -> torch.Tensor:
+    at = _site_of("mm_reduce_scatter", site, 1)
     return _run(
-        "mm_reduce_scatter", MM_REDUCE_SCATTER, x, (Matmul(w, bias),), None,
-        group_name, world_size, threshold_tokens, pad_rows, config, flash_comm
+        "mm_reduce_scatter", MM_REDUCE_SCATTER, x, (Matmul(w, bias, form=at.matmul(0)),), None,
+        group_name, world_size, threshold_tokens, pad_rows, config, at
     )
 
 
 @oplib.fake("mm_reduce_scatter")
-def _(x, w, bias, group_name, world_size, threshold_tokens, pad_rows=0, config="", flash_comm=False):
+def _(x, w, bias, group_name, world_size, threshold_tokens, pad_rows=0, config="", site=""):
+    _site_of("mm_reduce_scatter", site, 1)
     _check_rs("mm_reduce_scatter", x, Matmul(w, bias), None, world_size, pad_rows)
     return x.new_empty(((x.shape[0] + pad_rows) // world_size, w.shape[1]))
 
@@ -351,45 +369,51 @@ def mm_reduce_scatter_scaled(
     x: torch.Tensor, w: torch.Tensor, x_scale: torch.Tensor | None, w_scale: torch.Tensor,
     bias: torch.Tensor | None, out_dtype: torch.dtype,
     group_name: str, world_size: int, threshold_tokens: int, pad_rows: int = 0, config: str = "",
-    flash_comm: bool = False,
+    site: str = "",
 ) -> torch.Tensor:
-    mm, per_token = _scaled_row_matmul(w, x_scale, w_scale, bias, out_dtype)
+    at = _site_of("mm_reduce_scatter_scaled", site, 1)
+    mm, per_token = _scaled_row_matmul(w, x_scale, w_scale, bias, out_dtype, at.matmul(0))
     return _run(
         "mm_reduce_scatter_scaled", MM_REDUCE_SCATTER, x, (mm,), per_token,
-        group_name, world_size, threshold_tokens, pad_rows, config, flash_comm
+        group_name, world_size, threshold_tokens, pad_rows, config, at
     )
 
 
 @oplib.fake("mm_reduce_scatter_scaled")
 def _(x, w, x_scale, w_scale, bias, out_dtype, group_name, world_size, threshold_tokens, pad_rows=0, config="",
-      flash_comm=False):
+      site=""):
+    _site_of("mm_reduce_scatter_scaled", site, 1)
     mm, per_token = _scaled_row_matmul(w, x_scale, w_scale, bias, out_dtype)
     _check_rs("mm_reduce_scatter_scaled", x, mm, per_token, world_size, pad_rows)
     return x.new_empty(((x.shape[0] + pad_rows) // world_size, w.shape[1]), dtype=out_dtype)
 
 
-@oplib.define("all_gather_mm")
-def all_gather_mm(
-    x: torch.Tensor, ws: Sequence[torch.Tensor], biases: Sequence[torch.Tensor | None],
-    group_name: str, world_size: int, threshold_tokens: int, config: str = "", flash_comm: bool = False,
-) -> tuple[torch.Tensor, list[torch.Tensor]]:
-    mms = [Matmul(w, b) for w, b in _zip_lists("all_gather_mm", ws, biases, "biases")]
-    gathered, outs = _run(
-        "all_gather_mm", ALL_GATHER_MM, x, tuple(mms), None, group_name, world_size, threshold_tokens, 0, config,
-        flash_comm
-    )
+def _gather_run(op, x, mms, group_name, world_size, threshold_tokens, config, site):
+    gathered, outs = _run(op, ALL_GATHER_MM, x, tuple(mms), None, group_name, world_size, threshold_tokens, 0,
+                          config, site)
     return gathered, list(outs)
 
 
+@oplib.define("all_gather_mm")
+def all_gather_mm(
+    x: torch.Tensor, ws: Sequence[torch.Tensor], biases: Sequence[torch.Tensor | None],
+    group_name: str, world_size: int, threshold_tokens: int, config: str = "", site: str = "",
+) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    at = _site_of("all_gather_mm", site, len(ws))
+    mms = [Matmul(w, b, form=at.matmul(i)) for i, (w, b) in enumerate(_zip_lists("all_gather_mm", ws, biases, "biases"))]
+    return _gather_run("all_gather_mm", x, mms, group_name, world_size, threshold_tokens, config, at)
+
+
 @oplib.fake("all_gather_mm")
-def _(x, ws, biases, group_name, world_size, threshold_tokens, config="", flash_comm=False):
+def _(x, ws, biases, group_name, world_size, threshold_tokens, config="", site=""):
+    _site_of("all_gather_mm", site, len(ws))
     mms = [Matmul(w, b) for w, b in _zip_lists("all_gather_mm", ws, biases, "biases")]
     _check_ag("all_gather_mm", x, mms, world_size)
     rows = x.shape[0] * world_size
     return x.new_empty((rows, x.shape[1])), [x.new_empty((rows, w.shape[1])) for w in ws]
 
 
-def _scaled_matmuls(op, ws, w_scales, biases, x_scale, out_dtype):
+def _scaled_matmuls(op, ws, w_scales, biases, x_scale, out_dtype, site=sites.EAGER):
     if x_scale is not None and x_scale.dim() >= 2:
         raise validate.FusedOpInputError(
             f"fcpass::{op}: x_scale must be per-tensor (the gathered rows share it); "
@@ -397,8 +421,8 @@ def _scaled_matmuls(op, ws, w_scales, biases, x_scale, out_dtype):
         )
     _zip_lists(op, ws, w_scales, "w_scales")
     return [
-        Matmul(w, b, w_scale=w_scale, x_scale=x_scale, out_dtype=out_dtype)
-        for (w, b), w_scale in zip(_zip_lists(op, ws, biases, "biases"), w_scales)
+        Matmul(w, b, w_scale=w_scale, x_scale=x_scale, out_dtype=out_dtype, form=site.matmul(i))
+        for i, ((w, b), w_scale) in enumerate(zip(_zip_lists(op, ws, biases, "biases"), w_scales))
     ]
 
 
@@ -406,19 +430,17 @@ def _scaled_matmuls(op, ws, w_scales, biases, x_scale, out_dtype):
 def all_gather_scaled_mm(
     x: torch.Tensor, x_scale: torch.Tensor | None, ws: Sequence[torch.Tensor],
     w_scales: Sequence[torch.Tensor], biases: Sequence[torch.Tensor | None], out_dtype: torch.dtype,
-    group_name: str, world_size: int, threshold_tokens: int, config: str = "", flash_comm: bool = False,
+    group_name: str, world_size: int, threshold_tokens: int, config: str = "", site: str = "",
 ) -> tuple[torch.Tensor, list[torch.Tensor]]:
-    mms = _scaled_matmuls("all_gather_scaled_mm", ws, w_scales, biases, x_scale, out_dtype)
-    gathered, outs = _run(
-        "all_gather_scaled_mm", ALL_GATHER_MM, x, tuple(mms), None, group_name, world_size, threshold_tokens, 0, config,
-        flash_comm
-    )
-    return gathered, list(outs)
+    at = _site_of("all_gather_scaled_mm", site, len(ws))
+    mms = _scaled_matmuls("all_gather_scaled_mm", ws, w_scales, biases, x_scale, out_dtype, at)
+    return _gather_run("all_gather_scaled_mm", x, mms, group_name, world_size, threshold_tokens, config, at)
 
 
 @oplib.fake("all_gather_scaled_mm")
 def _(x, x_scale, ws, w_scales, biases, out_dtype, group_name, world_size, threshold_tokens, config="",
-      flash_comm=False):
+      site=""):
+    _site_of("all_gather_scaled_mm", site, len(ws))
     mms = _scaled_matmuls("all_gather_scaled_mm", ws, w_scales, biases, x_scale, out_dtype)
     _check_ag("all_gather_scaled_mm", x, mms, world_size)
     rows = x.shape[0] * world_size
@@ -429,17 +451,18 @@ def _(x, x_scale, ws, w_scales, biases, out_dtype, group_name, world_size, thres
 def mm_reduce_scatter_onednn(
     x: torch.Tensor, handler: torch.Tensor, n: int, bias: torch.Tensor | None,
     group_name: str, world_size: int, threshold_tokens: int, pad_rows: int = 0, config: str = "",
-    flash_comm: bool = False,
+    site: str = "",
 ) -> torch.Tensor:
     mm = OneDNNMatmul(handler, n, x.dtype, bias)
     return _run(
         "mm_reduce_scatter_onednn", MM_REDUCE_SCATTER, x, (mm,), None,
-        group_name, world_size, threshold_tokens, pad_rows, config, flash_comm
+        group_name, world_size, threshold_tokens, pad_rows, config, _site_of("mm_reduce_scatter_onednn", site, 1)
     )
 
 
 @oplib.fake("mm_reduce_scatter_onednn")
-def _(x, handler, n, bias, group_name, world_size, threshold_tokens, pad_rows=0, config="", flash_comm=False):
+def _(x, handler, n, bias, group_name, world_size, threshold_tokens, pad_rows=0, config="", site=""):
+    _site_of("mm_reduce_scatter_onednn", site, 1)
     mm = OneDNNMatmul(handler, n, x.dtype, bias)
     _check_rs("mm_reduce_scatter_onednn", x, mm, None, world_size, pad_rows)
     return x.new_empty(((x.shape[0] + pad_rows) // world_size, n))
@@ -453,19 +476,17 @@ def _onednn_matmuls(op, x, handlers, ns, biases):
 @oplib.define("all_gather_onednn_mm")
 def all_gather_onednn_mm(
     x: torch.Tensor, handlers: Sequence[torch.Tensor], ns: Sequence[int], biases: Sequence[torch.Tensor | None],
-    group_name: str, world_size: int, threshold_tokens: int, config: str = "", flash_comm: bool = False,
+    group_name: str, world_size: int, threshold_tokens: int, config: str = "", site: str = "",
 ) -> tuple[torch.Tensor, list[torch.Tensor]]:
     mms = _onednn_matmuls("all_gather_onednn_mm", x, handlers, ns, biases)
-    gathered, outs = _run(
-        "all_gather_onednn_mm", ALL_GATHER_MM, x, tuple(mms), None, group_name, world_size, threshold_tokens, 0, config,
-        flash_comm
-    )
-    return gathered, list(outs)
+    at = _site_of("all_gather_onednn_mm", site, len(mms))
+    return _gather_run("all_gather_onednn_mm", x, mms, group_name, world_size, threshold_tokens, config, at)
 
 
 @oplib.fake("all_gather_onednn_mm")
-def _(x, handlers, ns, biases, group_name, world_size, threshold_tokens, config="", flash_comm=False):
+def _(x, handlers, ns, biases, group_name, world_size, threshold_tokens, config="", site=""):
     mms = _onednn_matmuls("all_gather_onednn_mm", x, handlers, ns, biases)
+    _site_of("all_gather_onednn_mm", site, len(mms))
     _check_ag("all_gather_onednn_mm", x, mms, world_size)
     rows = x.shape[0] * world_size
     return x.new_empty((rows, x.shape[1])), [x.new_empty((rows, n)) for n in ns]
@@ -475,8 +496,9 @@ def _(x, handlers, ns, biases, group_name, world_size, threshold_tokens, config=
 # argument: the group's size is read when the op is called (rank-equal, like the name it is read from).
 
 
-def _all_reduce(op: str, x, mm, row_scale, group_name: str, threshold_tokens: int, config: str) -> torch.Tensor:
-    return _run(op, MM_ALL_REDUCE, x, (mm,), row_scale, group_name, None, threshold_tokens, 0, config)
+def _all_reduce(op: str, x, mm, row_scale, group_name: str, threshold_tokens: int, config: str,
+                site: sites.Site) -> torch.Tensor:
+    return _run(op, MM_ALL_REDUCE, x, (mm,), row_scale, group_name, None, threshold_tokens, 0, config, site)
 
 
 def _check_ar_trace(op, x, mm, row_scale) -> None:
@@ -488,13 +510,16 @@ def _check_ar_trace(op, x, mm, row_scale) -> None:
 @oplib.define("mm_all_reduce")
 def mm_all_reduce(
     x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, group_name: str, threshold_tokens: int,
-    config: str = "",
+    config: str = "", site: str = "",
 ) -> torch.Tensor:
-    return _all_reduce("mm_all_reduce", x, Matmul(w, bias), None, group_name, threshold_tokens, config)
+    at = _site_of("mm_all_reduce", site, 1)
+    return _all_reduce("mm_all_reduce", x, Matmul(w, bias, form=at.matmul(0)), None, group_name, threshold_tokens,
+                       config, at)
 
 
 @oplib.fake("mm_all_reduce")
-def _(x, w, bias, group_name, threshold_tokens, config=""):
+def _(x, w, bias, group_name, threshold_tokens, config="", site=""):
+    _site_of("mm_all_reduce", site, 1)
     _check_ar_trace("mm_all_reduce", x, Matmul(w, bias), None)
     return x.new_empty((x.shape[0], w.shape[1]))
 
@@ -503,13 +528,16 @@ def _(x, w, bias, group_name, threshold_tokens, config=""):
 def mm_all_reduce_scaled(
     x: torch.Tensor, w: torch.Tensor, x_scale: torch.Tensor | None, w_scale: torch.Tensor,
     bias: torch.Tensor | None, out_dtype: torch.dtype, group_name: str, threshold_tokens: int, config: str = "",
+    site: str = "",
 ) -> torch.Tensor:
-    mm, per_token = _scaled_row_matmul(w, x_scale, w_scale, bias, out_dtype)
-    return _all_reduce("mm_all_reduce_scaled", x, mm, per_token, group_name, threshold_tokens, config)
+    at = _site_of("mm_all_reduce_scaled", site, 1)
+    mm, per_token = _scaled_row_matmul(w, x_scale, w_scale, bias, out_dtype, at.matmul(0))
+    return _all_reduce("mm_all_reduce_scaled", x, mm, per_token, group_name, threshold_tokens, config, at)
 
 
 @oplib.fake("mm_all_reduce_scaled")
-def _(x, w, x_scale, w_scale, bias, out_dtype, group_name, threshold_tokens, config=""):
+def _(x, w, x_scale, w_scale, bias, out_dtype, group_name, threshold_tokens, config="", site=""):
+    _site_of("mm_all_reduce_scaled", site, 1)
     mm, per_token = _scaled_row_matmul(w, x_scale, w_scale, bias, out_dtype)
     _check_ar_trace("mm_all_reduce_scaled", x, mm, per_token)
     return x.new_empty((x.shape[0], w.shape[1]), dtype=out_dtype)
@@ -518,13 +546,15 @@ def _(x, w, x_scale, w_scale, bias, out_dtype, group_name, threshold_tokens, con
 @oplib.define("mm_all_reduce_onednn")
 def mm_all_reduce_onednn(
     x: torch.Tensor, handler: torch.Tensor, n: int, bias: torch.Tensor | None, group_name: str,
-    threshold_tokens: int, config: str = "",
+    threshold_tokens: int, config: str = "", site: str = "",
 ) -> torch.Tensor:
     mm = OneDNNMatmul(handler, n, x.dtype, bias)
-    return _all_reduce("mm_all_reduce_onednn", x, mm, None, group_name, threshold_tokens, config)
+    return _all_reduce("mm_all_reduce_onednn", x, mm, None, group_name, threshold_tokens, config,
+                       _site_of("mm_all_reduce_onednn", site, 1))
 
 
 @oplib.fake("mm_all_reduce_onednn")
-def _(x, handler, n, bias, group_name, threshold_tokens, config=""):
+def _(x, handler, n, bias, group_name, threshold_tokens, config="", site=""):
+    _site_of("mm_all_reduce_onednn", site, 1)
     _check_ar_trace("mm_all_reduce_onednn", x, OneDNNMatmul(handler, n, x.dtype, bias), None)
     return x.new_empty((x.shape[0], n))

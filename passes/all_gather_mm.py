@@ -36,6 +36,7 @@ import torch
 import torch.fx as fx
 
 from fcpass.config import PassConfig
+from fcpass.sites import site_text
 from passes import report as outcomes
 from passes.collectives import ALL_GATHER, Collective, find_collectives, group_problem, unsupported_collectives
 from passes.graph_edit import call, erase_unused, insert_fused
@@ -141,7 +142,7 @@ def _replace(graph: fx.Graph, ag: Collective, consumers: list[Consumer], config_
             x = call(graph, quantize.target, (x, *quantize.args[1:]), dict(quantize.kwargs))
         return call(graph, fused_op(kind.all_gather_mm), (x, *kind.gather_operands(graph, matmuls), ag.group_name,
                                                           ag.world_size, CONFIG_THRESHOLD, config_text,
-                                                          ag.pads_tokens))
+                                                          site_text(ag.form, [mm.form for mm in matmuls])))
 
     # Inserted before the first matmul; nodes defined later are put in order by the
     # pass's topological sort afterwards.

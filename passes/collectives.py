@@ -188,6 +188,7 @@ class AllReduce(Match):
     input: fx.Node
     group_name: str
     nodes: tuple[fx.Node, ...]  # every node of the form, output last
+    handle: int | None = None  # shm: the communicator's handle the graph passes
 
 
 def match_all_reduce(node: fx.Node) -> AllReduce | None:
@@ -221,4 +222,4 @@ def _match_shm_all_reduce(node: fx.Node) -> AllReduce | None:
         return None
     handle = functionalized.kwargs["handle"]
     group_name = vllm_state.shm_group_name(handle) or f"<vLLM shm handle {handle}: no vLLM group owns it>"
-    return AllReduce("shm", node, mutated_arg(functionalized, "data"), group_name, (functionalized, node))
+    return AllReduce("shm", node, mutated_arg(functionalized, "data"), group_name, (functionalized, node), handle)

@@ -34,6 +34,7 @@ import torch.fx as fx
 
 from fcpass.config import PassConfig
 from fcpass.ops import never_fused
+from fcpass.sites import site_text
 from passes import report as outcomes
 from passes.collectives import AllReduce, match_all_reduce
 from passes.graph_edit import call, replace_site
@@ -83,7 +84,8 @@ def _replace(graph: fx.Graph, ar: AllReduce, mm: MatmulNode, steps, config_text:
 
     def build():
         operands = kind.row_parallel_operands(graph, mm)
+        site = site_text(ar.form, [mm.form], ar.handle)
         return call(graph, fused_op(kind.mm_all_reduce), (mm.x, *operands, ar.group_name, CONFIG_THRESHOLD,
-                                                          config_text))
+                                                          config_text, site))
 
     return replace_site(graph, ar, mm, steps, build)

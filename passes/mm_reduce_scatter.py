@@ -29,6 +29,7 @@ import torch
 import torch.fx as fx
 
 from fcpass.config import PassConfig
+from fcpass.sites import site_text
 from passes import report as outcomes
 from passes.collectives import REDUCE_SCATTER, Collective, find_collectives, group_problem, unsupported_collectives
 from passes.graph_edit import call, padding_to_multiple, replace_site
@@ -108,7 +109,8 @@ def _replace(graph: fx.Graph, rs: Collective, mm: MatmulNode, pad, steps, config
         rows_pad = _pad_to_multiple(graph, mm.x, rs.world_size) if rs.pads_tokens else pad
         operands = kind.row_parallel_operands(graph, mm)
         return call(graph, fused_op(kind.mm_reduce_scatter), (mm.x, *operands, rs.group_name, rs.world_size,
-                                                              CONFIG_THRESHOLD, rows_pad, config_text, rs.pads_tokens))
+                                                              CONFIG_THRESHOLD, rows_pad, config_text,
+                                                              site_text(rs.form, [mm.form])))
 
     return replace_site(graph, rs, mm, steps, build)
 
