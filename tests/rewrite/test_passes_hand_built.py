@@ -108,8 +108,8 @@ def test_the_config_travels_into_the_op():
     config = fcpass.PassConfig(threshold_tokens=4096, backend="generic", pipeline_chunks=3)
     apply_pass(gm, **config.to_dict())
     (fused,) = [n for n in gm.graph.nodes if n.target == fc.mm_reduce_scatter.default]
-    # group, world size, threshold, pad, config, flash_comm (not a vllm-ascend FlashComm site)
-    assert fused.args[3:] == ("tp:0", 2, -1, 0, config.runtime_text(), False)
+    # group, world size, threshold, pad, config, the site (vLLM's reduce_scatter after aten.mm)
+    assert fused.args[3:] == ("tp:0", 2, -1, 0, config.runtime_text(), "vllm/mm")
     assert fcpass.PassConfig.from_runtime_text(fused.args[-2]) == config
 
 
