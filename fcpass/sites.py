@@ -111,5 +111,6 @@ def all_reduce(site: Site, rows: torch.Tensor, group_name: str) -> torch.Tensor:
     if site.collective == SHM:
         torch.ops._C.shm_allreduce(site.handle, rows)
         return rows
-    functional = _functional()
-    return functional.wait_tensor(functional.all_reduce(rows, "sum", group_name))
+    functional = _functional()  # in place on the fresh product, as Inductor lowers the graph's functional op
+    functional.all_reduce_(rows, "sum", group_name)
+    return functional.wait_tensor(rows)

@@ -6,9 +6,9 @@ devtools/kernels.py (:func:`avx2_env` is re-exported here for the tests).
 
 from __future__ import annotations
 
-from devtools.kernels import all_reduce_kernel, avx2_env
+from devtools.kernels import LIBRARIES, all_reduce_kernel, avx2_env, forceable_builds, forced_env, loaded_library
 
-__all__ = ["all_reduce_form", "avx2_env"]
+__all__ = ["LIBRARIES", "all_reduce_form", "avx2_env", "forceable_builds", "forced_env", "loaded_library"]
 
 
 def all_reduce_form() -> str:

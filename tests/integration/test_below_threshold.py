@@ -1,0 +1,215 @@
+"""Below its threshold a fused op does exactly what the graph did: the site's own collective and matmul ops.
+
+Every family x collective form x matmul kind, compiled by Inductor with fcpass (every call below the
+threshold) and without it, on 2 gloo ranks with vLLM's real TP group and the kernel library vLLM loads
+(and, in processes of their own, the other builds this CPU can run): the outputs are the same bits, and
+the collective ops called, counted by torch's profiler (vLLM's custom ops, the functional ones, c10d's,
+vLLM's shm kernel) and vLLM's device communicator's calls, are the same calls. Before the unfused path ran
+the site's own ops, the vLLM forms moved their collectives off vLLM's communicator (counts differ) and,
+on vLLM's ``_C_AVX512`` build, rounded bf16 sums differently from its shm kernel (bits differ).
+"""
+
+from __future__ import annotations
+
+import collections
+
+import pytest
+import torch
+
+from devtools.launch import run_ranks
+from support import vllm_kernels
+
+TOKENS = (2, 8, 66)  # decode sizes and a prefill one, all below the threshold; even: vLLM's scatter needs it
+THRESHOLD = 1 << 20
+K, N = 64, 48
+FAMILIES = ("mm_reduce_scatter", "all_gather_mm", "mm_all_reduce")
+MATMULS = ("plain", "w8a8", "onednn")
+COLLECTIVE_EVENTS = ("vllm::", "_c10d_functional::", "c10d::", "_C::shm_allreduce")
+
+
+def _cases(shm: bool):
+    """Every (family, collective form, matmul kind) this build's collectives can run.
+
+    On the AVX-512 builds (``shm``) vLLM's communicator runs its shm kernels: the all_reduce form of the CPU
+    engine, and an all_gather kernel with no int8 (the W8A8 gather site moves its quantize before the
+    gather, so the gather moves int8 rows: a site for vllm-ascend's communicator, not vLLM's CPU one)."""
+    forms = ("vllm", "c10d_functional")
+    cases = [(family, form, mm) for family in FAMILIES for form in forms for mm in MATMULS]
+    if shm:
+        cases.remove(("all_gather_mm", "vllm", "w8a8"))
+        cases += [("mm_all_reduce", "shm", mm) for mm in MATMULS]
+    return cases
+
+
+class Site(torch.nn.Module):
+    """One site as vLLM's layers trace: a row-parallel linear (bias on rank 0 only) into its collective, or a
+    gather into two column-parallel linears; ``matmul``: aten's linear, Ascend's W8A8 (its quantize and quant
+    matmul) or vLLM's CPU oneDNN linear."""
+
+    def __init__(self, rank, tp, family, form, matmul, dtype):
+        super().__init__()
+        from vllm import _custom_ops
+
+        g = torch.Generator().manual_seed(rank)
+        self.tp, self.family, self.form, self.matmul = tp, family, form, matmul
+        n_out = (N, N + 8) if family == "all_gather_mm" else (N,)
+        row_bias = family != "all_gather_mm" and rank == 0
+        self.w = [torch.randn(n, K, generator=g).to(dtype) / K ** 0.5 for n in n_out]
+        self.b = [torch.randn(n, generator=g).to(dtype) if row_bias or family == "all_gather_mm" else None
+                  for n in n_out]
+        self.q = [torch.randint(-127, 128, (K, n), generator=g, dtype=torch.int8) for n in n_out]
+        self.deq = [torch.rand(n, generator=g) * 2e-3 for n in n_out]
+        self.qb = [torch.randint(-500, 500, (n,), generator=g, dtype=torch.int32) if row_bias else None for n in n_out]
+        self.in_scale = torch.tensor([40.0])
+        self.handlers = ([_custom_ops.create_onednn_mm(w.t(), 32) for w in self.w] if matmul == "onednn" else [])
+
+    def linear(self, x, i):
+        if self.matmul == "w8a8":
+            q = torch.ops.npu.npu_quantize(x, self.in_scale, None, 12, -1, False)  # qint8, as vllm-ascend
+            return torch.ops.npu.npu_quant_matmul(q, self.q[i], self.deq[i], bias=self.qb[i], output_dtype=15)
+        if self.matmul == "onednn":
+            from vllm import _custom_ops
+
+            return _custom_ops.onednn_mm(self.handlers[i], x, self.b[i])
+        return torch.nn.functional.linear(x, self.w[i], self.b[i])
+
+    def collective(self, y):
+        tp, ws, functional = self.tp, self.tp.world_size, torch.ops._c10d_functional
+        name = tp.unique_name if self.form == "vllm" else tp.device_group.group_name
+        if self.family == "mm_reduce_scatter":
+            if self.form == "vllm":
+                return torch.ops.vllm.reduce_scatter(y, 0, ws, name)
+            return functional.wait_tensor(functional.reduce_scatter_tensor(y, "sum", ws, name))
+        if self.form == "vllm":
+            return torch.ops.vllm.all_reduce(y, name)
+        if self.form == "shm":  # as vLLM's CPU communicator traces: its kernel, in place
+            tp.device_communicator.dist_module.all_reduce(y)
+            return y
+        return functional.wait_tensor(functional.all_reduce(y, "sum", name))
+
+    def gather(self, x):
+        tp, functional = self.tp, torch.ops._c10d_functional
+        if self.form == "vllm":
+            return torch.ops.vllm.all_gather(x, 0, tp.world_size, tp.unique_name)
+        return functional.wait_tensor(functional.all_gather_into_tensor(x, tp.world_size, tp.device_group.group_name))
+
+    def forward(self, x):
+        if self.family == "all_gather_mm":
+            g = self.gather(x)
+            return self.linear(g, 0), self.linear(g, 1)
+        return self.collective(self.linear(x, 0))
+
+
+def _counting(tp):
+    """vLLM's device communicator with its collectives counted (the implementation vLLM's ops run)."""
+    calls = collections.Counter()
+    communicator = tp.device_communicator
+    for name in ("all_reduce", "reduce_scatter", "all_gather"):
+        method = getattr(communicator, name)
+
+        def counted(*args, _method=method, _name=name, **kwargs):
+            calls[_name] += 1
+            return _method(*args, **kwargs)
+
+        setattr(communicator, name, counted)
+    return calls
+
+
+def _profiled():
+    """torch's profiler, every op call it records (its Kineto start/stop lines to stderr silenced)."""
+    import os
+
+    os.environ.setdefault("KINETO_LOG_LEVEL", "5")
+    return torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU])
+
+
+def _collective_events(prof) -> dict:
+    return dict(collections.Counter(e.name for e in prof.events()
+                                    if e.name.startswith(COLLECTIVE_EVENTS) and "wait_tensor" not in e.name))
+
+
+def run_below_threshold(rank, world_size):
+    import sys
+
+    from torch._inductor import config as inductor_config
+    from vllm.platforms import current_platform
+
+    import fcpass
+    from devtools.vllm_cpu import vllm_tp
+    from passes import FlashCommPass
+    from support.npu_runs import STANDIN_DIR
+
+    sys.path.insert(0, STANDIN_DIR)
+    import torch_npu  # noqa: F401  (the stand-in: torch.ops.npu's W8A8 ops, CPU kernels)
+
+    current_platform.import_kernels()  # as vLLM's workers do, before their groups: the shm communicator
+    results = {"kernels": vllm_kernels.loaded_library(), "shm": hasattr(torch.ops._C, "shm_allreduce")}
+    with vllm_tp(rank, world_size) as (_, tp), torch.no_grad():
+        calls = _counting(tp)
+        for family, form, matmul in _cases(results["shm"]):
+            dtype = torch.bfloat16 if matmul != "w8a8" else torch.float32
+            model = Site(rank, tp, family, form, matmul, dtype)
+            runs = {}
+            for label, pass_ in (("without", None),
+                                 ("with", FlashCommPass(fcpass.PassConfig(threshold_tokens=THRESHOLD)))):
+                torch._dynamo.reset()
+                with inductor_config.patch({"post_grad_custom_post_pass": pass_}):
+                    compiled = torch.compile(model, fullgraph=True, dynamic=True)
+                    outs = {}
+                    for tokens in TOKENS:
+                        rows = tokens // world_size if family == "all_gather_mm" else tokens
+                        x = torch.randn(rows, K, generator=torch.Generator().manual_seed(tokens)).to(dtype)
+                        compiled(x)  # the first call of a size compiles; the counted one runs what was compiled
+                        calls.clear()
+                        fcpass.reset_decision_counts()
+                        with _profiled() as prof:
+                            out = compiled(x)
+                        outs[tokens] = {"out": [t.clone() for t in (out if isinstance(out, tuple) else (out,))],
+                                        "events": _collective_events(prof), "communicator": dict(calls),
+                                        "paths": sorted({path for _, path, _ in fcpass.decision_counts()})}
+                runs[label] = outs
+                runs[label + "_matched"] = pass_.matched if pass_ is not None else None
+            results[family, form, matmul] = {
+                "matched": runs["with_matched"],
+                "per_tokens": {tokens: {
+                    "same_bits": all(torch.equal(a, b) and a.dtype == b.dtype for a, b in
+                                     zip(runs["with"][tokens]["out"], runs["without"][tokens]["out"], strict=True)),
+                    **{f"{key}_{label}": runs[label][tokens][key] for key in ("events", "communicator", "paths")
+                       for label in ("with", "without")}} for tokens in TOKENS}}
+    return results
+
+
+@pytest.fixture(scope="module", params=["loaded", *vllm_kernels.forceable_builds()])
+def runs(request):
+    """Ranks of their own, with the kernel library vLLM loads on this CPU, then each other build it can run."""
+    with pytest.MonkeyPatch.context() as env:
+        for key, value in (vllm_kernels.forced_env(request.param) if request.param != "loaded" else {}).items():
+            env.setenv(key, value)
+        per_rank = run_ranks(run_below_threshold, 2, timeout=600, setup=_setup)
+    if request.param != "loaded":  # what makes this run the other build's
+        assert {r["kernels"] for r in per_rank} == {vllm_kernels.LIBRARIES[request.param]}, per_rank[0]["kernels"]
+    return per_rank
+
+
+def _setup():
+    from devtools.vllm_cpu import rank_setup
+
+    rank_setup()
+
+
+@pytest.mark.parametrize("family, form, matmul", sorted(set(_cases(shm=True)) | set(_cases(shm=False))))
+def test_below_the_threshold_the_fused_op_runs_the_sites_own_ops(runs, family, form, matmul):
+    if (family, form, matmul) not in runs[0]:  # not a site of this build (see _cases)
+        assert (family, form, matmul) not in _cases(runs[0]["shm"])
+        return
+    for rank, r in enumerate(runs):
+        result = r[family, form, matmul]
+        assert sum(result["matched"].get(family, {}).values()) == 1, (rank, result["matched"])
+        for tokens, run in result["per_tokens"].items():
+            where = (rank, r["kernels"], tokens)
+            assert run["paths_with"] == ["unfused"] and run["paths_without"] == [], where
+            assert run["same_bits"], where
+            assert run["events_with"] == run["events_without"] and run["events_without"], (where, run)
+            assert run["communicator_with"] == run["communicator_without"], (where, run)
+            if form == "vllm":  # vLLM's ops run through its device communicator
+                assert run["communicator_without"], where
