@@ -10,7 +10,11 @@ On one GPU (a one-rank NCCL group):
 2. each op under CUDA-graph capture (as vLLM captures decode graphs): captured after one eager call,
    replayed on new inputs, compared with the eager result.
 On 2+ GPUs, also:
-3. the kernels on 2 ranks over NCCL, with ``cuda_symmetric_memory`` off and on.
+3. the kernels on 2 ranks over NCCL, with ``cuda_symmetric_memory`` off and on;
+4. below the threshold at decode sizes, with vLLM's TP group (its CUDA communicator: custom all-reduce,
+   pynccl): ``torch.mm`` + vLLM's ``all_reduce`` against ``fcpass.mm_all_reduce`` at that site (its
+   ``site`` naming vLLM's op), eager and each captured in a CUDA graph inside vLLM's ``graph_capture``:
+   the same bits, and the time per call of each (what a decode step pays for the guard). Needs vLLM.
 
 Without a GPU it runs what a CPU can (parts 1 and 3 on gloo ranks through the generic backend: the cases,
 references and table) and says which parts need a GPU. Prints one table per part, to send back.
@@ -25,7 +29,8 @@ from devtools import kernel_check
 from devtools.kernel_check import table, torch
 
 NEEDS_A_GPU = ("the CUDA backend (symmetric memory, the NCCL pipeline), CUDA tensors", "CUDA-graph capture",
-               "2 ranks over NCCL")
+               "2 ranks over NCCL", "vLLM's CUDA communicator under the unfused path")
+DECODE_TOKENS = (1, 8, 32)
 
 
 def gpus() -> int:
@@ -89,6 +94,59 @@ def capture_rank(rank: int, world_size: int, tokens_list, shape=(kernel_check.K,
     return rows
 
 
+def below_threshold_rank(rank: int, world_size: int, tokens_list, device_type: str,
+                         shape=(kernel_check.K, kernel_check.N), repeats: int = kernel_check.REPEATS) -> list[dict]:
+    """Part 4: vLLM's site (torch.mm + vLLM's all_reduce on its TP group) and fcpass's op at it, below the
+    threshold: the same bits, and each one's time; on CUDA also each captured in a CUDA graph in vLLM's
+    graph_capture (what vLLM does for decode sizes)."""
+    import fcpass
+    from devtools.vllm_cpu import vllm_tp
+    from fcpass.limits import MAX_THRESHOLD_TOKENS
+
+    if device_type == "cuda":
+        torch.cuda.set_device(rank)
+    rows = []
+    backend = "nccl" if device_type == "cuda" else "gloo"
+    with vllm_tp(rank, world_size, backend=backend) as (_, tp), torch.inference_mode():
+        fcpass.configure(fcpass.PassConfig())
+        group, op = tp.unique_name, torch.ops.fcpass.mm_all_reduce
+        for tokens in tokens_list:
+            g = torch.Generator().manual_seed(tokens + 1000 * rank)
+            x = torch.randn(tokens, shape[0], generator=g).to(torch.bfloat16).to(device_type)
+            w = torch.randn(shape[0], shape[1], generator=g).to(torch.bfloat16).to(device_type)
+            variants = {"vllm_site": lambda: torch.ops.vllm.all_reduce(torch.mm(x, w), group),
+                        "fcpass_op": lambda: op(x, w, None, group, MAX_THRESHOLD_TOKENS, "", "vllm/mm")}
+            outs = {name: fn() for name, fn in variants.items()}
+            row = {"tokens": tokens, "same_bits": bool(torch.equal(outs["vllm_site"], outs["fcpass_op"]))}
+            for name, fn in variants.items():
+                row[f"{name}_ms"] = kernel_check.timed_ms(fn, device_type, repeats)
+            if device_type == "cuda":
+                row.update(_captured(tp, variants, device_type, repeats))
+            rows.append(row)
+    return rows
+
+
+def _captured(tp, variants, device_type: str, repeats: int) -> dict:
+    """Each variant captured in a CUDA graph inside vLLM's graph_capture, replayed: bits and ms per replay."""
+    graphs, outs, row = {}, {}, {}
+    try:
+        with tp.graph_capture():
+            for name, fn in variants.items():
+                fn()  # planned outside the capture, as vLLM runs each size eagerly first
+                torch.cuda.synchronize()
+                graphs[name] = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graphs[name]):
+                    outs[name] = fn()
+        for name, graph in graphs.items():
+            graph.replay()
+            row[f"{name}_captured_ms"] = kernel_check.timed_ms(graph.replay, device_type, repeats)
+        torch.cuda.synchronize()
+        row["captured_same_bits"] = bool(torch.equal(outs["vllm_site"], outs["fcpass_op"]))
+    except Exception as e:  # a row to send back, not a crash
+        row["capture_failure"] = f"{type(e).__name__}: {e}"[:160]
+    return row
+
+
 def run(tokens, shape=(kernel_check.K, kernel_check.N), repeats: int = kernel_check.REPEATS) -> dict[str, list]:
     """Every part this machine can run: {title: rows}."""
     from devtools.launch import run_ranks
@@ -107,7 +165,17 @@ def run(tokens, shape=(kernel_check.K, kernel_check.N), repeats: int = kernel_ch
                                  backend=backend, timeout=1800)
             title = f"3. fcpass ops, 2 ranks ({backend}, {device}), cuda_symmetric_memory={symmetric_memory} ({ms})"
             parts[title] = kernel_check.merged(per_rank)
+    if count != 1 and _has_vllm():
+        parts[f"4. below the threshold: vLLM's all_reduce site vs fcpass's op at it, 2 ranks ({backend}, {device}) "
+              f"({ms})"] = run_ranks(below_threshold_rank, 2, DECODE_TOKENS, device, shape, repeats,
+                                     backend=backend, timeout=1800)[0]
     return parts
+
+
+def _has_vllm() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("vllm") is not None
 
 
 def main(argv=None) -> int:

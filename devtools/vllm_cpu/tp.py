@@ -51,14 +51,15 @@ def agree_on_dist_ident():
 
 
 @contextlib.contextmanager
-def vllm_tp(rank, world_size, compilation_config=None, additional_config=None, model_config=None):
+def vllm_tp(rank, world_size, compilation_config=None, additional_config=None, model_config=None, backend="gloo"):
     """vLLM's config and TP=world_size group in this rank (VLLM_CPU.md steps 1, 2): yields (vllm_config, tp_group).
 
     Call inside a rank of ``run_ranks(..., setup=rank_setup)``. ``compilation_config``
     (a dict or vLLM CompilationConfig, e.g. from ``fcpass.vllm.compilation_config``)
     ``additional_config`` (a platform's settings, e.g. vllm-ascend's) and ``model_config``
     (vLLM's ModelConfig, for code that reads the model's architecture) go into the
-    VllmConfig as a user's would.
+    VllmConfig as a user's would. ``backend``: "nccl" for vLLM's TP group on GPUs (its CUDA
+    communicator), as devtools/gpu_check.py uses it.
     """
     from vllm.config import VllmConfig, set_current_vllm_config
     from vllm.distributed import parallel_state
@@ -72,7 +73,7 @@ def vllm_tp(rank, world_size, compilation_config=None, additional_config=None, m
         stack.enter_context(_all_reduce_clone_fix())
         stack.enter_context(set_current_vllm_config(vllm_config))
         parallel_state.init_distributed_environment(
-            world_size=world_size, rank=rank, local_rank=rank, backend="gloo", distributed_init_method="env://")
+            world_size=world_size, rank=rank, local_rank=rank, backend=backend, distributed_init_method="env://")
         parallel_state.initialize_model_parallel(tensor_model_parallel_size=world_size)
         stack.callback(parallel_state.destroy_model_parallel)
         tp_group = parallel_state.get_tp_group()

@@ -18,13 +18,23 @@ def parts():
 
 
 def test_without_a_gpu_it_runs_the_cpu_parts_and_says_which_need_one(parts):
-    assert [title.split(",")[0] for title in parts] == ["1. fcpass ops", "3. fcpass ops"]
+    assert [title.split(",")[0].split(":")[0] for title in parts] == ["1. fcpass ops", "3. fcpass ops",
+                                                                        "4. below the threshold"]
     assert "Needs a GPU: " in gpu_check.preamble(0) and "CUDA-graph capture" in gpu_check.preamble(0)
+
+
+def test_below_the_threshold_the_op_at_a_vllm_site_is_that_site_bit_for_bit(parts):
+    """Part 4 on gloo with vLLM's TP group: on a GPU the same rows come from vLLM's CUDA communicator, eager and
+    captured."""
+    (rows,) = [rows for title, rows in parts.items() if title.startswith("4.")]
+    assert [r["tokens"] for r in rows] == list(gpu_check.DECODE_TOKENS)
+    for r in rows:
+        assert r["same_bits"] and r["vllm_site_ms"] > 0 and r["fcpass_op_ms"] > 0, r
 
 
 def test_its_cases_give_the_reference_on_one_and_two_ranks(parts):
     cases = len(kernel_check.cases((None, None))) * len(TOKENS)
-    for title, rows in parts.items():
+    for title, rows in ((title, rows) for title, rows in parts.items() if not title.startswith("4.")):
         assert len(rows) == cases, title
         for r in rows:
             assert r["error"] <= TOLERANCE[r["dtype"]], (title, r)
