@@ -30,6 +30,12 @@ CUDA_DTYPES = FLOAT_DTYPES | FP8_DTYPES
 # NVLink domain of one node; beyond it symmetric memory is not available.
 CUDA_MAX_WORLD_SIZE = 8
 CUDA_DEFAULT_THRESHOLD = 1024
+# vLLM's custom all-reduce (one-shot / two-shot over NVLink IPC buffers, capturable in CUDA graphs) takes every
+# all_reduce up to this size (its ``max_size``, vllm/distributed/device_communicators/custom_all_reduce.py; on
+# some GPUs less) and beats NCCL there (vllm#2192: Llama-70B TP4 A100 16.4 s -> 14.6 s); above it vLLM
+# all-reduces with NCCL itself (pynccl). So matmul -> all_reduce takes fcpass's pipeline on NCCL only where
+# vLLM's own transport is NCCL too: from the token count whose product exceeds this size.
+VLLM_CUSTOM_ALL_REDUCE_MAX_BYTES = 8192 * 1024
 
 
 def symm_mem_enabled(group_name: str) -> bool:
@@ -63,6 +69,13 @@ class CudaBackend(Backend):
 
     def __init__(self) -> None:
         self._generic = GenericBackend()
+
+    def default_threshold(self, family: str, facts) -> int:
+        """1024 tokens; matmul -> all_reduce: also past vLLM's custom all-reduce (rank-equal: n and the dtype)."""
+        if family != MM_ALL_REDUCE:
+            return self.default_threshold_tokens
+        bytes_per_token = facts.n * max(2, facts.dtype.itemsize)  # int8 / fp8 inputs: a 16-bit product
+        return max(self.default_threshold_tokens, VLLM_CUSTOM_ALL_REDUCE_MAX_BYTES // bytes_per_token)
 
     def limits(self, op, call):
         if op == MM_ALL_REDUCE or self._uses_generic(call):

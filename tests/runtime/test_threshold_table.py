@@ -12,7 +12,7 @@ import torch.distributed as dist
 import fcpass
 from fcpass import ops, thresholds
 from fcpass.backends import get_backend
-from fcpass.backends.base import ALL_GATHER_MM, MM_REDUCE_SCATTER
+from fcpass.backends.base import ALL_GATHER_MM, MM_ALL_REDUCE, MM_REDUCE_SCATTER
 from fcpass.guard import GuardFacts
 from support.multirank import shared
 
@@ -236,3 +236,16 @@ def test_guarded_op_takes_threshold_and_chunks_from_table():
     per_rank = GUARDED()
     assert per_rank[0] == per_rank[1]
     assert per_rank[0] == [(512, "unfused", [], True), (1024, "fused", [3], True)]
+
+
+def test_cuda_takes_matmul_all_reduce_past_vllms_custom_all_reduce():
+    """On CUDA vLLM's own all-reduce kernel serves every all_reduce up to 8 MiB: fcpass's NCCL pipeline starts
+    where vLLM's transport is NCCL too (bf16: hidden 4096 -> 1024 tokens, 8192 -> 512 -> still 1024); the other
+    families keep 1024."""
+    cuda = get_backend("cuda")
+    facts = _facts(op="mm_all_reduce", dtype=torch.bfloat16)._replace(device_type="cuda")
+    assert cuda.default_threshold(MM_ALL_REDUCE, facts._replace(n=4096)) == 1024
+    assert cuda.default_threshold(MM_ALL_REDUCE, facts._replace(n=2048)) == 2048
+    assert cuda.default_threshold(MM_ALL_REDUCE, facts._replace(n=2048, dtype=torch.float32)) == 1024
+    assert cuda.default_threshold(MM_ALL_REDUCE, facts._replace(n=1024, dtype=torch.int8)) == 4096
+    assert cuda.default_threshold(MM_REDUCE_SCATTER, facts._replace(n=1024)) == 1024
