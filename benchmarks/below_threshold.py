@@ -5,8 +5,8 @@ below its threshold, against the engine without fcpass, in alternating rounds.
 
 On vLLM's CPU engine (``shm``: the kernel library vLLM picks here, its shared-memory all_reduce; ``gloo``: its
 AVX2 build), TP=2, a random fp32 Llama (hidden 512, 4 layers): ``off`` (no fcpass) and ``below``
-(``threshold_tokens`` at its maximum, so the pass puts ``fcpass.mm_all_reduce*`` at every all_reduce site and
-every call takes the unfused path: the site's own matmul and all_reduce, behind the guard and the op's
+(``threshold_tokens`` at its maximum and ``keep_faster_transports`` off, so the pass puts ``fcpass.mm_all_reduce*``
+at every all_reduce site, vLLM's shm ones included, and every call takes the unfused path: the site's own matmul and all_reduce, behind the guard and the op's
 dispatch). One engine process at a time, the two configs alternating round by round (off first in even rounds,
 below first in odd ones), prefill 256-4096 tokens and decode batch 1/8/32 as benchmarks/engine.py times them.
 Per point: each config's median over the rounds, below / off, and the noise of this machine on that point
@@ -30,7 +30,7 @@ from benchmarks import cli, engine as engine_bench
 from devtools import engine
 from fcpass.limits import MAX_THRESHOLD_TOKENS
 
-CONFIGS = {"off": None, "below": {"threshold_tokens": MAX_THRESHOLD_TOKENS}}
+CONFIGS = {"off": None, "below": {"threshold_tokens": MAX_THRESHOLD_TOKENS, "keep_faster_transports": False}}
 FULL = {**engine_bench.FULL, "prefill_tokens": (256, 1024, 4096), "decode_batches": (1, 8, 32), "repeats": 5,
         "decode_repeats": 3}
 QUICK = {**engine_bench.QUICK, "decode_batches": (1, 8), "repeats": 3, "decode_repeats": 2}

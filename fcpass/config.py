@@ -59,6 +59,12 @@ class PassConfig:
         GPU group as enabled, so the backend would switch kernels without
         anyone asking, and those kernels raise when their workspace must grow
         during CUDA-graph capture, which vLLM does. Rank-equal (a config field).
+    keep_faster_transports: leave alone the all_reduces whose transport is
+        faster than the fused op's pipeline (vLLM's CPU shared-memory
+        all_reduce: the pipeline's would run over gloo), whatever the
+        threshold. False places the op there too: below its threshold it runs
+        that site's own all_reduce, above it its pipeline; what
+        benchmarks/below_threshold.py measures the op's presence with.
     threshold_table: path of a measured threshold table (fcpass.thresholds,
         written by benchmarks/calibrate.py). An op's threshold is, first
         found: the op's own, ``threshold_tokens``, the table's bucket, the
@@ -76,11 +82,12 @@ class PassConfig:
     sequence_parallel: bool = False
     sequence_parallel_threshold_tokens: int = 1000
     cuda_symmetric_memory: bool = False
+    keep_faster_transports: bool = True
     threshold_table: str | None = None
 
     def __post_init__(self) -> None:
         for flag in ("fuse_mm_reduce_scatter", "fuse_all_gather_mm", "fuse_mm_all_reduce", "sequence_parallel",
-                     "cuda_symmetric_memory"):
+                     "cuda_symmetric_memory", "keep_faster_transports"):
             if not isinstance(getattr(self, flag), bool):
                 raise ValueError(f"PassConfig.{flag} must be a bool, got {getattr(self, flag)!r}")
         t = self.threshold_tokens

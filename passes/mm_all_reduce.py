@@ -65,12 +65,12 @@ def rewrite(graph: fx.Graph, config: PassConfig, report: PassReport) -> None:
 # --------------------------------------------------------------------------- condition
 
 def _unfusable(ar: AllReduce, mm: MatmulNode | None, producer, steps, config: PassConfig) -> str | Reason | None:
+    # Below its threshold the op runs the site's own ops, so these declines are about the fused path: where it
+    # cannot pay, the op would only add a call, and the graph stays as compiled without fcpass.
+    if ar.form == "shm" and config.keep_faster_transports:
+        return Reason(outcomes.FASTER_TRANSPORT, "vLLM's shm all_reduce; the fused op's would run over gloo")
     val = fake_value(ar.input)
     never = never_fused(FAMILY, val.device, config) if val is not None else None
-    # Where no threshold or table asks for the fused path, the op would only add a call: the graph stays as
-    # compiled without fcpass. (Below the threshold the op runs the site's own ops: no harm either way.)
-    if never and ar.form == "shm":
-        return Reason(outcomes.FASTER_TRANSPORT, "vLLM's shm all_reduce; the fused op's would run over gloo")
     if never:
         return Reason(outcomes.NEVER_FUSED, never)
     if dim(ar.input) != 2:

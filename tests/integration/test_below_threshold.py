@@ -122,7 +122,8 @@ def run_below_threshold(rank, world_size):
             model = Site(rank, tp, family, form, matmul, dtype)
             runs = {}
             for label, pass_ in (("without", None),
-                                 ("with", FlashCommPass(fcpass.PassConfig(threshold_tokens=THRESHOLD)))):
+                                 ("with", FlashCommPass(fcpass.PassConfig(threshold_tokens=THRESHOLD,
+                                                                          keep_faster_transports=False)))):
                 torch._dynamo.reset()
                 with inductor_config.patch({"post_grad_custom_post_pass": pass_}):
                     compiled = torch.compile(model, fullgraph=True, dynamic=True)
