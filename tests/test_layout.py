@@ -140,3 +140,12 @@ def test_import_fcpass_loads_no_optional_library_and_not_the_rewrite():
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip() == "[]"
+
+
+def test_import_fcpass_loads_of_the_vllm_integration_only_the_state_leaf():
+    """Read from the modules a fresh process has loaded, not from import statements: a package's
+    ``__init__`` runs whatever it imports (``fcpass.vllm``'s used to load its compilation module)."""
+    probe = "import sys, fcpass; print(sorted(m for m in sys.modules if m.startswith('fcpass.vllm')))"
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip() == str(["fcpass.vllm", STATE])
