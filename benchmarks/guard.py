@@ -8,7 +8,7 @@ the collective it replaced. Measured on 2 gloo ranks:
 
 (a) per call, on prebuilt inputs, the collective stubbed out (timeit, best
     of several repeats, rank 0 alone while the other rank waits):
-    ``guard.decide`` alone (goal < 1 us); decide + record; ``ops.plan``
+    ``guard.decide`` alone (goal < 1 us); decide + record; ``dispatch.plan``
     (backend, threshold, guard: what a signature's first call pays, besides
     validation); the op's Python body as every later call runs it (Matmul,
     signature lookup, group, FusedCall, record, path); the whole
@@ -31,6 +31,7 @@ Ranks run in inference mode with vLLM's TP group up, as in vLLM's model runner.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import os
 import statistics
@@ -40,7 +41,7 @@ import torch
 import torch.distributed as dist
 
 import fcpass
-from fcpass import guard, oplib, ops
+from fcpass import dispatch, guard, oplib, ops
 from fcpass.backends import get_backend
 from fcpass.backends.base import ALL_GATHER_MM, FusedCall
 from fcpass.groups import resolve_group
@@ -91,20 +92,21 @@ def _layer_costs(point: measure.Point, stub_out) -> dict[str, float]:
         "decide": _per_call_ns(lambda: decide(facts, below, limits, 8)),
         "decide_and_record": _per_call_ns(lambda: guard.record(facts, decide(facts, below, limits, 8))),
     }
-    original = ops._unfused
-    ops._unfused = lambda *args: stub_out
+    original = dispatch.FAMILIES
+    dispatch.FAMILIES = {name: dataclasses.replace(f, unfused=lambda *args: stub_out)
+                         for name, f in original.items()}
     try:
         call = FusedCall(x=point.x, matmuls=(Matmul(point.w, None),), group=resolve_group(point.group_name),
                          group_name=point.group_name, world_size=point.world_size, pad_rows=point.pad_rows)
         config = fcpass.PassConfig()
-        costs["plan"] = _per_call_ns(lambda: ops.plan(point.op, family, call, measure.NEVER_FUSE, config))
+        costs["plan"] = _per_call_ns(lambda: dispatch.plan(point.op, family, call, measure.NEVER_FUSE, config))
         body = getattr(ops, point.op)  # the kernel itself (planned after its first call), without the dispatcher
         args = point.op_args(measure.NEVER_FUSE)
         costs["op_body"] = _per_call_ns(lambda: body(*args))
         op = getattr(torch.ops.fcpass, point.op)
         costs["torch_ops_call"] = _per_call_ns(lambda: op(*args))
     finally:
-        ops._unfused = original
+        dispatch.FAMILIES = original
     result = stub_out[0] if family == ALL_GATHER_MM else stub_out
     for floor_name, noop in _noop_ops(result).items():
         costs[floor_name] = _per_call_ns(

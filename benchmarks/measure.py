@@ -29,11 +29,12 @@ from fcpass.comm import (
     all_gather_by_exchange, all_gather_single, all_reduce_rows, reduce_scatter_by_exchange, reduce_scatter_single,
 )
 from fcpass.backends.generic import collectives_everywhere
+from fcpass.families import FAMILIES
 from fcpass.padding import append_zero_rows
 
 logger = logging.getLogger(__name__)
 
-OPS = ("mm_reduce_scatter", "all_gather_mm", "mm_all_reduce")
+OPS = tuple(FAMILIES)
 CHUNK_CANDIDATES = (1, 2, 4, 8)
 NEVER_FUSE, ALWAYS_FUSE = 1 << 24, 0
 # From the config: "the runtime config's threshold, table or backend default".

@@ -11,12 +11,12 @@ from fcpass import ops as _ops  # noqa: F401  (registers torch.ops.fcpass.*)
 from fcpass import shards as _shards  # noqa: F401  (registers torch.ops.fcpass.token_shard)
 from fcpass.config import PassConfig
 from fcpass.guard import decision_counts, reset_decision_counts
-from fcpass.ops import configure, runtime_config
+from fcpass.dispatch import configure, eager_config
 
 __all__ = [
     "PassConfig",
     "configure",
-    "runtime_config",
+    "eager_config",
     "decision_counts",
     "reset_decision_counts",
 ]

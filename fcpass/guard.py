@@ -75,7 +75,7 @@ class Decision:
 BELOW_THRESHOLD = "tokens <= threshold"
 ABOVE_THRESHOLD = "tokens > threshold"
 BACKEND_OFF = "backend off"
-FAMILY_DISABLED = "family disabled"
+FAMILY_DISABLED = "family disabled (PassConfig flag off)"  # the report says it in these words too
 # A packed oneDNN weight cannot be widened to fold a bias, so its padded rows would carry the bias of the
 # rank holding one; decided on the padding (global), never on the bias (rank 0 only).
 PADDED_ONEDNN = "padded rows with a oneDNN matmul (its bias could not be kept off them)"

@@ -45,10 +45,11 @@ from typing import Any, Mapping
 
 import torch
 
+from fcpass.families import FAMILIES
 from fcpass.limits import MAX_PIPELINE_CHUNKS, MAX_THRESHOLD_TOKENS, WORLD_SIZE_RANGE
 
 FORMAT = "fcpass-thresholds/1"
-OPS = ("mm_reduce_scatter", "all_gather_mm", "mm_all_reduce")
+OPS = tuple(FAMILIES)  # a table entry's "op" is its family
 # A log2 bucket above 40 would mean a dimension of 2**40: a typo, not a shape.
 MAX_LOG2 = 40
 _TOP_KEYS = {"format", "backend", "entries", "measured"}

@@ -35,19 +35,20 @@ from dataclasses import dataclass
 import torch
 import torch.fx as fx
 
+from fcpass.backends.base import ALL_GATHER_MM
 from fcpass.config import PassConfig
 from fcpass.sites import site_text
 from passes import report as outcomes
 from passes.collectives import ALL_GATHER, Collective, find_collectives, group_problem, unsupported_collectives
 from passes.graph_edit import call, erase_unused, insert_fused
-from passes.matmul_kinds import CONFIG_THRESHOLD, KINDS, fused_op
-from passes.matmuls import MatmulNode, match_matmul, matmul_forms
+from passes.matmul_kinds import CONFIG_THRESHOLD, KINDS
+from passes.matmuls import MatmulNode, match_matmul
 from passes.naming import site_form
 from passes.nodes import dim
 from passes.report import FAMILY_DISABLED, FUSED, PassReport, Reason
 from passes.rows import row_view_source, rowwise_quantize, unpad_end
 
-FAMILY = "all_gather_mm"
+FAMILY = ALL_GATHER_MM
 
 
 @dataclass(frozen=True)
@@ -69,12 +70,10 @@ class Consumer:
 def rewrite(graph: fx.Graph, config: PassConfig, report: PassReport) -> None:
     """Fuse every site; record each all_gather seen with what was done or why not (disabled: record only)."""
     enabled = config.fuse_all_gather_mm
-    mm_forms = matmul_forms()
-    collective_forms = ALL_GATHER.forms()
-    for form, reason in unsupported_collectives(graph, collective_forms, ALL_GATHER):
+    for form, reason in unsupported_collectives(graph, ALL_GATHER):
         report.add(FAMILY, f"{form}/-", reason)
-    for ag in find_collectives(graph, collective_forms):
-        found = _consumers(ag.output, mm_forms)
+    for ag in find_collectives(graph, ALL_GATHER):
+        found = _consumers(ag.output)
         consumers = [c for c in found if not c.mm.problem]  # the others keep reading the gathered rows
         steps = [step for c in consumers for step in c.steps]
         form = site_form(ag, found[0].mm if found else None, "-", steps)
@@ -85,13 +84,13 @@ def rewrite(graph: fx.Graph, config: PassConfig, report: PassReport) -> None:
 
 # --------------------------------------------------------------------------- pattern
 
-def _consumers(gathered: fx.Node, mm_forms) -> list[Consumer]:
+def _consumers(gathered: fx.Node) -> list[Consumer]:
     """Every matmul reading ``gathered``'s rows: directly, via ``[:end]``, row-keeping views, a row-wise quantize."""
     found = []
 
     def walk(node: fx.Node, steps: tuple, end, quantize) -> None:
         for user in list(node.users):
-            mm = match_matmul(user, mm_forms)
+            mm = match_matmul(user)
             if mm is not None and mm.x is node and mm.w is not node and dim(node) == 2:
                 found.append(Consumer(mm, steps, end, quantize))
                 continue
@@ -140,9 +139,9 @@ def _replace(graph: fx.Graph, ag: Collective, consumers: list[Consumer], config_
         x = ag.input
         if quantize is not None:
             x = call(graph, quantize.target, (x, *quantize.args[1:]), dict(quantize.kwargs))
-        return call(graph, fused_op(kind.all_gather_mm), (x, *kind.gather_operands(graph, matmuls), ag.group_name,
-                                                          ag.world_size, CONFIG_THRESHOLD, config_text,
-                                                          site_text(ag.form, [mm.form for mm in matmuls])))
+        return call(graph, kind.fused_op(FAMILY), (x, *kind.gather_operands(graph, matmuls)), {
+            "group_name": ag.group_name, "world_size": ag.world_size, "threshold_tokens": CONFIG_THRESHOLD,
+            "config": config_text, "site": site_text(ag.form, [mm.form for mm in matmuls])})
 
     # Inserted before the first matmul; nodes defined later are put in order by the
     # pass's topological sort afterwards.

@@ -1,4 +1,4 @@
-"""How collectives appear in a post-grad graph, as Inductor patterns, and how they are emitted again.
+"""How collectives appear in a post-grad graph, one matcher per form, and how they are emitted again.
 
 A pattern family is written once over these forms: it asks "is this node a
 reduce_scatter, in any form?" and gets back the same decoded record
@@ -12,7 +12,6 @@ import operator
 from dataclasses import dataclass
 
 import torch.fx as fx
-from torch._inductor.pattern_matcher import MULTIPLE, CallFunction, KeywordArg, PatternExpr, is_match
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from fcpass.groups import resolve_group
@@ -50,18 +49,11 @@ class CollectiveKind:
     ascend: str
     reduces: bool  # takes a reduce op after its input (functional form)
 
-    def forms(self) -> list:
-        """The functional-collective form (op + wait_tensor), when vLLM is loaded vLLM's custom op on dim 0,
-        and vllm-ascend's op."""
-        # The collective's handle may also have its size read (``sym_size``); see Match.replace_with.
-        reduce_op = (KeywordArg("reduce_op"),) if self.reduces else ()
-        issue = CallFunction(functional_op(self.functional), KeywordArg("input"), *reduce_op,
-                             KeywordArg("world_size"), KeywordArg("group_name"), _users=MULTIPLE)
-        forms = [("c10d_functional", CallFunction(functional_op("wait_tensor"), issue))]
-        if vllm_op(self.vllm) is not None:
-            forms.append(("vllm", CallFunction(vllm_op(self.vllm), KeywordArg("input"), 0,
-                                               KeywordArg("world_size"), KeywordArg("group_name"))))
-        return forms + [("vllm_ascend", functools.partial(_ascend_collective, self.ascend))]
+    def matchers(self) -> tuple:
+        """Every form of this collective, one matcher each (node -> Collective or None): torch's functional
+        op and its ``wait_tensor`` chain, vLLM's custom op on dim 0, vllm-ascend's op."""
+        return (functools.partial(_functional_collective, self), functools.partial(_vllm_collective, self),
+                functools.partial(_ascend_collective, self.ascend))
 
     def emit(self, graph: fx.Graph, form: str, x: fx.Node, world_size: int, group_name: str) -> fx.Node:
         """This collective (a sum reduce_scatter) of ``x``'s rows, vLLM's op for form "vllm", else functional
@@ -110,21 +102,73 @@ def _ascend_collective(op_name: str, node: fx.Node) -> Collective | None:
                       reduce_op="sum", nodes=(node,), pads_tokens=True)
 
 
-def find_collectives(graph: fx.Graph, forms):
-    """Every collective of ``forms`` in ``graph`` (a snapshot: the caller may rewrite as it goes)."""
+def _functional_collective(kind: CollectiveKind, node: fx.Node) -> Collective | None:
+    """``wait_tensor(...wait_tensor(issue)...)`` over torch's functional ``kind`` op: a chain of any length (a
+    function that waits on a traced functional collective itself adds one), matched at its last wait."""
+    chain = wait_chain(node)
+    if chain is None or chain[0].target != functional_op(kind.functional):
+        return None
+    issue, waits = chain
+    args = list(bound_args(issue).values())
+    x, reduce_op = args[0], (args[1] if kind.reduces else "sum")
+    world_size, group_name = args[-2:]
+    return Collective(form="c10d_functional", output=node, input=x, world_size=int(world_size),
+                      group_name=str(group_name), reduce_op=reduce_op_name(reduce_op), nodes=(issue, *waits))
+
+
+def _vllm_collective(kind: CollectiveKind, node: fx.Node) -> Collective | None:
+    """vLLM's ``reduce_scatter(x, 0, world_size, group)`` / ``all_gather(x, 0, world_size, group)``."""
+    target = vllm_op(kind.vllm)
+    if target is None or node.op != "call_function" or node.target != target:
+        return None
+    x, dim, world_size, group_name = list(bound_args(node).values())[:4]
+    if dim != 0:
+        return None
+    return Collective(form="vllm", output=node, input=x, world_size=int(world_size), group_name=str(group_name),
+                      reduce_op="sum", nodes=(node,))
+
+
+def wait_chain(node: fx.Node) -> tuple[fx.Node, tuple[fx.Node, ...]] | None:
+    """(issue, waits) where ``node`` is the last ``wait_tensor`` of a chain over one issue node whose handle
+    only the chain uses (or reads its size, ``sym_size``; see Match.replace_with); else None."""
+    wait = functional_op("wait_tensor")
+    if node.op != "call_function" or node.target != wait or any(u.target == wait for u in node.users):
+        return None
+    waits, inner = [node], node.args[0]
+    while isinstance(inner, fx.Node) and inner.target == wait:
+        if len(inner.users) != 1:
+            return None
+        waits.append(inner)
+        inner = inner.args[0]
+    first = waits[-1]
+    if not isinstance(inner, fx.Node) or inner.op != "call_function" or not all(
+            user is first or user.target == aten.sym_size.int for user in inner.users):
+        return None
+    return inner, tuple(reversed(waits))
+
+
+def reduce_op_name(reduce_op) -> str:
+    """The reduction a functional collective names: a string ("sum") or, since torch 2.15, a ``ReduceOp``."""
+    return str(reduce_op).rsplit(".", 1)[-1].lower()
+
+
+def find_collectives(graph: fx.Graph, kind: CollectiveKind):
+    """Every ``kind`` collective in ``graph``, in any form (a snapshot: the caller may rewrite as it goes)."""
+    matchers = kind.matchers()
     for node in list(graph.nodes):
-        found = match_collective(node, forms)
+        found = _first_match(matchers, node)
         if found is not None:
             yield found
 
 
-def unsupported_collectives(graph: fx.Graph, forms, kind: CollectiveKind):
-    """(form, reason) for each ``kind`` collective no form of ``forms`` decodes.
+def unsupported_collectives(graph: fx.Graph, kind: CollectiveKind):
+    """(form, reason) for each ``kind`` collective no form decodes.
 
     So the report can say why a collective that looks fusable was not even a
     candidate (another dim, a functional handle used directly, ...).
     """
-    decoded = {n for node in graph.nodes if (c := match_collective(node, forms)) is not None for n in c.nodes}
+    matchers = kind.matchers()
+    decoded = {n for node in graph.nodes if (c := _first_match(matchers, node)) is not None for n in c.nodes}
     for node in graph.nodes:
         if node.op != "call_function" or node in decoded:
             continue
@@ -137,26 +181,12 @@ def unsupported_collectives(graph: fx.Graph, forms, kind: CollectiveKind):
             yield "vllm_ascend", Reason(outcomes.OPAQUE_MATMUL, ASCEND_ROW_PARALLEL_LINEAR_DOES)
 
 
-def match_collective(node: fx.Node, forms) -> Collective | None:
-    for form, pattern in forms:
-        if not isinstance(pattern, PatternExpr):
-            found = pattern(node)
-            if found is not None:
-                return found
-            continue
-        m = pattern.match(node)
-        if is_match(m) and _only_waited_or_sized(m.nodes, node):
-            return Collective(
-                form=form, output=node, input=m.kwargs["input"], world_size=int(m.kwargs["world_size"]),
-                group_name=str(m.kwargs["group_name"]), reduce_op=str(m.kwargs.get("reduce_op", "sum")),
-                nodes=tuple(m.nodes),
-            )
+def _first_match(matchers, node: fx.Node):
+    for matcher in matchers:
+        found = matcher(node)
+        if found is not None:
+            return found
     return None
-
-
-def _only_waited_or_sized(nodes, output: fx.Node) -> bool:
-    """Inner nodes of a matched collective are used by the form itself or have their size read only."""
-    return all(user in nodes or user.target == aten.sym_size.int for n in nodes if n is not output for user in n.users)
 
 
 def group_problem(collective: Collective) -> str | Reason | None:
@@ -192,20 +222,37 @@ class AllReduce(Match):
 
 
 def match_all_reduce(node: fx.Node) -> AllReduce | None:
-    if node.op != "call_function":
+    """The sum all_reduce ``node`` is, in whichever form of :data:`ALL_REDUCE_MATCHERS`, or None."""
+    return _first_match(ALL_REDUCE_MATCHERS, node)
+
+
+def _match_vllm_all_reduce(node: fx.Node) -> AllReduce | None:
+    if node.op != "call_function" or node.target is None or node.target != vllm_op("all_reduce"):
         return None
-    if node.target is not None and node.target == vllm_op("all_reduce"):
-        x, group_name = list(bound_args(node).values())[:2]
-        return AllReduce("vllm", node, x, str(group_name), (node,))
-    if node.target is operator.getitem:
-        return _match_shm_all_reduce(node)
-    if node.target != functional_op("wait_tensor"):
+    x, group_name = list(bound_args(node).values())[:2]
+    return AllReduce("vllm", node, x, str(group_name), (node,))
+
+
+def _match_functional_all_reduce(node: fx.Node) -> AllReduce | None:
+    chain = wait_chain(node)
+    if chain is None or chain[0].target != functional_op("all_reduce"):
         return None
-    issue = node.args[0]
-    if (not isinstance(issue, fx.Node) or issue.target != functional_op("all_reduce")
-            or issue.args[1] != "sum" or len(issue.users) != 1):
+    issue, waits = chain
+    x, reduce_op, group_name = list(bound_args(issue).values())[:3]
+    if reduce_op_name(reduce_op) != "sum":
         return None
-    return AllReduce("c10d_functional", node, issue.args[0], str(issue.args[2]), (issue, node))
+    return AllReduce("c10d_functional", node, x, str(group_name), (issue, *waits))
+
+
+def unsupported_all_reduces(graph: fx.Graph):
+    """(form, reason) for each functional all_reduce no form decodes: another reduction, or a handle used
+    other than by its wait chain."""
+    decoded = {n for node in graph.nodes if (ar := match_all_reduce(node)) is not None for n in ar.nodes}
+    for node in graph.nodes:
+        if node.op == "call_function" and node not in decoded and node.target == functional_op("all_reduce"):
+            reduce_op = reduce_op_name(list(bound_args(node).values())[1])
+            yield "c10d_functional", (Reason(outcomes.NOT_SUM, repr(reduce_op)) if reduce_op != "sum" else
+                                      Reason(outcomes.UNSUPPORTED_FORM, "its handle is used other than by wait_tensor"))
 
 
 def _match_shm_all_reduce(node: fx.Node) -> AllReduce | None:
@@ -216,10 +263,16 @@ def _match_shm_all_reduce(node: fx.Node) -> AllReduce | None:
     vLLM group whose communicator owns that handle (its c10d device group's name).
     """
     target = registered_op("_C", "shm_allreduce")
+    if target is None or node.op != "call_function" or node.target is not operator.getitem:
+        return None
     functionalized = node.args[0]
-    if (target is None or node.args[1] != 1 or getattr(functionalized, "target", None) not in AUTO_FUNCTIONALIZED
+    if (node.args[1] != 1 or getattr(functionalized, "target", None) not in AUTO_FUNCTIONALIZED
             or functionalized.args[0] is not target or len(functionalized.users) != 1):
         return None
     handle = functionalized.kwargs["handle"]
     group_name = vllm_state.shm_group_name(handle) or f"<vLLM shm handle {handle}: no vLLM group owns it>"
     return AllReduce("shm", node, mutated_arg(functionalized, "data"), group_name, (functionalized, node), handle)
+
+
+# Every all_reduce form, one matcher each (a new form: its matcher here and its call in fcpass/sites.py).
+ALL_REDUCE_MATCHERS = (_match_vllm_all_reduce, _match_functional_all_reduce, _match_shm_all_reduce)

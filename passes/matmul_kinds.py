@@ -16,6 +16,7 @@ from typing import Callable
 import torch
 import torch.fx as fx
 
+from fcpass.ops import FUSED_OPS
 from passes.matmuls import MatmulNode
 
 # The fused ops' threshold_tokens argument that means "the config's" (the op resolves it from the config text
@@ -25,18 +26,16 @@ CONFIG_THRESHOLD = -1
 
 @dataclass(frozen=True)
 class MatmulKind:
-    """The fused ops for one kind of matmul and how each is given the matmuls' operands."""
+    """How the fused ops of one kind of matmul are given the matmuls' operands; which ops they are is the
+    runtime's table (``fcpass.ops.FUSED_OPS``)."""
 
-    mm_reduce_scatter: str  # the torch.ops.fcpass op fusing a matmul into the reduce_scatter after it
-    all_gather_mm: str  # the torch.ops.fcpass op fusing an all_gather into the matmuls reading its rows
-    mm_all_reduce: str  # the torch.ops.fcpass op fusing a matmul into the all_reduce after it
+    name: str
     row_parallel_operands: Callable[[fx.Graph, MatmulNode], tuple]  # both row-parallel ops take these
     gather_operands: Callable[[fx.Graph, list[MatmulNode]], tuple]  # every matmul of one gather, one kind
 
-
-def fused_op(name: str):
-    """``torch.ops.fcpass.<name>.default``, registered by ``import fcpass``."""
-    return getattr(torch.ops.fcpass, name).default
+    def fused_op(self, family: str):
+        """``torch.ops.fcpass.<op>.default`` of ``family`` over this kind, registered by ``import fcpass``."""
+        return getattr(torch.ops.fcpass, FUSED_OPS[self.name][family]).default
 
 
 def _each(matmuls: list[MatmulNode], field: str) -> list:
@@ -50,20 +49,20 @@ def _kn_weights(graph: fx.Graph, matmuls: list[MatmulNode]) -> list[fx.Node]:
 KINDS: dict[str, MatmulKind] = {
     # x @ w (+ bias): mm, addmm, the linear ops.
     "plain": MatmulKind(
-        "mm_reduce_scatter", "all_gather_mm", "mm_all_reduce",
+        "plain",
         row_parallel_operands=lambda graph, mm: (mm.kn_weight(graph), mm.bias),
         gather_operands=lambda graph, mms: (_kn_weights(graph, mms), _each(mms, "bias")),
     ),
     # fp8 _scaled_mm, Ascend W8A8 npu_quant_matmul: the gathered rows have one x_scale and out_dtype.
     "scaled": MatmulKind(
-        "mm_reduce_scatter_scaled", "all_gather_scaled_mm", "mm_all_reduce_scaled",
+        "scaled",
         row_parallel_operands=lambda graph, mm: (mm.kn_weight(graph), mm.x_scale, mm.w_scale, mm.bias, mm.out_dtype),
         gather_operands=lambda graph, mms: (mms[0].x_scale, _kn_weights(graph, mms), _each(mms, "w_scale"),
                                             _each(mms, "bias"), mms[0].out_dtype),
     ),
     # vLLM's CPU oneDNN linear: the op takes the handler (the weight packed inside) and its output width.
     "onednn": MatmulKind(
-        "mm_reduce_scatter_onednn", "all_gather_onednn_mm", "mm_all_reduce_onednn",
+        "onednn",
         row_parallel_operands=lambda graph, mm: (mm.w, mm.handler_n, mm.bias),
         gather_operands=lambda graph, mms: (_each(mms, "w"), _each(mms, "handler_n"), _each(mms, "bias")),
     ),

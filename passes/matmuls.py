@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.fx as fx
-from torch._inductor.pattern_matcher import CallFunction, KeywordArg, PatternExpr, is_match
+from torch._inductor.pattern_matcher import CallFunction, KeywordArg, is_match
 
 from passes import report as outcomes
 from passes.graph_edit import Match, call
@@ -71,17 +71,21 @@ def producer_problem(mm: "MatmulNode | None", producer: fx.Node, steps) -> "str 
     return None
 
 
-def matmul_forms() -> list[tuple[str, PatternExpr]]:
-    return [("mm", CallFunction(aten.mm.default, KeywordArg("x"), KeywordArg("w")))]
+def match_matmul(node: fx.Node) -> MatmulNode | None:
+    """The matmul ``node`` is, in whichever form of :data:`MATMUL_MATCHERS`, or None."""
+    for matcher in MATMUL_MATCHERS:
+        found = matcher(node)
+        if found is not None:
+            return found
+    return None
 
 
-def match_matmul(node: fx.Node, forms) -> MatmulNode | None:
-    for form, pattern in forms:
-        m = pattern.match(node)
-        if is_match(m):
-            return MatmulNode(form, node, m.kwargs["x"], m.kwargs["w"], m.kwargs.get("bias"))
-    return (_match_addmm(node) or _match_scaled_mm(node) or _match_linear(node) or _match_npu_quant_matmul(node)
-            or _match_onednn_mm(node))
+_MM = CallFunction(aten.mm.default, KeywordArg("x"), KeywordArg("w"))
+
+
+def _match_mm(node: fx.Node) -> MatmulNode | None:
+    m = _MM.match(node)
+    return MatmulNode("mm", node, m.kwargs["x"], m.kwargs["w"], None) if is_match(m) else None
 
 
 def _match_addmm(node: fx.Node) -> MatmulNode | None:
@@ -195,3 +199,9 @@ def _match_npu_quant_matmul(node: fx.Node) -> MatmulNode | None:
         problem = problem or f"npu_quant_matmul with a {bias.dtype} bias, not int32"
     return MatmulNode("npu_quant_matmul", node, args["x1"], args["x2"], args.get("bias"), kind="scaled",
                       w_scale=args["scale"], out_dtype=out_dtype, problem=problem)
+
+
+# Every matmul form, one matcher each (a new form: its matcher here, its op call in fcpass.matmuls.Matmul, and an
+# entry in passes/matmul_kinds.KINDS when no fused op takes its kind yet).
+MATMUL_MATCHERS = (_match_mm, _match_addmm, _match_scaled_mm, _match_linear, _match_npu_quant_matmul,
+                   _match_onednn_mm)

@@ -32,28 +32,30 @@ from __future__ import annotations
 
 import torch.fx as fx
 
+from fcpass.backends.base import MM_ALL_REDUCE
 from fcpass.config import PassConfig
-from fcpass.ops import never_fused
+from fcpass.dispatch import never_fused
 from fcpass.sites import site_text
 from passes import report as outcomes
-from passes.collectives import AllReduce, match_all_reduce
+from passes.collectives import AllReduce, match_all_reduce, unsupported_all_reduces
 from passes.graph_edit import call, replace_site
-from passes.matmul_kinds import CONFIG_THRESHOLD, KINDS, fused_op
-from passes.matmuls import MatmulNode, match_matmul, matmul_forms, producer_problem
+from passes.matmul_kinds import CONFIG_THRESHOLD, KINDS
+from passes.matmuls import MatmulNode, match_matmul, producer_problem
 from passes.naming import site_form
 from passes.nodes import dim, fake_value
 from passes.report import FAMILY_DISABLED, FUSED, PassReport, Reason
 from passes.rows import through_row_views
 
-FAMILY = "mm_all_reduce"
+FAMILY = MM_ALL_REDUCE
 
 
 def rewrite(graph: fx.Graph, config: PassConfig, report: PassReport) -> None:
     """Fuse every site; record each all_reduce seen with what was done or why not (disabled: record only)."""
-    mm_forms = matmul_forms()
+    for form, reason in unsupported_all_reduces(graph):
+        report.add(FAMILY, f"{form}/-", reason)
     for ar in [ar for node in list(graph.nodes) if (ar := match_all_reduce(node)) is not None]:
         producer, steps = through_row_views(ar.input)
-        mm = match_matmul(producer, mm_forms)
+        mm = match_matmul(producer)
         form = site_form(ar, mm, producer, steps)
         if not config.fuse_mm_all_reduce:
             report.add(FAMILY, form, FAMILY_DISABLED)
@@ -86,8 +88,8 @@ def _replace(graph: fx.Graph, ar: AllReduce, mm: MatmulNode, steps, config_text:
 
     def build():
         operands = kind.row_parallel_operands(graph, mm)
-        site = site_text(ar.form, [mm.form], ar.handle)
-        return call(graph, fused_op(kind.mm_all_reduce), (mm.x, *operands, ar.group_name, CONFIG_THRESHOLD,
-                                                          config_text, site))
+        return call(graph, kind.fused_op(FAMILY), (mm.x, *operands), {
+            "group_name": ar.group_name, "threshold_tokens": CONFIG_THRESHOLD, "config": config_text,
+            "site": site_text(ar.form, [mm.form], ar.handle)})
 
     return replace_site(graph, ar, mm, steps, build)

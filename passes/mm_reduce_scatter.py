@@ -28,31 +28,30 @@ from __future__ import annotations
 import torch
 import torch.fx as fx
 
+from fcpass.backends.base import MM_REDUCE_SCATTER
 from fcpass.config import PassConfig
 from fcpass.sites import site_text
 from passes import report as outcomes
 from passes.collectives import REDUCE_SCATTER, Collective, find_collectives, group_problem, unsupported_collectives
 from passes.graph_edit import call, padding_to_multiple, replace_site
-from passes.matmul_kinds import CONFIG_THRESHOLD, KINDS, fused_op
-from passes.matmuls import MatmulNode, match_matmul, matmul_forms, producer_problem
+from passes.matmul_kinds import CONFIG_THRESHOLD, KINDS
+from passes.matmuls import MatmulNode, match_matmul, producer_problem
 from passes.naming import site_form
 from passes.nodes import dim
 from passes.report import FAMILY_DISABLED, FUSED, PassReport, Reason
 from passes.rows import row_pad, row_view_source
 
-FAMILY = "mm_reduce_scatter"
+FAMILY = MM_REDUCE_SCATTER
 
 
 def rewrite(graph: fx.Graph, config: PassConfig, report: PassReport) -> None:
     """Fuse every site; record each reduce_scatter seen with what was done or why not (disabled: record only)."""
     enabled = config.fuse_mm_reduce_scatter
-    mm_forms = matmul_forms()
-    collective_forms = REDUCE_SCATTER.forms()
-    for form, reason in unsupported_collectives(graph, collective_forms, REDUCE_SCATTER):
+    for form, reason in unsupported_collectives(graph, REDUCE_SCATTER):
         report.add(FAMILY, f"{form}/-", reason)
-    for rs in find_collectives(graph, collective_forms):
+    for rs in find_collectives(graph, REDUCE_SCATTER):
         producer, pad, steps = _rows_source(rs.input)
-        mm = match_matmul(producer, mm_forms)
+        mm = match_matmul(producer)
         form = site_form(rs, mm, producer, steps)
         reason = _unfusable(rs, mm, producer, pad, steps) if enabled else FAMILY_DISABLED
         report.add(FAMILY, form, reason or _replace(graph, rs, mm, pad, steps, config.runtime_text()) or FUSED)
@@ -108,9 +107,9 @@ def _replace(graph: fx.Graph, rs: Collective, mm: MatmulNode, pad, steps, config
     def build():
         rows_pad = _pad_to_multiple(graph, mm.x, rs.world_size) if rs.pads_tokens else pad
         operands = kind.row_parallel_operands(graph, mm)
-        return call(graph, fused_op(kind.mm_reduce_scatter), (mm.x, *operands, rs.group_name, rs.world_size,
-                                                              CONFIG_THRESHOLD, rows_pad, config_text,
-                                                              site_text(rs.form, [mm.form])))
+        return call(graph, kind.fused_op(FAMILY), (mm.x, *operands), {
+            "group_name": rs.group_name, "world_size": rs.world_size, "threshold_tokens": CONFIG_THRESHOLD,
+            "pad_rows": rows_pad, "config": config_text, "site": site_text(rs.form, [mm.form])})
 
     return replace_site(graph, rs, mm, steps, build)
 

@@ -5,11 +5,13 @@ from __future__ import annotations
 import collections
 from dataclasses import dataclass
 
+from fcpass import guard
+
 # Every outcome, named once: the families report these, tests compare them (never the wording).
 FUSED = "fused"
 SPLIT = "split (reduce_scatter, norm on the token shard, all_gather)"
 APPLIED = (FUSED, SPLIT)
-FAMILY_DISABLED = "family disabled (PassConfig flag off)"
+FAMILY_DISABLED = guard.FAMILY_DISABLED  # the op's guard and the report: one text
 # any family
 UNSUPPORTED_FORM = "unsupported form"  # + what about it
 GROUP_MISMATCH = "world_size does not match the group"  # + sizes

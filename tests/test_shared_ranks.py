@@ -36,11 +36,11 @@ def body_after(rank, world_size):
     return "ran"
 
 
-def body_sees_runtime_config(rank, world_size):
+def body_sees_eager_config(rank, world_size):
     import fcpass
 
-    _log_ran("body_sees_runtime_config")
-    return fcpass.runtime_config().threshold_tokens
+    _log_ran("body_sees_eager_config")
+    return fcpass.eager_config().threshold_tokens
 
 
 def body_read_through_a_fixture(rank, world_size):
@@ -50,13 +50,13 @@ def body_read_through_a_fixture(rank, world_size):
 
 # One rank: a group of its own (no other test registers world_size=1).
 OK = multirank.shared(body_ok, "v", world_size=1, timeout=60)
-SEES_CONFIG = multirank.shared(body_sees_runtime_config, world_size=1, timeout=60)
+SEES_CONFIG = multirank.shared(body_sees_eager_config, world_size=1, timeout=60)
 THROUGH_A_FIXTURE = multirank.shared(body_read_through_a_fixture, world_size=1, timeout=60)
 FAILS = multirank.shared(body_fails, world_size=1, timeout=60)
 AFTER = multirank.shared(body_after, world_size=1, timeout=60)
 
 
-def test_each_body_gets_its_own_results_and_a_fresh_runtime_config():
+def test_each_body_gets_its_own_results_and_a_fresh_eager_config():
     assert OK() == [(0, 1, "v")]
     assert SEES_CONFIG() == [None]
 
@@ -93,10 +93,10 @@ def test_k_runs_only_the_bodies_of_the_selected_tests_in_one_spawn(tmp_path):
     one spawn, and no other body."""
     log = tmp_path / "ran.txt"
     run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__,
-                          "-k", "fresh_runtime_config or through_a_fixture"], capture_output=True, text=True,
+                          "-k", "fresh_eager_config or through_a_fixture"], capture_output=True, text=True,
                          timeout=240, env={**os.environ, RAN_LOG_ENV: str(log)},
                          cwd=os.path.dirname(os.path.dirname(__file__)))
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     ran = dict(line.split() for line in log.read_text().splitlines())
-    assert sorted(ran) == ["body_ok", "body_read_through_a_fixture", "body_sees_runtime_config"]
+    assert sorted(ran) == ["body_ok", "body_read_through_a_fixture", "body_sees_eager_config"]
     assert len(set(ran.values())) == 1  # one process: every selected body was in the first spawn

@@ -13,7 +13,6 @@ from fcpass.matmuls import Matmul
 MM_REDUCE_SCATTER = "mm_reduce_scatter"
 ALL_GATHER_MM = "all_gather_mm"
 MM_ALL_REDUCE = "mm_all_reduce"
-FAMILIES = (MM_REDUCE_SCATTER, ALL_GATHER_MM, MM_ALL_REDUCE)
 
 
 class FusedCall(NamedTuple):

@@ -98,7 +98,7 @@ class NpuBackend(Backend):
             **_quant_kwargs(first, None),
         )
         if first.bias is not None:
-            out = out + first.bias if not first.scaled else _add_int_bias_after(out, first, gathered)
+            out = out + first.bias if not first.scaled else _add_int_bias_after(out, first)
         # The kernel takes one weight; the other consumers of the same gather
         # reuse its gathered output.
         return gathered, [out] + [mm(gathered) for mm in rest]
@@ -158,7 +158,7 @@ def _all_reduce_quant_kwargs(mm, row_scale) -> dict:
     return kwargs
 
 
-def _add_int_bias_after(out, mm, gathered):
+def _add_int_bias_after(out, mm):
     """Column-parallel int32 quant bias: add its dequantized value (exact up to rounding)."""
     return (out.to(torch.float32) + mm.bias.to(torch.float32) * mm.channel_scale().reshape(1, -1)).to(out.dtype)
 

@@ -179,7 +179,8 @@ def test_below_the_threshold_the_fused_op_runs_the_sites_own_ops(runs, family, f
     for rank, r in enumerate(runs):
         result = r[family, form, matmul]
         # the fused op ran (read from the run: a graph served by Inductor's cache ran no pass)
-        assert {t: run["fused_ops"] for t, run in result["per_tokens"].items()} == dict.fromkeys(TOKENS, 1), (rank, result["report"])
+        fused_ops = {t: run["fused_ops"] for t, run in result["per_tokens"].items()}
+        assert fused_ops == dict.fromkeys(TOKENS, 1), (rank, result["report"])
         for tokens, run in result["per_tokens"].items():
             where = (rank, r["kernels"], tokens)
             assert run["paths_with"] == ["unfused"] and run["paths_without"] == [], where

@@ -66,7 +66,7 @@ def compile_each_config(rank, world_size, configs):
     from torch._dynamo.utils import counters
 
     import fcpass
-    from fcpass import ops
+    from fcpass import dispatch
     from passes import FlashCommPass
 
     group_name = dist.group.WORLD.group_name
@@ -78,12 +78,12 @@ def compile_each_config(rank, world_size, configs):
     for name, (fields, _) in configs.items():
         torch._dynamo.reset()
         counters.clear()
-        ops._plans.clear()
+        dispatch._plans.clear()
         flashcomm = FlashCommPass(fcpass.PassConfig.from_dict(fields))
         with inductor_config.patch({"post_grad_custom_post_pass": flashcomm}), torch.no_grad():
             got = torch.compile(layer, fullgraph=True)(x, w_row, w_col, group_name, world_size)
         results[name] = {
-            "plans": sorted({(key[0], plan.decision.path, plan.pipeline_chunks) for key, plan in ops._plans.items()}),
+            "plans": sorted({(key[0], plan.decision.path, plan.pipeline_chunks) for key, plan in dispatch._plans.items()}),
             "error": ((got - want).abs().max() / want.abs().max()).item(),
             "pass_ran": bool(flashcomm.last_report.outcomes),
             "cache_hits": counters["inductor"]["fxgraph_cache_hit"] + counters["aot_autograd"]["autograd_cache_hit"],

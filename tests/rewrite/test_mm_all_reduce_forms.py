@@ -36,8 +36,9 @@ def test_the_row_parallel_matmul_and_its_all_reduce_become_one_op(form, bias):
     # x, w (k, n), this rank's bias, the group (no world size: the op reads the group's), "the config's"
     # threshold, the config, the site (the ops the unfused path runs)
     assert (fused.args[2] is not None) == bias
-    assert fused.args[3:] == ("tp:0", -1, fcpass.PassConfig(**THRESHOLD).runtime_text(),
-                              f"{form}/{'addmm' if bias else 'mm'}")
+    assert fused.kwargs == {"group_name": "tp:0", "threshold_tokens": -1,
+                            "config": fcpass.PassConfig(**THRESHOLD).runtime_text(),
+                            "site": f"{form}/{'addmm' if bias else 'mm'}"}
     assert tuple(fused.meta["val"].shape) == (16, 24)
 
 

@@ -30,7 +30,7 @@ def test_pad_to_a_multiple_of_world_size_before_the_scatter(form, bias):
     p = apply_pass(gm)
     fused = _fused(gm, fc.mm_reduce_scatter.default)
     assert count(gm, aten.constant_pad_nd.default) == 0
-    pad = fused.args[6]  # the pad amount stays graph arithmetic on the symbolic token count
+    pad = fused.kwargs["pad_rows"]  # the pad amount stays graph arithmetic on the symbolic token count
     assert isinstance(pad, torch.fx.Node) and "Mod" in str(pad.meta["val"])
     assert p.matched == {"mm_reduce_scatter": {f"{form}/{'addmm' if bias else 'mm'}+pad": 1}}
 
@@ -137,3 +137,34 @@ def test_a_real_npu_quant_matmul_the_fused_ops_cannot_take_is_left_alone_saying_
     assert str(gm.graph) == before
     (outcome,) = [o for o in p.last_report.outcomes if o.family == "mm_reduce_scatter"]
     assert outcome.kind == outcomes.MATMUL_ARGUMENTS and problem in outcome.outcome, outcome
+
+
+def test_a_wait_chain_of_any_length_is_one_functional_collective():
+    """A function that waits on a traced functional collective itself adds a second ``wait_tensor``: the
+    gather and the all_reduce are still one collective each (the gather used to be "no matmul consumer")."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    functional = torch.ops._c10d_functional
+
+    def waited_twice(handle):
+        return functional.wait_tensor(functional.wait_tensor(handle))
+
+    def f(x, w, w2):
+        gathered = waited_twice(functional.all_gather_into_tensor(x, 2, "tp:0"))
+        return waited_twice(functional.all_reduce(gathered @ w, "sum", "tp:0")), gathered @ w2
+
+    gm = make_fx(f, tracing_mode="fake")(torch.randn(4, 16), torch.randn(16, 8), torch.randn(16, 8))
+    assert count(gm, functional.wait_tensor.default) == 4
+    p = apply_pass(gm, threshold_tokens=16)
+    assert p.matched == {"all_gather_mm": {"c10d_functional/mm": 1}}
+    assert count(gm, fc.all_gather_mm.default) == 1 and count(gm, functional.all_gather_into_tensor.default) == 0
+
+
+def test_an_all_reduce_of_another_reduction_is_reported_not_skipped():
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    functional = torch.ops._c10d_functional
+    gm = make_fx(lambda x, w: functional.wait_tensor(functional.all_reduce(x @ w, "max", "tp:0")),
+                 tracing_mode="fake")(torch.randn(4, 16), torch.randn(16, 8))
+    p = apply_pass(gm, threshold_tokens=16)
+    assert ["mm_all_reduce", "c10d_functional/-", outcomes.NOT_SUM + " ('max')"] in p.last_report.rows()

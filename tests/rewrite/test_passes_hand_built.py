@@ -96,8 +96,9 @@ def test_disabled_family_matches_nothing(flag):
     rs, ag = mm_rs("vllm"), ag_mm("vllm")
     apply_pass(rs, **{flag: False})
     apply_pass(ag, **{flag: False})
-    fused = count(rs, fc.mm_reduce_scatter.default) + count(ag, fc.all_gather_mm.default)
-    assert fused == 1  # only the family left enabled fused
+    fused = {"fuse_mm_reduce_scatter": count(rs, fc.mm_reduce_scatter.default),
+             "fuse_all_gather_mm": count(ag, fc.all_gather_mm.default)}
+    assert fused == {name: int(name != flag) for name in fused}  # only the family left enabled fused, each its own
 
 
 def test_the_config_travels_into_the_op():
@@ -109,8 +110,9 @@ def test_the_config_travels_into_the_op():
     apply_pass(gm, **config.to_dict())
     (fused,) = [n for n in gm.graph.nodes if n.target == fc.mm_reduce_scatter.default]
     # group, world size, threshold, pad, config, the site (vLLM's reduce_scatter after aten.mm)
-    assert fused.args[3:] == ("tp:0", 2, -1, 0, config.runtime_text(), "vllm/mm")
-    assert fcpass.PassConfig.from_runtime_text(fused.args[-2]) == config
+    assert fused.kwargs == {"group_name": "tp:0", "world_size": 2, "threshold_tokens": -1, "pad_rows": 0,
+                            "config": config.runtime_text(), "site": "vllm/mm"}
+    assert fcpass.PassConfig.from_runtime_text(fused.kwargs["config"]) == config
 
 
 def test_unpad_slice_before_the_matmuls_moves_after_the_fused_op():

@@ -82,9 +82,9 @@ def run_rewritten_vs_original(rank, world_size):
             fcpass.reset_decision_counts()
             got, want = rewritten(*make_args(x)), original(*make_args(x))
             got, want = (got if isinstance(got, tuple) else (got,)), (want if isinstance(want, tuple) else (want,))
-            assert all(a.shape == e.shape for a, e in zip(got, want)), name
+            assert all(a.shape == e.shape for a, e in zip(got, want, strict=True)), name
             error = max(((a.double() - e.double()).abs().max() / e.double().abs().max()).item()
-                        for a, e in zip(got, want))
+                        for a, e in zip(got, want, strict=True))
             results[(name, m)] = {"error": error, "tolerance": tolerance, "fused_ops": fused_ops,
                                   "decisions": fcpass.decision_counts()}
     return results

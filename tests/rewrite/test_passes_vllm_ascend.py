@@ -97,10 +97,10 @@ def run_ascend_forms(rank, world_size):
                         fcpass.reset_decision_counts()
                         got, want = rewritten(*args), original(*args)
                     got, want = (v if isinstance(v, tuple) else (v,) for v in (got, want))
-                    assert all(a.shape == e.shape for a, e in zip(got, want)), (name, tokens, dp_padded_length)
+                    assert all(a.shape == e.shape for a, e in zip(got, want, strict=True)), (name, tokens, dp_padded_length)
                     result[tokens, dp_padded_length] = {
                         "flash_comm": on, "padded": padded, "rows": want[0].shape[0],
-                        "error": max(((a - e).abs().max() / e.abs().max()).item() for a, e in zip(got, want)),
+                        "error": max(((a - e).abs().max() / e.abs().max()).item() for a, e in zip(got, want, strict=True)),
                         "decisions": fcpass.decision_counts()}
     return results
 

@@ -124,7 +124,7 @@ SWITCHED_OFF = shared(run_switched_off, timeout=120)
 def test_disabled_family_and_backend_off_run_unfused():
     for results in SWITCHED_OFF():
         assert [r["decision"][1:] for r in results] == [
-            ("unfused", "family disabled"), ("fused", "tokens > threshold"),
+            ("unfused", "family disabled (PassConfig flag off)"), ("fused", "tokens > threshold"),
             ("unfused", "backend off"), ("unfused", "backend off"),
         ]
         assert all(r["error"] <= 1e-5 for r in results)

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import fcpass
-from fcpass import ops
+from fcpass import dispatch
 from fcpass.backends import cuda
 from fcpass.backends.base import ALL_GATHER_MM, MM_REDUCE_SCATTER, FusedCall
 from fcpass.matmuls import Matmul
@@ -54,7 +54,7 @@ def _call(**fields) -> FusedCall:
 @pytest.mark.parametrize("asked", [False, True])
 def test_symmetric_memory_only_where_the_config_asks(every_group_enabled, asked):
     config = fcpass.PassConfig(backend="cuda", cuda_symmetric_memory=asked)
-    planned = ops.plan("mm_reduce_scatter", MM_REDUCE_SCATTER, _call(), 0, config)
+    planned = dispatch.plan("mm_reduce_scatter", MM_REDUCE_SCATTER, _call(), 0, config)
     assert planned.symmetric_memory is asked
     backend = planned.backend
     assert backend._uses_generic(_call(symmetric_memory=planned.symmetric_memory)) is not asked
@@ -70,7 +70,7 @@ def test_the_default_config_never_switches_kernels_on_its_own():
 
 
 def _rows(rows, family=MM_REDUCE_SCATTER):
-    return ops.plan(family, family, _call()._replace(x=torch.randn(rows, 32)), 0,
+    return dispatch.plan(family, family, _call()._replace(x=torch.randn(rows, 32)), 0,
                     fcpass.PassConfig(backend="cuda", cuda_symmetric_memory=True))
 
 

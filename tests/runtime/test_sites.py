@@ -45,3 +45,19 @@ def test_the_fake_impl_rejects_a_site_naming_another_number_of_matmuls():
         x, w = torch.empty(4, 8), torch.empty(8, 6)
         with pytest.raises(FusedOpInputError, match="names 2 matmul forms for 1 matmuls"):
             torch.ops.fcpass.all_gather_mm(x, [w], [None], "tp:0", 2, -1, "", "vllm/mm,mm")
+
+
+def test_every_fused_op_of_the_kind_table_is_registered_with_its_family_schema():
+    """fcpass.ops.FUSED_OPS is what the rewrite emits (passes/matmul_kinds.py): each entry an op of this
+    process, and the gather ops of the gather family (their schemas take lists of weights)."""
+    from fcpass.families import FAMILIES
+    from fcpass.ops import FUSED_OPS
+    from passes.matmul_kinds import KINDS
+
+    assert set(KINDS) == set(FUSED_OPS)
+    for kind, ops in FUSED_OPS.items():
+        assert set(ops) == set(FAMILIES), kind
+        for family, name in ops.items():
+            schema = getattr(torch.ops.fcpass, name).default._schema
+            assert schema.arguments[-1].name == "site" and schema.arguments[-2].name == "config", name
+            assert (len(schema.returns) == 2) == FAMILIES[family].gathers, name  # (gathered, [outs])

@@ -10,7 +10,7 @@ import torch
 import torch.distributed as dist
 
 import fcpass
-from fcpass import ops, thresholds
+from fcpass import dispatch, thresholds
 from fcpass.backends import get_backend
 from fcpass.backends.base import ALL_GATHER_MM, MM_ALL_REDUCE, MM_REDUCE_SCATTER
 from fcpass.guard import GuardFacts
@@ -74,7 +74,7 @@ def test_precedence(tmp_path):
     path = _write(tmp_path, _table())
     table_only = fcpass.PassConfig(threshold_table=path)
     both = fcpass.PassConfig(threshold_table=path, threshold_tokens=100)
-    resolve = ops._resolve_threshold
+    resolve = dispatch._resolve_threshold
     assert resolve(7, both, GENERIC, MM_REDUCE_SCATTER, _facts()) == 7  # the op's own
     assert resolve(0, both, GENERIC, MM_REDUCE_SCATTER, _facts()) == 0
     assert resolve(-1, both, GENERIC, MM_REDUCE_SCATTER, _facts()) == 100  # the config's
@@ -97,7 +97,7 @@ def test_generic_default_threshold_by_family_and_transport():
     assert GENERIC.default_threshold(MM_REDUCE_SCATTER, cpu_rs) == 512
     assert GENERIC.default_threshold(ALL_GATHER_MM, cpu_ag) == 2048
     assert GENERIC.default_threshold(MM_REDUCE_SCATTER, cuda_rs) == 2048
-    assert ops._resolve_threshold(-1, fcpass.PassConfig(), GENERIC, MM_REDUCE_SCATTER, cpu_rs) == 512
+    assert dispatch._resolve_threshold(-1, fcpass.PassConfig(), GENERIC, MM_REDUCE_SCATTER, cpu_rs) == 512
 
 
 def test_table_chunks_only_where_config_leaves_them_open(tmp_path):
@@ -105,7 +105,7 @@ def test_table_chunks_only_where_config_leaves_them_open(tmp_path):
     del_chunks = _table(_entry(k_log2=11))
     del del_chunks["entries"][0]["pipeline_chunks"]
     no_chunks = _write(tmp_path, del_chunks, "no_chunks.json")
-    chunks = lambda config, **f: ops._table_chunks(config, GENERIC, MM_REDUCE_SCATTER, _facts(**f))  # noqa: E731
+    chunks = lambda config, **f: dispatch._table_chunks(config, GENERIC, MM_REDUCE_SCATTER, _facts(**f))  # noqa: E731
     assert chunks(fcpass.PassConfig(threshold_table=path)) == 4
     assert chunks(fcpass.PassConfig(threshold_table=path, pipeline_chunks=2)) == 2  # the config's own
     assert chunks(fcpass.PassConfig(threshold_table=path), k=8192) == 0  # no bucket: the backend's choice
@@ -117,7 +117,7 @@ def test_loaded_once_not_per_call(tmp_path):
     path.write_text(json.dumps(_table()))
     config = fcpass.PassConfig(threshold_table=str(path))
     path.unlink()  # a lookup never reads the file again
-    assert ops._resolve_threshold(-1, config, GENERIC, MM_REDUCE_SCATTER, _facts()) == 512
+    assert dispatch._resolve_threshold(-1, config, GENERIC, MM_REDUCE_SCATTER, _facts()) == 512
     path.write_text(json.dumps(_table()))
     assert fcpass.PassConfig(threshold_table=str(path)).table() is config.table()  # parsed once per content
 
