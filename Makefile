@@ -148,6 +148,7 @@ bench: venv
 	$(PY) -m benchmarks.guard
 	$(PY) -m benchmarks.pass_cost --layers 32 --repeats 5 --compile-layers 8 --compile-repeats 2
 	$(PY) -m benchmarks.engine
+	$(PY) -m benchmarks.below_threshold
 
 clean:
 	rm -rf $(VENV) $(NEXT_VENV) $(V033_VENV)

@@ -141,7 +141,8 @@ def all_gather_mm(
     group_name: str, world_size: int, threshold_tokens: int, config: str = "", site: str = "",
 ) -> tuple[torch.Tensor, list[torch.Tensor]]:
     at = _site_of("all_gather_mm", site, len(ws))
-    mms = [Matmul(w, b, form=at.matmul(i)) for i, (w, b) in enumerate(_zip_lists("all_gather_mm", ws, biases, "biases"))]
+    pairs = _zip_lists("all_gather_mm", ws, biases, "biases")
+    mms = [Matmul(w, b, form=at.matmul(i)) for i, (w, b) in enumerate(pairs)]
     return _gather_run("all_gather_mm", x, mms, group_name, world_size, threshold_tokens, config, at)
 
 
