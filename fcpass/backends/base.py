@@ -47,22 +47,22 @@ class Backend:
         """The threshold where neither the op, the config nor a table gives one; reads rank-equal facts only."""
         return self.default_threshold_tokens
 
-    def limits(self, op: str, call: FusedCall) -> KernelLimits | None:
-        """Static limits of this backend's kernel for ``op``; None: cannot fuse it."""
+    def limits(self, family: str, call: FusedCall) -> KernelLimits | None:
+        """Static limits of this backend's kernel for ``family``; None: cannot fuse it."""
         raise NotImplementedError
 
-    def never_pays(self, op: str, device_type: str) -> str | None:
-        """Why this backend's fused path for ``op`` on ``device_type`` tensors is never taken by default (its
+    def never_pays(self, family: str, device_type: str) -> str | None:
+        """Why this backend's fused path for ``family`` on ``device_type`` tensors is never taken by default (its
         default threshold is above every token count), or None. Where neither a config's threshold nor a
         table gives one, the rewrite leaves such a site alone with this reason."""
         return None
 
-    def unsupported(self, op: str, call: FusedCall) -> str | None:
-        """Why this backend's kernel for ``op`` cannot take this call at any size (read from rank-equal facts:
+    def unsupported(self, family: str, call: FusedCall) -> str | None:
+        """Why this backend's kernel for ``family`` cannot take this call at any size (read from rank-equal facts:
         dtypes, the matmul's kind), or None."""
         return None
 
-    def reserve(self, op: str, call: FusedCall) -> bool:
+    def reserve(self, family: str, call: FusedCall) -> bool:
         """Reserve what this backend's fused kernel needs for the call, when it is planned (its first call of a
         signature: vLLM runs every size it captures eagerly first); False: it cannot be had now, and the call
         takes this backend's other path. Reads rank-equal facts only (every rank plans the same calls in the

@@ -51,11 +51,11 @@ def capturing() -> bool:
     return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
 
 
-def symm_mem_workspace_bytes(op: str, call: FusedCall) -> int:
+def symm_mem_workspace_bytes(family: str, call: FusedCall) -> int:
     """The most workspace torch's fused kernels ask for this call: the all_gather's whole gathered input (its
     multimem path), two of the reduce_scatter's output shards (its pipelined path)."""
     rows, k = call.x.shape
-    if op == ALL_GATHER_MM:
+    if family == ALL_GATHER_MM:
         return rows * call.world_size * k * call.x.element_size()
     (mm,) = call.matmuls
     shard_rows = -(-rows // call.world_size)
@@ -77,22 +77,22 @@ class CudaBackend(Backend):
         bytes_per_token = facts.n * max(2, facts.dtype.itemsize)  # int8 / fp8 inputs: a 16-bit product
         return max(self.default_threshold_tokens, VLLM_CUSTOM_ALL_REDUCE_MAX_BYTES // bytes_per_token)
 
-    def limits(self, op, call):
-        if op == MM_ALL_REDUCE or self._uses_generic(call):
-            return self._generic.limits(op, call)
+    def limits(self, family, call):
+        if family == MM_ALL_REDUCE or self._uses_generic(call):
+            return self._generic.limits(family, call)
         return self._limits
 
     def mm_all_reduce(self, call: FusedCall) -> torch.Tensor:
         return self._generic.mm_all_reduce(call)
 
-    def reserve(self, op, call):
+    def reserve(self, family, call):
         """The group's symmetric-memory workspace, at least what the kernel of this call asks torch for."""
-        if op == MM_ALL_REDUCE or self._uses_generic(call):
+        if family == MM_ALL_REDUCE or self._uses_generic(call):
             return True
         from torch.distributed._symmetric_memory import get_symm_mem_workspace
 
         reserve = functools.partial(get_symm_mem_workspace, call.group.group_name,
-                                    min_size=symm_mem_workspace_bytes(op, call))
+                                    min_size=symm_mem_workspace_bytes(family, call))
         if not capturing():
             reserve()  # any failure here is an error, never a quiet switch of protocol on one rank
             return True

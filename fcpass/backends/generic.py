@@ -110,13 +110,13 @@ class GenericBackend(Backend):
             return self.EXCHANGE_REDUCE_SCATTER_THRESHOLD
         return self.default_threshold_tokens
 
-    def never_pays(self, op: str, device_type: str) -> str | None:
-        if op == MM_ALL_REDUCE and device_type in EXCHANGE_DEVICE_TYPES:
+    def never_pays(self, family: str, device_type: str) -> str | None:
+        if family == MM_ALL_REDUCE and device_type in EXCHANGE_DEVICE_TYPES:
             return self.EXCHANGE_ALL_REDUCE_NEVER_PAYS
         return None
 
-    def limits(self, op, call):
-        return self._all_reduce_limits if op == MM_ALL_REDUCE else self._limits
+    def limits(self, family, call):
+        return self._all_reduce_limits if family == MM_ALL_REDUCE else self._limits
 
     def mm_reduce_scatter(self, call: FusedCall) -> torch.Tensor:
         if call.x.device.type in EXCHANGE_DEVICE_TYPES:

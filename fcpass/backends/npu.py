@@ -59,14 +59,14 @@ class NpuBackend(Backend):
     _quant_all_reduce_limits = KernelLimits(allowed_world_sizes=NPU_ALL_REDUCE_WORLD_SIZES, dtypes=NPU_DTYPES,
                                             k_max_exclusive=NPU_ALL_REDUCE_QUANT_K_MAX_EXCLUSIVE, shards_rows=False)
 
-    def limits(self, op, call):
-        if op == MM_ALL_REDUCE:
+    def limits(self, family, call):
+        if family == MM_ALL_REDUCE:
             return self._quant_all_reduce_limits if call.matmuls[0].scaled else self._all_reduce_limits
         return self._limits
 
-    def unsupported(self, op, call):
+    def unsupported(self, family, call):
         (mm, *_) = call.matmuls
-        if op == MM_ALL_REDUCE and mm.scaled and mm.out_dtype not in NPU_ALL_REDUCE_OUT_DTYPES:
+        if family == MM_ALL_REDUCE and mm.scaled and mm.out_dtype not in NPU_ALL_REDUCE_OUT_DTYPES:
             return f"npu_mm_all_reduce_base's W8A8 output is float16 or bfloat16, not {mm.out_dtype}"
         return _another_communicator_on_a2(call.group)
 
