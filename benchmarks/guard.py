@@ -147,15 +147,9 @@ def vllm_unfused(point: measure.Point, group_name: str):
 def vllm_site_op(point: measure.Point, group_name: str):
     """The fcpass op at the site of :func:`vllm_unfused` (its ``site`` argument naming vLLM's collective after
     aten's mm), on its unfused path: what a compiled graph with fcpass runs there below the threshold."""
-    op, site = getattr(torch.ops.fcpass, point.op), "vllm/mm"
-    never = measure.NEVER_FUSE
-    if point.op == "mm_reduce_scatter":
-        args = (point.x, point.w, None, group_name, point.world_size, never, point.pad_rows, "", site)
-    elif point.op == "mm_all_reduce":
-        args = (point.x, point.w, None, group_name, never, "", site)
-    else:
-        args = (point.x, [point.w], [None], group_name, point.world_size, never, "", site)
-    return lambda: op(*args)
+    op = getattr(torch.ops.fcpass, point.op)
+    args = point.op_args(measure.NEVER_FUSE, group_name)
+    return lambda: op(*args, "", "vllm/mm")  # config "" (eager), then the site
 
 
 def make_point(op: str, rows: int, k: int, n: int, world_size: int) -> measure.Point:

@@ -23,10 +23,7 @@ reduce_scatter_single = getattr(dist, "reduce_scatter_single", None) or dist.red
 
 def all_gather_rows(out: torch.Tensor, x: torch.Tensor, group: dist.ProcessGroup, async_op: bool = False):
     """``out`` (world_size * m, ...) = every rank's ``x`` (m, ...) stacked in rank order."""
-    x = x.contiguous()
-    if x.dtype in FP8_DTYPES:
-        out, x = out.view(torch.uint8), x.view(torch.uint8)
-    return all_gather_single(out, x, group=group, async_op=async_op)
+    return all_gather_single(as_sendable(out), as_sendable(x.contiguous()), group=group, async_op=async_op)
 
 
 def reduce_scatter_rows(out: torch.Tensor, x: torch.Tensor, group: dist.ProcessGroup, async_op: bool = False):
@@ -51,18 +48,19 @@ def ring_peers(group: dist.ProcessGroup) -> list[int]:
 
 def send_rows(rows: torch.Tensor, peer: int, tag: int, group: dist.ProcessGroup):
     """Async send of contiguous ``rows`` to group rank ``peer``; keep ``rows`` alive until the Work is done."""
-    return dist.isend(_as_sendable(rows), group=group, group_dst=peer, tag=tag)
+    return dist.isend(as_sendable(rows), group=group, group_dst=peer, tag=tag)
 
 
 def receive_chunks(into: Callable[[int, int, int], torch.Tensor], chunks: list[tuple[int, int]], peers: list[int],
                    group: dist.ProcessGroup) -> list[tuple[int, int, int, dist.Work]]:
     """A receive posted for every peer's every chunk, into ``into(peer, start, end)``: (peer, start, end, Work),
     chunk by chunk, in the order the peers send them."""
-    return [(peer, start, end, dist.irecv(_as_sendable(into(peer, start, end)), group=group, group_src=peer, tag=tag))
+    return [(peer, start, end, dist.irecv(as_sendable(into(peer, start, end)), group=group, group_src=peer, tag=tag))
             for tag, (start, end) in enumerate(chunks) for peer in peers]
 
 
-def _as_sendable(t: torch.Tensor) -> torch.Tensor:
+def as_sendable(t: torch.Tensor) -> torch.Tensor:
+    """fp8 rows as their bytes (gloo has no fp8; moving the bytes is exact), others as they are."""
     return t.view(torch.uint8) if t.dtype in FP8_DTYPES else t
 
 

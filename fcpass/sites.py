@@ -25,7 +25,8 @@ from typing import NamedTuple
 
 import torch
 
-from fcpass.matmuls import FP8_DTYPES, MATMUL_FORMS
+from fcpass.comm import as_sendable
+from fcpass.matmuls import MATMUL_FORMS
 from fcpass.validate import FusedOpInputError
 
 C10D_FUNCTIONAL = "c10d_functional"  # torch's functional collectives + wait_tensor
@@ -97,17 +98,14 @@ def all_gather(site: Site, rows: torch.Tensor, world_size: int, group_name: str)
     if site.collective == VLLM_ASCEND:
         return torch.ops.vllm.maybe_all_gather_and_maybe_unpad(rows, True)
     functional = _functional()
-    moved = rows.view(torch.uint8) if rows.dtype in FP8_DTYPES else rows  # no fp8 on gloo; bytes are exact
-    gathered = functional.wait_tensor(functional.all_gather_into_tensor(moved.contiguous(), world_size, group_name))
-    return gathered.view(rows.dtype)
+    moved = as_sendable(rows.contiguous())  # no fp8 on gloo; bytes are exact
+    return functional.wait_tensor(functional.all_gather_into_tensor(moved, world_size, group_name)).view(rows.dtype)
 
 
 def all_reduce(site: Site, rows: torch.Tensor, group_name: str) -> torch.Tensor:
     """The site's sum all_reduce of ``rows`` (a new tensor, or ``rows`` reduced in place for shm)."""
     if site.collective == VLLM:
         return torch.ops.vllm.all_reduce(rows, group_name)
-    if site.collective == VLLM_ASCEND:  # FlashComm off in this forward: vllm-ascend's op all-reduces
-        return torch.ops.vllm.maybe_pad_and_reduce(rows)
     if site.collective == SHM:
         torch.ops._C.shm_allreduce(site.handle, rows)
         return rows

@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from devtools.launch import run_ranks
+from devtools.vllm_cpu import rank_setup
 from support import vllm_kernels
 from support.collective_calls import collective_events, counting, profiled
 
@@ -159,16 +160,10 @@ def runs(request):
     with pytest.MonkeyPatch.context() as env:
         for key, value in (vllm_kernels.forced_env(request.param) if request.param != "loaded" else {}).items():
             env.setenv(key, value)
-        per_rank = run_ranks(run_below_threshold, 2, timeout=600, setup=_setup)
+        per_rank = run_ranks(run_below_threshold, 2, timeout=600, setup=rank_setup)
     if request.param != "loaded":  # what makes this run the other build's
         assert {r["kernels"] for r in per_rank} == {vllm_kernels.LIBRARIES[request.param]}, per_rank[0]["kernels"]
     return per_rank
-
-
-def _setup():
-    from devtools.vllm_cpu import rank_setup
-
-    rank_setup()
 
 
 @pytest.mark.parametrize("family, form, matmul", sorted(set(_cases(shm=True)) | set(_cases(shm=False))))
