@@ -29,6 +29,7 @@ from fcpass.comm import (
     all_gather_by_exchange, all_gather_single, all_reduce_rows, reduce_scatter_by_exchange, reduce_scatter_single,
 )
 from fcpass.backends.generic import collectives_everywhere
+from fcpass.dispatch import CONFIG_THRESHOLD
 from fcpass.families import FAMILIES
 from fcpass.padding import append_zero_rows
 
@@ -37,8 +38,6 @@ logger = logging.getLogger(__name__)
 OPS = tuple(FAMILIES)
 CHUNK_CANDIDATES = (1, 2, 4, 8)
 NEVER_FUSE, ALWAYS_FUSE = 1 << 24, 0
-# From the config: "the runtime config's threshold, table or backend default".
-CONFIG_THRESHOLD = -1
 
 
 def rank_main(fn: Callable) -> Callable:
@@ -117,13 +116,14 @@ class Point:
 
     # ---- the variants: zero-argument callables on this point's tensors
 
-    def op_args(self, threshold_tokens: int) -> tuple:
-        """The fcpass op's arguments for this point."""
+    def op_args(self, threshold_tokens: int, group_name: str | None = None) -> tuple:
+        """The fcpass op's arguments for this point (on ``group_name``, by default this point's c10d group)."""
+        group_name = group_name or self.group_name
         if self.op == "mm_reduce_scatter":
-            return self.x, self.w, None, self.group_name, self.world_size, threshold_tokens, self.pad_rows
+            return self.x, self.w, None, group_name, self.world_size, threshold_tokens, self.pad_rows
         if self.op == "mm_all_reduce":
-            return self.x, self.w, None, self.group_name, threshold_tokens
-        return self.x, [self.w], [None], self.group_name, self.world_size, threshold_tokens
+            return self.x, self.w, None, group_name, threshold_tokens
+        return self.x, [self.w], [None], group_name, self.world_size, threshold_tokens
 
     def op_call(self, threshold_tokens: int) -> Callable[[], object]:
         """The fcpass op through torch.ops, as a compiled graph calls it."""

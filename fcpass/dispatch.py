@@ -6,8 +6,9 @@ dtypes, device, scalar arguments, the config text, the site), so they run on
 a signature's first call and later calls look the plan up: on the unfused
 path (decode) the op's Python is a few microseconds.
 
-``threshold_tokens < 0`` means "the config's": its threshold_tokens, else its
-threshold table's bucket, else the backend's default.
+``threshold_tokens`` left at ``CONFIG_THRESHOLD`` (as the rewrite leaves it) means
+"the config's": its threshold_tokens, else its threshold table's bucket, else the
+backend's default.
 
 The config of a call is its ``config`` text (``PassConfig.runtime_text()``,
 which the pass puts into every op it emits, so a cached graph runs as
@@ -31,6 +32,9 @@ from fcpass.matmuls import OneDNNMatmul, tensor_signature
 from fcpass.vllm import state
 
 _eager_config = PassConfig()
+
+# The fused ops' threshold_tokens default: the call's config decides (a compiled graph's ops never pass one).
+CONFIG_THRESHOLD = -1
 
 
 def configure(config: PassConfig) -> None:
@@ -67,22 +71,21 @@ class Plan(NamedTuple):
     decision: guard.Decision
     backend: Backend | None
     pipeline_chunks: int  # fused path: the config's, else the table's; 0: the backend's choice
-    symmetric_memory: bool  # the config's cuda_symmetric_memory, unless its workspace could not be reserved
+    options: object  # the backend's own options (Backend.options), as its reserve left them
 
 
 # Call signature -> Plan. Validation and the guard read only the inputs' shapes, dtypes and device, the
 # scalar arguments and the config (its text is part of the key; configure() clears the eager calls'), and a
 # model repeats a handful of signatures on every forward step: each is planned once and looked up
 # afterwards. Bounded.
-# A backend's state of the group (CUDA: symmetric memory enabled) is read when planning, so it is set
-# before the first call, as vLLM sets it at startup.
+# A backend's state of the group (CUDA: symmetric memory enabled, its workspace) is read when planning, so it is
+# set before the first call, as vLLM sets it at startup.
 _plans: dict[tuple, Plan] = {}
 MAX_PLANS = 4096
 
 
 def plan(op: str, family: str, call: FusedCall, threshold_tokens: int, config: PassConfig) -> Plan:
     """The guard's decision for a validated call, with the backend and chunk count its path runs with."""
-    call = call._replace(symmetric_memory=config.cuda_symmetric_memory)  # the CUDA backend's limits read it
     x, device, mms = call.x, call.x.device, call.matmuls
     rows, k = x.shape
     num_tokens = FAMILIES[family].num_tokens(rows, call.world_size, call.pad_rows)
@@ -91,6 +94,8 @@ def plan(op: str, family: str, call: FusedCall, threshold_tokens: int, config: P
         k=k, n=mms[0].n if len(mms) == 1 else sum(mm.n for mm in mms), device_type=device.type,
     )
     backend: Backend | None = select_backend(config.backend, device)
+    if backend is not None:
+        call = call._replace(options=backend.options(config))  # its limits may read them
     off_reason = (
         guard.BACKEND_OFF if backend is None
         else guard.FAMILY_DISABLED if not getattr(config, FAMILIES[family].config_flag)
@@ -100,8 +105,8 @@ def plan(op: str, family: str, call: FusedCall, threshold_tokens: int, config: P
     threshold = _resolve_threshold(threshold_tokens, config, backend, family, facts)
     decision = guard.decide(facts, threshold, limits, config.max_world_size, off_reason)
     chunks = _table_chunks(config, backend, family, facts) if decision.fused else 0
-    symmetric_memory = config.cuda_symmetric_memory and (not decision.fused or backend.reserve(family, call))
-    return Plan(facts, decision, backend, chunks, symmetric_memory)
+    options = backend.reserve(family, call) if decision.fused else call.options
+    return Plan(facts, decision, backend, chunks, options)
 
 
 def run(op: str, family: str, x: torch.Tensor, mms: tuple, row_scale: torch.Tensor | None, group_name: str,
@@ -145,8 +150,8 @@ def run(op: str, family: str, x: torch.Tensor, mms: tuple, row_scale: torch.Tens
     guard.record(planned.facts, planned.decision)
     if not planned.decision.fused:
         return FAMILIES[traced_family].unfused(site, x, mms, row_scale, world_size, group_name, pad_rows)
-    if planned.pipeline_chunks or planned.symmetric_memory:
-        call = call._replace(pipeline_chunks=planned.pipeline_chunks, symmetric_memory=planned.symmetric_memory)
+    if planned.pipeline_chunks or planned.options is not None:
+        call = call._replace(pipeline_chunks=planned.pipeline_chunks, options=planned.options)
     return FAMILIES[family].fused(planned.backend, call)
 
 

@@ -4,12 +4,12 @@ Each op is opaque to Inductor (a custom op with a fake impl that reads input
 shapes only) and carries the guard inside, so a compiled graph holds the op
 for every token count and never recompiles over the fused/unfused choice:
 
-    mm_reduce_scatter(x, w, bias, group_name, world_size, threshold_tokens, pad_rows=0, config="", site="")
+    mm_reduce_scatter(x, w, bias, group_name, world_size, threshold_tokens=-1, pad_rows=0, config="", site="")
         = reduce_scatter(pad(x @ w + bias, pad_rows zero rows), dim 0, SUM)
                                                    ((m + pad_rows)/ws, n)
-    all_gather_mm(x, ws, biases, group_name, world_size, threshold_tokens, config="", site="")
+    all_gather_mm(x, ws, biases, group_name, world_size, threshold_tokens=-1, config="", site="")
         = g = all_gather(x, dim 0); (g, [g @ w_i + b_i])
-    mm_all_reduce(x, w, bias, group_name, threshold_tokens, config="", site="")
+    mm_all_reduce(x, w, bias, group_name, threshold_tokens=-1, config="", site="")
         = all_reduce(x @ w + bias, SUM)               (m, n)
         (no world_size: no shape depends on it, so the graph needs no group
         at compile time; the op reads the group's size when called)
@@ -21,7 +21,9 @@ for every token count and never recompiles over the fused/unfused choice:
         (x, handler, n, bias, ...) in place of (x, w, bias, ...).
 
 ``config``: a ``PassConfig.runtime_text()`` ("" : this process's
-``fcpass.configure``); ``threshold_tokens < 0``: the config's. ``site``: the
+``fcpass.configure``); it is the one threshold channel of a compiled graph's
+ops (the rewrite passes no ``threshold_tokens``: -1, ``CONFIG_THRESHOLD``, "the
+config's"); an eager caller may pass its own. ``site``: the
 collective and matmul ops the graph had at the site (:mod:`fcpass.sites`),
 which the unfused path runs. What a call does: :mod:`fcpass.dispatch`; each
 family's checks, unfused path and fused path: :mod:`fcpass.families`.
@@ -36,12 +38,12 @@ import torch
 
 from fcpass import oplib, sites, validate
 from fcpass.backends.base import ALL_GATHER_MM, MM_ALL_REDUCE, MM_REDUCE_SCATTER
-from fcpass.dispatch import run
+from fcpass.dispatch import CONFIG_THRESHOLD, run
 from fcpass.families import FAMILIES
 from fcpass.matmuls import Matmul, OneDNNMatmul
 
 # matmul kind -> family -> the op fusing that family over that kind of matmul: the table the rewrite emits from
-# (passes/matmul_kinds.py), so an op's name is written here and nowhere else.
+# (passes/matmuls.py, KINDS), so an op's name is written here and nowhere else.
 FUSED_OPS = {
     "plain": {MM_REDUCE_SCATTER: "mm_reduce_scatter", ALL_GATHER_MM: "all_gather_mm", MM_ALL_REDUCE: "mm_all_reduce"},
     "scaled": {MM_REDUCE_SCATTER: "mm_reduce_scatter_scaled", ALL_GATHER_MM: "all_gather_scaled_mm",
@@ -88,8 +90,8 @@ def _scaled_row_matmul(w, x_scale, w_scale, bias, out_dtype, form=""):
 @oplib.define("mm_reduce_scatter")
 def mm_reduce_scatter(
     x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None,
-    group_name: str, world_size: int, threshold_tokens: int, pad_rows: int = 0, config: str = "",
-    site: str = "",
+    group_name: str, world_size: int, threshold_tokens: int = CONFIG_THRESHOLD, pad_rows: int = 0,
+    config: str = "", site: str = "",
 ) -> torch.Tensor:
     at = _site_of("mm_reduce_scatter", site, 1)
     return run(
@@ -99,7 +101,7 @@ def mm_reduce_scatter(
 
 
 @oplib.fake("mm_reduce_scatter")
-def _(x, w, bias, group_name, world_size, threshold_tokens, pad_rows=0, config="", site=""):
+def _(x, w, bias, group_name, world_size, threshold_tokens=CONFIG_THRESHOLD, pad_rows=0, config="", site=""):
     _site_of("mm_reduce_scatter", site, 1)
     _check_rs("mm_reduce_scatter", x, (Matmul(w, bias),), None, world_size, pad_rows)
     return x.new_empty(((x.shape[0] + pad_rows) // world_size, w.shape[1]))
@@ -109,8 +111,8 @@ def _(x, w, bias, group_name, world_size, threshold_tokens, pad_rows=0, config="
 def mm_reduce_scatter_scaled(
     x: torch.Tensor, w: torch.Tensor, x_scale: torch.Tensor | None, w_scale: torch.Tensor,
     bias: torch.Tensor | None, out_dtype: torch.dtype,
-    group_name: str, world_size: int, threshold_tokens: int, pad_rows: int = 0, config: str = "",
-    site: str = "",
+    group_name: str, world_size: int, threshold_tokens: int = CONFIG_THRESHOLD, pad_rows: int = 0,
+    config: str = "", site: str = "",
 ) -> torch.Tensor:
     at = _site_of("mm_reduce_scatter_scaled", site, 1)
     mm, per_token = _scaled_row_matmul(w, x_scale, w_scale, bias, out_dtype, at.matmul(0))
@@ -121,8 +123,8 @@ def mm_reduce_scatter_scaled(
 
 
 @oplib.fake("mm_reduce_scatter_scaled")
-def _(x, w, x_scale, w_scale, bias, out_dtype, group_name, world_size, threshold_tokens, pad_rows=0, config="",
-      site=""):
+def _(x, w, x_scale, w_scale, bias, out_dtype, group_name, world_size, threshold_tokens=CONFIG_THRESHOLD,
+      pad_rows=0, config="", site=""):
     _site_of("mm_reduce_scatter_scaled", site, 1)
     mm, per_token = _scaled_row_matmul(w, x_scale, w_scale, bias, out_dtype)
     _check_rs("mm_reduce_scatter_scaled", x, (mm,), per_token, world_size, pad_rows)
@@ -138,7 +140,7 @@ def _gather_run(op, x, mms, group_name, world_size, threshold_tokens, config, si
 @oplib.define("all_gather_mm")
 def all_gather_mm(
     x: torch.Tensor, ws: Sequence[torch.Tensor], biases: Sequence[torch.Tensor | None],
-    group_name: str, world_size: int, threshold_tokens: int, config: str = "", site: str = "",
+    group_name: str, world_size: int, threshold_tokens: int = CONFIG_THRESHOLD, config: str = "", site: str = "",
 ) -> tuple[torch.Tensor, list[torch.Tensor]]:
     at = _site_of("all_gather_mm", site, len(ws))
     pairs = _zip_lists("all_gather_mm", ws, biases, "biases")
@@ -147,7 +149,7 @@ def all_gather_mm(
 
 
 @oplib.fake("all_gather_mm")
-def _(x, ws, biases, group_name, world_size, threshold_tokens, config="", site=""):
+def _(x, ws, biases, group_name, world_size, threshold_tokens=CONFIG_THRESHOLD, config="", site=""):
     _site_of("all_gather_mm", site, len(ws))
     mms = [Matmul(w, b) for w, b in _zip_lists("all_gather_mm", ws, biases, "biases")]
     _check_ag("all_gather_mm", x, mms, None, world_size)
@@ -172,7 +174,7 @@ def _scaled_matmuls(op, ws, w_scales, biases, x_scale, out_dtype, site=sites.EAG
 def all_gather_scaled_mm(
     x: torch.Tensor, x_scale: torch.Tensor | None, ws: Sequence[torch.Tensor],
     w_scales: Sequence[torch.Tensor], biases: Sequence[torch.Tensor | None], out_dtype: torch.dtype,
-    group_name: str, world_size: int, threshold_tokens: int, config: str = "", site: str = "",
+    group_name: str, world_size: int, threshold_tokens: int = CONFIG_THRESHOLD, config: str = "", site: str = "",
 ) -> tuple[torch.Tensor, list[torch.Tensor]]:
     at = _site_of("all_gather_scaled_mm", site, len(ws))
     mms = _scaled_matmuls("all_gather_scaled_mm", ws, w_scales, biases, x_scale, out_dtype, at)
@@ -180,8 +182,8 @@ def all_gather_scaled_mm(
 
 
 @oplib.fake("all_gather_scaled_mm")
-def _(x, x_scale, ws, w_scales, biases, out_dtype, group_name, world_size, threshold_tokens, config="",
-      site=""):
+def _(x, x_scale, ws, w_scales, biases, out_dtype, group_name, world_size, threshold_tokens=CONFIG_THRESHOLD,
+      config="", site=""):
     _site_of("all_gather_scaled_mm", site, len(ws))
     mms = _scaled_matmuls("all_gather_scaled_mm", ws, w_scales, biases, x_scale, out_dtype)
     _check_ag("all_gather_scaled_mm", x, mms, None, world_size)
@@ -192,8 +194,8 @@ def _(x, x_scale, ws, w_scales, biases, out_dtype, group_name, world_size, thres
 @oplib.define("mm_reduce_scatter_onednn")
 def mm_reduce_scatter_onednn(
     x: torch.Tensor, handler: torch.Tensor, n: int, bias: torch.Tensor | None,
-    group_name: str, world_size: int, threshold_tokens: int, pad_rows: int = 0, config: str = "",
-    site: str = "",
+    group_name: str, world_size: int, threshold_tokens: int = CONFIG_THRESHOLD, pad_rows: int = 0,
+    config: str = "", site: str = "",
 ) -> torch.Tensor:
     mm = OneDNNMatmul(handler, n, x.dtype, bias)
     return run(
@@ -203,7 +205,8 @@ def mm_reduce_scatter_onednn(
 
 
 @oplib.fake("mm_reduce_scatter_onednn")
-def _(x, handler, n, bias, group_name, world_size, threshold_tokens, pad_rows=0, config="", site=""):
+def _(x, handler, n, bias, group_name, world_size, threshold_tokens=CONFIG_THRESHOLD, pad_rows=0, config="",
+      site=""):
     _site_of("mm_reduce_scatter_onednn", site, 1)
     mm = OneDNNMatmul(handler, n, x.dtype, bias)
     _check_rs("mm_reduce_scatter_onednn", x, (mm,), None, world_size, pad_rows)
@@ -218,7 +221,7 @@ def _onednn_matmuls(op, x, handlers, ns, biases):
 @oplib.define("all_gather_onednn_mm")
 def all_gather_onednn_mm(
     x: torch.Tensor, handlers: Sequence[torch.Tensor], ns: Sequence[int], biases: Sequence[torch.Tensor | None],
-    group_name: str, world_size: int, threshold_tokens: int, config: str = "", site: str = "",
+    group_name: str, world_size: int, threshold_tokens: int = CONFIG_THRESHOLD, config: str = "", site: str = "",
 ) -> tuple[torch.Tensor, list[torch.Tensor]]:
     mms = _onednn_matmuls("all_gather_onednn_mm", x, handlers, ns, biases)
     at = _site_of("all_gather_onednn_mm", site, len(mms))
@@ -226,7 +229,7 @@ def all_gather_onednn_mm(
 
 
 @oplib.fake("all_gather_onednn_mm")
-def _(x, handlers, ns, biases, group_name, world_size, threshold_tokens, config="", site=""):
+def _(x, handlers, ns, biases, group_name, world_size, threshold_tokens=CONFIG_THRESHOLD, config="", site=""):
     mms = _onednn_matmuls("all_gather_onednn_mm", x, handlers, ns, biases)
     _site_of("all_gather_onednn_mm", site, len(mms))
     _check_ag("all_gather_onednn_mm", x, mms, None, world_size)
@@ -245,8 +248,8 @@ def _all_reduce(op: str, x, mm, row_scale, group_name: str, threshold_tokens: in
 
 @oplib.define("mm_all_reduce")
 def mm_all_reduce(
-    x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, group_name: str, threshold_tokens: int,
-    config: str = "", site: str = "",
+    x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, group_name: str,
+    threshold_tokens: int = CONFIG_THRESHOLD, config: str = "", site: str = "",
 ) -> torch.Tensor:
     at = _site_of("mm_all_reduce", site, 1)
     return _all_reduce("mm_all_reduce", x, Matmul(w, bias, form=at.matmul(0)), None, group_name, threshold_tokens,
@@ -254,7 +257,7 @@ def mm_all_reduce(
 
 
 @oplib.fake("mm_all_reduce")
-def _(x, w, bias, group_name, threshold_tokens, config="", site=""):
+def _(x, w, bias, group_name, threshold_tokens=CONFIG_THRESHOLD, config="", site=""):
     _site_of("mm_all_reduce", site, 1)
     _check_ar("mm_all_reduce", x, (Matmul(w, bias),), None, None)
     return x.new_empty((x.shape[0], w.shape[1]))
@@ -263,8 +266,8 @@ def _(x, w, bias, group_name, threshold_tokens, config="", site=""):
 @oplib.define("mm_all_reduce_scaled")
 def mm_all_reduce_scaled(
     x: torch.Tensor, w: torch.Tensor, x_scale: torch.Tensor | None, w_scale: torch.Tensor,
-    bias: torch.Tensor | None, out_dtype: torch.dtype, group_name: str, threshold_tokens: int, config: str = "",
-    site: str = "",
+    bias: torch.Tensor | None, out_dtype: torch.dtype, group_name: str, threshold_tokens: int = CONFIG_THRESHOLD,
+    config: str = "", site: str = "",
 ) -> torch.Tensor:
     at = _site_of("mm_all_reduce_scaled", site, 1)
     mm, per_token = _scaled_row_matmul(w, x_scale, w_scale, bias, out_dtype, at.matmul(0))
@@ -272,7 +275,7 @@ def mm_all_reduce_scaled(
 
 
 @oplib.fake("mm_all_reduce_scaled")
-def _(x, w, x_scale, w_scale, bias, out_dtype, group_name, threshold_tokens, config="", site=""):
+def _(x, w, x_scale, w_scale, bias, out_dtype, group_name, threshold_tokens=CONFIG_THRESHOLD, config="", site=""):
     _site_of("mm_all_reduce_scaled", site, 1)
     mm, per_token = _scaled_row_matmul(w, x_scale, w_scale, bias, out_dtype)
     _check_ar("mm_all_reduce_scaled", x, (mm,), per_token, None)
@@ -282,7 +285,7 @@ def _(x, w, x_scale, w_scale, bias, out_dtype, group_name, threshold_tokens, con
 @oplib.define("mm_all_reduce_onednn")
 def mm_all_reduce_onednn(
     x: torch.Tensor, handler: torch.Tensor, n: int, bias: torch.Tensor | None, group_name: str,
-    threshold_tokens: int, config: str = "", site: str = "",
+    threshold_tokens: int = CONFIG_THRESHOLD, config: str = "", site: str = "",
 ) -> torch.Tensor:
     mm = OneDNNMatmul(handler, n, x.dtype, bias)
     return _all_reduce("mm_all_reduce_onednn", x, mm, None, group_name, threshold_tokens, config,
@@ -290,7 +293,7 @@ def mm_all_reduce_onednn(
 
 
 @oplib.fake("mm_all_reduce_onednn")
-def _(x, handler, n, bias, group_name, threshold_tokens, config="", site=""):
+def _(x, handler, n, bias, group_name, threshold_tokens=CONFIG_THRESHOLD, config="", site=""):
     _site_of("mm_all_reduce_onednn", site, 1)
     _check_ar("mm_all_reduce_onednn", x, (OneDNNMatmul(handler, n, x.dtype, bias),), None, None)
     return x.new_empty((x.shape[0], n))

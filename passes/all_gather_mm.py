@@ -5,7 +5,8 @@
     z_j = mm(g[:end], v_j)                       the unpad slice before a matmul
     ... other users of g
         ==>
-    fused = fcpass.all_gather_mm(x, [w_i, v_j], [b_i, c_j], group, world_size, -1, config.runtime_text())
+    fused = fcpass.all_gather_mm(x, [w_i, v_j], [b_i, c_j], group_name=group, world_size=world_size,
+                                 config=config.runtime_text(), site=...)
     g = fused[0];  y_i = fused[1][i];  z_j = fused[1][j][:end]
 
 A matmul reads g's rows directly, through the unpad slice, through views
@@ -39,17 +40,14 @@ from fcpass.backends.base import ALL_GATHER_MM
 from fcpass.config import PassConfig
 from fcpass.sites import site_text
 from passes import report as outcomes
-from passes.collectives import ALL_GATHER, Collective, find_collectives, group_problem, unsupported_collectives
+from passes.collectives import ALL_GATHER, Collective, group_problem, scan
+from passes.fusion import Fusion
 from passes.graph_edit import call, erase_unused, insert_fused
-from passes.matmul_kinds import CONFIG_THRESHOLD, KINDS
-from passes.matmuls import MatmulNode, match_matmul
+from passes.matmuls import KINDS, MatmulNode, match_matmul
 from passes.naming import site_form
 from passes.nodes import dim
-from passes.report import FAMILY_DISABLED, FUSED, PassReport, Reason
+from passes.report import Reason
 from passes.rows import row_view_source, rowwise_quantize, unpad_end
-
-FAMILY = ALL_GATHER_MM
-
 
 @dataclass(frozen=True)
 class Consumer:
@@ -67,22 +65,30 @@ class Consumer:
         erase_unused(graph, self.steps)
 
 
-def rewrite(graph: fx.Graph, config: PassConfig, report: PassReport) -> None:
-    """Fuse every site; record each all_gather seen with what was done or why not (disabled: record only)."""
-    enabled = config.fuse_all_gather_mm
-    for form, reason in unsupported_collectives(graph, ALL_GATHER):
-        report.add(FAMILY, f"{form}/-", reason)
-    for ag in find_collectives(graph, ALL_GATHER):
-        found = _consumers(ag.output)
-        consumers = [c for c in found if not c.mm.problem]  # the others keep reading the gathered rows
-        steps = [step for c in consumers for step in c.steps]
-        form = site_form(ag, found[0].mm if found else None, "-", steps)
-        problems = [c.mm.problem for c in found if c.mm.problem]
-        reason = _unfusable(ag, consumers, problems) if enabled else FAMILY_DISABLED
-        report.add(FAMILY, form, reason or _replace(graph, ag, consumers, config.runtime_text()) or FUSED)
+@dataclass(frozen=True)
+class GatherSite:
+    """An all_gather and the matmuls reading its rows: those a fused op can take, and why the others cannot."""
+
+    ag: Collective
+    consumers: tuple[Consumer, ...]  # the others keep reading the gathered rows
+    matmul_problems: tuple[str, ...]
+    form: str
 
 
 # --------------------------------------------------------------------------- pattern
+
+def _scan(graph: fx.Graph):
+    collectives, undecoded = scan(graph, ALL_GATHER)
+    return map(_site, collectives), undecoded
+
+
+def _site(ag: Collective) -> GatherSite:
+    found = _consumers(ag.output)
+    consumers = tuple(c for c in found if not c.mm.problem)
+    steps = [step for c in consumers for step in c.steps]
+    form = site_form(ag, found[0].mm if found else None, "-", steps)
+    return GatherSite(ag, consumers, tuple(c.mm.problem for c in found if c.mm.problem), form)
+
 
 def _consumers(gathered: fx.Node) -> list[Consumer]:
     """Every matmul reading ``gathered``'s rows: directly, via ``[:end]``, row-keeping views, a row-wise quantize."""
@@ -108,7 +114,8 @@ def _consumers(gathered: fx.Node) -> list[Consumer]:
 
 # --------------------------------------------------------------------------- condition
 
-def _unfusable(ag: Collective, consumers: list[Consumer], matmul_problems: list[str]) -> str | Reason | None:
+def _unfusable(site: GatherSite, config: PassConfig) -> str | Reason | None:
+    ag, consumers, matmul_problems = site.ag, site.consumers, site.matmul_problems
     problem = group_problem(ag)
     if problem:
         return problem
@@ -129,8 +136,9 @@ def _quantize_key(quantize: fx.Node | None):
 
 # --------------------------------------------------------------------------- replacement
 
-def _replace(graph: fx.Graph, ag: Collective, consumers: list[Consumer], config_text: str) -> Reason | None:
+def _replace(graph: fx.Graph, site: GatherSite, config_text: str) -> Reason | None:
     """Rewrite the site; None, or why the fused op rejects it (then the graph is left as it was)."""
+    ag, consumers = site.ag, site.consumers
     matmuls = [c.mm for c in consumers]
     kind = KINDS[matmuls[0].kind]  # one kind for all: see _unfusable
     quantize = consumers[0].quantize
@@ -139,8 +147,8 @@ def _replace(graph: fx.Graph, ag: Collective, consumers: list[Consumer], config_
         x = ag.input
         if quantize is not None:
             x = call(graph, quantize.target, (x, *quantize.args[1:]), dict(quantize.kwargs))
-        return call(graph, kind.fused_op(FAMILY), (x, *kind.gather_operands(graph, matmuls)), {
-            "group_name": ag.group_name, "world_size": ag.world_size, "threshold_tokens": CONFIG_THRESHOLD,
+        return call(graph, kind.fused_op(ALL_GATHER_MM), (x, *kind.gather_operands(graph, matmuls)), {
+            "group_name": ag.group_name, "world_size": ag.world_size,
             "config": config_text, "site": site_text(ag.form, [mm.form for mm in matmuls])})
 
     # Inserted before the first matmul; nodes defined later are put in order by the
@@ -167,3 +175,6 @@ def _unpadded(graph: fx.Graph, ag: Collective, rows: fx.Node) -> fx.Node:
     if not ag.pads_tokens:
         return rows
     return call(graph, torch.ops.fcpass.drop_token_padding.default, (rows,))
+
+
+FUSION = Fusion(ALL_GATHER_MM, _scan, _unfusable, _replace)

@@ -152,33 +152,29 @@ def reduce_op_name(reduce_op) -> str:
     return str(reduce_op).rsplit(".", 1)[-1].lower()
 
 
-def find_collectives(graph: fx.Graph, kind: CollectiveKind):
-    """Every ``kind`` collective in ``graph``, in any form (a snapshot: the caller may rewrite as it goes)."""
-    matchers = kind.matchers()
-    for node in list(graph.nodes):
-        found = _first_match(matchers, node)
-        if found is not None:
-            yield found
+def scan(graph: fx.Graph, kind: CollectiveKind) -> tuple[list[Collective], list[tuple[str, Reason]]]:
+    """Every ``kind`` collective in ``graph`` in any form (a snapshot: the caller may rewrite as it goes), and
+    (form, reason) for each one no form decodes, so the report can say why a collective that looks fusable was
+    not even a candidate (another dim, a functional handle used directly, ...)."""
+    return _scan(graph, kind.matchers(), functools.partial(_undecoded_collective, kind))
 
 
-def unsupported_collectives(graph: fx.Graph, kind: CollectiveKind):
-    """(form, reason) for each ``kind`` collective no form decodes.
+def _scan(graph: fx.Graph, matchers, undecoded) -> tuple[list, list[tuple[str, Reason]]]:
+    found = [match for node in graph.nodes if (match := _first_match(matchers, node)) is not None]
+    decoded = {n for match in found for n in match.nodes}
+    return found, [why for node in graph.nodes
+                   if node.op == "call_function" and node not in decoded and (why := undecoded(node)) is not None]
 
-    So the report can say why a collective that looks fusable was not even a
-    candidate (another dim, a functional handle used directly, ...).
-    """
-    matchers = kind.matchers()
-    decoded = {n for node in graph.nodes if (c := _first_match(matchers, node)) is not None for n in c.nodes}
-    for node in graph.nodes:
-        if node.op != "call_function" or node in decoded:
-            continue
-        if node.target == functional_op(kind.functional):
-            yield "c10d_functional", Reason(outcomes.UNSUPPORTED_FORM, "its handle is used other than by wait_tensor")
-        elif node.target is not None and node.target == vllm_op(kind.vllm):
-            dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
-            yield "vllm", Reason(outcomes.UNSUPPORTED_FORM, f"{kind.name} along dim {dim}, not 0")
-        elif kind.reduces and node.target is not None and node.target == vllm_op(ASCEND_ROW_PARALLEL_LINEAR):
-            yield "vllm_ascend", Reason(outcomes.OPAQUE_MATMUL, ASCEND_ROW_PARALLEL_LINEAR_DOES)
+
+def _undecoded_collective(kind: CollectiveKind, node: fx.Node) -> tuple[str, Reason] | None:
+    if node.target == functional_op(kind.functional):
+        return "c10d_functional", Reason(outcomes.UNSUPPORTED_FORM, "its handle is used other than by wait_tensor")
+    if node.target is not None and node.target == vllm_op(kind.vllm):
+        dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
+        return "vllm", Reason(outcomes.UNSUPPORTED_FORM, f"{kind.name} along dim {dim}, not 0")
+    if kind.reduces and node.target is not None and node.target == vllm_op(ASCEND_ROW_PARALLEL_LINEAR):
+        return "vllm_ascend", Reason(outcomes.OPAQUE_MATMUL, ASCEND_ROW_PARALLEL_LINEAR_DOES)
+    return None
 
 
 def _first_match(matchers, node: fx.Node):
@@ -221,11 +217,6 @@ class AllReduce(Match):
     handle: int | None = None  # shm: the communicator's handle the graph passes
 
 
-def match_all_reduce(node: fx.Node) -> AllReduce | None:
-    """The sum all_reduce ``node`` is, in whichever form of :data:`ALL_REDUCE_MATCHERS`, or None."""
-    return _first_match(ALL_REDUCE_MATCHERS, node)
-
-
 def _match_vllm_all_reduce(node: fx.Node) -> AllReduce | None:
     if node.op != "call_function" or node.target is None or node.target != vllm_op("all_reduce"):
         return None
@@ -244,15 +235,18 @@ def _match_functional_all_reduce(node: fx.Node) -> AllReduce | None:
     return AllReduce("c10d_functional", node, x, str(group_name), (issue, *waits))
 
 
-def unsupported_all_reduces(graph: fx.Graph):
-    """(form, reason) for each functional all_reduce no form decodes: another reduction, or a handle used
-    other than by its wait chain."""
-    decoded = {n for node in graph.nodes if (ar := match_all_reduce(node)) is not None for n in ar.nodes}
-    for node in graph.nodes:
-        if node.op == "call_function" and node not in decoded and node.target == functional_op("all_reduce"):
-            reduce_op = reduce_op_name(list(bound_args(node).values())[1])
-            yield "c10d_functional", (Reason(outcomes.NOT_SUM, repr(reduce_op)) if reduce_op != "sum" else
-                                      Reason(outcomes.UNSUPPORTED_FORM, "its handle is used other than by wait_tensor"))
+def scan_all_reduces(graph: fx.Graph) -> tuple[list[AllReduce], list[tuple[str, Reason]]]:
+    """Every sum all_reduce in ``graph`` in any form (a snapshot), and (form, reason) for each functional
+    all_reduce no form decodes: another reduction, or a handle used other than by its wait chain."""
+    return _scan(graph, ALL_REDUCE_MATCHERS, _undecoded_all_reduce)
+
+
+def _undecoded_all_reduce(node: fx.Node) -> tuple[str, Reason] | None:
+    if node.target != functional_op("all_reduce"):
+        return None
+    reduce_op = reduce_op_name(list(bound_args(node).values())[1])
+    return "c10d_functional", (Reason(outcomes.NOT_SUM, repr(reduce_op)) if reduce_op != "sum" else
+                               Reason(outcomes.UNSUPPORTED_FORM, "its handle is used other than by wait_tensor"))
 
 
 def _match_shm_all_reduce(node: fx.Node) -> AllReduce | None:

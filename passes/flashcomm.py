@@ -22,6 +22,7 @@ from torch._inductor.pattern_matcher import stable_topological_sort
 import fcpass  # registers torch.ops.fcpass.*
 from fcpass.config import PassConfig
 from passes import all_gather_mm, mm_all_reduce, mm_reduce_scatter, sequence_parallel
+from passes.fusion import fuse
 from passes.report import PassReport
 
 # Under "fcpass" like the runtime's loggers, so logging.getLogger("fcpass") reaches the rewrite too.
@@ -36,7 +37,7 @@ _PASS_SOURCES = sorted(Path(__file__).parent.glob("*.py"))
 # comes from a rewritten reduce_scatter sees the final graph; matmul -> all_reduce last,
 # on the all_reduces the split left. Each family reads its flag and threshold from the
 # config; the fused ops get the config itself as text.
-_FAMILIES = (sequence_parallel, mm_reduce_scatter, all_gather_mm, mm_all_reduce)
+_FUSIONS = (mm_reduce_scatter.FUSION, all_gather_mm.FUSION, mm_all_reduce.FUSION)
 
 # The reports of this process's last graphs, for callers that cannot reach the pass instance (vLLM workers
 # hold copies of it; devtools/engine.py reads them with collective_rpc).
@@ -83,8 +84,9 @@ class FlashCommPass(CustomGraphPass):
         self._dump(graph, "before")
         # No process state is written here: a compile-cache hit skips this pass, so what the fused ops read at
         # run time (backend, limits, chunks, threshold table) is an argument of each op (config.runtime_text()).
-        for family in _FAMILIES:
-            family.rewrite(graph, self.config, self.last_report)
+        sequence_parallel.rewrite(graph, self.config, self.last_report)
+        for fusion in _FUSIONS:
+            fuse(fusion, graph, self.config, self.last_report)
         _RECENT_REPORTS.append(self.last_report)
         stable_topological_sort(graph)
         graph.lint()

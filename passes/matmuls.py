@@ -2,7 +2,9 @@
 
 A pattern family asks "is that node a matmul, in any form?" and gets back
 the same decoded record whatever the form was; the record's ``kind`` is its
-key in ``passes.matmul_kinds.KINDS``, the fused ops that take it.
+key in :data:`KINDS`: which fused ops take it (``fcpass.ops.FUSED_OPS``) and
+how they are given its operands. A family looks the kind up there instead of
+comparing names.
 
 Inner nodes of a pattern match only when they have a single user (the
 pattern matcher's default), so a matmul whose output is used elsewhere too
@@ -13,11 +15,13 @@ from __future__ import annotations
 
 import operator
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.fx as fx
 from torch._inductor.pattern_matcher import CallFunction, KeywordArg, is_match
 
+from fcpass.ops import FUSED_OPS
 from passes import report as outcomes
 from passes.graph_edit import Match, call
 from passes.nodes import (AUTO_FUNCTIONALIZED, as_dtype, aten, bound_args, dim, fake_value, mutated_arg, npu_op,
@@ -33,7 +37,7 @@ class MatmulNode(Match):
     x: fx.Node
     w: fx.Node
     bias: fx.Node | None
-    # Which fused op family member takes it: its key in matmul_kinds.KINDS ("plain", "scaled", "onednn").
+    # Which fused ops take it: its key in KINDS ("plain", "scaled", "onednn").
     kind: str = "plain"
     x_scale: fx.Node | None = None
     w_scale: fx.Node | None = None
@@ -202,6 +206,53 @@ def _match_npu_quant_matmul(node: fx.Node) -> MatmulNode | None:
 
 
 # Every matmul form, one matcher each (a new form: its matcher here, its op call in fcpass.matmuls.Matmul, and an
-# entry in passes/matmul_kinds.KINDS when no fused op takes its kind yet).
+# entry in KINDS below when no fused op takes its kind yet).
 MATMUL_MATCHERS = (_match_mm, _match_addmm, _match_scaled_mm, _match_linear, _match_npu_quant_matmul,
                    _match_onednn_mm)
+
+
+# --------------------------------------------------------------------------- kinds: the fused ops' operands
+
+@dataclass(frozen=True)
+class MatmulKind:
+    """How the fused ops of one kind of matmul are given the matmuls' operands; which ops they are is the
+    runtime's table (``fcpass.ops.FUSED_OPS``)."""
+
+    name: str
+    row_parallel_operands: Callable[[fx.Graph, MatmulNode], tuple]  # both row-parallel ops take these
+    gather_operands: Callable[[fx.Graph, list[MatmulNode]], tuple]  # every matmul of one gather, one kind
+
+    def fused_op(self, family: str):
+        """``torch.ops.fcpass.<op>.default`` of ``family`` over this kind, registered by ``import fcpass``."""
+        return getattr(torch.ops.fcpass, FUSED_OPS[self.name][family]).default
+
+
+def _each(matmuls: list[MatmulNode], field: str) -> list:
+    return [getattr(mm, field) for mm in matmuls]
+
+
+def _kn_weights(graph: fx.Graph, matmuls: list[MatmulNode]) -> list[fx.Node]:
+    return [mm.kn_weight(graph) for mm in matmuls]
+
+
+KINDS: dict[str, MatmulKind] = {
+    # x @ w (+ bias): mm, addmm, the linear ops.
+    "plain": MatmulKind(
+        "plain",
+        row_parallel_operands=lambda graph, mm: (mm.kn_weight(graph), mm.bias),
+        gather_operands=lambda graph, mms: (_kn_weights(graph, mms), _each(mms, "bias")),
+    ),
+    # fp8 _scaled_mm, Ascend W8A8 npu_quant_matmul: the gathered rows have one x_scale and out_dtype.
+    "scaled": MatmulKind(
+        "scaled",
+        row_parallel_operands=lambda graph, mm: (mm.kn_weight(graph), mm.x_scale, mm.w_scale, mm.bias, mm.out_dtype),
+        gather_operands=lambda graph, mms: (mms[0].x_scale, _kn_weights(graph, mms), _each(mms, "w_scale"),
+                                            _each(mms, "bias"), mms[0].out_dtype),
+    ),
+    # vLLM's CPU oneDNN linear: the op takes the handler (the weight packed inside) and its output width.
+    "onednn": MatmulKind(
+        "onednn",
+        row_parallel_operands=lambda graph, mm: (mm.w, mm.handler_n, mm.bias),
+        gather_operands=lambda graph, mms: (_each(mms, "w"), _each(mms, "handler_n"), _each(mms, "bias")),
+    ),
+}

@@ -4,7 +4,7 @@
     [y = view(y, ...)]      row-keeping views, any number
     out = all_reduce(y, sum, group)
         ==>
-    out = fcpass.mm_all_reduce(x, w, bias, group, -1, config.runtime_text())
+    out = fcpass.mm_all_reduce(x, w, bias, group_name=group, config=config.runtime_text(), site=...)
 
 Every row-parallel linear of a dense model on current vLLM ends in this
 form (vLLM's ``all_reduce`` op or the functional ``all_reduce`` +
@@ -30,6 +30,8 @@ the rewrite reads the matmul's form, never whether this rank holds a bias
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch.fx as fx
 
 from fcpass.backends.base import MM_ALL_REDUCE
@@ -37,59 +39,70 @@ from fcpass.config import PassConfig
 from fcpass.dispatch import never_fused
 from fcpass.sites import site_text
 from passes import report as outcomes
-from passes.collectives import AllReduce, match_all_reduce, unsupported_all_reduces
+from passes.collectives import AllReduce, scan_all_reduces
+from passes.fusion import Fusion
 from passes.graph_edit import call, replace_site
-from passes.matmul_kinds import CONFIG_THRESHOLD, KINDS
-from passes.matmuls import MatmulNode, match_matmul, producer_problem
+from passes.matmuls import KINDS, MatmulNode, match_matmul, producer_problem
 from passes.naming import site_form
 from passes.nodes import dim, fake_value
-from passes.report import FAMILY_DISABLED, FUSED, PassReport, Reason
+from passes.report import Reason
 from passes.rows import through_row_views
 
-FAMILY = MM_ALL_REDUCE
+
+# --------------------------------------------------------------------------- pattern
+
+@dataclass(frozen=True)
+class AllReduceSite:
+    """An all_reduce, what its rows come from (the matmul, if one) and the row-keeping views in between."""
+
+    ar: AllReduce
+    mm: MatmulNode | None
+    producer: object
+    steps: tuple[fx.Node, ...]
+    form: str
 
 
-def rewrite(graph: fx.Graph, config: PassConfig, report: PassReport) -> None:
-    """Fuse every site; record each all_reduce seen with what was done or why not (disabled: record only)."""
-    for form, reason in unsupported_all_reduces(graph):
-        report.add(FAMILY, f"{form}/-", reason)
-    for ar in [ar for node in list(graph.nodes) if (ar := match_all_reduce(node)) is not None]:
-        producer, steps = through_row_views(ar.input)
-        mm = match_matmul(producer)
-        form = site_form(ar, mm, producer, steps)
-        if not config.fuse_mm_all_reduce:
-            report.add(FAMILY, form, FAMILY_DISABLED)
-            continue
-        reason = _unfusable(ar, mm, producer, steps, config)
-        report.add(FAMILY, form, reason or _replace(graph, ar, mm, steps, config.runtime_text()) or FUSED)
+def _scan(graph: fx.Graph):
+    all_reduces, undecoded = scan_all_reduces(graph)
+    return map(_site, all_reduces), undecoded
+
+
+def _site(ar: AllReduce) -> AllReduceSite:
+    producer, steps = through_row_views(ar.input)
+    mm = match_matmul(producer)
+    return AllReduceSite(ar, mm, producer, tuple(steps), site_form(ar, mm, producer, steps))
 
 
 # --------------------------------------------------------------------------- condition
 
-def _unfusable(ar: AllReduce, mm: MatmulNode | None, producer, steps, config: PassConfig) -> str | Reason | None:
+def _unfusable(site: AllReduceSite, config: PassConfig) -> str | Reason | None:
     # Below its threshold the op runs the site's own ops, so these declines are about the fused path: where it
     # cannot pay, the op would only add a call, and the graph stays as compiled without fcpass.
+    ar = site.ar
     if ar.form == "shm" and config.keep_faster_transports:
         return Reason(outcomes.FASTER_TRANSPORT, "vLLM's shm all_reduce; the fused op's would run over gloo")
     val = fake_value(ar.input)
-    never = never_fused(FAMILY, val.device, config) if val is not None else None
+    never = never_fused(MM_ALL_REDUCE, val.device, config) if val is not None else None
     if never:
         return Reason(outcomes.NEVER_FUSED, never)
     if dim(ar.input) != 2:
         return outcomes.ALL_REDUCE_NOT_2D_ROWS
-    return producer_problem(mm, producer, steps)
+    return producer_problem(site.mm, site.producer, site.steps)
 
 
 # --------------------------------------------------------------------------- replacement
 
-def _replace(graph: fx.Graph, ar: AllReduce, mm: MatmulNode, steps, config_text: str):
+def _replace(graph: fx.Graph, site: AllReduceSite, config_text: str):
     """Rewrite the site; None, or why the fused op rejects it (then the graph is left as it was)."""
+    ar, mm = site.ar, site.mm
     kind = KINDS[mm.kind]
 
     def build():
         operands = kind.row_parallel_operands(graph, mm)
-        return call(graph, kind.fused_op(FAMILY), (mm.x, *operands), {
-            "group_name": ar.group_name, "threshold_tokens": CONFIG_THRESHOLD, "config": config_text,
-            "site": site_text(ar.form, [mm.form], ar.handle)})
+        return call(graph, kind.fused_op(MM_ALL_REDUCE), (mm.x, *operands), {
+            "group_name": ar.group_name, "config": config_text, "site": site_text(ar.form, [mm.form], ar.handle)})
 
-    return replace_site(graph, ar, mm, steps, build)
+    return replace_site(graph, ar, mm, site.steps, build)
+
+
+FUSION = Fusion(MM_ALL_REDUCE, _scan, _unfusable, _replace)

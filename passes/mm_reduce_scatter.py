@@ -5,7 +5,8 @@
     [y = pad(y, (0, 0, 0, p))]   zero rows up to a multiple of world_size
     out = reduce_scatter(y, dim 0, sum, group)
         ==>
-    out = fcpass.mm_reduce_scatter(x, w, bias, group, world_size, -1, p, config.runtime_text())
+    out = fcpass.mm_reduce_scatter(x, w, bias, group_name=group, world_size=world_size, pad_rows=p,
+                                   config=config.runtime_text(), site="<collective>/<matmul>")
 
 and the same from ``_scaled_mm`` and Ascend's ``npu_quant_matmul`` to
 ``fcpass.mm_reduce_scatter_scaled``; linear-style matmuls (``aten.linear``,
@@ -25,6 +26,8 @@ the same op, whose protocol does not depend on the bias.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.fx as fx
 
@@ -32,32 +35,40 @@ from fcpass.backends.base import MM_REDUCE_SCATTER
 from fcpass.config import PassConfig
 from fcpass.sites import site_text
 from passes import report as outcomes
-from passes.collectives import REDUCE_SCATTER, Collective, find_collectives, group_problem, unsupported_collectives
+from passes.collectives import REDUCE_SCATTER, Collective, group_problem, scan
+from passes.fusion import Fusion
 from passes.graph_edit import call, padding_to_multiple, replace_site
-from passes.matmul_kinds import CONFIG_THRESHOLD, KINDS
-from passes.matmuls import MatmulNode, match_matmul, producer_problem
+from passes.matmuls import KINDS, MatmulNode, match_matmul, producer_problem
 from passes.naming import site_form
 from passes.nodes import dim
-from passes.report import FAMILY_DISABLED, FUSED, PassReport, Reason
+from passes.report import Reason
 from passes.rows import row_pad, row_view_source
-
-FAMILY = MM_REDUCE_SCATTER
-
-
-def rewrite(graph: fx.Graph, config: PassConfig, report: PassReport) -> None:
-    """Fuse every site; record each reduce_scatter seen with what was done or why not (disabled: record only)."""
-    enabled = config.fuse_mm_reduce_scatter
-    for form, reason in unsupported_collectives(graph, REDUCE_SCATTER):
-        report.add(FAMILY, f"{form}/-", reason)
-    for rs in find_collectives(graph, REDUCE_SCATTER):
-        producer, pad, steps = _rows_source(rs.input)
-        mm = match_matmul(producer)
-        form = site_form(rs, mm, producer, steps)
-        reason = _unfusable(rs, mm, producer, pad, steps) if enabled else FAMILY_DISABLED
-        report.add(FAMILY, form, reason or _replace(graph, rs, mm, pad, steps, config.runtime_text()) or FUSED)
 
 
 # --------------------------------------------------------------------------- pattern
+
+@dataclass(frozen=True)
+class ScatterSite:
+    """A reduce_scatter, what its rows come from (the matmul, if one) and the steps in between."""
+
+    rs: Collective
+    mm: MatmulNode | None
+    producer: object
+    pad: int  # zero rows an explicit pad adds
+    steps: tuple[fx.Node, ...]
+    form: str
+
+
+def _scan(graph: fx.Graph):
+    collectives, undecoded = scan(graph, REDUCE_SCATTER)
+    return map(_site, collectives), undecoded
+
+
+def _site(rs: Collective) -> ScatterSite:
+    producer, pad, steps = _rows_source(rs.input)
+    mm = match_matmul(producer)
+    return ScatterSite(rs, mm, producer, pad, tuple(steps), site_form(rs, mm, producer, steps))
+
 
 def _rows_source(node: fx.Node):
     """Walk back from the scattered tensor through row-keeping views and one zero-row pad.
@@ -80,7 +91,8 @@ def _rows_source(node: fx.Node):
 
 # --------------------------------------------------------------------------- condition
 
-def _unfusable(rs: Collective, mm: MatmulNode | None, producer, pad, steps) -> str | Reason | None:
+def _unfusable(site: ScatterSite, config: PassConfig) -> str | Reason | None:
+    rs, mm, pad = site.rs, site.mm, site.pad
     if rs.reduce_op != "sum":
         return Reason(outcomes.NOT_SUM, repr(rs.reduce_op))
     problem = group_problem(rs)
@@ -88,7 +100,7 @@ def _unfusable(rs: Collective, mm: MatmulNode | None, producer, pad, steps) -> s
         return problem
     if dim(rs.input) != 2:
         return outcomes.NOT_2D_ROWS
-    problem = producer_problem(mm, producer, steps)
+    problem = producer_problem(mm, site.producer, site.steps)
     if problem:
         return problem
     if (pad or rs.pads_tokens) and mm.form == "scaled_mm":  # never on bias presence: it differs per rank
@@ -100,18 +112,19 @@ def _unfusable(rs: Collective, mm: MatmulNode | None, producer, pad, steps) -> s
 
 # --------------------------------------------------------------------------- replacement
 
-def _replace(graph: fx.Graph, rs: Collective, mm: MatmulNode, pad, steps, config_text: str) -> Reason | None:
+def _replace(graph: fx.Graph, site: ScatterSite, config_text: str) -> Reason | None:
     """Rewrite the site; None, or why the fused op rejects it (then the graph is left as it was)."""
+    rs, mm, pad = site.rs, site.mm, site.pad
     kind = KINDS[mm.kind]
 
     def build():
         rows_pad = _pad_to_multiple(graph, mm.x, rs.world_size) if rs.pads_tokens else pad
         operands = kind.row_parallel_operands(graph, mm)
-        return call(graph, kind.fused_op(FAMILY), (mm.x, *operands), {
-            "group_name": rs.group_name, "world_size": rs.world_size, "threshold_tokens": CONFIG_THRESHOLD,
+        return call(graph, kind.fused_op(MM_REDUCE_SCATTER), (mm.x, *operands), {
+            "group_name": rs.group_name, "world_size": rs.world_size,
             "pad_rows": rows_pad, "config": config_text, "site": site_text(rs.form, [mm.form])})
 
-    return replace_site(graph, rs, mm, steps, build)
+    return replace_site(graph, rs, mm, site.steps, build)
 
 
 def _pad_to_multiple(graph: fx.Graph, x: fx.Node, world_size: int):
@@ -120,3 +133,6 @@ def _pad_to_multiple(graph: fx.Graph, x: fx.Node, world_size: int):
     if not isinstance(rows, int):
         rows = call(graph, torch.ops.aten.sym_size.int, (x, 0))
     return padding_to_multiple(graph, rows, world_size)
+
+
+FUSION = Fusion(MM_REDUCE_SCATTER, _scan, _unfusable, _replace)

@@ -36,7 +36,7 @@ class FusedCall(NamedTuple):
     row_scale: torch.Tensor | None = None
     pipeline_chunks: int = 0
     pad_rows: int = 0
-    symmetric_memory: bool = False  # the config lets the CUDA backend use symmetric memory (cuda_symmetric_memory)
+    options: object = None  # the backend's own options for this call (Backend.options, Backend.reserve)
 
 
 class Backend:
@@ -62,12 +62,17 @@ class Backend:
         dtypes, the matmul's kind), or None."""
         return None
 
-    def reserve(self, family: str, call: FusedCall) -> bool:
+    def options(self, config) -> object:
+        """What this backend reads of a ``PassConfig`` (its own fields; None: nothing), planned once per call
+        signature and handed to ``limits``, ``reserve`` and the fused path as ``call.options``."""
+        return None
+
+    def reserve(self, family: str, call: FusedCall) -> object:
         """Reserve what this backend's fused kernel needs for the call, when it is planned (its first call of a
-        signature: vLLM runs every size it captures eagerly first); False: it cannot be had now, and the call
-        takes this backend's other path. Reads rank-equal facts only (every rank plans the same calls in the
-        same order)."""
-        return True
+        signature: vLLM runs every size it captures eagerly first); returns the options the fused path runs with
+        (other than ``call.options`` where what it needs cannot be had now, and the call takes this backend's
+        other path). Reads rank-equal facts only (every rank plans the same calls in the same order)."""
+        return call.options
 
     def mm_reduce_scatter(self, call: FusedCall) -> torch.Tensor:
         raise NotImplementedError

@@ -85,10 +85,15 @@ class CudaBackend(Backend):
     def mm_all_reduce(self, call: FusedCall) -> torch.Tensor:
         return self._generic.mm_all_reduce(call)
 
-    def reserve(self, family, call):
-        """The group's symmetric-memory workspace, at least what the kernel of this call asks torch for."""
+    def options(self, config) -> bool:
+        """Whether the config lets this backend use symmetric memory (``PassConfig.cuda_symmetric_memory``)."""
+        return config.cuda_symmetric_memory
+
+    def reserve(self, family, call) -> bool:
+        """The group's symmetric-memory workspace, at least what the kernel of this call asks torch for; False
+        (the NCCL pipeline) where it would have to grow during CUDA-graph capture."""
         if family == MM_ALL_REDUCE or self._uses_generic(call):
-            return True
+            return call.options
         from torch.distributed._symmetric_memory import get_symm_mem_workspace
 
         reserve = functools.partial(get_symm_mem_workspace, call.group.group_name,
@@ -104,7 +109,7 @@ class CudaBackend(Backend):
 
     def _uses_generic(self, call: FusedCall) -> bool:
         """Symmetric memory not asked for by the config, or not on the group, or W8A8 (no int8 kernel)."""
-        return not call.symmetric_memory or not symm_mem_enabled(call.group.group_name) or any(
+        return not call.options or not symm_mem_enabled(call.group.group_name) or any(
             mm.scaled and mm.w.dtype == torch.int8 for mm in call.matmuls
         )
 

@@ -14,7 +14,6 @@ fcpass fusion produce; ``test_same_structure_as_vllm_sequence_parallelism``
 compares the two op by op.
 """
 
-import functools
 
 import pytest
 

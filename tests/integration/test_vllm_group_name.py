@@ -1,6 +1,5 @@
 """The ops resolve vLLM's own group names ("tp:0") on a real vLLM TP group."""
 
-import torch
 
 from support.cases import Case
 from devtools.vllm_cpu import agree_on_dist_ident, rank_setup

@@ -103,7 +103,7 @@ def test_tp_outputs_are_replicated_and_the_pass_ran_once_per_rank(flashcomm_runs
     for kind in MODEL_KINDS:
         rank0, rank1 = (results[kind] for results in flashcomm_runs)
         assert rank0["post_grad_calls"] == rank1["post_grad_calls"] == 1
-        for a, b in zip(rank0["outputs"], rank1["outputs"]):
+        for a, b in zip(rank0["outputs"], rank1["outputs"], strict=True):
             torch.testing.assert_close(a, b, rtol=0, atol=0)
         assert [tuple(o.shape) for o in rank0["outputs"]] == [(n, 256) for n in TOKENS]
 

@@ -33,10 +33,10 @@ def test_the_row_parallel_matmul_and_its_all_reduce_become_one_op(form, bias):
     assert count(gm, torch.ops.aten.mm.default) == count(gm, torch.ops.aten.addmm.default) == 0
     assert p.matched == {"mm_all_reduce": {f"{form}/{'addmm' if bias else 'mm'}": 1}}
     (fused,) = [n for n in gm.graph.nodes if n.target == fc.mm_all_reduce.default]
-    # x, w (k, n), this rank's bias, the group (no world size: the op reads the group's), "the config's"
-    # threshold, the config, the site (the ops the unfused path runs)
+    # x, w (k, n), this rank's bias, the group (no world size: the op reads the group's), the config (its
+    # threshold: no threshold_tokens argument), the site (the ops the unfused path runs)
     assert (fused.args[2] is not None) == bias
-    assert fused.kwargs == {"group_name": "tp:0", "threshold_tokens": -1,
+    assert fused.kwargs == {"group_name": "tp:0",
                             "config": fcpass.PassConfig(**THRESHOLD).runtime_text(),
                             "site": f"{form}/{'addmm' if bias else 'mm'}"}
     assert tuple(fused.meta["val"].shape) == (16, 24)
@@ -89,8 +89,6 @@ def test_the_family_flag_turns_it_off():
 def test_the_defaults_on_cpu_leave_the_site_as_it_was_saying_the_fused_path_would_never_run():
     """No threshold, no table: the generic backend would run every call unfused on CPU tensors, so the op would
     only add a call; a table with an mm_all_reduce entry for the backend asks for it again."""
-    import json
-
     gm = mm_ar("vllm", bias=True)
     before = str(gm.graph)
     p = apply_pass(gm)

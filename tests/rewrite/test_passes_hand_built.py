@@ -109,8 +109,9 @@ def test_the_config_travels_into_the_op():
     config = fcpass.PassConfig(threshold_tokens=4096, backend="generic", pipeline_chunks=3)
     apply_pass(gm, **config.to_dict())
     (fused,) = [n for n in gm.graph.nodes if n.target == fc.mm_reduce_scatter.default]
-    # group, world size, threshold, pad, config, the site (vLLM's reduce_scatter after aten.mm)
-    assert fused.kwargs == {"group_name": "tp:0", "world_size": 2, "threshold_tokens": -1, "pad_rows": 0,
+    # group, world size, pad, the config (the threshold's one channel), the site (vLLM's reduce_scatter
+    # after aten.mm)
+    assert fused.kwargs == {"group_name": "tp:0", "world_size": 2, "pad_rows": 0,
                             "config": config.runtime_text(), "site": "vllm/mm"}
     assert fcpass.PassConfig.from_runtime_text(fused.kwargs["config"]) == config
 

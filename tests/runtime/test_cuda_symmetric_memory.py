@@ -55,11 +55,11 @@ def _call(**fields) -> FusedCall:
 def test_symmetric_memory_only_where_the_config_asks(every_group_enabled, asked):
     config = fcpass.PassConfig(backend="cuda", cuda_symmetric_memory=asked)
     planned = dispatch.plan("mm_reduce_scatter", MM_REDUCE_SCATTER, _call(), 0, config)
-    assert planned.symmetric_memory is asked
+    assert planned.options is asked
     backend = planned.backend
-    assert backend._uses_generic(_call(symmetric_memory=planned.symmetric_memory)) is not asked
+    assert backend._uses_generic(_call(options=planned.options)) is not asked
     # the limits the guard applied are the kernel's when it runs (world size <= 8), the pipeline's otherwise
-    assert backend.limits(MM_REDUCE_SCATTER, _call(symmetric_memory=asked)) == (
+    assert backend.limits(MM_REDUCE_SCATTER, _call(options=asked)) == (
         backend._limits if asked else backend._generic.limits(MM_REDUCE_SCATTER, None))
 
 
@@ -77,14 +77,14 @@ def _rows(rows, family=MM_REDUCE_SCATTER):
 def test_the_workspace_is_sized_when_a_call_is_planned_and_a_capture_never_grows_it(every_group_enabled):
     workspace = every_group_enabled
     planned = _rows(64)  # reduce_scatter: two output shards of 32 rows x 16 fp32 columns
-    assert planned.symmetric_memory and workspace.requests == [("tp", 2 * 32 * 16 * 4)]
+    assert planned.options and workspace.requests == [("tp", 2 * 32 * 16 * 4)]
     gathered = _rows(64, ALL_GATHER_MM)  # all_gather: 64 x 2 rows of 32 fp32 columns
-    assert gathered.symmetric_memory and workspace.requests[-1] == ("tp", 64 * 2 * 32 * 4)
+    assert gathered.options and workspace.requests[-1] == ("tp", 64 * 2 * 32 * 4)
     workspace.capturing = True  # as vLLM captures: sizes it ran eagerly before fit, a larger one would not
-    assert _rows(32).symmetric_memory
+    assert _rows(32).options
     larger = _rows(4096)
-    assert larger.decision.fused and not larger.symmetric_memory  # the pipeline instead of an error
-    assert larger.backend._uses_generic(_call(symmetric_memory=larger.symmetric_memory))
+    assert larger.decision.fused and not larger.options  # the pipeline instead of an error
+    assert larger.backend._uses_generic(_call(options=larger.options))
 
 
 def test_a_failed_reservation_outside_capture_is_an_error_not_another_protocol(every_group_enabled, monkeypatch):

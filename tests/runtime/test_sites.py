@@ -48,11 +48,11 @@ def test_the_fake_impl_rejects_a_site_naming_another_number_of_matmuls():
 
 
 def test_every_fused_op_of_the_kind_table_is_registered_with_its_family_schema():
-    """fcpass.ops.FUSED_OPS is what the rewrite emits (passes/matmul_kinds.py): each entry an op of this
+    """fcpass.ops.FUSED_OPS is what the rewrite emits (passes/matmuls.py, KINDS): each entry an op of this
     process, and the gather ops of the gather family (their schemas take lists of weights)."""
     from fcpass.families import FAMILIES
     from fcpass.ops import FUSED_OPS
-    from passes.matmul_kinds import KINDS
+    from passes.matmuls import KINDS
 
     assert set(KINDS) == set(FUSED_OPS)
     for kind, ops in FUSED_OPS.items():
