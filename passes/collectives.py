@@ -14,8 +14,7 @@ from dataclasses import dataclass
 import torch.fx as fx
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
-from fcpass.groups import resolve_group
-from fcpass.vllm import state as vllm_state
+from passes import process
 from passes import report as outcomes
 from passes.graph_edit import Match, call
 from passes.nodes import (AUTO_FUNCTIONALIZED, aten, bound_args, fake_value, functional_op, mutated_arg,
@@ -96,7 +95,7 @@ def _ascend_collective(op_name: str, node: fx.Node) -> Collective | None:
     out, inp = fake_value(node), fake_value(x)
     if out is None or inp is None or statically_known_true(out.shape[0] == inp.shape[0]):
         return None
-    tp = vllm_state.tp_group()
+    tp = process.current().tp_group()
     name, size = tp if tp is not None else ("", 0)
     return Collective(form="vllm_ascend", output=node, input=x, world_size=size, group_name=name,
                       reduce_op="sum", nodes=(node,), pads_tokens=True)
@@ -195,13 +194,10 @@ def group_problem(collective: Collective) -> str | Reason | None:
     """
     if collective.world_size < 1:
         return outcomes.NO_TP_GROUP
-    try:
-        group = resolve_group(collective.group_name)
-    except ValueError:
-        return None
-    if group.size() != collective.world_size:
+    size = process.current().group_size(collective.group_name)
+    if size is not None and size != collective.world_size:
         return Reason(outcomes.GROUP_MISMATCH, f"world_size {collective.world_size}, group "
-                                               f"{collective.group_name!r} of size {group.size()}")
+                                               f"{collective.group_name!r} of size {size}")
     return None
 
 
@@ -264,7 +260,7 @@ def _match_shm_all_reduce(node: fx.Node) -> AllReduce | None:
             or functionalized.args[0] is not target or len(functionalized.users) != 1):
         return None
     handle = functionalized.kwargs["handle"]
-    group_name = vllm_state.shm_group_name(handle) or f"<vLLM shm handle {handle}: no vLLM group owns it>"
+    group_name = process.current().shm_group_name(handle) or f"<vLLM shm handle {handle}: no vLLM group owns it>"
     return AllReduce("shm", node, mutated_arg(functionalized, "data"), group_name, (functionalized, node), handle)
 
 

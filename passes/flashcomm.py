@@ -21,7 +21,7 @@ from torch._inductor.pattern_matcher import stable_topological_sort
 
 import fcpass  # registers torch.ops.fcpass.*
 from fcpass.config import PassConfig
-from passes import all_gather_mm, mm_all_reduce, mm_reduce_scatter, sequence_parallel
+from passes import all_gather_mm, capture, mm_all_reduce, mm_reduce_scatter, process, sequence_parallel
 from passes.fusion import fuse
 from passes.report import PassReport
 
@@ -84,13 +84,16 @@ class FlashCommPass(CustomGraphPass):
         self._dump(graph, "before")
         # No process state is written here: a compile-cache hit skips this pass, so what the fused ops read at
         # run time (backend, limits, chunks, threshold table) is an argument of each op (config.runtime_text()).
-        sequence_parallel.rewrite(graph, self.config, self.last_report)
-        for fusion in _FUSIONS:
-            fuse(fusion, graph, self.config, self.last_report)
+        captured = capture.start(graph, self.config)  # FCPASS_CAPTURE: the graph as handed over
+        with process.reading(captured.process if captured else process.current()):
+            sequence_parallel.rewrite(graph, self.config, self.last_report)
+            for fusion in _FUSIONS:
+                fuse(fusion, graph, self.config, self.last_report)
         _RECENT_REPORTS.append(self.last_report)
         stable_topological_sort(graph)
         graph.lint()
         self._dump(graph, "after")
+        capture.finish(captured, graph, self.last_report)
         logger.info("FlashCommPass on graph %d of this process (%.1f ms): %s", self._calls,
                     (time.perf_counter() - start) * 1e3, self.last_report.summary())
         logger.debug("FlashCommPass report of graph %d:\n%s", self._calls, self.report())

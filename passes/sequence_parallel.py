@@ -47,10 +47,9 @@ import torch
 import torch.fx as fx
 
 from fcpass.config import PassConfig
-from fcpass.groups import resolve_group
-from fcpass.vllm import state as vllm_state
 from passes.collectives import ALL_GATHER, REDUCE_SCATTER, AllReduce, scan_all_reduces
 from passes.graph_edit import call, padding_to_multiple, refresh_val
+from passes import process
 from passes import report as outcomes
 from passes.nodes import dim, fake_value
 from passes.report import FAMILY_DISABLED, SPLIT, PassReport, Reason
@@ -95,9 +94,7 @@ def rewrite(graph: fx.Graph, config: PassConfig, report: PassReport) -> None:
 def _unsupported(ar: AllReduce) -> str | Reason | None:
     if dim(ar.input) != 2:
         return outcomes.ALL_REDUCE_NOT_2D_ROWS
-    try:
-        resolve_group(ar.group_name)
-    except ValueError:
+    if process.current().group_size(ar.group_name) is None:
         return Reason(outcomes.UNKNOWN_GROUP, repr(ar.group_name))
     return None
 
@@ -124,7 +121,7 @@ def _warn_one_graph_for_all_sizes(ar: AllReduce, threshold_tokens: int) -> None:
     vLLM's CPU engine compiles), so nothing will be split; a report row alone would leave it a silent no-op."""
     global _warned_one_graph
     rows = token_rows(ar.input)
-    if _warned_one_graph or isinstance(rows, int) or vllm_state.compile_range_start() is not None:
+    if _warned_one_graph or isinstance(rows, int) or process.current().compile_range_start() is not None:
         return
     _warned_one_graph = True
     smallest = smallest_token_count(rows)
@@ -141,7 +138,7 @@ def smallest_token_count(rows) -> int:
     compile range start where vLLM compiles, else the symbolic size's lower bound."""
     if isinstance(rows, int):
         return rows
-    start = vllm_state.compile_range_start()
+    start = process.current().compile_range_start()
     if start is not None:
         return start
     lower = rows.node.shape_env.bound_sympy(rows.node.expr).lower
@@ -166,7 +163,7 @@ def _unprofitable(region: Region, norms: frozenset) -> str | Reason | None:
 def _split(graph: fx.Graph, region: Region) -> None:
     order = {n: i for i, n in enumerate(graph.nodes)}
     all_reduces = sorted(region.all_reduces, key=lambda ar: order[ar.output])
-    world_size = resolve_group(all_reduces[0].group_name).size()
+    world_size = process.current().group_size(all_reduces[0].group_name)
     sharded, shards = set(region.sharded), []
     for ar in all_reduces:
         with graph.inserting_before(ar.nodes[0]):
