@@ -35,7 +35,7 @@ V033_TESTS := tests/integration/test_vllm_integration.py tests/integration/test_
 	tests/integration/test_vllm_moe_sp_form.py tests/rewrite \
 	--ignore=tests/rewrite/test_sequence_parallel_forms.py --ignore=tests/rewrite/test_passes_vllm_ascend.py
 
-.PHONY: venv venv-next venv-v033 test-v033 ascend-src ascend-check gpu-check engine-matrix demo test test-main test-next bench clean
+.PHONY: venv venv-next venv-v033 test-v033 ascend-src ascend-check gpu-check engine-matrix demo test test-main test-next bench captures clean
 
 venv: $(VENV)/.fcpass-installed
 venv-next: $(NEXT_VENV)/.fcpass-installed
@@ -133,6 +133,15 @@ test-main: venv ascend-src
 # ~12 min.
 engine-matrix: venv
 	FCPASS_ENGINE_MATRIX=full $(PY) -m pytest -q tests/integration/test_engine_matrix.py
+
+# The committed captures of tests/data/captures (FCPASS_CAPTURE; README "Testing fcpass on your model"), regenerated:
+# the CPU engine's (TP=2, AVX2 build) and vllm-ascend's compile path's by the tests that capture them, vLLM's
+# Llama at TP=8 by devtools/captures.py; each with its replay's results as the expectation. ~10 min.
+captures: venv ascend-src
+	FCPASS_UPDATE_CAPTURES=1 $(PY) -m pytest -q -p no:cacheprovider \
+		"tests/integration/test_vllm_engine.py::test_the_workers_captures_replay_where_vllm_is_not_installed[avx2]" \
+		tests/integration/test_vllm_ascend_compile.py::test_its_captures_replay_where_vllm_ascend_and_torch_npu_are_not_installed
+	$(PY) -m devtools.captures
 
 test-next: venv-next
 	$(NEXT_PY) -m pytest -q --durations=8 -p no:cacheprovider $(NEXT_TESTS)

@@ -76,6 +76,8 @@ def _print(result) -> None:
                      if result.ops_before.get(op, 0) != result.ops_after.get(op, 0))
     for op in changed:
         print(f"   {op}: {result.ops_before.get(op, 0)} -> {result.ops_after.get(op, 0)}")
+    for note in result.notes:
+        print(f"   note: {note}")
 
 
 def _differences(document: dict, expected: dict) -> list[str]:

@@ -41,6 +41,7 @@ import torch.fx as fx
 from fcpass.config import PassConfig
 from passes import process
 from passes.collectives import ALL_GATHER, REDUCE_SCATTER, scan, scan_all_reduces
+from passes.nodes import registered_op
 
 logger = logging.getLogger(f"fcpass.{__name__}")
 
@@ -128,6 +129,20 @@ def op_name(node: fx.Node) -> str:
         "_operator.", "operator.")
 
 
+def output_values(graph: fx.Graph) -> list:
+    """The fake values of the graph's outputs, in order."""
+    (output,) = graph.find_nodes(op="output")
+    return [n.meta.get("val") if isinstance(n, fx.Node) else n
+            for n in torch.utils._pytree.tree_leaves(output.args[0])]
+
+
+def describe(value) -> str:
+    """A fake value as text: a tensor's sizes (symbolic ones as expressions), dtype and device type."""
+    if isinstance(value, torch.Tensor):
+        return f"{tuple(str(s) for s in value.shape)} {value.dtype} {value.device.type}"
+    return str(value)
+
+
 def versions() -> dict[str, str | None]:
     """The installed versions of the libraries a graph's ops come from (None: not installed)."""
     found = {}
@@ -163,9 +178,15 @@ def copy_graph(graph: fx.Graph) -> fx.Graph:
     return copied
 
 
+# Ops the pass may emit that a graph need not have (sequence parallelism splits vLLM's all_reduce into its
+# reduce_scatter and all_gather): recorded wherever they are registered, so a replay can emit them too.
+EMITTED_OPS = (("vllm", "reduce_scatter"), ("vllm", "all_gather"), ("vllm", "all_reduce"))
+
+
 def _foreign_ops(graph: fx.Graph) -> dict[str, torch._ops.OpOverload]:
-    """Every op the graph calls (directly or inside ``auto_functionalized``) from outside torch's namespaces."""
-    found = {}
+    """Every op the graph calls (directly or inside ``auto_functionalized``) from outside torch's namespaces, and
+    the ops the pass may emit (:data:`EMITTED_OPS`) where registered."""
+    found = {str(op): op for op in (registered_op(*name) for name in EMITTED_OPS) if op is not None}
     for node in graph.nodes:
         if node.op != "call_function":
             continue

@@ -2,12 +2,14 @@
 
 Read from the source (ast), so an arrow added the wrong way fails here
 before it can make an import cycle or a hard dependency:
-- the runtime (``fcpass`` less ``fcpass.vllm``) never imports the rewrite
+- the runtime (``fcpass`` less ``fcpass.vllm`` and the user tools on top of the rewrite, ``fcpass.testing`` and
+  ``fcpass.replay``) never imports the rewrite
   (``passes``) or the integration, save ``fcpass.vllm.state`` (vLLM's private
   state, a leaf), and imports vLLM, vllm-ascend or torch_npu only inside
   functions (their optional entry points);
 - the rewrite imports the runtime (and that leaf) only;
-- nothing installed imports the tooling (devtools, examples, benchmarks);
+- nothing installed imports the tooling (devtools, examples, benchmarks), and nothing of the library imports the
+  user tools;
 - module-level imports form no cycle;
 - ``import fcpass`` loads neither vLLM, torch_npu nor the rewrite;
 - the wheel ``pip install .`` installs holds the library's packages only, and the plugin entry point.
@@ -62,7 +64,8 @@ def _under_any(name: str, packages) -> bool:
 MODULES = _modules()
 MODULE_NAMES = set(MODULES)
 INTEGRATION = {m for m in MODULES if _is_under(m, "fcpass.vllm") and m != STATE}
-RUNTIME = {m for m in MODULES if _is_under(m, "fcpass") and m not in INTEGRATION}
+USER_TOOLS = {"fcpass.testing", "fcpass.replay"}  # installed, on top of the rewrite: capture replay
+RUNTIME = {m for m in MODULES if _is_under(m, "fcpass") and m not in INTEGRATION | USER_TOOLS}
 REWRITE = {m for m in MODULES if _is_under(m, "passes")}
 
 
@@ -95,7 +98,12 @@ def test_the_rewrite_imports_only_the_runtime():
 
 
 def test_nothing_installed_imports_the_tooling():
-    assert _wrong_imports(RUNTIME | INTEGRATION | REWRITE, lambda name, top: _under_any(name, TOOLING)) == []
+    assert _wrong_imports(RUNTIME | INTEGRATION | REWRITE | USER_TOOLS, lambda name, top: _under_any(name, TOOLING)) == []
+
+
+def test_the_library_never_imports_the_user_tools():
+    assert USER_TOOLS <= set(MODULES)
+    assert _wrong_imports(RUNTIME | INTEGRATION | REWRITE, lambda name, top: name in USER_TOOLS) == []
 
 
 def test_module_level_imports_form_no_cycle():

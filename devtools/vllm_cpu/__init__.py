@@ -53,6 +53,8 @@ The model (``MODEL_KINDS``)
   ``reshape``), i.e. ``all_gather -> unsqueeze -> reshape -> mm`` and
   ``mm -> reshape -> squeeze -> reduce_scatter``, while collectives and norms
   stay 2-D as in vLLM. No bias (as "llama").
+- ``"llama_8_heads"``: "llama" with 8 attention and 8 KV heads, so TP=8
+  splits it (devtools/captures.py: the TP=8 capture of the test data).
 
 Attention: vLLM's ``Attention`` needs a KV cache and a forward context. The
 test model replaces it (only while the model is built) with

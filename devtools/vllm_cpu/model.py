@@ -8,7 +8,7 @@ import torch
 
 from devtools.vllm_cpu.attention import CausalAttention
 
-MODEL_KINDS = ("llama", "llama_bias", "llama_3d")
+MODEL_KINDS = ("llama", "llama_bias", "llama_3d", "llama_8_heads")
 
 HIDDEN, INTERMEDIATE, HEADS, KV_HEADS, LAYERS, VOCAB = 256, 512, 4, 2, 2, 1024
 RMS_NORM_EPS = 1e-5  # SequenceParallelismPass registers its patterns for 1e-5 and 1e-6
@@ -74,9 +74,10 @@ def build_model(kind, vllm_config, seed=0, layers=LAYERS):
     if kind not in MODEL_KINDS:
         raise ValueError(f"unknown model kind {kind!r}; one of {MODEL_KINDS}")
     bias = kind == "llama_bias"
+    heads, kv_heads = (8, 8) if kind == "llama_8_heads" else (HEADS, KV_HEADS)  # TP=8 splits 8 heads
     hf_config = LlamaConfig(
-        vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=INTERMEDIATE, num_attention_heads=HEADS,
-        num_key_value_heads=KV_HEADS, num_hidden_layers=layers, rms_norm_eps=RMS_NORM_EPS,
+        vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=INTERMEDIATE, num_attention_heads=heads,
+        num_key_value_heads=kv_heads, num_hidden_layers=layers, rms_norm_eps=RMS_NORM_EPS,
         max_position_embeddings=4096, attention_bias=bias, mlp_bias=bias)
     torch.manual_seed(seed)
     with mock.patch.object(llama, "Attention", CausalAttention):

@@ -15,11 +15,13 @@ Two kinds of graph: vLLM's own collectives (``linear`` with a rank-0-only bias, 
 run in vllm-ascend's own forward context, which switches FlashComm per forward.
 """
 
+import json
+
 import pytest
 import torch
 
 from fcpass.matmuls import SCALAR_TYPE_NUMBERS
-from support import vllm_ascend_code as ascend
+from support import replays, vllm_ascend_code as ascend
 from support.multirank import shared
 
 THRESHOLD = 16
@@ -99,6 +101,8 @@ class RowThenColumn(torch.nn.Module):
 
 def run_in_vllm_ascend_compile(rank, world_size):
     import contextlib
+    import os
+    import tempfile
 
     import fcpass
     import fcpass.vllm as fcpass_vllm
@@ -109,6 +113,7 @@ def run_in_vllm_ascend_compile(rank, world_size):
     from vllm_ascend.compilation.graph_fusion_pass_manager import GraphFusionPassManager
 
     from fcpass.vllm.compilation import ASCEND_PASS_KEY
+    from passes.capture import CAPTURE_ENV
     from support.collective_calls import collective_events, counting, profiled
     from support.vllm_backend import configure_post_pass
 
@@ -135,6 +140,8 @@ def run_in_vllm_ascend_compile(rank, world_size):
             return backend
 
         calls = counting(tp)
+        # every graph the pass gets is captured (FCPASS_CAPTURE, read when the pass runs), for the replay test
+        results["captures"] = os.environ[CAPTURE_ENV] = tempfile.mkdtemp(prefix=f"fcpass-ascend-r{rank}-")
         for form in ("all_reduce", "sequence_parallel", "flashcomm", "flashcomm_w8a8"):
             torch._dynamo.reset()
             model = RowThenColumn(rank, form)
@@ -166,6 +173,7 @@ def run_in_vllm_ascend_compile(rank, world_size):
                     "calls": {label: counted[label][1:] for label in counted},
                     "decisions": sorted(fcpass.decision_counts())}
             results[form] = {"runs": runs, "matched": manager.passes[-1].matched}
+        del os.environ[CAPTURE_ENV]
     return results
 
 
@@ -206,3 +214,24 @@ def test_fusion_pass_compile_runs_fcpass_on_its_graph_module_and_the_numbers_hol
                 assert run["error"] <= run["bound"], (form, tokens, run["error"], run["bound"])
     for run in per_rank[0][form]["runs"]:
         assert per_rank[0][form]["runs"][run]["decisions"] == per_rank[1][form]["runs"][run]["decisions"]
+
+
+def test_its_captures_replay_where_vllm_ascend_and_torch_npu_are_not_installed(tmp_path):
+    """The graphs vllm-ascend's compile path handed the pass (FCPASS_CAPTURE in the ranks), FlashComm and W8A8
+    forms included, replayed in a process where vLLM, vllm-ascend and torch_npu cannot be imported (their ops
+    registered from the captured schemas): per rank the live report row for row, well-formed rewritten graphs,
+    ranks agreeing, and vllm-ascend's sites fused."""
+    captures = replays.gather([r["captures"] for r in ASCEND_COMPILE()], tmp_path / "captures")
+    live = replays.live_reports(captures)
+    done, results = replays.replay(captures)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert len(results["graphs"]) == len(live) >= 8  # four forms on two ranks
+    fused = set()
+    for graph in results["graphs"]:
+        assert graph["problems"] == [] and graph["report"] == live[graph["capture"]], graph
+        fused |= {op for op in graph["ops_after"] if op.startswith("fcpass.")}
+    assert {"fcpass.mm_reduce_scatter_scaled.default", "fcpass.all_gather_scaled_mm.default",
+            "fcpass.mm_reduce_scatter.default", "fcpass.all_gather_mm.default"} <= fused
+    schemas = {name for path in captures.rglob("capture.json") for name in json.loads(path.read_text())["schemas"]}
+    assert {"npu.npu_quant_matmul.default", "vllm.maybe_pad_and_reduce.default"} <= schemas
+    replays.keep_if_asked(captures, "vllm_ascend_tp2")

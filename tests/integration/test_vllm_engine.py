@@ -17,14 +17,17 @@ the unfused one; under the defaults every size takes the plain path. Greedy
 ids equal the engine without fcpass.
 """
 
+import json
+
 import pytest
 
-from support import vllm_kernels
+from support import replays, vllm_kernels
 from support.engine_expectations import (DEFAULTS, FCPASS, THRESHOLD, fused_ops_per_prefill, sorted_rows,
                                          worker_report)
 from devtools import engine
 from examples import demo
 from devtools.engine import PROMPT_LENGTHS
+from passes.capture import CAPTURE_ENV
 from passes.report import NO_MATMUL_CONSUMER, NO_MATMUL_PRODUCER, SPLIT
 
 pytestmark = pytest.mark.e2e
@@ -46,17 +49,23 @@ def _fresh_caches(folder) -> dict:
 
 @pytest.fixture(scope="module")
 def engine_runs(model_dir, tmp_path_factory):
-    """{kernels: {"plain", "fcpass", "fcpass_warm": results}, "expected_all_reduce": {kernels: form}}."""
+    """{kernels: {"plain", "fcpass", "fcpass_warm": results}, "expected_all_reduce": {kernels: form},
+    "captures": {kernels: the folder FCPASS_CAPTURE filled in the cold fcpass engine's workers}}."""
+    captures = {kernels: tmp_path_factory.mktemp(f"captures-{kernels}") for kernels in KERNELS}
     envs = {kernels: {**_fresh_caches(tmp_path_factory.mktemp(f"caches-{kernels}")),
                       **(vllm_kernels.avx2_env() if kernels == "avx2" else {})} for kernels in KERNELS}
+    capturing = {kernels: {**envs[kernels], CAPTURE_ENV: str(captures[kernels])} for kernels in KERNELS}
     # The AVX2 build's pair first; then, three at once (four fail to start on 2 cores), the loaded build's pair
-    # and the warm start on the cache the AVX2 fcpass engine wrote.
-    runs = {"avx2": engine.run_both(model_dir, CONFIG["avx2"], PROMPT_LENGTHS, ENGINE_TIMEOUT_S, envs["avx2"])}
-    second = engine.run_all(model_dir, {"plain": (None, envs["loaded"]), "fcpass": (CONFIG["loaded"], envs["loaded"]),
+    # and the warm start on the cache the AVX2 fcpass engine wrote. Only the cold fcpass engines capture (the
+    # engine without fcpass runs no pass, so it writes nothing either).
+    runs = {"avx2": engine.run_both(model_dir, CONFIG["avx2"], PROMPT_LENGTHS, ENGINE_TIMEOUT_S, capturing["avx2"])}
+    second = engine.run_all(model_dir, {"plain": (None, envs["loaded"]),
+                                        "fcpass": (CONFIG["loaded"], capturing["loaded"]),
                                         "warm": (FCPASS, envs["avx2"])}, PROMPT_LENGTHS, ENGINE_TIMEOUT_S)
     runs["loaded"] = {"plain": second["plain"], "fcpass": second["fcpass"]}
     runs["avx2"]["fcpass_warm"] = second["warm"]
     runs["expected_all_reduce"] = {"loaded": vllm_kernels.all_reduce_form(), "avx2": "c10d_functional"}
+    runs["captures"] = captures
     return runs
 
 
@@ -129,3 +138,35 @@ def test_demo_says_when_the_graph_came_from_the_cache(engine_runs):
     out = demo.render({"plain": runs["plain"], "fcpass": cached}, FCPASS, PROMPT_LENGTHS)
     assert demo.FROM_CACHE in out and "all greedy tokens equal: yes" in out
     assert "mm_reduce_scatter_onednn/fused x4" in out
+
+
+@pytest.mark.parametrize("kernels", KERNELS)
+def test_the_workers_captures_replay_where_vllm_is_not_installed(engine_runs, kernels):
+    """FCPASS_CAPTURE in the engine's environment (vLLM's workers inherit it): one capture per worker, which
+    `python -m fcpass.replay` runs again in a process where vLLM cannot be imported: per rank the report the
+    live worker logged, row for row, a well-formed rewritten graph, ranks agreeing; the AVX2 build's graph
+    carries the fused ops afterwards."""
+    captures = engine_runs["captures"][kernels]
+    live = replays.live_reports(captures)
+    worker_reports = [rows for worker in engine_runs[kernels]["fcpass"]["reports"] for rows in worker]
+    assert len(live) == 2 and sorted(live.values()) == sorted(worker_reports)  # what the workers logged
+    done, results = replays.replay(captures)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    for graph in results["graphs"]:
+        assert graph["world_size"] == 2 and graph["problems"] == []
+        assert graph["report"] == live[graph["capture"]]
+        fused = {op: n for op, n in graph["ops_after"].items() if op.startswith("fcpass.")}
+        if kernels == "avx2":
+            assert fused["fcpass.mm_reduce_scatter_onednn.default"] and fused["fcpass.all_gather_onednn_mm.default"]
+    if kernels == "avx2":
+        replays.keep_if_asked(captures, "engine_tp2_avx2")
+
+
+def test_the_committed_engine_captures_are_what_this_vllm_compiles(engine_runs):
+    """tests/data/captures/engine_tp2_avx2 (``make captures``) holds the graphs this vLLM hands the pass, op for
+    op, per rank: the committed data cannot age silently."""
+    fresh = {json.loads(p.read_text())["rank"]: json.loads(p.read_text())["ops_before"]
+             for p in engine_runs["captures"]["avx2"].rglob("capture.json")}
+    committed = {json.loads(p.read_text())["rank"]: json.loads(p.read_text())["ops_before"]
+                 for p in (replays.DATA / "engine_tp2_avx2").rglob("capture.json")}
+    assert committed == fresh

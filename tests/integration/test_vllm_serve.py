@@ -13,12 +13,17 @@ in the all_reduce form of the kernels vLLM loaded (tests/support/vllm_kernels.py
 import glob
 import json
 import os
+import shlex
+import shutil
+import subprocess
+import sys
 
 import openai
 import pytest
 
 from devtools import servers as vllm_servers
-from support import vllm_kernels
+from passes.capture import CAPTURE_ENV
+from support import docs, vllm_kernels
 from support.engine_expectations import FCPASS, sorted_rows, worker_report
 from devtools import engine
 
@@ -32,14 +37,16 @@ def servers(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("vllm-serve")
     model_dir = engine.write_tiny_llama(str(tmp / "tiny-llama"))
     dumps = str(tmp / "fcpass-dumps")
+    captures = tmp / "fcpass-captures"  # README "Testing fcpass on your model": its workers capture
     # Fresh compile caches (vLLM's holds Inductor's): the first compile is cold, so the reports show the pass.
     cache = {"VLLM_CACHE_ROOT": str(tmp / "vllm-cache"), "TORCHINDUCTOR_CACHE_DIR": str(tmp / "inductor-cache")}
     specs = {
         "plain": ((), cache),
-        "fcpass": (("--additional-config", json.dumps({"fcpass": FCPASS})), {"FCPASS_DUMP_GRAPHS": dumps, **cache}),
+        "fcpass": (("--additional-config", json.dumps({"fcpass": FCPASS})),
+                   {"FCPASS_DUMP_GRAPHS": dumps, CAPTURE_ENV: str(captures), **cache}),
     }
     with vllm_servers.running(specs, model_dir, str(tmp), READY_TIMEOUT_S) as running:
-        yield running, model_dir, dumps
+        yield running, model_dir, dumps, captures
     for server in running.values():  # stopped by running(); nothing of theirs may be left behind
         assert server.process.poll() is not None, server.name
 
@@ -53,7 +60,7 @@ def _complete(server, model_dir: str, prompts: list[list[int]]) -> list[list[int
 
 
 def test_served_tokens_equal_without_fcpass(servers):
-    running, model_dir, _ = servers
+    running, model_dir, _, _ = servers
     prompts = [engine.prompt_ids(n, i) for i, n in enumerate(engine.PROMPT_LENGTHS)]
     ids = {name: _complete(server, model_dir, prompts) for name, server in running.items()}
     assert all(len(tokens) == MAX_TOKENS for tokens in ids["plain"])
@@ -64,7 +71,7 @@ def test_served_tokens_equal_without_fcpass(servers):
 
 
 def test_plugin_installed_the_pass_in_both_workers_from_additional_config(servers):
-    _, _, dumps = servers
+    _, _, dumps, _ = servers
     last_report_per_process = {}
     for path in sorted(glob.glob(os.path.join(dumps, "flashcomm_*_report.json"))):
         pid = os.path.basename(path).split("_")[1]
@@ -74,3 +81,30 @@ def test_plugin_installed_the_pass_in_both_workers_from_additional_config(server
     assert 1 <= len(last_report_per_process) <= 2, sorted(os.listdir(dumps)) if os.path.isdir(dumps) else dumps
     for rows in last_report_per_process.values():
         assert sorted_rows(rows) == worker_report(vllm_kernels.all_reduce_form())
+
+
+def test_the_readme_replays_what_the_servers_workers_captured(servers, tmp_path):
+    """README "Testing fcpass on your model" as written: its serve command is this module's fcpass server
+    (FCPASS_CAPTURE, a fresh cache, the same additional config); its replay command and its test file run in
+    the folder the workers' captures are in."""
+    _, _, _, captures = servers
+    text = docs.section("Testing fcpass on your model")
+    serve, replay_command = docs.blocks(text, "bash")
+    (user_test,) = docs.blocks(text, "python")
+    assert serve.startswith("FCPASS_CAPTURE=fcpass-captures VLLM_CACHE_ROOT=$(mktemp -d) vllm serve MODEL "
+                            "--tensor-parallel-size 2 "), serve
+    words = shlex.split(serve.replace("\\\n", " "))
+    assert json.loads(words[words.index("--additional-config") + 1]) == {"fcpass": FCPASS}
+    shutil.copytree(captures, tmp_path / "fcpass-captures")
+    # one graph per worker (both compile at once: one may hit the cache entry the other just wrote, no pass run)
+    workers = len(list((tmp_path / "fcpass-captures").iterdir()))
+    assert 1 <= workers <= 2
+    env = {**os.environ, "PATH": os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"]}
+    done = subprocess.run(replay_command, shell=True, cwd=tmp_path, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert len(json.loads((tmp_path / "replayed.json").read_text())["graphs"]) == workers
+    (tmp_path / "test_my_model.py").write_text(user_test)
+    done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "test_my_model.py"],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and "1 passed" in done.stdout, done.stdout[-3000:] + done.stderr[-3000:]

@@ -1,0 +1,83 @@
+"""The committed captures (tests/data/captures, ``make captures``) replay as expected where vLLM, vllm-ascend
+and torch_npu cannot be imported; a capture that cannot be used is exit 2 and one line, never a traceback."""
+
+import json
+import shutil
+
+import pytest
+
+from support import replays
+
+COMMITTED = sorted(path.name[: -len(".expected.json")] for path in replays.DATA.glob("*.expected.json"))
+
+
+def test_the_committed_captures_are_the_ones_the_docs_name():
+    assert COMMITTED == ["engine_tp2_avx2", "vllm_ascend_tp2", "vllm_llama_tp8"]
+
+
+@pytest.mark.parametrize("name", COMMITTED)
+def test_a_committed_capture_replays_as_expected(name, tmp_path):
+    folder = shutil.copytree(replays.DATA / name, tmp_path / name)
+    done, results = replays.replay(folder, "--expect", str(replays.DATA / f"{name}.expected.json"))
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    graphs = results["graphs"]
+    assert all(graph["problems"] == [] for graph in graphs)
+    assert any(op.startswith("fcpass.") for graph in graphs for op in graph["ops_after"])
+    if name == "vllm_llama_tp8":  # eight ranks' graphs, one process
+        assert sorted(graph["rank"] for graph in graphs) == list(range(8))
+        assert {graph["world_size"] for graph in graphs} == {8}
+
+
+def test_another_config_replays_with_its_own_decisions(tmp_path):
+    folder = shutil.copytree(replays.DATA / "engine_tp2_avx2", tmp_path / "captures")
+    done, results = replays.replay(folder, "--config", json.dumps({"fuse_all_gather_mm": False}))
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    for graph in results["graphs"]:
+        assert "fcpass.all_gather_onednn_mm.default" not in graph["ops_after"]
+        assert graph["ops_after"]["fcpass.mm_reduce_scatter_onednn.default"] == 4
+
+
+def _one_capture(tmp_path):
+    """A copy of one committed capture with a reduce_scatter site (vllm-ascend's sequence-parallel form)."""
+    source = next(path.parent for path in sorted((replays.DATA / "vllm_ascend_tp2").rglob("capture.json"))
+                  if "vllm.reduce_scatter.default" in json.loads(path.read_text())["ops_before"])
+    return shutil.copytree(source, tmp_path / "captures" / source.name)
+
+
+def _edit_facts(capture, edit):
+    facts = json.loads((capture / "capture.json").read_text())
+    edit(facts)
+    (capture / "capture.json").write_text(json.dumps(facts))
+
+
+BAD_CAPTURES = {
+    "truncated graph": (lambda c: (c / "graph.pkl").write_bytes((c / "graph.pkl").read_bytes()[:1000]),
+                        "graph.pkl cannot be loaded"),
+    "unfinished": (lambda c: (c / "capture.json").unlink(), "no capture.json (the capture did not finish)"),
+    "truncated facts": (lambda c: (c / "capture.json").write_text((c / "capture.json").read_text()[:200]),
+                        "capture.json is not JSON"),
+    "another torch": (lambda c: _edit_facts(c, lambda f: f["versions"].update(torch="2.9.1")),
+                      "captured with torch 2.9.1"),
+    "a missing group": (lambda c: _edit_facts(c, lambda f: f["process"]["groups"].clear()),
+                        "the capture does not record groups"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_CAPTURES))
+def test_a_bad_capture_is_exit_2_and_one_line(case, tmp_path):
+    capture = _one_capture(tmp_path)
+    damage, says = BAD_CAPTURES[case]
+    damage(capture)
+    done, _ = replays.replay(capture.parent)
+    assert done.returncode == 2, done.stdout[-2000:] + done.stderr[-2000:]
+    assert done.stderr.count("\n") == 1 and says in done.stderr and "Traceback" not in done.stderr, done.stderr
+
+
+def test_an_op_whose_schema_changed_is_exit_2_and_one_line(tmp_path):
+    """A library loaded in the replaying process whose op no longer has the captured schema (a newer vLLM)."""
+    capture = _one_capture(tmp_path)
+    newer_vllm = ("import torch; lib = torch.library.Library('vllm', 'FRAGMENT'); "
+                  "lib.define('reduce_scatter(Tensor tensor, int dim, int world_size, str group_name, bool new) -> Tensor')")
+    done, _ = replays.replay(capture.parent, first=newer_vllm)
+    assert done.returncode == 2, done.stdout[-2000:] + done.stderr[-2000:]
+    assert done.stderr.count("\n") == 1 and "op vllm.reduce_scatter.default: its schema here" in done.stderr
