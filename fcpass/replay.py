@@ -1,6 +1,6 @@
 """``python -m fcpass.replay DIR``: run the pass again on graphs ``FCPASS_CAPTURE`` wrote, on any CPU.
 
-    python -m fcpass.replay DIR [--config JSON] [--json OUT] [--expect FILE]
+    python -m fcpass.replay DIR [--config JSON] [--json OUT] [--expect FILE] [--numerics]
 
 For each capture under DIR: the pass as the live compile ran it (its groups,
 sizes and compile range; ``--config`` a JSON object whose fields replace the
@@ -8,7 +8,9 @@ captured config's), its why-not table and the op counts that changed. Checks
 that each rewritten graph is well formed (fake propagation gives the
 original's outputs), that the replayed report equals the live run's (with the
 captured config), that ranks of one compile agree, and with ``--expect`` that
-the results equal a ``--json`` file written before.
+the results equal a ``--json`` file written before. ``--numerics`` runs every
+fused site on local gloo ranks against the site's own ops, both sides of its
+threshold (:mod:`fcpass.numerics`; vLLM's oneDNN sites need vLLM installed).
 
 Exit status: 0 all well; 1 a check failed; 2 a capture (or the config) could
 not be used, said in one line. No process group, vLLM, vllm-ascend or
@@ -32,6 +34,9 @@ def main(argv=None) -> int:
     parser.add_argument("--config", help="JSON object: PassConfig fields replacing the captured config's")
     parser.add_argument("--json", dest="json_out", help="write the results here")
     parser.add_argument("--expect", help="a --json file the results must equal (reports and ops after)")
+    parser.add_argument("--numerics", action="store_true",
+                        help="run each fused site on local gloo ranks against the site's own ops, both sides of "
+                             "its threshold")
     args = parser.parse_args(argv)
     try:
         config = json.loads(args.config) if args.config else None
@@ -49,6 +54,8 @@ def main(argv=None) -> int:
         problems += [f"{result.capture.folder.name}: {p}" for p in result.problems]
     problems += ranks_disagree(results)
     document = {"graphs": [result.as_json() for result in results]}
+    if args.numerics:
+        problems += _numerics(results, config, document)
     if expected is not None:
         problems += _differences(document, expected)
     if args.json_out:
@@ -58,6 +65,19 @@ def main(argv=None) -> int:
         print(f"FAILED: {problem}")
     print(f"fcpass.replay: {len(results)} graphs replayed, {len(problems)} problems")
     return CHECK_FAILED if problems else OK
+
+
+def _numerics(results, config: dict | None, document: dict) -> list[str]:
+    from fcpass import numerics
+
+    threshold = (config or {}).get("threshold_tokens", results[0].capture.facts["config"].get("threshold_tokens"))
+    lines = numerics.check(results, threshold)
+    for graph in document["graphs"]:
+        graph["numerics"] = lines[graph["capture"]]
+        print(f"== {graph['capture']}: numerics")
+        for line in graph["numerics"]:
+            print(f"   {line}")
+    return [f"{name}: {line}" for name, found in lines.items() for line in found if line.startswith("FAILED")]
 
 
 def _read_json(path: str) -> dict:

@@ -73,6 +73,7 @@ class Replayed:
     table: str  # the why-not table
     problems: list[str]  # a rewritten graph that is not well formed, a report unlike the live run's
     notes: list[str] = dataclasses.field(default_factory=list)  # output sizes the original's fakes traced otherwise
+    rewritten: fx.GraphModule | None = None  # the graph after the pass (fcpass.numerics runs its fused sites)
 
     def as_json(self) -> dict:
         return {"capture": self.capture.folder.name, "graph": self.capture.graph_number, "rank": self.capture.rank,
@@ -149,7 +150,7 @@ def replay(capture: Capture, config: dict | PassConfig | None = None) -> Replaye
         problems.append("the replayed graph's ops differ from the live rewrite's: "
                         f"{_counts_difference(ops_after, capture.facts['ops_after'])}")
     return Replayed(capture, report, capture_format.op_counts(capture.graph_module.graph), ops_after,
-                    flash_comm.report(), problems, notes)
+                    flash_comm.report(), problems, notes, gm)
 
 
 def ranks_disagree(results: list[Replayed]) -> list[str]:

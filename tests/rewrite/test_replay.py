@@ -1,11 +1,17 @@
 """The committed captures (tests/data/captures, ``make captures``) replay as expected where vLLM, vllm-ascend
-and torch_npu cannot be imported; a capture that cannot be used is exit 2 and one line, never a traceback."""
+and torch_npu cannot be imported; a capture that cannot be used is exit 2 and one line, never a traceback;
+``--numerics`` runs the engine capture's fused sites. The captures replay only on the torch that wrote them
+(2.13, the main virtualenv's)."""
 
 import json
 import shutil
+import subprocess
+import sys
 
 import pytest
+import torch
 
+from fcpass import numerics
 from support import replays
 
 COMMITTED = sorted(path.name[: -len(".expected.json")] for path in replays.DATA.glob("*.expected.json"))
@@ -81,3 +87,27 @@ def test_an_op_whose_schema_changed_is_exit_2_and_one_line(tmp_path):
     done, _ = replays.replay(capture.parent, first=newer_vllm)
     assert done.returncode == 2, done.stdout[-2000:] + done.stderr[-2000:]
     assert done.stderr.count("\n") == 1 and "op vllm.reduce_scatter.default: its schema here" in done.stderr
+
+
+def test_numerics_runs_every_fused_site_of_the_engine_capture_on_both_sides_of_its_threshold(tmp_path):
+    """--numerics on the CPU engine's capture (vLLM installed: its oneDNN matmul packs the random weights): per
+    rank 8 fused sites at 16 tokens (the threshold: the unfused path, the same bits as the site's own ops) and
+    at 66 (the fused path, within float32's tolerance)."""
+    folder = shutil.copytree(replays.DATA / "engine_tp2_avx2", tmp_path / "captures")
+    out = tmp_path / "numerics.json"
+    done = subprocess.run([sys.executable, "-m", "fcpass.replay", str(folder), "--numerics", "--json", str(out)],
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    for graph in json.loads(out.read_text())["graphs"]:
+        lines = graph["numerics"]
+        assert len(lines) == 16 and all(line.startswith("ok ") for line in lines), lines
+        assert sum("16 tokens (unfused expected, unfused taken): the same bits" in line for line in lines) == 8
+        assert sum("66 tokens (fused expected, fused taken)" in line for line in lines) == 8
+
+
+def test_numerics_says_failed_for_other_bits_another_path_or_a_larger_error():
+    want = torch.ones(4, 4)
+    assert numerics._verdict("op #0", 16, True, {"unfused"}, want + 1e-7, want).startswith("FAILED")
+    assert numerics._verdict("op #0", 66, False, {"unfused"}, want, want).startswith("FAILED")
+    assert numerics._verdict("op #0", 66, False, {"fused"}, want * (1 + 1e-3), want).startswith("FAILED")
+    assert numerics._verdict("op #0", 66, False, {"fused"}, want * (1 + 1e-6), want).startswith("ok")
