@@ -111,3 +111,17 @@ def test_numerics_says_failed_for_other_bits_another_path_or_a_larger_error():
     assert numerics._verdict("op #0", 66, False, {"unfused"}, want, want).startswith("FAILED")
     assert numerics._verdict("op #0", 66, False, {"fused"}, want * (1 + 1e-3), want).startswith("FAILED")
     assert numerics._verdict("op #0", 66, False, {"fused"}, want * (1 + 1e-6), want).startswith("ok")
+
+
+def test_capturing_changes_neither_the_rewrite_nor_the_pass_key(tmp_path, monkeypatch):
+    """A capture run compiles what a run without it compiles: the same rewritten graph, the same cache key."""
+    from passes.capture import CAPTURE_ENV
+    from support.hand_graphs import apply_pass, mm_pad_rs
+
+    plain = apply_pass(graph := mm_pad_rs("c10d_functional"))
+    without = (str(graph.graph), plain.uuid())
+    monkeypatch.setenv(CAPTURE_ENV, str(tmp_path))
+    captured = apply_pass(graph := mm_pad_rs("c10d_functional"))
+    assert (str(graph.graph), captured.uuid()) == without
+    (folder,) = tmp_path.iterdir()
+    assert json.loads((folder / "capture.json").read_text())["report"] == captured.last_report.rows()
