@@ -82,8 +82,8 @@ def test_a_bad_capture_is_exit_2_and_one_line(case, tmp_path):
 def test_an_op_whose_schema_changed_is_exit_2_and_one_line(tmp_path):
     """A library loaded in the replaying process whose op no longer has the captured schema (a newer vLLM)."""
     capture = _one_capture(tmp_path)
-    newer_vllm = ("import torch; lib = torch.library.Library('vllm', 'FRAGMENT'); "
-                  "lib.define('reduce_scatter(Tensor tensor, int dim, int world_size, str group_name, bool new) -> Tensor')")
+    newer_vllm = ("import torch; lib = torch.library.Library('vllm', 'FRAGMENT'); lib.define("
+                  "'reduce_scatter(Tensor tensor, int dim, int world_size, str group_name, bool new) -> Tensor')")
     done, _ = replays.replay(capture.parent, first=newer_vllm)
     assert done.returncode == 2, done.stdout[-2000:] + done.stderr[-2000:]
     assert done.stderr.count("\n") == 1 and "op vllm.reduce_scatter.default: its schema here" in done.stderr
