@@ -38,7 +38,7 @@ V033_TESTS := tests/integration/test_vllm_integration.py tests/integration/test_
 	--ignore=tests/rewrite/test_sequence_parallel_forms.py --ignore=tests/rewrite/test_passes_vllm_ascend.py \
 	--ignore=tests/rewrite/test_replay.py
 
-.PHONY: venv venv-next venv-v033 test-v033 ascend-src ascend-check gpu-check engine-matrix demo test test-main test-next bench captures clean
+.PHONY: venv venv-next venv-v033 test-v033 venv-ascend023 test-ascend023 ascend-src ascend-check gpu-check engine-matrix demo test test-main test-next bench captures clean
 
 venv: $(VENV)/.fcpass-installed
 venv-next: $(NEXT_VENV)/.fcpass-installed
@@ -106,13 +106,46 @@ $(V033_VENV)/.fcpass-installed: $(VENV)/.fcpass-installed
 
 venv-v033: $(V033_VENV)/.fcpass-installed
 
+# The Ascend stack of vllm-ascend 0.23.0.post1: vLLM 0.23.0's Python on torch 2.10.0 (vllm-ascend pins
+# torch==2.10.0; its Dockerfile installs vLLM's Python with VLLM_TARGET_DEVICE=empty, no kernels: here its wheel
+# with --no-deps, its record's version marked "+cpu" so that vLLM's CPU platform runs the gloo ranks, as NPUs
+# cannot), transformers 5.5.4 (vllm-ascend's pin), gguf (vLLM 0.23's config imports it); the rest, and fcpass,
+# read from the main virtualenv. vllm-ascend's own source is .deps' (make ascend-src).
+ASCEND023_VENV ?= .venv-ascend023
+ASCEND023_PY := $(ASCEND023_VENV)/bin/python
+ASCEND_TESTS := tests/integration/test_vllm_ascend_compile.py tests/rewrite/test_passes_vllm_ascend.py \
+	tests/integration/test_ascend_check.py tests/runtime/test_npu_standin_schemas.py
+
+$(ASCEND023_VENV)/.fcpass-installed: $(VENV)/.fcpass-installed
+	rm -rf $(ASCEND023_VENV)
+	$(PYTHON) -m venv $(ASCEND023_VENV)
+	$(ASCEND023_PY) -m pip install -q --upgrade pip
+	$(ASCEND023_PY) -m pip install -q torch==2.10.0
+	main_site=$$($(PY) -c "import sysconfig; print(sysconfig.get_paths()['purelib'])") && \
+	$(ASCEND023_PY) -c "import pathlib, sys, sysconfig; pathlib.Path(sysconfig.get_paths()['purelib'], \
+	'fcpass_main_venv.pth').write_text(f'import site; site.addsitedir({sys.argv[1]!r})\\n')" "$$main_site"
+	$(ASCEND023_PY) -m pip install -q "transformers==5.5.4" gguf
+	$(ASCEND023_PY) -m pip install -q --no-deps vllm==0.23.0
+	$(ASCEND023_PY) -c "import pathlib, sysconfig; d = next(pathlib.Path(sysconfig.get_paths()['purelib']).glob( \
+	'vllm-0.23.0*.dist-info')); m = d / 'METADATA'; m.write_text(m.read_text().replace( \
+	'Version: 0.23.0\\n', 'Version: 0.23.0+cpu\\n', 1))"
+	VLLM_TARGET_DEVICE=cpu $(ASCEND023_PY) -c "import torch, vllm, fcpass; from vllm.platforms import current_platform; \
+	print('torch', torch.__version__, 'vllm', vllm.__version__, type(current_platform).__name__)"
+	touch $(ASCEND023_VENV)/.fcpass-installed
+
+venv-ascend023: $(ASCEND023_VENV)/.fcpass-installed
+
+test-ascend023: venv-ascend023 ascend-src
+	VLLM_TARGET_DEVICE=cpu $(ASCEND023_PY) -m pytest -q -p no:cacheprovider $(ASCEND_TESTS)
+
+
 test-v033: venv-v033
 	VLLM_TARGET_DEVICE=cpu $(V033_PY) -m pytest -q -p no:cacheprovider $(V033_TESTS)
 
 demo: venv
 	$(PY) -m examples.demo
 
-test: test-main test-next test-v033
+test: test-main test-next test-v033 test-ascend023
 
 # vllm-ascend's source (its vllm_ascend/ package from the registry's sdist): its real compile path runs in the tests.
 ascend-src: venv
@@ -163,4 +196,4 @@ bench: venv
 	$(PY) -m benchmarks.below_threshold
 
 clean:
-	rm -rf $(VENV) $(NEXT_VENV) $(V033_VENV)
+	rm -rf $(VENV) $(NEXT_VENV) $(V033_VENV) $(ASCEND023_VENV)
