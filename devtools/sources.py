@@ -10,7 +10,9 @@
   writes it for an Atlas A2 (``SOC_VERSION=ascend910b1``).
 - torch_npu must never be installed here (it fails to import without CANN):
   only its op schemas (``npu_native_functions_by_codegen.yaml``) and op docs
-  are unpacked from its wheel; the stand-in's schemas are checked against them.
+  are unpacked from its wheel; the stand-in's schemas are checked against them;
+  from 2.10.0.post4's wheel (vllm-ascend 0.23's pin), the ``torch.npu`` modules
+  whose streams, events and device calls the stand-in gives vllm-ascend.
 
 Each download is checked against the index's sha256 and unpacked into ``.deps/<project>-<version>/``.
 
@@ -54,7 +56,12 @@ TORCH_NPU_SCHEMAS = "torch_npu/csrc/aten/npu_native_functions_by_codegen.yaml"
 TORCH_NPU_DOCS = "torch_npu/_op_plugin_docs.py"
 TORCH_NPU = Source("torch-npu", "2.14.0", "torch_npu-2.14.0-cp311-cp311-manylinux_2_28_x86_64.whl",
                    (TORCH_NPU_SCHEMAS, TORCH_NPU_DOCS))
-SOURCES = (VLLM_ASCEND, TORCH_NPU)
+# torch-npu 2.10.0.post4, vllm-ascend 0.23.0.post1's pin: the torch.npu API the stand-in gives vllm-ascend
+TORCH_NPU_DEVICE_MODULE = ("torch_npu/npu/__init__.py", "torch_npu/npu/streams.py", "torch_npu/npu/utils.py",
+                           "torch_npu/npu/memory.py", "torch_npu/npu/graphs.py")
+TORCH_NPU_210 = Source("torch-npu", "2.10.0.post4", "torch_npu-2.10.0.post4-cp311-cp311-manylinux_2_28_x86_64.whl",
+                       TORCH_NPU_DEVICE_MODULE)
+SOURCES = (VLLM_ASCEND, TORCH_NPU, TORCH_NPU_210)
 
 
 # What vllm-ascend's setup.py (gen_build_info) writes for SOC_VERSION=ascend910b1, the A2 of its Dockerfile.

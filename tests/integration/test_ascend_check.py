@@ -32,6 +32,7 @@ def test_without_an_npu_it_says_what_is_missing_and_runs_nothing(capsys, monkeyp
 
     monkeypatch.setattr(sys, "path", [p for p in sys.path if p != STANDIN_DIR])  # other tests' torch_npu stand-in
     monkeypatch.delitem(sys.modules, "torch_npu", raising=False)
+    monkeypatch.delattr(torch, "npu", raising=False)  # the stand-in's torch.npu, as torch_npu registers it
     assert ascend_check.main([]) == 2
     assert "torch_npu is not installed" in capsys.readouterr().err
     assert not hasattr(torch, "npu")

@@ -9,6 +9,7 @@ order, keyword-only where it has ``*``, with its defaults (torch's Python bindin
 """
 
 import importlib.util
+import ast
 import inspect
 import os
 import re
@@ -67,3 +68,32 @@ def test_the_kernels_fcpass_calls_take_the_wheels_arguments(wheel_schemas, stand
     expected = [("input" if a.name == "self" else a.name, a.kwarg_only, _python_default(a)) for a in real.arguments]
     got = [(p.name, p.kind is inspect.Parameter.KEYWORD_ONLY, p.default) for p in params]
     assert got == expected
+
+
+def _signatures(path) -> dict[str, str]:
+    """{name: its parameters as written} of a module's top-level functions and of its classes' methods
+    ("Class.method"), read from the source."""
+    found = {}
+    for node in ast.parse(open(path).read()).body:
+        if isinstance(node, ast.FunctionDef):
+            found[node.name] = ast.unparse(node.args)
+        elif isinstance(node, ast.ClassDef):
+            found[node.name] = "class"
+            found.update({f"{node.name}.{item.name}": ast.unparse(item.args) for item in node.body
+                          if isinstance(item, ast.FunctionDef)})
+    return found
+
+
+def test_the_standins_torch_npu_is_torch_npu_210s_own_api():
+    """``torch.npu`` as the stand-in gives it vllm-ascend 0.23 (streams, events, devices): every name it
+    defines, with its parameters, is torch-npu 2.10.0.post4's (vllm-ascend 0.23.0.post1's pin), read from the
+    wheel's source; nothing the real module lacks."""
+    real = {}
+    for member in sources.TORCH_NPU_DEVICE_MODULE:
+        path = sources.TORCH_NPU_210.path(member)
+        if not path.is_file():
+            raise RuntimeError(f"{path} is missing: run `make ascend-src` (python -m devtools.sources)")
+        real.update(_signatures(path))
+    standin = _signatures(os.path.join(STANDIN_DIR, "torch_npu", "npu.py"))
+    assert {"Stream", "Event", "current_stream", "current_device"} <= set(standin)
+    assert {name: real.get(name) for name in standin} == standin

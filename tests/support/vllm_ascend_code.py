@@ -4,10 +4,11 @@ Its source comes from the sdist (devtools/sources.py, ``make ascend-src``); torc
 (tests/standins/npu), importable only, never ``install()``ed: no "npu" device, the ranks are CPU ones. Two
 things of vllm-ascend cannot run here, and only these are worked around:
 
-- ``vllm_ascend/ops/__init__.py`` imports its fused-MoE layer, which imports a vLLM ``FusedMoE`` that vLLM
-  0.31 no longer has: the ``vllm_ascend.ops`` package is entered without running that file (every module in it is the
-  real one), and the one MoE name its forward context reads, ``moe_comm_method.get_moe_comm_method``,
-  answers None (a dense model has no MoE method);
+- on vLLM 0.31 (not the vLLM it was built for), ``vllm_ascend/ops/__init__.py`` imports its fused-MoE layer,
+  which imports a vLLM ``FusedMoE`` that 0.31 no longer has: the ``vllm_ascend.ops`` package is entered without
+  running that file (every module in it is the real one), and the one MoE name its forward context reads,
+  ``moe_comm_method.get_moe_comm_method``, answers None (a dense model has no MoE method). On its own vLLM
+  (0.23, ``make test-ascend023``) the package imports as it is, with the torch_npu stand-in's ``torch.npu``;
 - its ops register kernels for PrivateUse1 (NPU) only: the same Python functions of its
   ``register_custom_ops`` / ``linear`` are registered as their CPU kernels, so CPU tensors run vllm-ascend's
   own code.
@@ -50,25 +51,43 @@ def setup():
     rank_setup()
 
 
-def load_ops() -> None:
-    """vllm-ascend's op registrations (torch.ops.vllm.*), with its kernels for CPU tensors too. Idempotent."""
+def load_ops() -> str:
+    """vllm-ascend's op registrations (torch.ops.vllm.*), with its kernels for CPU tensors too. Idempotent.
+
+    Returns how its ``vllm_ascend.ops`` package was entered: "imported" (its own ``__init__``, as on the vLLM
+    it was built for), or "entered" (without it: the vLLM 0.31 workaround of the module docstring).
+    """
     import torch
 
     import vllm_ascend
 
     if OPS not in sys.modules:
-        package = types.ModuleType(OPS)
-        package.__path__ = [str(SOURCE / "vllm_ascend" / "ops")]
-        sys.modules[OPS] = vllm_ascend.ops = package
-        moe = types.ModuleType(f"{OPS}.fused_moe")
-        moe.__path__ = []
-        comm_method = types.ModuleType(f"{OPS}.fused_moe.moe_comm_method")
-        comm_method.get_moe_comm_method = lambda moe_comm_type: None
-        sys.modules[moe.__name__], sys.modules[comm_method.__name__] = moe, comm_method
+        try:
+            importlib.import_module(OPS)
+        except ImportError as exc:
+            if "FusedMoE" not in str(exc):
+                raise
+            _enter_ops_without_its_init(vllm_ascend)
     for op, (module, function) in KERNELS.items():
         kernel = getattr(importlib.import_module(module), function)
         if not torch._C._dispatch_has_kernel_for_dispatch_key(f"vllm::{op}", "CPU"):
             torch.library.impl(f"vllm::{op}", "CPU")(kernel)
+    return "entered" if getattr(sys.modules[OPS], "__file__", None) is None else "imported"
+
+
+def _enter_ops_without_its_init(vllm_ascend) -> None:
+    """vLLM 0.31 lacks the ``FusedMoE`` vllm-ascend 0.23's ops package imports: enter the package without its
+    ``__init__``; the one MoE name the forward context reads answers None (a dense model has no MoE method)."""
+    for name in [name for name in sys.modules if name.startswith(OPS + ".")]:
+        del sys.modules[name]  # what the failed import left half-done
+    package = types.ModuleType(OPS)
+    package.__path__ = [str(SOURCE / "vllm_ascend" / "ops")]
+    sys.modules[OPS] = vllm_ascend.ops = package
+    moe = types.ModuleType(f"{OPS}.fused_moe")
+    moe.__path__ = []
+    comm_method = types.ModuleType(f"{OPS}.fused_moe.moe_comm_method")
+    comm_method.get_moe_comm_method = lambda moe_comm_type: None
+    sys.modules[moe.__name__], sys.modules[comm_method.__name__] = moe, comm_method
 
 
 def model_config():

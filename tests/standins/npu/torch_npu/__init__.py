@@ -34,8 +34,9 @@ MatmulAllreduceRowParallelOp relies on (it passes the bias on rank 0 only).
 
 from __future__ import annotations
 
+import importlib.util
+import os
 import sys
-import types
 
 import torch
 import torch.distributed as dist
@@ -48,9 +49,6 @@ OUT_DTYPES = (torch.bfloat16, torch.float16)
 # Every accepted call, for tests to inspect: (kernel, dict of facts).
 calls: list[tuple[str, dict]] = []
 _groups_by_comm_name: dict[str, dist.ProcessGroup] = {}
-
-npu = types.SimpleNamespace(is_current_stream_capturing=lambda: False)
-
 
 class KernelArgumentError(RuntimeError):
     """What the real kernel's TORCH_CHECKs raise."""
@@ -316,5 +314,19 @@ def _register_quant_ops() -> None:
 
 
 _register_quant_ops()
+
+
+def _device_module():
+    """torch_npu.npu (npu.py beside this file), also where this file is loaded alone, under another name."""
+    spec = importlib.util.spec_from_file_location(f"{__name__}.npu", os.path.join(os.path.dirname(__file__), "npu.py"))
+    module = sys.modules[spec.name] = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+# torch_npu registers its device module as ``torch.npu``: vllm-ascend reads streams and events there
+npu = _device_module()
+if not hasattr(torch, "npu"):
+    torch.npu = npu
 # torch_npu's ops are attributes of the module too: vllm-ascend calls ``torch_npu.npu_quantize(...)``
 npu_quantize, npu_quant_matmul = torch.ops.npu.npu_quantize, torch.ops.npu.npu_quant_matmul
