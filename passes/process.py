@@ -15,6 +15,8 @@ from __future__ import annotations
 import contextlib
 import threading
 
+import torch.distributed as dist
+
 from fcpass.groups import resolve_group
 from fcpass.vllm import state as vllm_state
 
@@ -51,11 +53,14 @@ class RecordingProcess(LiveProcess):
 
     def __init__(self) -> None:
         self.groups: dict[str, int | None] = {}
+        self.group_ranks: dict[str, list[int]] = {}  # for the reader: the global ranks of each group
         self.shm_groups: dict[str, str | None] = {}
         self.asked: dict[str, object] = {}
 
     def group_size(self, group_name):
         size = self.groups[group_name] = super().group_size(group_name)
+        if size is not None:
+            self.group_ranks[group_name] = dist.get_process_group_ranks(resolve_group(group_name))
         return size
 
     def tp_group(self):
@@ -72,7 +77,7 @@ class RecordingProcess(LiveProcess):
         return start
 
     def facts(self) -> dict:
-        return {"groups": self.groups, "shm_groups": self.shm_groups, **self.asked}
+        return {"groups": self.groups, "group_ranks": self.group_ranks, "shm_groups": self.shm_groups, **self.asked}
 
 
 class RecordedProcess:

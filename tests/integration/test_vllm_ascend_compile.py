@@ -241,6 +241,13 @@ def test_its_captures_replay_where_vllm_ascend_and_torch_npu_are_not_installed(t
         fused |= {op for op in graph["ops_after"] if op.startswith("fcpass.")}
     assert {"fcpass.mm_reduce_scatter_scaled.default", "fcpass.all_gather_scaled_mm.default",
             "fcpass.mm_reduce_scatter.default", "fcpass.all_gather_mm.default"} <= fused
-    schemas = {name for path in captures.rglob("capture.json") for name in json.loads(path.read_text())["schemas"]}
+    facts = [json.loads(path.read_text()) for path in captures.rglob("capture.json")]
+    schemas = {name for f in facts for name in f["schemas"]}
+    for f in facts:  # each group the pass read: its size and its global ranks; vLLM's TP group by name
+        process = f["process"]
+        assert process["tp_group"] == ["tp:0", 2] and f["world_size"] == 2 and f["rank"] in (0, 1)
+        assert process["groups"]  # every collective's group is asked up front
+        assert {name: len(ranks) for name, ranks in process["group_ranks"].items()} == {
+            name: size for name, size in process["groups"].items() if size is not None}
     assert {"npu.npu_quant_matmul.default", "vllm.maybe_pad_and_reduce.default"} <= schemas
     replays.keep_if_asked(captures, "vllm_ascend_tp2")
