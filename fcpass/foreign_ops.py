@@ -14,6 +14,11 @@ import re
 import torch
 
 
+def one_line(exc: BaseException) -> str:
+    """An exception's message on one line, at most 300 characters (what a replay says of a failure)."""
+    return " ".join(str(exc).split())[:300]
+
+
 class SchemaError(ValueError):
     """A captured op that cannot be stood in for here; the message is one line."""
 
@@ -35,8 +40,8 @@ def register(schemas: dict[str, str]) -> None:
         try:
             library.define(_definable(schema.split("::", 1)[1]))
         except RuntimeError as exc:
-            reason = " ".join(str(exc).split())[:300]
-            raise SchemaError(f"op {name}: its captured schema {schema} cannot be registered: {reason}") from None
+            raise SchemaError(f"op {name}: its captured schema {schema} cannot be registered: {one_line(exc)}") \
+                from None
         registered = _lookup(namespace, op_name, overload)
         fake = _EMITTED_FAKES.get(name) or _recorded_fake(name, returns=len(registered._schema.returns))
         torch.library.register_fake(f"{namespace}::{op_name}" + ("" if overload == "default" else f".{overload}"),

@@ -30,6 +30,7 @@ from torch._dispatch.python import enable_python_dispatcher
 
 import fcpass  # noqa: F401 - registers torch.ops.fcpass.*
 from fcpass import foreign_ops
+from fcpass.foreign_ops import one_line
 from fcpass.config import PassConfig
 from passes import capture as capture_format
 from passes import process
@@ -116,7 +117,7 @@ def load(folder) -> Capture:
         loaded = GraphPickler.loads(data, FakeTensorMode(shape_env=ShapeEnv(), allow_non_fake_inputs=True))
     except Exception as exc:  # noqa: BLE001 - any unpickling failure is a bad capture, said in one line
         raise CaptureError(f"{folder}: {capture_format.GRAPH_FILE} cannot be loaded "
-                           f"({type(exc).__name__}: {_one_line(exc)})") from None
+                           f"({type(exc).__name__}: {one_line(exc)})") from None
     return Capture(folder, facts, loaded["graph_module"], loaded["fakes"])
 
 
@@ -129,7 +130,7 @@ def replay(capture: Capture, config: dict | PassConfig | None = None) -> Replaye
     try:
         pass_config = PassConfig.from_dict({**capture.facts["config"], **(config or {})})
     except ValueError as exc:
-        raise CaptureError(f"config: {_one_line(exc)}") from None
+        raise CaptureError(f"config: {one_line(exc)}") from None
     gm = fx.GraphModule(capture.graph_module, capture_format.copy_graph(capture.graph_module.graph))
     outputs_before = capture_format.output_values(gm.graph)
     flash_comm = FlashCommPass(pass_config)
@@ -141,7 +142,7 @@ def replay(capture: Capture, config: dict | PassConfig | None = None) -> Replaye
         except process.MissingFact as exc:
             raise CaptureError(f"{capture.folder}: {exc}") from None
         except Exception as exc:  # noqa: BLE001 - the finding, in one line (a live compile would have failed)
-            problems.append(f"the pass fails on this graph: {type(exc).__name__}: {_one_line(exc)}")
+            problems.append(f"the pass fails on this graph: {type(exc).__name__}: {one_line(exc)}")
         if not problems:
             problems, notes = _check_outputs(gm, outputs_before)
     report = flash_comm.last_report.rows()
@@ -216,7 +217,7 @@ def _check_outputs(gm: fx.GraphModule, outputs_before: list) -> tuple[list, list
         with enable_python_dispatcher():
             FakeTensorProp(gm, fake_mode).propagate_dont_convert_inputs(*placeholders)
     except Exception as exc:  # noqa: BLE001 - any failure is the finding
-        return [f"fake propagation through the rewritten graph fails: {type(exc).__name__}: {_one_line(exc)}"], []
+        return [f"fake propagation through the rewritten graph fails: {type(exc).__name__}: {one_line(exc)}"], []
     after = capture_format.output_values(gm.graph)
     if len(after) != len(outputs_before):
         return [f"the rewritten graph has {len(after)} outputs, the original {len(outputs_before)}"], []
@@ -255,7 +256,3 @@ def _first_difference(a: list, b: list) -> str:
         if x != y:
             return f"site {i}: {x} here, {y} live"
     return f"{len(a)} sites here, {len(b)} live"
-
-
-def _one_line(exc: BaseException) -> str:
-    return " ".join(str(exc).split())[:300]

@@ -30,8 +30,13 @@ class LiveProcess:
 
     def group_size(self, group_name: str) -> int | None:
         """The size of the group behind ``group_name``; None where no group has that name here."""
+        group = self._group(group_name)
+        return group.size() if group is not None else None
+
+    @staticmethod
+    def _group(group_name: str):
         try:
-            return resolve_group(group_name).size()
+            return resolve_group(group_name)
         except ValueError:
             return None
 
@@ -58,10 +63,11 @@ class RecordingProcess(LiveProcess):
         self.asked: dict[str, object] = {}
 
     def group_size(self, group_name):
-        size = self.groups[group_name] = super().group_size(group_name)
-        if size is not None:
-            self.group_ranks[group_name] = dist.get_process_group_ranks(resolve_group(group_name))
-        return size
+        group = self._group(group_name)
+        self.groups[group_name] = group.size() if group is not None else None
+        if group is not None:
+            self.group_ranks[group_name] = dist.get_process_group_ranks(group)
+        return self.groups[group_name]
 
     def tp_group(self):
         tp = super().tp_group()
