@@ -38,7 +38,7 @@ V033_TESTS := tests/integration/test_vllm_integration.py tests/integration/test_
 	--ignore=tests/rewrite/test_sequence_parallel_forms.py --ignore=tests/rewrite/test_passes_vllm_ascend.py \
 	--ignore=tests/rewrite/test_replay.py
 
-.PHONY: venv venv-next venv-v033 test-v033 venv-ascend023 test-ascend023 ascend-src ascend-check gpu-check engine-matrix demo test test-main test-next bench captures clean
+.PHONY: venv venv-next venv-v033 test-v033 venv-ascend023 test-ascend023 venv-ascend030 test-ascend030 ascend-src ascend-check gpu-check engine-matrix demo test test-main test-next bench captures clean
 
 venv: $(VENV)/.fcpass-installed
 venv-next: $(NEXT_VENV)/.fcpass-installed
@@ -106,37 +106,52 @@ $(V033_VENV)/.fcpass-installed: $(VENV)/.fcpass-installed
 
 venv-v033: $(V033_VENV)/.fcpass-installed
 
-# The Ascend stack of vllm-ascend 0.23.0.post1: vLLM 0.23.0's Python on torch 2.10.0 (vllm-ascend pins
-# torch==2.10.0; its Dockerfile installs vLLM's Python with VLLM_TARGET_DEVICE=empty, no kernels: here its wheel
-# with --no-deps, its record's version marked "+cpu" so that vLLM's CPU platform runs the gloo ranks, as NPUs
-# cannot), transformers 5.5.4 (vllm-ascend's pin), gguf (vLLM 0.23's config imports it); the rest, and fcpass,
-# read from the main virtualenv. vllm-ascend's own source is .deps' (make ascend-src).
+# The Ascend stacks: vllm-ascend X.Y with the vLLM X.Y it is built for, on the torch it pins. vllm-ascend
+# 0.23.0.post1: vLLM 0.23.0, torch 2.10.0, transformers 5.5.4; vllm-ascend 0.30.0rc2: vLLM 0.30.0, torch 2.10.0,
+# transformers 5.14.1 (their requirements.txt and Dockerfiles). vLLM's Python as vllm-ascend's Dockerfile installs
+# it (VLLM_TARGET_DEVICE=empty, no kernels): here its wheel with --no-deps, its record's version marked "+cpu" so
+# that vLLM's CPU platform runs the gloo ranks, as NPUs cannot; gguf (vLLM's config imports it); the rest, and
+# fcpass, read from the main virtualenv. vllm-ascend's own source for each is in .deps (make ascend-src); the
+# tests pick the one built for the vLLM they run on (devtools/sources.py).
+ASCEND_ONLY_TESTS := tests/integration/test_vllm_ascend_compile.py tests/rewrite/test_passes_vllm_ascend.py
+ASCEND_TESTS := $(ASCEND_ONLY_TESTS) tests/integration/test_ascend_check.py tests/runtime/test_npu_standin_schemas.py \
+	tests/rewrite/test_replay.py::test_a_committed_capture_replays_as_expected
 ASCEND023_VENV ?= .venv-ascend023
-ASCEND023_PY := $(ASCEND023_VENV)/bin/python
-ASCEND_TESTS := tests/integration/test_vllm_ascend_compile.py tests/rewrite/test_passes_vllm_ascend.py \
-	tests/integration/test_ascend_check.py tests/runtime/test_npu_standin_schemas.py
+ASCEND030_VENV ?= .venv-ascend030
+
+# $(call make_ascend_venv,dir,vllm version,transformers version)
+define make_ascend_venv
+	rm -rf $(1)
+	$(PYTHON) -m venv $(1)
+	$(1)/bin/python -m pip install -q --upgrade pip
+	$(1)/bin/python -m pip install -q torch==2.10.0
+	main_site=$$($(PY) -c "import sysconfig; print(sysconfig.get_paths()['purelib'])") && \
+	$(1)/bin/python -c "import pathlib, sys, sysconfig; pathlib.Path(sysconfig.get_paths()['purelib'], \
+	'fcpass_main_venv.pth').write_text(f'import site; site.addsitedir({sys.argv[1]!r})\\n')" "$$main_site"
+	$(1)/bin/python -m pip install -q "transformers==$(3)" gguf
+	$(1)/bin/python -m pip install -q --no-deps vllm==$(2)
+	$(1)/bin/python -c "import pathlib, sysconfig; d = next(pathlib.Path(sysconfig.get_paths()['purelib']).glob( \
+	'vllm-$(2)*.dist-info')); m = d / 'METADATA'; m.write_text(m.read_text().replace( \
+	'Version: $(2)\\n', 'Version: $(2)+cpu\\n', 1))"
+	VLLM_TARGET_DEVICE=cpu $(1)/bin/python -c "import torch, vllm, fcpass; from vllm.platforms import current_platform; \
+	print('torch', torch.__version__, 'vllm', vllm.__version__, type(current_platform).__name__)"
+	touch $(1)/.fcpass-installed
+endef
 
 $(ASCEND023_VENV)/.fcpass-installed: $(VENV)/.fcpass-installed
-	rm -rf $(ASCEND023_VENV)
-	$(PYTHON) -m venv $(ASCEND023_VENV)
-	$(ASCEND023_PY) -m pip install -q --upgrade pip
-	$(ASCEND023_PY) -m pip install -q torch==2.10.0
-	main_site=$$($(PY) -c "import sysconfig; print(sysconfig.get_paths()['purelib'])") && \
-	$(ASCEND023_PY) -c "import pathlib, sys, sysconfig; pathlib.Path(sysconfig.get_paths()['purelib'], \
-	'fcpass_main_venv.pth').write_text(f'import site; site.addsitedir({sys.argv[1]!r})\\n')" "$$main_site"
-	$(ASCEND023_PY) -m pip install -q "transformers==5.5.4" gguf
-	$(ASCEND023_PY) -m pip install -q --no-deps vllm==0.23.0
-	$(ASCEND023_PY) -c "import pathlib, sysconfig; d = next(pathlib.Path(sysconfig.get_paths()['purelib']).glob( \
-	'vllm-0.23.0*.dist-info')); m = d / 'METADATA'; m.write_text(m.read_text().replace( \
-	'Version: 0.23.0\\n', 'Version: 0.23.0+cpu\\n', 1))"
-	VLLM_TARGET_DEVICE=cpu $(ASCEND023_PY) -c "import torch, vllm, fcpass; from vllm.platforms import current_platform; \
-	print('torch', torch.__version__, 'vllm', vllm.__version__, type(current_platform).__name__)"
-	touch $(ASCEND023_VENV)/.fcpass-installed
+	$(call make_ascend_venv,$(ASCEND023_VENV),0.23.0,5.5.4)
+
+$(ASCEND030_VENV)/.fcpass-installed: $(VENV)/.fcpass-installed
+	$(call make_ascend_venv,$(ASCEND030_VENV),0.30.0,5.14.1)
 
 venv-ascend023: $(ASCEND023_VENV)/.fcpass-installed
+venv-ascend030: $(ASCEND030_VENV)/.fcpass-installed
 
 test-ascend023: venv-ascend023 ascend-src
-	VLLM_TARGET_DEVICE=cpu $(ASCEND023_PY) -m pytest -q -p no:cacheprovider $(ASCEND_TESTS)
+	VLLM_TARGET_DEVICE=cpu $(ASCEND023_VENV)/bin/python -m pytest -q -p no:cacheprovider $(ASCEND_TESTS)
+
+test-ascend030: venv-ascend030 ascend-src
+	VLLM_TARGET_DEVICE=cpu $(ASCEND030_VENV)/bin/python -m pytest -q -p no:cacheprovider $(ASCEND_TESTS)
 
 
 test-v033: venv-v033
@@ -145,7 +160,7 @@ test-v033: venv-v033
 demo: venv
 	$(PY) -m examples.demo
 
-test: test-main test-next test-v033 test-ascend023
+test: test-main test-next test-v033 test-ascend023 test-ascend030
 
 # vllm-ascend's source (its vllm_ascend/ package from the registry's sdist): its real compile path runs in the tests.
 ascend-src: venv
@@ -162,7 +177,7 @@ gpu-check:
 	PYTHONPATH=$(CURDIR) $(PYTHON) -m devtools.gpu_check
 
 test-main: venv ascend-src
-	$(PY) -m pytest -q --durations=12 tests
+	$(PY) -m pytest -q --durations=12 tests $(ASCEND_ONLY_TESTS:%=--ignore=%)
 
 # The real engine on every model family of tests/integration/test_engine_matrix.py (Llama, GPT-NeoX, OPT pre-
 # and post-norm, Falcon, Qwen3-MoE), with and without fcpass; `make test` runs its quick subset (GPT-NeoX).
@@ -171,11 +186,12 @@ engine-matrix: venv
 	FCPASS_ENGINE_MATRIX=full $(PY) -m pytest -q tests/integration/test_engine_matrix.py
 
 # The committed captures of tests/data/captures (FCPASS_CAPTURE; README "Testing fcpass on your model"), regenerated:
-# the CPU engine's (TP=2, AVX2 build) and vllm-ascend's compile path's by the tests that capture them, vLLM's
-# Llama at TP=8 by devtools/captures.py; each with its replay's results as the expectation. ~10 min.
-captures: venv ascend-src
+# the CPU engine's (TP=2, AVX2 build) and vllm-ascend's compile path's (on its 0.23 stack, torch 2.10) by the tests that
+# capture them, vLLM's Llama at TP=8 by devtools/captures.py; each with its replay's results as the expectation. ~10 min.
+captures: venv venv-ascend023 ascend-src
 	FCPASS_UPDATE_CAPTURES=1 $(PY) -m pytest -q -p no:cacheprovider \
-		"tests/integration/test_vllm_engine.py::test_the_workers_captures_replay_where_vllm_is_not_installed[avx2]" \
+		"tests/integration/test_vllm_engine.py::test_the_workers_captures_replay_where_vllm_is_not_installed[avx2]"
+	FCPASS_UPDATE_CAPTURES=1 VLLM_TARGET_DEVICE=cpu $(ASCEND023_VENV)/bin/python -m pytest -q -p no:cacheprovider \
 		tests/integration/test_vllm_ascend_compile.py::test_its_captures_replay_where_vllm_ascend_and_torch_npu_are_not_installed
 	$(PY) -m devtools.captures
 
@@ -196,4 +212,4 @@ bench: venv
 	$(PY) -m benchmarks.below_threshold
 
 clean:
-	rm -rf $(VENV) $(NEXT_VENV) $(V033_VENV) $(ASCEND023_VENV)
+	rm -rf $(VENV) $(NEXT_VENV) $(V033_VENV) $(ASCEND023_VENV) $(ASCEND030_VENV)

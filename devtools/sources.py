@@ -1,6 +1,6 @@
 """Files of packages fcpass plugs into that cannot be installed here, unpacked from the registry's distributions.
 
-- vllm-ascend's compile path (its GraphFusionPassManager, ``fusion_pass_compile``)
+- vllm-ascend's compile path (0.23.0.post1 for vLLM 0.23, 0.30.0rc2 for vLLM 0.30) (its GraphFusionPassManager, ``fusion_pass_compile``)
   imports without torch_npu, but its distribution cannot be installed on CPU
   (its build wants CANN, and installed it registers itself as vLLM's platform,
   which then imports torch_npu): only its ``vllm_ascend/`` package is
@@ -9,10 +9,11 @@
   built for; its device code reads it at import): written here as that step
   writes it for an Atlas A2 (``SOC_VERSION=ascend910b1``).
 - torch_npu must never be installed here (it fails to import without CANN):
-  only its op schemas (``npu_native_functions_by_codegen.yaml``) and op docs
-  are unpacked from its wheel; the stand-in's schemas are checked against them;
-  from 2.10.0.post4's wheel (vllm-ascend 0.23's pin), the ``torch.npu`` modules
-  whose streams, events and device calls the stand-in gives vllm-ascend.
+  from 2.10.0.post4's wheel (the pin of both vllm-ascend releases) only its op
+  schemas (``npu_native_functions_by_codegen.yaml``), op docs, package
+  ``__init__`` and the ``torch.npu`` modules whose streams, events and device
+  calls the stand-in gives vllm-ascend are unpacked; the stand-in is checked
+  against them.
 
 Each download is checked against the index's sha256 and unpacked into ``.deps/<project>-<version>/``.
 
@@ -24,6 +25,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import shutil
 import sys
 import tarfile
 import urllib.request
@@ -51,17 +53,31 @@ class Source:
         return self.folder / member
 
 
-VLLM_ASCEND = Source("vllm-ascend", "0.23.0.post1", "vllm_ascend-0.23.0.post1.tar.gz", ("vllm_ascend/",))
+# vllm-ascend X.Y is built for vLLM X.Y (its README and versioning policy): each release's source, by the vLLM
+# major.minor it runs on
+VLLM_ASCENDS = {
+    "0.23": Source("vllm-ascend", "0.23.0.post1", "vllm_ascend-0.23.0.post1.tar.gz", ("vllm_ascend/",)),
+    "0.30": Source("vllm-ascend", "0.30.0rc2", "vllm_ascend-0.30.0rc2.tar.gz", ("vllm_ascend/",)),
+}
+# torch-npu 2.10.0.post4, both releases' pin: its op schemas and docs, and the torch.npu API (streams, events,
+# devices) the stand-in gives vllm-ascend
 TORCH_NPU_SCHEMAS = "torch_npu/csrc/aten/npu_native_functions_by_codegen.yaml"
 TORCH_NPU_DOCS = "torch_npu/_op_plugin_docs.py"
-TORCH_NPU = Source("torch-npu", "2.14.0", "torch_npu-2.14.0-cp311-cp311-manylinux_2_28_x86_64.whl",
-                   (TORCH_NPU_SCHEMAS, TORCH_NPU_DOCS))
-# torch-npu 2.10.0.post4, vllm-ascend 0.23.0.post1's pin: the torch.npu API the stand-in gives vllm-ascend
+TORCH_NPU_PACKAGE = "torch_npu/__init__.py"
 TORCH_NPU_DEVICE_MODULE = ("torch_npu/npu/__init__.py", "torch_npu/npu/streams.py", "torch_npu/npu/utils.py",
                            "torch_npu/npu/memory.py", "torch_npu/npu/graphs.py")
-TORCH_NPU_210 = Source("torch-npu", "2.10.0.post4", "torch_npu-2.10.0.post4-cp311-cp311-manylinux_2_28_x86_64.whl",
-                       TORCH_NPU_DEVICE_MODULE)
-SOURCES = (VLLM_ASCEND, TORCH_NPU, TORCH_NPU_210)
+TORCH_NPU = Source("torch-npu", "2.10.0.post4", "torch_npu-2.10.0.post4-cp311-cp311-manylinux_2_28_x86_64.whl",
+                   (TORCH_NPU_SCHEMAS, TORCH_NPU_DOCS, TORCH_NPU_PACKAGE, *TORCH_NPU_DEVICE_MODULE))
+SOURCES = (*VLLM_ASCENDS.values(), TORCH_NPU)
+
+
+def vllm_ascend_for(vllm_version: str) -> Source:
+    """The vllm-ascend release built for this vLLM version ("0.23.0+cpu" -> 0.23.0.post1)."""
+    major_minor = ".".join(vllm_version.split(".")[:2])
+    if major_minor not in VLLM_ASCENDS:
+        raise RuntimeError(f"no vllm-ascend release is built for vLLM {vllm_version} (these are: "
+                           f"{', '.join(f'{s.version} for vLLM {v}' for v, s in VLLM_ASCENDS.items())})")
+    return VLLM_ASCENDS[major_minor]
 
 
 # What vllm-ascend's setup.py (gen_build_info) writes for SOC_VERSION=ascend910b1, the A2 of its Dockerfile.
@@ -73,7 +89,7 @@ def fetch(source: Source) -> Path:
     """Unpack ``source``'s members into its folder, once; returns the folder."""
     if not all(source.path(m.rstrip("/")).exists() for m in source.members):
         _download(source)
-    if source is VLLM_ASCEND and not source.path(BUILD_INFO).exists():
+    if source.project == "vllm-ascend" and not source.path(BUILD_INFO).exists():
         source.path(BUILD_INFO).write_text(BUILD_INFO_TEXT)
     return source.folder
 
@@ -88,6 +104,7 @@ def _download(source: Source) -> None:
         _unpack_sdist(data, source.members, partial)
     else:
         _unpack_wheel(data, source.members, partial)
+    shutil.rmtree(source.folder, ignore_errors=True)  # an older unpacking with fewer members
     partial.rename(source.folder)
 
 

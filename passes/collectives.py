@@ -77,20 +77,20 @@ ASCEND_ROW_PARALLEL_LINEAR_DOES = ("vllm-ascend's matmul_and_reduce: with FlashC
 
 
 def _ascend_collective(op_name: str, node: fx.Node) -> Collective | None:
-    """vllm-ascend's ``maybe_pad_and_reduce(x)`` / ``maybe_all_gather_and_maybe_unpad(x, label)``.
+    """vllm-ascend 0.23's FlashComm v1 ``maybe_pad_and_reduce(x)`` / ``maybe_all_gather_and_maybe_unpad(x, label)``.
 
-    Both talk on vLLM's TP group and decide from vllm-ascend's forward
+    Both talk on vLLM's TP group (unless ``is_ep_comm``; 0.30's are EP only) and decide from vllm-ascend's forward
     context whether to communicate at all (else all_reduce / identity); the
     traced shape records that decision, so only a node whose output rows
     differ from its input rows is a scatter or gather. Without a vLLM TP
     group in this process the collective is returned with world_size 0.
     """
     target = vllm_op(op_name)
-    if target is None or node.op != "call_function" or node.target != target:
+    if target is None or node.op != "call_function" or node.target != target or _ascend_ep_collective(node):
         return None
     args = bound_args(node)
     x = list(args.values())[0]
-    if args.get("is_ep_comm") or args.get("label") is False or args.get("do_comm") is False:
+    if args.get("label") is False or args.get("do_comm") is False:
         return None
     out, inp = fake_value(node), fake_value(x)
     if out is None or inp is None or statically_known_true(out.shape[0] == inp.shape[0]):
@@ -165,7 +165,17 @@ def _scan(graph: fx.Graph, matchers, undecoded) -> tuple[list, list[tuple[str, R
                    if node.op == "call_function" and node not in decoded and (why := undecoded(node)) is not None]
 
 
+def _ascend_ep_collective(node: fx.Node) -> bool:
+    """vllm-ascend's padding collective on its expert-parallel group (MoE prepare/finalize): 0.23's with
+    ``is_ep_comm=True``, and every call of 0.30's, whose ops are EP only (their schema has no ``is_ep_comm``;
+    they pad and unpad by the DP token layout, not FlashComm's ``pad_size``). The schema is the graph's."""
+    args = bound_args(node)
+    return "is_ep_comm" not in args or bool(args["is_ep_comm"])
+
+
 def _undecoded_collective(kind: CollectiveKind, node: fx.Node) -> tuple[str, Reason] | None:
+    if node.target is not None and node.target == vllm_op(kind.ascend) and _ascend_ep_collective(node):
+        return "vllm_ascend", Reason(outcomes.EP_COLLECTIVE, f"vllm-ascend's {kind.ascend} on its EP group")
     if node.target == functional_op(kind.functional):
         return "c10d_functional", Reason(outcomes.UNSUPPORTED_FORM, "its handle is used other than by wait_tensor")
     if node.target is not None and node.target == vllm_op(kind.vllm):

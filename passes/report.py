@@ -32,6 +32,7 @@ MIXED_MATMULS = "matmuls differ in kind or scaling (one fused op needs one kind)
 PER_TOKEN_SCALE = "per-token activation scale (computed after the gather)"
 # sequence_parallel and mm_all_reduce
 ALL_REDUCE_NOT_2D_ROWS = "all_reduce input is not 2-D token rows"
+EP_COLLECTIVE = "expert-parallel collective (MoE token layout; no matmul fusion on it)"  # + the op
 UNKNOWN_GROUP = "group unknown at compile time (its world size shapes the rewrite)"  # + the name
 # mm_all_reduce
 FASTER_TRANSPORT = "the all_reduce's transport is faster than the fused op's"  # + which transports

@@ -1,4 +1,4 @@
-"""fcpass inside vllm-ascend 0.23's real compile path, on 2 gloo ranks with vLLM's TP group.
+"""fcpass inside vllm-ascend's real compile path (0.23 on vLLM 0.23, 0.30 on vLLM 0.30), 2 gloo ranks, vLLM's TP group.
 
 vllm-ascend's own code, unpacked from its sdist (devtools/sources.py; `make test` fetches it): vLLM's
 ``VllmBackend.configure_post_pass`` fills its ``GraphFusionPassManager`` (pass key ``graph_fusion_manager``),
@@ -26,9 +26,11 @@ from support.multirank import shared
 
 THRESHOLD = 16
 TOKENS = (8, 64, 63)  # at or below the threshold, above it, and a count world_size does not divide
-# vllm-ascend's forwards: FlashComm off (<= 1000 tokens, below and above the threshold), on with TP padding,
-# on with DP padding (tokens, DP padded length)
-ASCEND_RUNS = ((7, None), (700, None), (1001, None), (2048, None), (2047, 2052))
+# vllm-ascend's forwards (tokens, DP padded length). 0.23: FlashComm off (<= 1000 tokens, below and above the
+# threshold), on with TP padding, on with DP padding. 0.30: its EP collectives (token counts the world size
+# divides: they pad only under DP)
+ASCEND_RUNS = (((7, None), (700, None), (1001, None), (2048, None), (2047, 2052)) if ascend.TP_FLASHCOMM
+               else ((8, None), (700, None), (2048, None)))
 HIDDEN, FFN = 32, 48
 BF16_SCALAR_TYPE = SCALAR_TYPE_NUMBERS[torch.bfloat16]  # torch-npu's output_dtype: a c10 ScalarType number
 
@@ -69,11 +71,11 @@ class RowThenColumn(torch.nn.Module):
 
         vllm = torch.ops.vllm
         if self.form == "flashcomm_w8a8":
-            shard = torch.relu(vllm.maybe_pad_and_reduce(self._w8a8(x, self.q_row, self.deq_row, self.qb_row)))
-            return self._w8a8(vllm.maybe_all_gather_and_maybe_unpad(shard, True), self.q_col, self.deq_col, None)
+            shard = torch.relu(ascend.pad_and_reduce(self._w8a8(x, self.q_row, self.deq_row, self.qb_row)))
+            return self._w8a8(ascend.all_gather_and_unpad(shard), self.q_col, self.deq_col, None)
         if self.form == "flashcomm":
-            shard = torch.relu(vllm.maybe_pad_and_reduce(vllm.unquantized_gemm(x, self.w_row, self.b_row)))
-            return vllm.unquantized_gemm(vllm.maybe_all_gather_and_maybe_unpad(shard, True), self.w_col, None)
+            shard = torch.relu(ascend.pad_and_reduce(vllm.unquantized_gemm(x, self.w_row, self.b_row)))
+            return vllm.unquantized_gemm(ascend.all_gather_and_unpad(shard), self.w_col, None)
         y = torch.nn.functional.linear(x, self.w_row, self.b_row)
         if self.form == "all_reduce":
             return torch.relu(tensor_model_parallel_all_reduce(y))
@@ -124,10 +126,12 @@ def run_in_vllm_ascend_compile(rank, world_size):
     current_platform.import_kernels()
     config = fcpass_vllm.compilation_config({"threshold_tokens": THRESHOLD})
     results = {}
-    with vllm_tp(rank, world_size, config, ascend.ADDITIONAL_CONFIG, ascend.model_config()) as (vllm_config, tp), \
+    # 0.30's padding collectives exist in MoE models only (they need vLLM's EP group)
+    model = ascend.model_config("llama" if ascend.TP_FLASHCOMM else "qwen3_moe")
+    with vllm_tp(rank, world_size, config, ascend.additional_config(), model) as (vllm_config, tp), \
             torch.no_grad():
         ascend.init_config(vllm_config)
-        results["ops_package"] = ascend.load_ops()
+        ascend.load_ops()
         manager = configure_post_pass(vllm_config, GraphFusionPassManager(), ASCEND_PASS_KEY)
         results["passes"] = [type(p).__name__ for p in manager.passes]
         compile_range = Range(start=1, end=8192)
@@ -185,15 +189,6 @@ def test_vllm_registers_the_pass_in_vllm_ascends_real_manager():
         assert r["passes"] == ["VllmFlashCommPass"]  # vllm-ascend's own passes off (they need torchair)
 
 
-def test_on_the_vllm_it_was_built_for_vllm_ascends_ops_package_imports_as_it_is():
-    """vllm-ascend 0.23 on vLLM 0.23 (make test-ascend023): its ops package's own __init__ runs (fused MoE and
-    all); only on vLLM 0.31 is it entered without it (tests/support/vllm_ascend_code.py)."""
-    import vllm
-
-    built_for = vllm.__version__.startswith("0.23.")
-    assert {r["ops_package"] for r in ASCEND_COMPILE()} == {"imported" if built_for else "entered"}
-
-
 @pytest.mark.parametrize("form, matched", [
     # vLLM's linear traces to addmm on rank 0 (its bias) and mm elsewhere
     ("all_reduce", {"mm_all_reduce": 1}),
@@ -205,11 +200,19 @@ def test_on_the_vllm_it_was_built_for_vllm_ascends_ops_package_imports_as_it_is(
 ])
 def test_fusion_pass_compile_runs_fcpass_on_its_graph_module_and_the_numbers_hold(form, matched):
     """It used to raise AttributeError: the manager hands the pass a GraphModule, not a Graph. vllm-ascend's
-    forms: FlashComm off in a forward (<= 1000 tokens: all_reduce, no gather), on with TP and DP padding.
-    The reference is the model through vllm-ascend's compile path without fcpass: at or below the threshold
-    the same bits and the same collective calls (vllm-ascend's ops, vLLM's communicator under them), above
-    it within the bound the math gives (RowThenColumn.bound)."""
+    forms: on 0.23 FlashComm off in a forward (<= 1000 tokens: all_reduce, no gather), on with TP and DP
+    padding; on 0.30 its EP collectives, left alone (the same bits at every size). The reference is the model
+    through vllm-ascend's compile path without fcpass: at or below the threshold the same bits and the same
+    collective calls (vllm-ascend's ops, vLLM's communicator under them), above it within the bound the math
+    gives (RowThenColumn.bound)."""
     per_rank = ASCEND_COMPILE()
+    if form.startswith("flashcomm") and not ascend.TP_FLASHCOMM:
+        for r in per_rank:
+            assert r[form]["matched"] == {}
+            for run in r[form]["runs"].values():
+                assert run["decisions"] == [] and run["same_bits"], (form, run)
+                assert run["calls"]["got"] == run["calls"]["want"], (form, run)
+        return
     for rank, r in enumerate(per_rank):
         result = r[form]
         sites = {family: sum(forms.values()) for family, forms in result["matched"].items()}
@@ -229,7 +232,7 @@ def test_its_captures_replay_where_vllm_ascend_and_torch_npu_are_not_installed(t
     """The graphs vllm-ascend's compile path handed the pass (FCPASS_CAPTURE in the ranks), FlashComm and W8A8
     forms included, replayed in a process where vLLM, vllm-ascend and torch_npu cannot be imported (their ops
     registered from the captured schemas): per rank the live report row for row, well-formed rewritten graphs,
-    ranks agreeing, and vllm-ascend's sites fused."""
+    ranks agreeing, and vllm-ascend's sites fused (0.23's FlashComm ones; 0.30's EP ones left alone)."""
     captures = replays.gather([r["captures"] for r in ASCEND_COMPILE()], tmp_path / "captures")
     live = replays.live_reports(captures)
     done, results = replays.replay(captures)
@@ -239,14 +242,17 @@ def test_its_captures_replay_where_vllm_ascend_and_torch_npu_are_not_installed(t
     for graph in results["graphs"]:
         assert graph["problems"] == [] and graph["report"] == live[graph["capture"]], graph
         fused |= {op for op in graph["ops_after"] if op.startswith("fcpass.")}
-    assert {"fcpass.mm_reduce_scatter_scaled.default", "fcpass.all_gather_scaled_mm.default",
-            "fcpass.mm_reduce_scatter.default", "fcpass.all_gather_mm.default"} <= fused
+    scaled = {"fcpass.mm_reduce_scatter_scaled.default", "fcpass.all_gather_scaled_mm.default"}  # FlashComm W8A8
+    assert {"fcpass.mm_reduce_scatter.default", "fcpass.all_gather_mm.default"} <= fused
+    assert scaled <= fused if ascend.TP_FLASHCOMM else not scaled & fused  # 0.30: its EP collectives, left alone
     facts = [json.loads(path.read_text()) for path in captures.rglob("capture.json")]
     schemas = {name for f in facts for name in f["schemas"]}
     for f in facts:  # each group the pass read: its size and its global ranks; vLLM's TP group by name
         process = f["process"]
         assert process["tp_group"] == ["tp:0", 2] and f["world_size"] == 2 and f["rank"] in (0, 1)
-        assert process["groups"]  # every collective's group is asked up front
+        tp_sites = ascend.TP_FLASHCOMM or any(op.startswith(("vllm.all_", "vllm.reduce_scatter"))
+                                              for op in f["ops_before"])  # 0.30's EP collectives name no group
+        assert bool(process["groups"]) == tp_sites  # every collective's group is asked up front
         assert {name: len(ranks) for name, ranks in process["group_ranks"].items()} == {
             name: size for name, size in process["groups"].items() if size is not None}
     assert {"npu.npu_quant_matmul.default", "vllm.maybe_pad_and_reduce.default"} <= schemas

@@ -1,4 +1,4 @@
-"""The torch_npu stand-in has torch-npu 2.14.0's own op schemas, read from the wheel's op yaml.
+"""The torch_npu stand-in has torch-npu 2.10.0.post4's own op schemas, read from the wheel's op yaml.
 
 fcpass reads torch_npu ops in graphs by their schema's argument names and calls the fused kernels by
 keyword, so a stand-in whose schema differs from the real one would test forms that never occur. The
@@ -90,7 +90,7 @@ def test_the_standins_torch_npu_is_torch_npu_210s_own_api():
     wheel's source; nothing the real module lacks."""
     real = {}
     for member in sources.TORCH_NPU_DEVICE_MODULE:
-        path = sources.TORCH_NPU_210.path(member)
+        path = sources.TORCH_NPU.path(member)
         if not path.is_file():
             raise RuntimeError(f"{path} is missing: run `make ascend-src` (python -m devtools.sources)")
         real.update(_signatures(path))

@@ -51,6 +51,18 @@ def keep_if_asked(captures, name: str) -> None:
     (DATA / f"{name}.replayed.json").unlink()
 
 
+def torch_major_minor(version: str | None = None) -> str:
+    import torch
+
+    return ".".join((version or torch.__version__).split(".")[:2])
+
+
+def torch_of(name: str) -> str:
+    """The torch major.minor that wrote the committed capture ``name`` (the only one that replays it)."""
+    facts = json.loads(next((DATA / name).rglob("capture.json")).read_text())
+    return torch_major_minor(facts["versions"]["torch"])
+
+
 def live_reports(folder) -> dict[str, list]:
     """{capture folder name: the live run's report rows} of every capture under ``folder``."""
     return {path.parent.name: json.loads(path.read_text())["report"]

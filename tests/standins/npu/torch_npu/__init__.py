@@ -2,7 +2,7 @@
 
 It has the documented signatures of ``npu_mm_reduce_scatter_base``,
 ``npu_all_gather_base_mm`` and ``npu_mm_all_reduce_base`` (torch-npu
-2.14.0's op yaml and ``_op_plugin_docs.py``, CANN 8.x), raises on
+2.10.0.post4's op yaml and ``_op_plugin_docs.py``, CANN 8.x), raises on
 every documented constraint a real kernel would reject, and computes the
 documented result over the gloo group behind the communicator name. It lives
 in tests/ only: fcpass never ships it. ``install()`` makes it importable as
@@ -234,7 +234,7 @@ def install() -> None:
 # ---------------------------------------------------------------------------
 # The static W8A8 linear as vllm-ascend emits it: npu_quantize, then
 # npu_quant_matmul, registered under torch_npu's qualified names
-# (torch.ops.npu.*) with the schemas of torch-npu 2.14.0's op yaml, verbatim
+# (torch.ops.npu.*) with the schemas of torch-npu 2.10.0.post4's op yaml, verbatim
 # (tests/runtime/test_npu_standin_schemas.py checks them against the wheel's):
 # dtypes travel as c10 ScalarType numbers (``int``), as in real traced graphs.
 # Emulated:
@@ -328,5 +328,8 @@ def _device_module():
 npu = _device_module()
 if not hasattr(torch, "npu"):
     torch.npu = npu
+# torch_npu's own dtypes (torch_npu._C._cd.DType, exported as module attributes): the numbers its torchair
+# converter maps to GE types (torch_dtype_value_to_ge_type); vllm-ascend 0.30 reads them at import
+hifloat8, float8_e8m0fnu, float4_e2m1fn_x2, float4_e1m2fn_x2 = 290, 293, 296, 297
 # torch_npu's ops are attributes of the module too: vllm-ascend calls ``torch_npu.npu_quantize(...)``
 npu_quantize, npu_quant_matmul = torch.ops.npu.npu_quantize, torch.ops.npu.npu_quant_matmul
