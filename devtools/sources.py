@@ -64,10 +64,14 @@ VLLM_ASCENDS = {
 TORCH_NPU_SCHEMAS = "torch_npu/csrc/aten/npu_native_functions_by_codegen.yaml"
 TORCH_NPU_DOCS = "torch_npu/_op_plugin_docs.py"
 TORCH_NPU_PACKAGE = "torch_npu/__init__.py"
+# where its Python reads its own dtypes (torch_npu.<dtype>) and where torchair maps their numbers to GE types
+TORCH_NPU_META = "torch_npu/op_plugin/meta/_meta_registrations.py"
+TORCH_NPU_GE_TYPES = "torch_npu/dynamo/torchair/ge/_ge_graph.py"
 TORCH_NPU_DEVICE_MODULE = ("torch_npu/npu/__init__.py", "torch_npu/npu/streams.py", "torch_npu/npu/utils.py",
                            "torch_npu/npu/memory.py", "torch_npu/npu/graphs.py")
 TORCH_NPU = Source("torch-npu", "2.10.0.post4", "torch_npu-2.10.0.post4-cp311-cp311-manylinux_2_28_x86_64.whl",
-                   (TORCH_NPU_SCHEMAS, TORCH_NPU_DOCS, TORCH_NPU_PACKAGE, *TORCH_NPU_DEVICE_MODULE))
+                   (TORCH_NPU_SCHEMAS, TORCH_NPU_DOCS, TORCH_NPU_PACKAGE, TORCH_NPU_META, TORCH_NPU_GE_TYPES,
+                    *TORCH_NPU_DEVICE_MODULE))
 SOURCES = (*VLLM_ASCENDS.values(), TORCH_NPU)
 
 

@@ -65,20 +65,20 @@ KERNELS = {ws: _shared(run_npu_cases, *_kernel_cases(ws), world_size=ws) for ws 
 def _on_npu_subgroups(rank, world_size):
     """mm_all_reduce through npu_mm_all_reduce_base on 2-rank subgroups [0, 2] and [1, 3] of 4 ranks."""
     import torch.distributed as dist
-    import torch_npu
 
     import fcpass
+    from standins import npu_kernels
     from support.npu_runs import NPU_GROUP_BACKEND, with_standin_calls
     from support.op_runs import run_on_group
 
     groups = [dist.new_group([0, 2], backend=NPU_GROUP_BACKEND), dist.new_group([1, 3], backend=NPU_GROUP_BACKEND)]
     group = groups[rank % 2]
-    del torch_npu.comm_name_ranks[:]  # bodies before this one in the same ranks asked for the world group's
+    del npu_kernels.comm_name_ranks[:]  # bodies before this one in the same ranks asked for the world group's
     fcpass.configure(fcpass.PassConfig(backend="npu"))
     cases = [Case(m=9, k=K, ns=(32,), dtype=torch.bfloat16, bias=True, threshold=0, seed=300)]
     results, calls = with_standin_calls(
         lambda: run_on_group(dist.get_rank(group), dist.get_world_size(group), group.group_name, (), (), cases))
-    return {"results": results, "calls": calls, "comm_name_ranks": list(torch_npu.comm_name_ranks)}
+    return {"results": results, "calls": calls, "comm_name_ranks": list(npu_kernels.comm_name_ranks)}
 
 
 SUBGROUPS = _shared(_on_npu_subgroups, world_size=4)
@@ -164,15 +164,7 @@ def test_npu_w8a8_mm_all_reduce_scale_forms(per_token):
 
 def test_standin_rejects_what_the_kernel_rejects():
     """The stand-in is only as good as its checks: each documented constraint raises."""
-    import importlib.util
-    import os
-
-    from support.npu_runs import STANDIN_DIR
-
-    # Loaded under another name: this process must not gain a `torch_npu` module.
-    spec = importlib.util.spec_from_file_location("torch_npu_standin", os.path.join(STANDIN_DIR, "torch_npu", "__init__.py"))
-    torch_npu = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(torch_npu)
+    from standins import npu_kernels as torch_npu  # the emulation itself: this process gains no `torch_npu` module
     x = torch.zeros(8, 256, dtype=torch.bfloat16)
     w = torch.zeros(256, 16, dtype=torch.bfloat16)
     bad = {
@@ -212,15 +204,9 @@ def test_w8a8_matmul_on_npu_tensors_is_torch_npus_quant_matmul(x_scale_kind, out
     """NPU has no ``torch._int_mm``: fcpass's W8A8 Matmul on NPU tensors (the unfused paths, the NPU backend's
     extra gather consumers) calls ``npu.npu_quant_matmul`` with its scales translated; the stand-in (its real
     schema, its checks) computes the same as the CPU path."""
-    import importlib.util
-    import os
-
     from fcpass.matmuls import Matmul, npu_w8a8
-    from support.npu_runs import STANDIN_DIR
+    from standins import npu_kernels  # noqa: F401  (registers torch.ops.npu.*; this process gains no torch_npu)
     from support.scaled_runs import quant_inputs
-
-    spec = importlib.util.spec_from_file_location("torch_npu_w8a8", os.path.join(STANDIN_DIR, "torch_npu", "__init__.py"))
-    spec.loader.exec_module(importlib.util.module_from_spec(spec))  # registers torch.ops.npu.* (this process: no torch_npu)
     x, w, x_scale, w_scale, bias = quant_inputs(0, 37, K, 64, torch.int8, 5, with_bias=True,
                                                 per_token=x_scale_kind == "per_token")
     per_token = x_scale if x_scale_kind == "per_token" else None

@@ -1,14 +1,16 @@
-"""The torch_npu stand-in has torch-npu 2.10.0.post4's own op schemas, read from the wheel's op yaml.
+"""The torch_npu stand-in is torch-npu 2.10.0.post4's own API, read from the wheel (vllm-ascend 0.23 and
+0.30's pin): nothing it defines is missing from the real package, and each thing has the real signature.
 
 fcpass reads torch_npu ops in graphs by their schema's argument names and calls the fused kernels by
 keyword, so a stand-in whose schema differs from the real one would test forms that never occur. The
-yaml (``npu_native_functions_by_codegen.yaml``) is unpacked from the wheel by ``devtools.sources``
-(`make test` does it; torch_npu itself is never installed). Registered ops (``torch.ops.npu.*``) must carry
-the yaml's schema exactly; the Python-level kernels fcpass calls must take the yaml's arguments, in its
-order, keyword-only where it has ``*``, with its defaults (torch's Python bindings name ``self`` ``input``).
+wheel's files are unpacked by ``devtools.sources`` (`make test` does it; torch_npu itself is never
+installed): its op yaml (``npu_native_functions_by_codegen.yaml``), its package ``__init__``, the Python that
+reads its dtypes and torchair's table of their numbers, and ``torch_npu/npu/``. Registered ops
+(``torch.ops.npu.*``) must carry the yaml's schema exactly; the Python-level kernels fcpass calls must take the
+yaml's arguments, in its order, keyword-only where it has ``*``, with its defaults (torch's Python bindings
+name ``self`` ``input``).
 """
 
-import importlib.util
 import ast
 import inspect
 import os
@@ -25,13 +27,17 @@ PYTHON_KERNELS = ("npu_mm_reduce_scatter_base", "npu_all_gather_base_mm", "npu_m
                   "npu_trans_quant_param")
 
 
-@pytest.fixture(scope="module")
-def wheel_schemas() -> dict:
-    path = sources.TORCH_NPU.path(sources.TORCH_NPU_SCHEMAS)
+def _wheel_file(member: str):
+    path = sources.TORCH_NPU.path(member)
     if not path.is_file():
         raise RuntimeError(f"{path} is missing: run `make ascend-src` (python -m devtools.sources)")
+    return path
+
+
+@pytest.fixture(scope="module")
+def wheel_schemas() -> dict:
     schemas = {}
-    for line in path.read_text().splitlines():
+    for line in _wheel_file(sources.TORCH_NPU_SCHEMAS).read_text().splitlines():
         match = re.match(r"\s*-?\s*func:\s*((\w+)\(.*)$", line)
         if match:
             schemas.setdefault(match.group(2), match.group(1))
@@ -40,12 +46,10 @@ def wheel_schemas() -> dict:
 
 @pytest.fixture(scope="module")
 def standin():
-    """The stand-in loaded under another name: this process gains no `torch_npu` module."""
-    spec = importlib.util.spec_from_file_location("torch_npu_schema_check",
-                                                  os.path.join(STANDIN_DIR, "torch_npu", "__init__.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    """The stand-in's emulation (tests/standins/npu_kernels.py): this process gains no `torch_npu` module."""
+    from standins import npu_kernels
+
+    return npu_kernels
 
 
 @pytest.mark.parametrize("name", REGISTERED)
@@ -84,16 +88,52 @@ def _signatures(path) -> dict[str, str]:
     return found
 
 
-def test_the_standins_torch_npu_is_torch_npu_210s_own_api():
-    """``torch.npu`` as the stand-in gives it vllm-ascend 0.23 (streams, events, devices): every name it
+def test_the_standins_torch_npu_npu_is_torch_npu_210s_own_api():
+    """``torch.npu`` as the stand-in gives it vllm-ascend (streams, events, devices): every name it
     defines, with its parameters, is torch-npu 2.10.0.post4's (vllm-ascend 0.23.0.post1's pin), read from the
     wheel's source; nothing the real module lacks."""
     real = {}
     for member in sources.TORCH_NPU_DEVICE_MODULE:
-        path = sources.TORCH_NPU.path(member)
-        if not path.is_file():
-            raise RuntimeError(f"{path} is missing: run `make ascend-src` (python -m devtools.sources)")
-        real.update(_signatures(path))
+        real.update(_signatures(_wheel_file(member)))
     standin = _signatures(os.path.join(STANDIN_DIR, "torch_npu", "npu.py"))
     assert {"Stream", "Event", "current_stream", "current_device"} <= set(standin)
     assert {name: real.get(name) for name in standin} == standin
+
+
+def _assigned_names(tree) -> set[str]:
+    names = set()
+    for node in tree.body:
+        if isinstance(node, ast.Assign):
+            for target in node.targets:
+                names |= {t.id for t in ast.walk(target) if isinstance(t, ast.Name)}
+        elif isinstance(node, (ast.ImportFrom, ast.Import)):
+            names |= {alias.asname or alias.name.split(".")[0] for alias in node.names}
+    return names
+
+
+def _real_torch_npu_names(wheel_schemas) -> set[str]:
+    """What the real ``torch_npu`` module has: its ops (exported as module attributes from torch.ops.npu), its
+    ``__all__``, its submodule ``npu``, and every ``torch_npu.<name>`` its own Python reads (its dtypes)."""
+    package = ast.parse(_wheel_file(sources.TORCH_NPU_PACKAGE).read_text())
+    exported = next(ast.literal_eval(node.value) for node in package.body if isinstance(node, ast.Assign)
+                    and any(getattr(t, "id", None) == "__all__" for t in node.targets))
+    read = set(re.findall(r"\btorch_npu\.(\w+)", _wheel_file(sources.TORCH_NPU_META).read_text()))
+    return set(wheel_schemas) | set(exported) | read | {"npu"}
+
+
+def test_the_standins_torch_npu_defines_only_what_the_real_package_has(wheel_schemas):
+    """Every public name the stand-in package defines (read from its source, not imported) is one of the real
+    package's; its dtypes carry the numbers torchair maps to their GE types."""
+    tree = ast.parse(open(os.path.join(STANDIN_DIR, "torch_npu", "__init__.py")).read())
+    defined = {name for name in _assigned_names(tree) if not name.startswith("_")} - {"torch"}
+    assert {"npu_mm_reduce_scatter_base", "npu_quant_matmul", "npu", "hifloat8"} <= defined
+    assert sorted(defined - _real_torch_npu_names(wheel_schemas)) == []
+    ge_types = _wheel_file(sources.TORCH_NPU_GE_TYPES).read_text()
+    ge_type_of_number = {int(n): t for n, t in re.findall(r"if dtype_value == (\d+):\s*\n\s*return m\.(DT_\w+)",
+                                                         ge_types)}
+    numbers = {target.id: value.value for node in tree.body if isinstance(node, ast.Assign)
+               and isinstance(node.value, ast.Tuple)
+               for target, value in zip(node.targets[0].elts, node.value.elts) if isinstance(value, ast.Constant)}
+    assert {name: ge_type_of_number.get(number) for name, number in numbers.items()} == {
+        "hifloat8": "DT_HIFLOAT8", "float8_e8m0fnu": "DT_FLOAT8_E8M0", "float4_e2m1fn_x2": "DT_FLOAT4_E2M1",
+        "float4_e1m2fn_x2": "DT_FLOAT4_E1M2"}

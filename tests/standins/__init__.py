@@ -1,2 +1,3 @@
-"""Stand-ins for what cannot run here, derived from the real signatures: torch_npu's kernels (npu/), vllm-ascend's
-ops (ascend/), vLLM's CPU shared-memory collectives where its kernels lack them (shm.py)."""
+"""Stand-ins for what cannot run here, derived from the real signatures: torch_npu (npu/torch_npu, names and
+signatures only, and its emulation npu_kernels.py), vLLM's CPU shared-memory collectives where its kernels lack
+them (shm.py)."""

@@ -12,18 +12,18 @@ NPU_GROUP_BACKEND = "cpu:gloo,npu:gloo"
 def npu_setup():
     """Make ``import torch_npu`` find the stand-in, before the process group exists."""
     sys.path.insert(0, STANDIN_DIR)
-    import torch_npu
+    from standins import npu_kernels
 
-    torch_npu.install()
+    npu_kernels.install()
 
 
 def with_standin_calls(body):
     """Run ``body`` and return (its result, the stand-in kernel calls it caused)."""
-    import torch_npu
+    from standins import npu_kernels
 
-    del torch_npu.calls[:]
+    del npu_kernels.calls[:]
     result = body()
-    return result, list(torch_npu.calls)
+    return result, list(npu_kernels.calls)
 
 
 def run_npu_cases(rank, world_size, rs_cases, ag_cases, ar_cases=()):
