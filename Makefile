@@ -113,7 +113,8 @@ venv-v033: $(V033_VENV)/.fcpass-installed
 # that vLLM's CPU platform runs the gloo ranks, as NPUs cannot; gguf (vLLM's config imports it); the rest, and
 # fcpass, read from the main virtualenv. vllm-ascend's own source for each is in .deps (make ascend-src); the
 # tests pick the one built for the vLLM they run on (devtools/sources.py).
-ASCEND_ONLY_TESTS := tests/integration/test_vllm_ascend_compile.py tests/rewrite/test_passes_vllm_ascend.py
+ASCEND_ONLY_TESTS := tests/integration/test_vllm_ascend_compile.py tests/rewrite/test_passes_vllm_ascend.py \
+	tests/integration/test_vllm_ascend_linear_ops.py
 ASCEND_TESTS := $(ASCEND_ONLY_TESTS) tests/integration/test_ascend_check.py tests/runtime/test_npu_standin_schemas.py \
 	tests/rewrite/test_replay.py::test_a_committed_capture_replays_as_expected
 ASCEND023_VENV ?= .venv-ascend023

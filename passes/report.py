@@ -110,13 +110,17 @@ class PassReport:
         """Why each site left alone was, as its constant, one per site, in graph order."""
         return [o.kind for o in self.outcomes if o.kind not in APPLIED]
 
-    def summary(self) -> str:
-        """One line: sites rewritten per family, and how many were left alone (the table says why)."""
+    def summary(self, top: int = 2) -> str:
+        """One line: sites rewritten per family, how many were left alone, and the ``top`` reasons why (the
+        table has every site)."""
         if not self.outcomes:
             return "no all_reduce, reduce_scatter or all_gather in the graph"
         applied = collections.Counter(o.family for o in self.outcomes if o.outcome in APPLIED)
         done = ", ".join(f"{family} {n}" for family, n in sorted(applied.items())) or "nothing rewritten"
-        return f"{done}; {len(self.reasons())} of {len(self.outcomes)} sites left alone"
+        reasons = self.reasons()
+        why = collections.Counter(reasons).most_common(top)
+        because = f" (most: {'; '.join(f'{kind} x{n}' for kind, n in why)})" if why else ""
+        return f"{done}; {len(reasons)} of {len(self.outcomes)} sites left alone{because}"
 
     def table(self) -> str:
         """One row per (family, form, outcome) with its site count: what was fused, and why the rest was not."""

@@ -50,15 +50,36 @@ def agree_on_dist_ident():
     os.environ["VLLM_DIST_IDENT"] = name[0]
 
 
+def _data_parallel(rank: int, world_size: int, data_parallel_size: int):
+    """vLLM's ParallelConfig for DP x TP ranks in one torch world (its external launcher reads RANK and
+    WORLD_SIZE), or None for TP only."""
+    if data_parallel_size == 1:
+        return None
+    import os
+
+    from vllm.config import ParallelConfig
+
+    if world_size % data_parallel_size:
+        raise ValueError(f"data_parallel_size {data_parallel_size} does not divide world_size {world_size}")
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank))
+    return ParallelConfig(tensor_parallel_size=world_size // data_parallel_size, data_parallel_size=data_parallel_size,
+                          distributed_executor_backend="external_launcher")
+
+
 @contextlib.contextmanager
-def vllm_tp(rank, world_size, compilation_config=None, additional_config=None, model_config=None, backend="gloo"):
+def vllm_tp(rank, world_size, compilation_config=None, additional_config=None, model_config=None, backend="gloo",
+            data_parallel_size=1, **config_fields):
     """vLLM's config and TP=world_size group in this rank (VLLM_CPU.md steps 1, 2): yields (vllm_config, tp_group).
+
+    ``data_parallel_size`` > 1: DP x TP = world_size, all DP ranks in one torch world as vLLM's external
+    launcher runs them (vllm-ascend's fine-grained TP groups are made across DP ranks).
 
     Call inside a rank of ``run_ranks(..., setup=rank_setup)``. ``compilation_config``
     (a dict or vLLM CompilationConfig, e.g. from ``fcpass.vllm.compilation_config``)
     ``additional_config`` (a platform's settings, e.g. vllm-ascend's) and ``model_config``
     (vLLM's ModelConfig, for code that reads the model's architecture) go into the
-    VllmConfig as a user's would. ``backend``: "nccl" for vLLM's TP group on GPUs (its CUDA
+    VllmConfig as a user's would, as do ``config_fields`` (any other VllmConfig field, e.g.
+    ``kv_transfer_config``). ``backend``: "nccl" for vLLM's TP group on GPUs (its CUDA
     communicator), as devtools/gpu_check.py uses it.
     """
     from vllm.config import VllmConfig, set_current_vllm_config
@@ -67,14 +88,16 @@ def vllm_tp(rank, world_size, compilation_config=None, additional_config=None, m
     _custom_op_collectives_on()
     agree_on_dist_ident()
     fields = {"compilation_config": compilation_config, "additional_config": additional_config,
-              "model_config": model_config}
+              "model_config": model_config, "parallel_config": _data_parallel(rank, world_size, data_parallel_size),
+              **config_fields}
     vllm_config = VllmConfig(**{name: value for name, value in fields.items() if value is not None})
+    tp_size = world_size // data_parallel_size
     with contextlib.ExitStack() as stack:
         stack.enter_context(_all_reduce_clone_fix())
         stack.enter_context(set_current_vllm_config(vllm_config))
         parallel_state.init_distributed_environment(
             world_size=world_size, rank=rank, local_rank=rank, backend=backend, distributed_init_method="env://")
-        parallel_state.initialize_model_parallel(tensor_model_parallel_size=world_size)
+        parallel_state.initialize_model_parallel(tensor_model_parallel_size=tp_size)
         stack.callback(parallel_state.destroy_model_parallel)
         tp_group = parallel_state.get_tp_group()
         if not tp_group.use_custom_op_call:

@@ -29,7 +29,25 @@ _WRAPPED_MARK = "_fcpass_installs_from_additional_config"
 def register() -> None:
     import fcpass  # noqa: F401  (registers torch.ops.fcpass.*)
 
+    _show_in_vllms_output()
     _install_on_new_configs()
+
+
+def _show_in_vllms_output() -> None:
+    """fcpass's log lines (the install line, each graph's one-line summary) in vLLM's own output.
+
+    vLLM configures only its "vllm" logger (its handler, format and VLLM_LOGGING_LEVEL) and stops it there;
+    "fcpass" would fall through to Python's last-resort handler, which shows warnings only. Its records now go
+    out through vLLM's handlers at vLLM's level, in every process vLLM starts; they still propagate (a
+    pytest or an application's root handler sees them too). Nothing changes where vLLM configured nothing."""
+    ours, vllms = logging.getLogger("fcpass"), logging.getLogger("vllm")
+    if not vllms.handlers:
+        return
+    for handler in vllms.handlers:
+        if handler not in ours.handlers:
+            ours.addHandler(handler)
+    if ours.level == logging.NOTSET:
+        ours.setLevel(vllms.getEffectiveLevel())
 
 
 def _install_on_new_configs() -> None:

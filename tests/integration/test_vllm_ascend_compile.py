@@ -35,16 +35,6 @@ HIDDEN, FFN = 32, 48
 BF16_SCALAR_TYPE = SCALAR_TYPE_NUMBERS[torch.bfloat16]  # torch-npu's output_dtype: a c10 ScalarType number
 
 
-def ascend_compile_setup():
-    """vllm-ascend's source and the torch_npu stand-in on the path, vllm-ascend's pass key as the platform's."""
-    ascend.setup()
-    from vllm.platforms import current_platform
-
-    from fcpass.vllm.compilation import ASCEND_PASS_KEY
-
-    type(current_platform).pass_key = property(lambda self: ASCEND_PASS_KEY)
-
-
 class RowThenColumn(torch.nn.Module):
     """Row-parallel linear (bias on rank 0 only, as vLLM's RowParallelLinear) -> all_reduce -> relu; or the
     sequence-parallel form: row-parallel -> reduce_scatter -> relu -> all_gather -> column-parallel linear, with
@@ -111,7 +101,6 @@ def run_in_vllm_ascend_compile(rank, world_size):
     from devtools.vllm_cpu import vllm_tp
     from vllm.compilation.passes.inductor_pass import pass_context
     from vllm.config.utils import Range
-    from vllm_ascend.compilation.compiler_interface import fusion_pass_compile
     from vllm_ascend.compilation.graph_fusion_pass_manager import GraphFusionPassManager
 
     from fcpass.vllm.compilation import ASCEND_PASS_KEY
@@ -136,23 +125,15 @@ def run_in_vllm_ascend_compile(rank, world_size):
         results["passes"] = [type(p).__name__ for p in manager.passes]
         compile_range = Range(start=1, end=8192)
 
-        def vllm_ascend_backend(pass_manager):
-            def backend(gm, example_inputs):
-                assert isinstance(gm, torch.fx.GraphModule)
-                compiled, _ = fusion_pass_compile(gm, example_inputs, {ASCEND_PASS_KEY: pass_manager}, compile_range)
-                return compiled
-            return backend
-
         calls = counting(tp)
         # every graph the pass gets is captured (FCPASS_CAPTURE, read when the pass runs), for the replay test
         results["captures"] = os.environ[CAPTURE_ENV] = tempfile.mkdtemp(prefix=f"fcpass-ascend-r{rank}-")
         for form in ("all_reduce", "sequence_parallel", "flashcomm", "flashcomm_w8a8"):
             torch._dynamo.reset()
             model = RowThenColumn(rank, form)
-            compiled = torch.compile(model, backend=vllm_ascend_backend(manager), dynamic=True, fullgraph=True)
+            compiled = ascend.compiled(model, manager, compile_range)
             # the reference: the same model through vllm-ascend's compile path without fcpass
-            reference = torch.compile(model, backend=vllm_ascend_backend(GraphFusionPassManager()), dynamic=True,
-                                      fullgraph=True)
+            reference = ascend.compiled(model, GraphFusionPassManager(), compile_range)
             on_ascend = form.startswith("flashcomm")
             runs = {}
             for tokens, dp_padded_length in (ASCEND_RUNS[::-1] if on_ascend else [(n, None) for n in TOKENS]):
@@ -181,7 +162,7 @@ def run_in_vllm_ascend_compile(rank, world_size):
     return results
 
 
-ASCEND_COMPILE = shared(run_in_vllm_ascend_compile, setup=ascend_compile_setup, timeout=360)
+ASCEND_COMPILE = shared(run_in_vllm_ascend_compile, setup=ascend.compile_setup, timeout=360)
 
 
 def test_vllm_registers_the_pass_in_vllm_ascends_real_manager():

@@ -83,6 +83,22 @@ def test_plugin_installed_the_pass_in_both_workers_from_additional_config(server
         assert sorted_rows(rows) == worker_report(vllm_kernels.all_reduce_form())
 
 
+def test_the_servers_own_output_says_what_fcpass_did(servers):
+    """Where a user looks: the server's output (vLLM's handlers, vLLM's format) has each worker's install line
+    and, per graph the pass ran on, its one-line summary (what it rewrote, what it left alone and the most
+    frequent reasons); the server without fcpass says nothing of it."""
+    running, _, _, _ = servers
+    with open(running["fcpass"].log_path, errors="replace") as f:
+        lines = f.read().splitlines()
+    installed = [line for line in lines if "fcpass: FlashCommPass installed" in line]
+    summaries = [line for line in lines if "FlashCommPass on graph" in line]
+    assert installed and summaries, running["fcpass"].log_tail()
+    assert all(" INFO " in line and "sites left alone" in line for line in summaries), summaries
+    assert any(family in line for line in summaries for family in ("mm_reduce_scatter", "all_gather_mm")), summaries
+    with open(running["plain"].log_path, errors="replace") as f:
+        assert "FlashCommPass" not in f.read()
+
+
 def test_the_readme_replays_what_the_servers_workers_captured(servers, tmp_path):
     """README "Testing fcpass on your model" as written: its serve command is this module's fcpass server
     (FCPASS_CAPTURE, a fresh cache, the same additional config); its replay command and its test file run in

@@ -61,6 +61,46 @@ def setup():
     rank_setup()
 
 
+def compile_setup():
+    """run_ranks ``setup`` for vllm-ascend's compile path: :func:`setup`, and vllm-ascend's pass key as the
+    platform's (its platform cannot load here), so fcpass installs its pass where vllm-ascend's manager is."""
+    setup()
+    from vllm.platforms import current_platform
+
+    from fcpass.vllm.compilation import ASCEND_PASS_KEY
+
+    type(current_platform).pass_key = property(lambda self: ASCEND_PASS_KEY)
+
+
+def compiled(model, pass_manager, compile_range):
+    """``model`` through vllm-ascend's ``fusion_pass_compile`` with ``pass_manager`` (its GraphFusionPassManager,
+    aot_autograd's compiler handing each pass an ``fx.GraphModule``, run eagerly after: no Inductor)."""
+    import torch
+    from vllm_ascend.compilation.compiler_interface import fusion_pass_compile
+
+    from fcpass.vllm.compilation import ASCEND_PASS_KEY
+
+    def backend(gm, example_inputs):
+        assert isinstance(gm, torch.fx.GraphModule)
+        compiled_graph, _ = fusion_pass_compile(gm, example_inputs, {ASCEND_PASS_KEY: pass_manager}, compile_range)
+        return compiled_graph
+
+    return torch.compile(model, backend=backend, dynamic=True, fullgraph=True)
+
+
+@contextlib.contextmanager
+def parallel_groups(vllm_config):
+    """vllm-ascend's own groups (its fine-grained TP groups: mlp_tp, otp...), made as its worker makes them
+    after vLLM's, and destroyed after."""
+    from vllm_ascend.distributed import parallel_state
+
+    parallel_state.init_ascend_model_parallel(vllm_config.parallel_config)
+    try:
+        yield parallel_state
+    finally:
+        parallel_state.destroy_ascend_model_parallel()
+
+
 def load_ops() -> None:
     """vllm-ascend's op registrations (torch.ops.vllm.*), its ``vllm_ascend.ops`` package imported as it is, with
     its kernels for CPU tensors too. Idempotent."""
@@ -117,10 +157,14 @@ def model_config(architecture: str = "llama"):
 
 
 def init_config(vllm_config) -> None:
-    """What vllm-ascend's platform does with the config at startup (its ascend config, read by its ops)."""
-    from vllm_ascend.ascend_config import init_ascend_config
+    """What vllm-ascend does with the config at startup: its platform's ascend config (read by its ops) and, on
+    0.23, its model runner's weight-prefetch method (read by its row-parallel linear ops)."""
+    from vllm_ascend import utils
+    from vllm_ascend.ascend_config import get_ascend_config, init_ascend_config
 
     init_ascend_config(vllm_config)
+    if hasattr(utils, "set_weight_prefetch_method"):
+        utils.set_weight_prefetch_method(get_ascend_config().weight_prefetch_config)
 
 
 @contextlib.contextmanager

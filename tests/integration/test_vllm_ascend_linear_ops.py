@@ -1,0 +1,163 @@
+"""vllm-ascend's own linear op family, built as vllm-ascend builds it, through its compile path with fcpass on.
+
+Each op is vllm-ascend's: its ``AscendMergedColumnParallelLinear`` / ``AscendRowParallelLinear`` pick their op
+(``vllm_ascend/ops/linear_op.py``'s ``get_parallel_op``) from the layer's prefix and vllm-ascend's config
+switches, on its own parallel groups (``init_ascend_model_parallel``) after vLLM's; the model runs through
+vllm-ascend's ``fusion_pass_compile`` with and without fcpass (the reference), in its forward context, on the
+release built for the vLLM under test (0.23 and 0.30: ``make test-ascend023`` / ``test-ascend030``).
+
+- ``mlp_tp``: ``finegrained_tp_config.mlp_tensor_parallel_size`` (vllm-ascend allows it for MoE models only,
+  across DP ranks; 0.30 also only with TP=1, in graph mode, on a PD decode node, with its recompute scheduler:
+  DP=2 of 2 ranks, DP=4 of 4 with mlp_tp=2, and on 0.23 DP=2 x TP=2 of 4): the MLP of a dense layer gathers its tokens over the
+  ``mlptp`` group into ``gate_up_proj`` (``MLPColumnParallelOp``) and reduce-scatters ``down_proj``'s product
+  back (``MLPRowParallelOp``): both fused, on the mlptp group; at or below the threshold the same bits and the
+  same collective calls as without fcpass, above it the same numbers within float32's chunking bound. On Atlas
+  A2 the NPU backend leaves both alone (torch_npu: one communicator per model, vLLM's TP group's).
+
+The README's "vllm-ascend's linear ops" table lists each op, row for row with ``OUTCOMES``.
+"""
+
+import pytest
+import torch
+
+from support import vllm_ascend_code as ascend
+from support.multirank import shared
+
+THRESHOLD = 16
+TOKENS = (64, 8)  # above the threshold, below it
+HIDDEN, FFN = 32, 64
+
+
+def _mlp(rank):
+    """A dense MLP of vllm-ascend's linear layers, the prefixes its model code gives them."""
+    from vllm_ascend.ops.linear import AscendMergedColumnParallelLinear, AscendRowParallelLinear
+
+    class MLP(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.gate_up_proj = AscendMergedColumnParallelLinear(HIDDEN, [FFN, FFN], bias=False,
+                                                                 prefix="model.layers.0.mlp.gate_up_proj")
+            self.down_proj = AscendRowParallelLinear(FFN, HIDDEN, bias=False, prefix="model.layers.0.mlp.down_proj")
+            g = torch.Generator().manual_seed(rank)
+            for p in self.parameters():
+                p.data.copy_(torch.randn(p.shape, generator=g) / p.shape[-1] ** 0.5)
+
+        def forward(self, x):
+            gate, up = _output(self.gate_up_proj(x)).chunk(2, -1)
+            return _output(self.down_proj(torch.relu(gate) * up))
+
+    return MLP()
+
+
+def _output(result):
+    return result[0] if isinstance(result, tuple) else result
+
+
+def _decode_node() -> dict:
+    """vllm-ascend 0.30 takes fine-grained TP on a prefill/decode-disaggregated decode node only (its
+    kv_transfer_config a KV consumer); 0.23 anywhere."""
+    if ascend.TP_FLASHCOMM:
+        return {}
+    from vllm.config import KVTransferConfig
+
+    return {"kv_transfer_config": KVTransferConfig(kv_connector="ExampleConnector", kv_role="kv_consumer")}
+
+
+def run_linear_ops(rank, world_size, data_parallel_size, mlp_tp_size):
+    import fcpass
+    import fcpass.vllm as fcpass_vllm
+    from devtools.vllm_cpu import vllm_tp
+    from vllm.compilation.passes.inductor_pass import pass_context
+    from vllm.config.compilation import CUDAGraphMode
+    from vllm.config.utils import Range
+    from vllm_ascend.compilation.graph_fusion_pass_manager import GraphFusionPassManager
+
+    from fcpass.backends.base import FusedCall
+    from fcpass.backends.npu import NpuBackend
+    from fcpass.matmuls import Matmul
+    from fcpass.vllm.compilation import ASCEND_PASS_KEY
+    from support.collective_calls import collective_events, profiled
+    from support.vllm_backend import configure_post_pass
+
+    config = fcpass_vllm.compilation_config({"threshold_tokens": THRESHOLD})
+    # vllm-ascend 0.30 requires its recompute scheduler with fine-grained TP (it keeps decode steps decode-shaped)
+    switches = ascend.additional_config(finegrained_tp_config={"mlp_tensor_parallel_size": mlp_tp_size},
+                                        recompute_scheduler_enable=True)
+    results = {}
+    with vllm_tp(rank, world_size, config, switches, ascend.model_config("qwen3_moe"),
+                 data_parallel_size=data_parallel_size, **_decode_node()) as (vllm_config, tp), torch.no_grad():
+        if not ascend.TP_FLASHCOMM:
+            # vllm-ascend 0.30 takes fine-grained TP in graph mode only, its graphs covering every decode step
+            # (else it turns it off); vLLM's CPU platform turned graphs off (NPUs keep them): set as an NPU has them
+            compilation = vllm_config.compilation_config
+            compilation.cudagraph_mode = CUDAGraphMode.FULL_DECODE_ONLY
+            compilation.max_cudagraph_capture_size = vllm_config.scheduler_config.max_num_seqs
+        ascend.init_config(vllm_config)
+        ascend.load_ops()
+        with ascend.parallel_groups(vllm_config) as groups:
+            mlp_tp = groups.get_mlp_tp_group()
+            model = _mlp(rank)
+            results["ops"] = {name: type(layer.custom_op).__name__ for name, layer in model.named_children()}
+            results["groups"] = {"tp": tp.ranks, "mlp_tp": mlp_tp.ranks}
+            manager = configure_post_pass(vllm_config, GraphFusionPassManager(), ASCEND_PASS_KEY)
+            compile_range = Range(start=1, end=8192)
+            got_fn = ascend.compiled(model, manager, compile_range)
+            want_fn = ascend.compiled(model, GraphFusionPassManager(), compile_range)
+            for tokens in TOKENS:
+                x = torch.randn(tokens, HIDDEN, generator=torch.Generator().manual_seed(tokens))
+                counted = {}
+                with pass_context(compile_range), ascend.forward(vllm_config, tokens):
+                    for label, fn in (("want", want_fn), ("got", got_fn)):
+                        fn(x)  # compiles on a first call
+                        fcpass.reset_decision_counts()
+                        with profiled() as prof:
+                            counted[label] = (fn(x), collective_events(prof))
+                want, got = counted["want"][0], counted["got"][0]
+                results[tokens] = {"same_bits": torch.equal(got, want), "calls": {k: v[1] for k, v in counted.items()},
+                                   "error": ((got - want).abs().max() / want.abs().max()).item(),
+                                   "decisions": sorted(fcpass.decision_counts())}
+            results["report"] = sorted(map(tuple, manager.passes[-1].last_report.rows()))
+            group = mlp_tp.device_group
+            x, mm = torch.randn(8, HIDDEN), Matmul(torch.randn(HIDDEN, FFN), None)
+            results["on A2"] = {op: NpuBackend().unsupported(op, FusedCall(
+                x=x, matmuls=(mm,), group=group, group_name=group.group_name, world_size=group.size(),
+                row_scale=None, pad_rows=0)) for op in ("mm_reduce_scatter", "all_gather_mm")}
+    return results
+
+
+# name -> (ranks, DP size, mlp_tp size); 0.30 allows fine-grained TP with TP=1 only
+LAYOUTS = {"DP=2, mlp_tp=2": (2, 2, 2), "DP=4, mlp_tp=2": (4, 4, 2),
+           **({"DP=2 x TP=2, mlp_tp=2": (4, 2, 2)} if ascend.TP_FLASHCOMM else {})}
+RUNS = {name: shared(run_linear_ops, dp, mlp_tp, world_size=ranks, setup=ascend.compile_setup, timeout=420)
+        for name, (ranks, dp, mlp_tp) in LAYOUTS.items()}
+
+# op -> (what its graph holds, what fcpass does): the README's table, row for row
+OUTCOMES = {
+    "MLPColumnParallelOp": ("vllm.all_gather on the mlptp group -> vllm.unquantized_gemm",
+                            ("all_gather_mm", "vllm/unquantized_gemm", "fused")),
+    "MLPRowParallelOp": ("vllm.unquantized_gemm -> vllm.reduce_scatter on the mlptp group",
+                         ("mm_reduce_scatter", "vllm/unquantized_gemm", "fused")),
+}
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_mlp_tp_ops_fuse_on_vllm_ascends_mlptp_group_and_give_the_same_numbers(layout):
+    per_rank = RUNS[layout]()
+    ranks, dp, mlp_tp = LAYOUTS[layout]
+    for rank, r in enumerate(per_rank):
+        assert r["ops"] == {"gate_up_proj": "MLPColumnParallelOp", "down_proj": "MLPRowParallelOp"}
+        assert len(r["groups"]["mlp_tp"]) == mlp_tp and len(r["groups"]["tp"]) == ranks // dp
+        assert r["report"] == sorted(outcome for _, outcome in OUTCOMES.values())
+        for tokens in TOKENS:
+            run = r[tokens]
+            path = "fused" if tokens > THRESHOLD else "unfused"
+            assert {decision[:2] for decision in run["decisions"]} == {
+                ("all_gather_mm", path), ("mm_reduce_scatter", path)}, (tokens, run["decisions"])
+            if tokens <= THRESHOLD:  # the ops' own collectives and matmuls
+                assert run["same_bits"] and run["calls"]["got"] == run["calls"]["want"], (tokens, run)
+            else:
+                assert run["error"] <= (FFN + 2) * torch.finfo(torch.float32).eps, (tokens, run["error"])
+        for op, reason in r["on A2"].items():
+            assert "Atlas A2 fuses on one communicator" in reason, (op, reason)
+    for tokens in TOKENS:
+        assert len({str(r[tokens]["decisions"]) for r in per_rank}) == 1  # the same protocol on every rank
