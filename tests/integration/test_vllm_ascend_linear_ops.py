@@ -28,13 +28,16 @@ TOKENS = (64, 8)  # above the threshold, below it
 HIDDEN, FFN = 32, 64
 
 
-def _mlp(rank):
-    """A dense MLP of vllm-ascend's linear layers, the prefixes its model code gives them."""
+def _layer(rank, oproj: bool):
+    """Attention's output projection (with ``oproj``) and a dense MLP, of vllm-ascend's linear layers with the
+    prefixes its model code gives them."""
     from vllm_ascend.ops.linear import AscendMergedColumnParallelLinear, AscendRowParallelLinear
 
-    class MLP(torch.nn.Module):
+    class Layer(torch.nn.Module):
         def __init__(self):
             super().__init__()
+            if oproj:
+                self.o_proj = AscendRowParallelLinear(HIDDEN, HIDDEN, bias=False, prefix="model.layers.0.self_attn.o_proj")
             self.gate_up_proj = AscendMergedColumnParallelLinear(HIDDEN, [FFN, FFN], bias=False,
                                                                  prefix="model.layers.0.mlp.gate_up_proj")
             self.down_proj = AscendRowParallelLinear(FFN, HIDDEN, bias=False, prefix="model.layers.0.mlp.down_proj")
@@ -43,24 +46,24 @@ def _mlp(rank):
                 p.data.copy_(torch.randn(p.shape, generator=g) / p.shape[-1] ** 0.5)
 
         def forward(self, x):
+            if oproj:
+                x = _output(self.o_proj(x))
             gate, up = _output(self.gate_up_proj(x)).chunk(2, -1)
             return _output(self.down_proj(torch.relu(gate) * up))
 
-    return MLP()
+    return Layer()
 
 
 def _output(result):
     return result[0] if isinstance(result, tuple) else result
 
 
-def _decode_node() -> dict:
-    """vllm-ascend 0.30 takes fine-grained TP on a prefill/decode-disaggregated decode node only (its
-    kv_transfer_config a KV consumer); 0.23 anywhere."""
-    if ascend.TP_FLASHCOMM:
-        return {}
+def _decode_node():
+    """vllm-ascend takes o_proj TP (0.23) and any fine-grained TP (0.30) on a prefill/decode-disaggregated
+    decode node only: its kv_transfer_config a KV consumer (the connector is never started here)."""
     from vllm.config import KVTransferConfig
 
-    return {"kv_transfer_config": KVTransferConfig(kv_connector="ExampleConnector", kv_role="kv_consumer")}
+    return KVTransferConfig(kv_connector="ExampleConnector", kv_role="kv_consumer")
 
 
 def run_linear_ops(rank, world_size, data_parallel_size, mlp_tp_size):
@@ -81,11 +84,13 @@ def run_linear_ops(rank, world_size, data_parallel_size, mlp_tp_size):
 
     config = fcpass_vllm.compilation_config({"threshold_tokens": THRESHOLD})
     # vllm-ascend 0.30 requires its recompute scheduler with fine-grained TP (it keeps decode steps decode-shaped)
-    switches = ascend.additional_config(finegrained_tp_config={"mlp_tensor_parallel_size": mlp_tp_size},
-                                        recompute_scheduler_enable=True)
+    oproj = world_size == data_parallel_size  # vllm-ascend takes o_proj TP with TP=1 only
+    sizes = {"mlp_tensor_parallel_size": mlp_tp_size, **({"oproj_tensor_parallel_size": mlp_tp_size} if oproj else {})}
+    switches = ascend.additional_config(finegrained_tp_config=sizes, recompute_scheduler_enable=True)
     results = {}
     with vllm_tp(rank, world_size, config, switches, ascend.model_config("qwen3_moe"),
-                 data_parallel_size=data_parallel_size, **_decode_node()) as (vllm_config, tp), torch.no_grad():
+                 data_parallel_size=data_parallel_size, kv_transfer_config=_decode_node()) as (vllm_config, tp), \
+            torch.no_grad():
         if not ascend.TP_FLASHCOMM:
             # vllm-ascend 0.30 takes fine-grained TP in graph mode only, its graphs covering every decode step
             # (else it turns it off); vLLM's CPU platform turned graphs off (NPUs keep them): set as an NPU has them
@@ -96,9 +101,10 @@ def run_linear_ops(rank, world_size, data_parallel_size, mlp_tp_size):
         ascend.load_ops()
         with ascend.parallel_groups(vllm_config) as groups:
             mlp_tp = groups.get_mlp_tp_group()
-            model = _mlp(rank)
+            model = _layer(rank, oproj)
             results["ops"] = {name: type(layer.custom_op).__name__ for name, layer in model.named_children()}
-            results["groups"] = {"tp": tp.ranks, "mlp_tp": mlp_tp.ranks}
+            results["groups"] = {"tp": tp.ranks, "mlp_tp": mlp_tp.ranks,
+                                 **({"otp": groups.get_otp_group().ranks} if oproj else {})}
             manager = configure_post_pass(vllm_config, GraphFusionPassManager(), ASCEND_PASS_KEY)
             compile_range = Range(start=1, end=8192)
             got_fn = ascend.compiled(model, manager, compile_range)
@@ -133,6 +139,8 @@ RUNS = {name: shared(run_linear_ops, dp, mlp_tp, world_size=ranks, setup=ascend.
 
 # op -> (what its graph holds, what fcpass does): the README's table, row for row
 OUTCOMES = {
+    "OProjRowParallelOp": ("all_to_all_single on the otp group -> vllm.unquantized_gemm -> vllm.reduce_scatter on "
+                           "the otp group", ("mm_reduce_scatter", "vllm/unquantized_gemm", "fused")),
     "MLPColumnParallelOp": ("vllm.all_gather on the mlptp group -> vllm.unquantized_gemm",
                             ("all_gather_mm", "vllm/unquantized_gemm", "fused")),
     "MLPRowParallelOp": ("vllm.unquantized_gemm -> vllm.reduce_scatter on the mlptp group",
@@ -141,18 +149,22 @@ OUTCOMES = {
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
-def test_mlp_tp_ops_fuse_on_vllm_ascends_mlptp_group_and_give_the_same_numbers(layout):
+def test_fine_grained_tp_ops_fuse_on_their_own_groups_and_give_the_same_numbers(layout):
     per_rank = RUNS[layout]()
     ranks, dp, mlp_tp = LAYOUTS[layout]
+    oproj = ranks == dp
+    ops = {**({"o_proj": "OProjRowParallelOp"} if oproj else {}),
+           "gate_up_proj": "MLPColumnParallelOp", "down_proj": "MLPRowParallelOp"}
     for rank, r in enumerate(per_rank):
-        assert r["ops"] == {"gate_up_proj": "MLPColumnParallelOp", "down_proj": "MLPRowParallelOp"}
+        assert r["ops"] == ops
         assert len(r["groups"]["mlp_tp"]) == mlp_tp and len(r["groups"]["tp"]) == ranks // dp
-        assert r["report"] == sorted(outcome for _, outcome in OUTCOMES.values())
+        assert len(r["groups"].get("otp", [0] * mlp_tp)) == mlp_tp
+        assert r["report"] == sorted(OUTCOMES[op][1] for op in ops.values())
         for tokens in TOKENS:
             run = r[tokens]
             path = "fused" if tokens > THRESHOLD else "unfused"
             assert {decision[:2] for decision in run["decisions"]} == {
-                ("all_gather_mm", path), ("mm_reduce_scatter", path)}, (tokens, run["decisions"])
+                (OUTCOMES[op][1][0], path) for op in ops.values()}, (tokens, run["decisions"])
             if tokens <= THRESHOLD:  # the ops' own collectives and matmuls
                 assert run["same_bits"] and run["calls"]["got"] == run["calls"]["want"], (tokens, run)
             else:
@@ -161,3 +173,15 @@ def test_mlp_tp_ops_fuse_on_vllm_ascends_mlptp_group_and_give_the_same_numbers(l
             assert "Atlas A2 fuses on one communicator" in reason, (op, reason)
     for tokens in TOKENS:
         assert len({str(r[tokens]["decisions"]) for r in per_rank}) == 1  # the same protocol on every rank
+
+
+def test_the_readmes_table_is_these_outcomes():
+    """README "vllm-ascend's linear ops": one row per op here, with its graph and what fcpass does."""
+    from support import docs
+
+    rows = [line.split(" | ") for line in docs.section("vllm-ascend's linear ops").splitlines()
+            if line.startswith("| `")]
+    table = {row[0].strip("| `").split("`")[0]: (row[1], row[2].rstrip(" |")) for row in rows}
+    assert table.keys() == OUTCOMES.keys()
+    for op, (graph, (family, _, outcome)) in OUTCOMES.items():
+        assert table[op][0] == graph and table[op][1].startswith(f"{outcome}: `{family}`"), (op, table[op])
