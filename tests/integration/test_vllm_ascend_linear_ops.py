@@ -17,6 +17,8 @@ release built for the vLLM under test (0.23 and 0.30: ``make test-ascend023`` / 
 The README's "vllm-ascend's linear ops" table lists each op, row for row with ``OUTCOMES``.
 """
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -28,28 +30,33 @@ TOKENS = (64, 8)  # above the threshold, below it
 HIDDEN, FFN = 32, 64
 
 
-def _layer(rank, oproj: bool):
-    """Attention's output projection (with ``oproj``) and a dense MLP, of vllm-ascend's linear layers with the
-    prefixes its model code gives them."""
+def _layer(rank, layers: tuple[str, ...]):
+    """Attention's output projection ("o_proj") and/or a dense MLP ("mlp"), of vllm-ascend's linear layers
+    with the prefixes its model code gives them."""
     from vllm_ascend.ops.linear import AscendMergedColumnParallelLinear, AscendRowParallelLinear
 
     class Layer(torch.nn.Module):
         def __init__(self):
             super().__init__()
-            if oproj:
-                self.o_proj = AscendRowParallelLinear(HIDDEN, HIDDEN, bias=False, prefix="model.layers.0.self_attn.o_proj")
-            self.gate_up_proj = AscendMergedColumnParallelLinear(HIDDEN, [FFN, FFN], bias=False,
-                                                                 prefix="model.layers.0.mlp.gate_up_proj")
-            self.down_proj = AscendRowParallelLinear(FFN, HIDDEN, bias=False, prefix="model.layers.0.mlp.down_proj")
+            if "o_proj" in layers:
+                self.o_proj = AscendRowParallelLinear(HIDDEN * 2, HIDDEN, bias=False,
+                                                      prefix="model.layers.0.self_attn.o_proj")
+            if "mlp" in layers:
+                self.gate_up_proj = AscendMergedColumnParallelLinear(HIDDEN, [FFN, FFN], bias=False,
+                                                                     prefix="model.layers.0.mlp.gate_up_proj")
+                self.down_proj = AscendRowParallelLinear(FFN, HIDDEN, bias=False,
+                                                         prefix="model.layers.0.mlp.down_proj")
             g = torch.Generator().manual_seed(rank)
             for p in self.parameters():
                 p.data.copy_(torch.randn(p.shape, generator=g) / p.shape[-1] ** 0.5)
 
         def forward(self, x):
-            if oproj:
+            if "o_proj" in layers:
                 x = _output(self.o_proj(x))
-            gate, up = _output(self.gate_up_proj(x)).chunk(2, -1)
-            return _output(self.down_proj(torch.relu(gate) * up))
+            if "mlp" in layers:
+                gate, up = _output(self.gate_up_proj(x)).chunk(2, -1)
+                x = _output(self.down_proj(torch.relu(gate) * up))
+            return x
 
     return Layer()
 
@@ -66,7 +73,59 @@ def _decode_node():
     return KVTransferConfig(kv_connector="ExampleConnector", kv_role="kv_consumer")
 
 
-def run_linear_ops(rank, world_size, data_parallel_size, mlp_tp_size):
+@dataclasses.dataclass(frozen=True)
+class Layout:
+    """vllm-ascend's switches for one deployment of its linear ops, and the layers built."""
+
+    ranks: int
+    data_parallel_size: int
+    switches: dict  # vllm-ascend's additional_config keys
+    layers: tuple[str, ...]
+    ops: dict  # layer name -> the op vllm-ascend picks for it
+
+    @property
+    def fine_grained(self) -> bool:
+        return "finegrained_tp_config" in self.switches
+
+    @property
+    def input_width(self) -> int:
+        return HIDDEN * 2 if "o_proj" in self.layers else HIDDEN  # attention's output, or the MLP's input
+
+
+def _fine_grained(ranks: int, dp: int, size: int) -> Layout:
+    """mlp_tp of ``size`` (and o_proj TP where TP=1, which vllm-ascend requires for it); vllm-ascend 0.30
+    requires its recompute scheduler with fine-grained TP (it keeps decode steps decode-shaped)."""
+    oproj = ranks == dp
+    sizes = {"mlp_tensor_parallel_size": size, **({"oproj_tensor_parallel_size": size} if oproj else {})}
+    return Layout(ranks, dp, {"finegrained_tp_config": sizes, "recompute_scheduler_enable": True},
+                  ("o_proj", "mlp") if oproj else ("mlp",),
+                  {**({"o_proj": "OProjRowParallelOp"} if oproj else {}),
+                   "gate_up_proj": "MLPColumnParallelOp", "down_proj": "MLPRowParallelOp"})
+
+
+# vllm-ascend 0.30 allows fine-grained TP with TP=1 only
+LAYOUTS = {"DP=2, mlp_tp=2": _fine_grained(2, 2, 2), "DP=4, mlp_tp=2": _fine_grained(4, 4, 2)}
+if ascend.TP_FLASHCOMM:
+    LAYOUTS["DP=2 x TP=2, mlp_tp=2"] = _fine_grained(4, 2, 2)
+
+
+def _decode_node():
+    """vllm-ascend takes o_proj TP (0.23) and any fine-grained TP (0.30) on a prefill/decode-disaggregated
+    decode node only: its kv_transfer_config a KV consumer (the connector is never started here)."""
+    from vllm.config import KVTransferConfig
+
+    return KVTransferConfig(kv_connector="ExampleConnector", kv_role="kv_consumer")
+
+
+def _own_groups(groups, layout: Layout) -> dict:
+    """vllm-ascend's groups the layout's ops talk on, by name: their ranks and torch groups."""
+    getters = {"mlp_tp": "get_mlp_tp_group"} if layout.fine_grained else {}
+    if "oproj_tensor_parallel_size" in layout.switches.get("finegrained_tp_config", {}):
+        getters["otp"] = "get_otp_group"
+    return {name: getattr(groups, getter)() for name, getter in getters.items()}
+
+
+def run_linear_ops(rank, world_size, name):
     import fcpass
     import fcpass.vllm as fcpass_vllm
     from devtools.vllm_cpu import vllm_tp
@@ -82,14 +141,13 @@ def run_linear_ops(rank, world_size, data_parallel_size, mlp_tp_size):
     from support.collective_calls import collective_events, profiled
     from support.vllm_backend import configure_post_pass
 
+    layout = LAYOUTS[name]
     config = fcpass_vllm.compilation_config({"threshold_tokens": THRESHOLD})
-    # vllm-ascend 0.30 requires its recompute scheduler with fine-grained TP (it keeps decode steps decode-shaped)
-    oproj = world_size == data_parallel_size  # vllm-ascend takes o_proj TP with TP=1 only
-    sizes = {"mlp_tensor_parallel_size": mlp_tp_size, **({"oproj_tensor_parallel_size": mlp_tp_size} if oproj else {})}
-    switches = ascend.additional_config(finegrained_tp_config=sizes, recompute_scheduler_enable=True)
+    # fine-grained TP: MoE models only (vllm-ascend's rule), on a decode node
+    model, node = (("qwen3_moe", {"kv_transfer_config": _decode_node()}) if layout.fine_grained else ("llama", {}))
     results = {}
-    with vllm_tp(rank, world_size, config, switches, ascend.model_config("qwen3_moe"),
-                 data_parallel_size=data_parallel_size, kv_transfer_config=_decode_node()) as (vllm_config, tp), \
+    with vllm_tp(rank, world_size, config, ascend.additional_config(**layout.switches), ascend.model_config(model),
+                 data_parallel_size=layout.data_parallel_size, sizes_in_config=True, **node) as (vllm_config, tp), \
             torch.no_grad():
         if not ascend.TP_FLASHCOMM:
             # vllm-ascend 0.30 takes fine-grained TP in graph mode only, its graphs covering every decode step
@@ -100,17 +158,16 @@ def run_linear_ops(rank, world_size, data_parallel_size, mlp_tp_size):
         ascend.init_config(vllm_config)
         ascend.load_ops()
         with ascend.parallel_groups(vllm_config) as groups:
-            mlp_tp = groups.get_mlp_tp_group()
-            model = _layer(rank, oproj)
+            own = _own_groups(groups, layout)
+            model = _layer(rank, layout.layers)
             results["ops"] = {name: type(layer.custom_op).__name__ for name, layer in model.named_children()}
-            results["groups"] = {"tp": tp.ranks, "mlp_tp": mlp_tp.ranks,
-                                 **({"otp": groups.get_otp_group().ranks} if oproj else {})}
+            results["groups"] = {"tp": tp.ranks, **{name: group.ranks for name, group in own.items()}}
             manager = configure_post_pass(vllm_config, GraphFusionPassManager(), ASCEND_PASS_KEY)
             compile_range = Range(start=1, end=8192)
             got_fn = ascend.compiled(model, manager, compile_range)
             want_fn = ascend.compiled(model, GraphFusionPassManager(), compile_range)
             for tokens in TOKENS:
-                x = torch.randn(tokens, HIDDEN, generator=torch.Generator().manual_seed(tokens))
+                x = torch.randn(tokens, layout.input_width, generator=torch.Generator().manual_seed(tokens))
                 counted = {}
                 with pass_context(compile_range), ascend.forward(vllm_config, tokens):
                     for label, fn in (("want", want_fn), ("got", got_fn)):
@@ -123,19 +180,16 @@ def run_linear_ops(rank, world_size, data_parallel_size, mlp_tp_size):
                                    "error": ((got - want).abs().max() / want.abs().max()).item(),
                                    "decisions": sorted(fcpass.decision_counts())}
             results["report"] = sorted(map(tuple, manager.passes[-1].last_report.rows()))
-            group = mlp_tp.device_group
             x, mm = torch.randn(8, HIDDEN), Matmul(torch.randn(HIDDEN, FFN), None)
-            results["on A2"] = {op: NpuBackend().unsupported(op, FusedCall(
-                x=x, matmuls=(mm,), group=group, group_name=group.group_name, world_size=group.size(),
-                row_scale=None, pad_rows=0)) for op in ("mm_reduce_scatter", "all_gather_mm")}
+            results["on A2"] = {(name, op): NpuBackend().unsupported(op, FusedCall(
+                x=x, matmuls=(mm,), group=group.device_group, group_name=group.device_group.group_name,
+                world_size=group.world_size, row_scale=None, pad_rows=0))
+                for name, group in own.items() for op in ("mm_reduce_scatter", "all_gather_mm")}
     return results
 
 
-# name -> (ranks, DP size, mlp_tp size); 0.30 allows fine-grained TP with TP=1 only
-LAYOUTS = {"DP=2, mlp_tp=2": (2, 2, 2), "DP=4, mlp_tp=2": (4, 4, 2),
-           **({"DP=2 x TP=2, mlp_tp=2": (4, 2, 2)} if ascend.TP_FLASHCOMM else {})}
-RUNS = {name: shared(run_linear_ops, dp, mlp_tp, world_size=ranks, setup=ascend.compile_setup, timeout=420)
-        for name, (ranks, dp, mlp_tp) in LAYOUTS.items()}
+RUNS = {name: shared(run_linear_ops, name, world_size=layout.ranks, setup=ascend.compile_setup, timeout=420)
+        for name, layout in LAYOUTS.items()}
 
 # op -> (what its graph holds, what fcpass does): the README's table, row for row
 OUTCOMES = {
@@ -148,29 +202,25 @@ OUTCOMES = {
 }
 
 
-@pytest.mark.parametrize("layout", LAYOUTS)
-def test_fine_grained_tp_ops_fuse_on_their_own_groups_and_give_the_same_numbers(layout):
-    per_rank = RUNS[layout]()
-    ranks, dp, mlp_tp = LAYOUTS[layout]
-    oproj = ranks == dp
-    ops = {**({"o_proj": "OProjRowParallelOp"} if oproj else {}),
-           "gate_up_proj": "MLPColumnParallelOp", "down_proj": "MLPRowParallelOp"}
+@pytest.mark.parametrize("name", LAYOUTS)
+def test_its_ops_fuse_on_their_own_groups_and_give_the_same_numbers(name):
+    per_rank = RUNS[name]()
+    layout = LAYOUTS[name]
     for rank, r in enumerate(per_rank):
-        assert r["ops"] == ops
-        assert len(r["groups"]["mlp_tp"]) == mlp_tp and len(r["groups"]["tp"]) == ranks // dp
-        assert len(r["groups"].get("otp", [0] * mlp_tp)) == mlp_tp
-        assert r["report"] == sorted(OUTCOMES[op][1] for op in ops.values())
+        assert r["ops"] == layout.ops
+        assert len(r["groups"]["tp"]) == layout.ranks // layout.data_parallel_size
+        assert r["report"] == sorted(OUTCOMES[op][1] for op in layout.ops.values())
         for tokens in TOKENS:
             run = r[tokens]
             path = "fused" if tokens > THRESHOLD else "unfused"
             assert {decision[:2] for decision in run["decisions"]} == {
-                (OUTCOMES[op][1][0], path) for op in ops.values()}, (tokens, run["decisions"])
+                (OUTCOMES[op][1][0], path) for op in layout.ops.values()}, (tokens, run["decisions"])
             if tokens <= THRESHOLD:  # the ops' own collectives and matmuls
                 assert run["same_bits"] and run["calls"]["got"] == run["calls"]["want"], (tokens, run)
             else:
                 assert run["error"] <= (FFN + 2) * torch.finfo(torch.float32).eps, (tokens, run["error"])
-        for op, reason in r["on A2"].items():
-            assert "Atlas A2 fuses on one communicator" in reason, (op, reason)
+        for where, reason in r["on A2"].items():
+            assert "Atlas A2 fuses on one communicator" in reason, (where, reason)
     for tokens in TOKENS:
         assert len({str(r[tokens]["decisions"]) for r in per_rank}) == 1  # the same protocol on every rank
 
