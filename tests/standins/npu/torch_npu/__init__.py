@@ -16,10 +16,6 @@ from torch_npu import npu
 # torch_npu registers its device module as ``torch.npu``: vllm-ascend reads streams and events there
 if not hasattr(torch, "npu"):
     torch.npu = npu
-# torch_npu gives tensors ``.npu()`` (torch's generated privateuse1 method: a copy on the current NPU; vllm-ascend's
-# FlashComm2 op moves its indices there); a CPU rank has no NPU: the tensor stays where it is
-if not hasattr(torch.Tensor, "npu"):
-    torch.Tensor.npu = lambda self, device=None, non_blocking=False, **kwargs: self
 # torch_npu's ops are attributes of the module too: vllm-ascend calls ``torch_npu.npu_quantize(...)``
 npu_quantize, npu_quant_matmul = torch.ops.npu.npu_quantize, torch.ops.npu.npu_quant_matmul
 # torch_npu's own dtypes (torch_npu._C._cd.DType, exported as module attributes): the numbers its torchair
