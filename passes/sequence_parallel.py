@@ -152,9 +152,13 @@ def _unprofitable(region: Region, norms: frozenset) -> str | Reason | None:
         return outcomes.SP_MIXED_REGION
     if not any(n.target in norms or n.target == aten.rsqrt.default for n in region.sharded):
         return outcomes.SP_NO_NORM
-    gathers = len(gathered(region))
-    if gathers > len(region.all_reduces):
-        return Reason(outcomes.SP_TOO_MANY_GATHERS, f"{gathers} all_gathers for {len(region.all_reduces)} all_reduces")
+    readers = gathered(region)
+    if len(readers) > len(region.all_reduces):
+        why = f"{len(readers)} all_gathers for {len(region.all_reduces)} all_reduces"
+        leaving = sum(any(user.op == "output" for user in users) for users in readers.values())
+        if leaving:  # e.g. a pipeline-parallel stage hands its hidden states and residual on whole
+            why += f"; {leaving} of them for tensors that leave the graph whole (a pipeline stage's outputs)"
+        return Reason(outcomes.SP_TOO_MANY_GATHERS, why)
     return None
 
 

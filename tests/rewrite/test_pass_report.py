@@ -114,3 +114,23 @@ def test_rows_read_back_in_another_process_keep_their_constants():
     assert outcomes.PassReport.from_rows(report.rows()).kinds() == report.kinds() == [
         ("sequence_parallel", outcomes.SP_TRANSPORT), ("sequence_parallel", outcomes.SPLIT),
         ("mm_reduce_scatter", outcomes.FAMILY_DISABLED)]
+
+
+def test_a_pipeline_stages_outputs_leaving_whole_stop_the_split_and_the_reason_says_so():
+    """Under pipeline parallelism a stage's graph ends with its hidden states and residual, which leave it whole
+    for the next stage: splitting its last all_reduce would gather both back (2 all_gathers for 1 all_reduce),
+    and the reason names them. The group's size comes from the process's facts (a recorded one here)."""
+    from passes import process
+
+    def last_layer_of_a_stage(x, w, residual, norm_w):
+        hidden = vllm_ops.all_reduce(torch.mm(x, w), "tp:0") + residual
+        normed = hidden * torch.rsqrt(hidden.pow(2).mean(-1, keepdim=True) + 1e-6) * norm_w
+        return normed, hidden
+
+    gm = _traced(last_layer_of_a_stage, torch.randn(M, K), torch.randn(K, N), torch.randn(M, N), torch.randn(N))
+    facts = {"groups": {"tp:0": WS}, "tp_group": ["tp:0", WS], "compile_range_start": M, "shm_groups": {}}
+    with process.reading(process.RecordedProcess(facts)):
+        p = apply_pass(gm, sequence_parallel=True, sequence_parallel_threshold_tokens=1)
+    (split,) = [outcome for family, _, outcome in p.last_report.rows() if family == "sequence_parallel"]
+    assert outcomes.outcome_kind(split) == outcomes.SP_TOO_MANY_GATHERS
+    assert "2 all_gathers for 1 all_reduces; 2 of them for tensors that leave the graph whole" in split, split
