@@ -58,7 +58,7 @@ def compile_range_start() -> int | None:
 
 def ascend_device_type() -> str | None:
     """The Ascend chip vllm-ascend was built for ("A2", "A3", "_310P", "A5"), or None where it is not loaded.
-    Where its ``get_ascend_device_type`` lives: 0.23 ``vllm_ascend.utils``, 0.30 ``vllm_ascend.device.device_config``."""
+    Its ``get_ascend_device_type``: ``vllm_ascend.utils`` (0.23), ``vllm_ascend.device.device_config`` (0.30)."""
     for name in ("vllm_ascend.device.device_config", "vllm_ascend.utils"):
         lookup = getattr(sys.modules.get(name), "get_ascend_device_type", None)
         if lookup is not None:

@@ -8,11 +8,15 @@ release built for the vLLM under test (0.23 and 0.30: ``make test-ascend023`` / 
 
 - ``mlp_tp``: ``finegrained_tp_config.mlp_tensor_parallel_size`` (vllm-ascend allows it for MoE models only,
   across DP ranks; 0.30 also only with TP=1, in graph mode, on a PD decode node, with its recompute scheduler:
-  DP=2 of 2 ranks, DP=4 of 4 with mlp_tp=2, and on 0.23 DP=2 x TP=2 of 4): the MLP of a dense layer gathers its tokens over the
-  ``mlptp`` group into ``gate_up_proj`` (``MLPColumnParallelOp``) and reduce-scatters ``down_proj``'s product
-  back (``MLPRowParallelOp``): both fused, on the mlptp group; at or below the threshold the same bits and the
-  same collective calls as without fcpass, above it the same numbers within float32's chunking bound. On Atlas
-  A2 the NPU backend leaves both alone (torch_npu: one communicator per model, vLLM's TP group's).
+  DP=2 of 2 ranks, DP=4 of 4 with mlp_tp=2, and on 0.23 DP=2 x TP=2 of 4): the MLP of a dense layer gathers
+  its tokens over the ``mlptp`` group into ``gate_up_proj`` (``MLPColumnParallelOp``) and reduce-scatters
+  ``down_proj``'s product back (``MLPRowParallelOp``).
+- o_proj TP: ``finegrained_tp_config.oproj_tensor_parallel_size`` (TP=1 only, on a PD decode node): attention's
+  output all_to_all'd over the ``otp`` group, its matmul reduce-scattered back (``OProjRowParallelOp``).
+
+Each matmul beside a collective is fused, on the op's own group; at or below the threshold the same bits and
+the same collective calls as without fcpass, above it the same numbers within float32's chunking bound. On
+Atlas A2 the NPU backend leaves them alone (torch_npu: one communicator per model, vLLM's TP group's).
 
 The README's "vllm-ascend's linear ops" table lists each op, row for row with ``OUTCOMES``.
 """
@@ -65,14 +69,6 @@ def _output(result):
     return result[0] if isinstance(result, tuple) else result
 
 
-def _decode_node():
-    """vllm-ascend takes o_proj TP (0.23) and any fine-grained TP (0.30) on a prefill/decode-disaggregated
-    decode node only: its kv_transfer_config a KV consumer (the connector is never started here)."""
-    from vllm.config import KVTransferConfig
-
-    return KVTransferConfig(kv_connector="ExampleConnector", kv_role="kv_consumer")
-
-
 @dataclasses.dataclass(frozen=True)
 class Layout:
     """vllm-ascend's switches for one deployment of its linear ops, and the layers built."""
@@ -82,10 +78,6 @@ class Layout:
     switches: dict  # vllm-ascend's additional_config keys
     layers: tuple[str, ...]
     ops: dict  # layer name -> the op vllm-ascend picks for it
-
-    @property
-    def fine_grained(self) -> bool:
-        return "finegrained_tp_config" in self.switches
 
     @property
     def input_width(self) -> int:
@@ -119,8 +111,8 @@ def _decode_node():
 
 def _own_groups(groups, layout: Layout) -> dict:
     """vllm-ascend's groups the layout's ops talk on, by name: their ranks and torch groups."""
-    getters = {"mlp_tp": "get_mlp_tp_group"} if layout.fine_grained else {}
-    if "oproj_tensor_parallel_size" in layout.switches.get("finegrained_tp_config", {}):
+    getters = {"mlp_tp": "get_mlp_tp_group"}
+    if "oproj_tensor_parallel_size" in layout.switches["finegrained_tp_config"]:
         getters["otp"] = "get_otp_group"
     return {name: getattr(groups, getter)() for name, getter in getters.items()}
 
@@ -143,12 +135,11 @@ def run_linear_ops(rank, world_size, name):
 
     layout = LAYOUTS[name]
     config = fcpass_vllm.compilation_config({"threshold_tokens": THRESHOLD})
-    # fine-grained TP: MoE models only (vllm-ascend's rule), on a decode node
-    model, node = (("qwen3_moe", {"kv_transfer_config": _decode_node()}) if layout.fine_grained else ("llama", {}))
     results = {}
-    with vllm_tp(rank, world_size, config, ascend.additional_config(**layout.switches), ascend.model_config(model),
-                 data_parallel_size=layout.data_parallel_size, sizes_in_config=True, **node) as (vllm_config, tp), \
-            torch.no_grad():
+    # fine-grained TP: MoE models only (vllm-ascend's rule), on a decode node
+    with vllm_tp(rank, world_size, config, ascend.additional_config(**layout.switches),
+                 ascend.model_config("qwen3_moe"), data_parallel_size=layout.data_parallel_size,
+                 kv_transfer_config=_decode_node()) as (vllm_config, tp), torch.no_grad():
         if not ascend.TP_FLASHCOMM:
             # vllm-ascend 0.30 takes fine-grained TP in graph mode only, its graphs covering every decode step
             # (else it turns it off); vLLM's CPU platform turned graphs off (NPUs keep them): set as an NPU has them
