@@ -299,17 +299,19 @@ def _npu_quant_matmul_fake(x1, x2, scale, *, output_dtype=None, **_):
     return x1.new_empty((x1.shape[0], x2.shape[1]), dtype=SCALAR_TYPES.get(output_dtype, torch.int8))
 
 
+def _npu_quantize_fake(self, *args, **kwargs):
+    return self.new_empty(self.shape, dtype=torch.int8)
+
+
 def _register_quant_ops() -> None:
-    if hasattr(torch.ops.npu, "npu_quant_matmul"):
-        return
-    for name, schema in SCHEMAS.items():
-        _npu_lib.define(schema)
-    _npu_lib.impl("npu_quantize", _npu_quantize, "CompositeExplicitAutograd")
-    _npu_lib.impl("npu_quant_matmul", _npu_quant_matmul, "CompositeExplicitAutograd")
-    torch.library.register_fake("npu::npu_quantize", lambda self, *a, **k: self.new_empty(self.shape,
-                                                                                        dtype=torch.int8),
-                                lib=_npu_lib)
-    torch.library.register_fake("npu::npu_quant_matmul", _npu_quant_matmul_fake, lib=_npu_lib)
+    """Each op where no library loaded in this process (a real torch_npu, a replay's captured schema) has it."""
+    for name, kernel, fake in (("npu_quantize", _npu_quantize, _npu_quantize_fake),
+                               ("npu_quant_matmul", _npu_quant_matmul, _npu_quant_matmul_fake)):
+        if hasattr(torch.ops.npu, name):
+            continue
+        _npu_lib.define(SCHEMAS[name])
+        _npu_lib.impl(name, kernel, "CompositeExplicitAutograd")
+        torch.library.register_fake(f"npu::{name}", fake, lib=_npu_lib)
 
 
 _register_quant_ops()
