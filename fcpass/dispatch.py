@@ -28,7 +28,7 @@ from fcpass.backends.base import MM_ALL_REDUCE, MM_REDUCE_SCATTER, Backend, Fuse
 from fcpass.config import PassConfig
 from fcpass.families import FAMILIES
 from fcpass.groups import resolve_group
-from fcpass.matmuls import OneDNNMatmul, tensor_signature
+from fcpass.matmuls import OneDNNMatmul, SumOfProducts, tensor_signature
 from fcpass.vllm import state
 
 _eager_config = PassConfig()
@@ -88,6 +88,8 @@ def plan(op: str, family: str, call: FusedCall, threshold_tokens: int, config: P
     """The guard's decision for a validated call, with the backend and chunk count its path runs with."""
     x, device, mms = call.x, call.x.device, call.matmuls
     rows, k = x.shape
+    if isinstance(mms[0], SumOfProducts):
+        k = sum(inputs.shape[1] for inputs in mms[0].inputs(x))
     num_tokens = FAMILIES[family].num_tokens(rows, call.world_size, call.pad_rows)
     facts = guard.GuardFacts(
         op=op, num_tokens=num_tokens, world_size=call.world_size, dtype=x.dtype,
@@ -184,7 +186,9 @@ def never_fused(family: str, device: torch.device, config: PassConfig) -> str | 
 
 
 def _onednn_off_reason(call: FusedCall, backend: Backend) -> str | None:
-    if not isinstance(call.matmuls[0], OneDNNMatmul):
+    mm = call.matmuls[0]
+    if not isinstance(mm, OneDNNMatmul) and not (
+            isinstance(mm, SumOfProducts) and isinstance(mm.products[0], OneDNNMatmul)):
         return None
     if backend.name != "generic":
         return guard.ONEDNN_GENERIC_ONLY

@@ -8,6 +8,7 @@ compute through it (or through a kernel documented to compute the same).
 from __future__ import annotations
 
 import collections
+import itertools
 import weakref
 from dataclasses import dataclass
 
@@ -29,7 +30,10 @@ LINEAR_OPS = {
     "unquantized_gemm": lambda: torch.ops.vllm.unquantized_gemm.default,
     "rocm_unquantized_gemm": lambda: torch.ops.vllm.rocm_unquantized_gemm.default,
 }
-MATMUL_FORMS = ("mm", "addmm", *LINEAR_OPS, "scaled_mm", "npu_quant_matmul", "onednn_mm")
+# A sum of products' term ``addmm(sum so far, x, w)`` (Inductor folds ``mm + t`` into one addmm): the unfused
+# path accumulates with addmm as the graph did; on its own it is x @ w.
+SUM_ADDMM = "sum_addmm"
+MATMUL_FORMS = ("mm", "addmm", *LINEAR_OPS, "scaled_mm", "npu_quant_matmul", "onednn_mm", SUM_ADDMM)
 
 
 # Not frozen: built on every op call, where a frozen dataclass's __init__ costs ~0.7 us more than a slotted one.
@@ -129,6 +133,7 @@ class OneDNNMatmul:
     bias: torch.Tensor | None = None
     scaled = False
     w_scale = x_scale = out_dtype = None
+    form = "onednn_mm"
 
     def signature(self) -> tuple:
         """What validation reads of this matmul (the packed weight's own shape is the kernel's to check)."""
@@ -138,6 +143,55 @@ class OneDNNMatmul:
         out = x.new_empty((x.shape[0], self.n))
         torch.ops._C.onednn_mm(out, x, self.bias, self.handler)
         return out
+
+
+@dataclass(eq=False, slots=True)  # as Matmul
+class SumOfProducts:
+    """``x_1 @ w_1 + x_2 @ w_2 + ...`` on the same rows, summed before one collective (Falcon's attention and MLP
+    outputs): each product a Matmul or OneDNNMatmul of its own input, added left to right as the graph did (a
+    :data:`SUM_ADDMM` term by ``addmm(sum so far, x, w)``).
+
+    The unfused path calls it with the first product's rows and ``others`` holds the rest: the site's own
+    tensors, so it runs exactly the graph's matmuls and adds. A fused path calls :meth:`join` once and then the
+    joined sum on row chunks of ``[x_1 | x_2 | ...]``, each product reading its ``widths`` columns: no weight is
+    concatenated.
+    """
+
+    products: tuple
+    others: tuple[torch.Tensor, ...] = ()  # inputs of products[1:] (unjoined)
+    widths: tuple[int, ...] = ()  # columns of each product's input (joined)
+    scaled = False
+    bias = w_scale = x_scale = out_dtype = None  # each product keeps its own bias
+
+    @property
+    def n(self) -> int:
+        return self.products[0].n
+
+    @property
+    def result_dtype(self) -> torch.dtype:
+        return self.products[0].result_dtype
+
+    def inputs(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Each product's rows: the call's x and ``others``, or the joined x's column blocks."""
+        if not self.widths:
+            return (x, *self.others)
+        bounds = itertools.accumulate(self.widths, initial=0)
+        return tuple(x[:, start:end] for start, end in itertools.pairwise(bounds))
+
+    def signature(self) -> tuple:
+        return (tuple(product.signature() for product in self.products),
+                tuple(tensor_signature(t) for t in self.others), self.widths)
+
+    def __call__(self, x: torch.Tensor, row_scale: torch.Tensor | None = None) -> torch.Tensor:
+        total = None
+        for product, rows in zip(self.products, self.inputs(x)):
+            if total is None:
+                total = product(rows)
+            elif product.form == SUM_ADDMM:
+                total = torch.addmm(total, rows, product.w)
+            else:
+                total = total + product(rows)
+        return total
 
 
 def tensor_signature(t: torch.Tensor | None) -> tuple | None:

@@ -40,7 +40,7 @@ from fcpass import oplib, sites, validate
 from fcpass.backends.base import ALL_GATHER_MM, MM_ALL_REDUCE, MM_REDUCE_SCATTER
 from fcpass.dispatch import CONFIG_THRESHOLD, run
 from fcpass.families import FAMILIES
-from fcpass.matmuls import Matmul, OneDNNMatmul
+from fcpass.matmuls import Matmul, OneDNNMatmul, SumOfProducts
 
 # matmul kind -> family -> the op fusing that family over that kind of matmul: the table the rewrite emits from
 # (passes/matmuls.py, KINDS), so an op's name is written here and nowhere else.
@@ -51,6 +51,9 @@ FUSED_OPS = {
     "onednn": {MM_REDUCE_SCATTER: "mm_reduce_scatter_onednn", ALL_GATHER_MM: "all_gather_onednn_mm",
                MM_ALL_REDUCE: "mm_all_reduce_onednn"},
 }
+
+# matmul kind -> the op fusing a reduce_scatter after a sum of products of that kind (Falcon's attention + MLP).
+SUM_FUSED_OPS = {"plain": "mm_sum_reduce_scatter", "onednn": "mm_sum_reduce_scatter_onednn"}
 
 # The fake impls run each family's input check too: a site the op would reject is never rewritten.
 _check_rs, _check_ag = FAMILIES[MM_REDUCE_SCATTER].check, FAMILIES[ALL_GATHER_MM].check
@@ -129,6 +132,64 @@ def _(x, w, x_scale, w_scale, bias, out_dtype, group_name, world_size, threshold
     mm, per_token = _scaled_row_matmul(w, x_scale, w_scale, bias, out_dtype)
     _check_rs("mm_reduce_scatter_scaled", x, (mm,), per_token, world_size, pad_rows)
     return x.new_empty(((x.shape[0] + pad_rows) // world_size, w.shape[1]), dtype=out_dtype)
+
+
+# ---- a reduce_scatter after a sum of products: the same family, the products' inputs beside their weights
+
+
+def _sum_run(op, xs, mms, group_name, world_size, threshold_tokens, pad_rows, config, site):
+    return run(op, MM_REDUCE_SCATTER, xs[0], (_sum_of(op, xs, mms),), None,
+               group_name, world_size, threshold_tokens, pad_rows, config, site)
+
+
+def _sum_of(op, xs, mms) -> SumOfProducts:
+    if len(xs) != len(mms):
+        raise validate.FusedOpInputError(f"fcpass::{op}: {len(mms)} weights but {len(xs)} xs")
+    return SumOfProducts(tuple(mms), tuple(xs[1:]))
+
+
+def _sum_fake(op, xs, mms, world_size, pad_rows):
+    _check_rs(op, xs[0], (_sum_of(op, xs, mms),), None, world_size, pad_rows)
+    return xs[0].new_empty(((xs[0].shape[0] + pad_rows) // world_size, mms[0].n))
+
+
+@oplib.define("mm_sum_reduce_scatter")
+def mm_sum_reduce_scatter(
+    xs: Sequence[torch.Tensor], ws: Sequence[torch.Tensor], biases: Sequence[torch.Tensor | None],
+    group_name: str, world_size: int, threshold_tokens: int = CONFIG_THRESHOLD, pad_rows: int = 0,
+    config: str = "", site: str = "",
+) -> torch.Tensor:
+    at = _site_of("mm_sum_reduce_scatter", site, len(ws))
+    mms = [Matmul(w, b, form=at.matmul(i)) for i, (w, b) in enumerate(_zip_lists("mm_sum_reduce_scatter", ws, biases,
+                                                                                  "biases"))]
+    return _sum_run("mm_sum_reduce_scatter", xs, mms, group_name, world_size, threshold_tokens, pad_rows, config, at)
+
+
+@oplib.fake("mm_sum_reduce_scatter")
+def _(xs, ws, biases, group_name, world_size, threshold_tokens=CONFIG_THRESHOLD, pad_rows=0, config="", site=""):
+    _site_of("mm_sum_reduce_scatter", site, len(ws))
+    mms = [Matmul(w, b) for w, b in _zip_lists("mm_sum_reduce_scatter", ws, biases, "biases")]
+    return _sum_fake("mm_sum_reduce_scatter", xs, mms, world_size, pad_rows)
+
+
+@oplib.define("mm_sum_reduce_scatter_onednn")
+def mm_sum_reduce_scatter_onednn(
+    xs: Sequence[torch.Tensor], handlers: Sequence[torch.Tensor], ns: Sequence[int],
+    biases: Sequence[torch.Tensor | None], group_name: str, world_size: int,
+    threshold_tokens: int = CONFIG_THRESHOLD, pad_rows: int = 0, config: str = "", site: str = "",
+) -> torch.Tensor:
+    mms = _onednn_matmuls("mm_sum_reduce_scatter_onednn", xs[0], handlers, ns, biases)
+    at = _site_of("mm_sum_reduce_scatter_onednn", site, len(mms))
+    return _sum_run("mm_sum_reduce_scatter_onednn", xs, mms, group_name, world_size, threshold_tokens, pad_rows,
+                    config, at)
+
+
+@oplib.fake("mm_sum_reduce_scatter_onednn")
+def _(xs, handlers, ns, biases, group_name, world_size, threshold_tokens=CONFIG_THRESHOLD, pad_rows=0, config="",
+      site=""):
+    mms = _onednn_matmuls("mm_sum_reduce_scatter_onednn", xs[0], handlers, ns, biases)
+    _site_of("mm_sum_reduce_scatter_onednn", site, len(mms))
+    return _sum_fake("mm_sum_reduce_scatter_onednn", xs, mms, world_size, pad_rows)
 
 
 def _gather_run(op, x, mms, group_name, world_size, threshold_tokens, config, site):

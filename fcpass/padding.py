@@ -15,21 +15,33 @@ import dataclasses
 import torch
 
 from fcpass.backends.base import FusedCall
-from fcpass.matmuls import fold_bias
+from fcpass.matmuls import SumOfProducts, fold_bias
 
 
 def with_zero_rows(call: FusedCall) -> FusedCall:
-    """The same reduction over x padded with ``call.pad_rows`` zero rows, exactly."""
-    if not call.pad_rows:
-        return call
+    """The same reduction over x padded with ``call.pad_rows`` zero rows, exactly; a sum of products is joined
+    into one x first (its inputs side by side), as the kernels take one x."""
     (mm,) = call.matmuls
-    x = call.x
-    if mm.bias is not None:  # validation (fp8) and the guard (oneDNN) keep unfoldable biases off this path
-        x, w = fold_bias(x, mm.w, mm.bias)
-        mm = dataclasses.replace(mm, w=w, bias=None)
-    x = append_zero_rows(x, call.pad_rows)
+    if not call.pad_rows and not isinstance(mm, SumOfProducts):
+        return call
+    if isinstance(mm, SumOfProducts):
+        pairs = [_without_bias(rows, product, call.pad_rows) for rows, product in zip(mm.inputs(call.x), mm.products)]
+        x = torch.cat([rows for rows, _ in pairs], dim=1)
+        mm = SumOfProducts(tuple(product for _, product in pairs), widths=tuple(rows.shape[1] for rows, _ in pairs))
+    else:
+        x, mm = _without_bias(call.x, mm, call.pad_rows)
+    x = append_zero_rows(x, call.pad_rows) if call.pad_rows else x
     row_scale = None if call.row_scale is None else append_zero_rows(call.row_scale, call.pad_rows)
     return call._replace(x=x, matmuls=(mm,), row_scale=row_scale, pad_rows=0)
+
+
+def _without_bias(x: torch.Tensor, mm, pad_rows: int):
+    """``(x, mm)`` with mm's bias folded into both where zero rows follow (validation (fp8) and the guard
+    (oneDNN) keep unfoldable biases off this path)."""
+    if not pad_rows or mm.bias is None:
+        return x, mm
+    x, w = fold_bias(x, mm.w, mm.bias)
+    return x, dataclasses.replace(mm, w=w, bias=None)
 
 
 def append_zero_rows(t: torch.Tensor, rows: int) -> torch.Tensor:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from fcpass.matmuls import FLOAT_DTYPES, FP8_DTYPES, QUANT_OUT_DTYPES, Matmul, OneDNNMatmul
+from fcpass.matmuls import FLOAT_DTYPES, FP8_DTYPES, QUANT_OUT_DTYPES, Matmul, OneDNNMatmul, SumOfProducts
 
 
 class FusedOpInputError(ValueError):
@@ -17,6 +17,9 @@ class FusedOpInputError(ValueError):
 
 def check_matmul(op: str, x: torch.Tensor, mm: Matmul | OneDNNMatmul, index: int = 0) -> None:
     where = f"fcpass::{op}" + (f" (weight {index})" if index else "")
+    if isinstance(mm, SumOfProducts):
+        _check_sum(op, x, mm)
+        return
     if isinstance(mm, OneDNNMatmul):
         _check_onednn(where, x, mm)
         return
@@ -53,6 +56,20 @@ def check_matmul(op: str, x: torch.Tensor, mm: Matmul | OneDNNMatmul, index: int
     if mm.x_scale is not None and (mm.x_scale.dtype != torch.float32 or mm.x_scale.dim() > 1):
         raise FusedOpInputError(f"{where}: x_scale must be a float32 per-tensor scale")
     _check_bias(where, mm.bias, n, bias_dtype)
+
+
+def _check_sum(op: str, x: torch.Tensor, mm: SumOfProducts) -> None:
+    """Every product a valid matmul of its own input, all of the same rows into the same (m, n) and dtype."""
+    inputs = mm.inputs(x)
+    if len(mm.products) < 2 or len(inputs) != len(mm.products):
+        raise FusedOpInputError(f"fcpass::{op}: a sum needs two or more products, each with its x; got "
+                                f"{len(inputs)} x for {len(mm.products)} weights")
+    for i, (rows, product) in enumerate(zip(inputs, mm.products)):
+        check_matmul(op, rows, product, i)
+        if rows.shape[0] != x.shape[0] or product.n != mm.n or product.result_dtype != mm.result_dtype:
+            raise FusedOpInputError(
+                f"fcpass::{op}: product {i} is ({rows.shape[0]}, {product.n}) {product.result_dtype}, product 0 "
+                f"({x.shape[0]}, {mm.n}) {mm.result_dtype}: a sum needs one shape and dtype")
 
 
 def check_row_scale(op: str, x: torch.Tensor, row_scale: torch.Tensor) -> None:

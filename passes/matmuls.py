@@ -21,7 +21,8 @@ import torch
 import torch.fx as fx
 from torch._inductor.pattern_matcher import CallFunction, KeywordArg, is_match
 
-from fcpass.ops import FUSED_OPS
+from fcpass.matmuls import SUM_ADDMM
+from fcpass.ops import FUSED_OPS, SUM_FUSED_OPS
 from passes import report as outcomes
 from passes.graph_edit import Match, call
 from passes.nodes import (AUTO_FUNCTIONALIZED, as_dtype, aten, bound_args, dim, fake_value, mutated_arg, npu_op,
@@ -62,15 +63,93 @@ class MatmulNode(Match):
         return call(graph, aten.permute.default, (self.w, [1, 0]))
 
 
-def producer_problem(mm: "MatmulNode | None", producer: fx.Node, steps) -> "str | outcomes.Reason | None":
-    """Why the matmul before a row-parallel collective (through ``steps``) cannot move into a fused op: none
-    there, arguments that change what the op computes, or another user of its product (it would need the
-    unreduced rows)."""
+@dataclass(frozen=True)
+class MatmulSum(Match):
+    """``mm_1 + mm_2 (+ ...)`` of the same rows, summed left to right: Falcon's attention and MLP outputs before
+    their one collective. Each term is an ``aten.add`` of the sum so far and a matmul or, as Inductor's
+    post-grad ``addmm`` pattern rewrites ``mm + t``, an ``addmm(sum so far, x, w)`` (the form
+    :data:`SUM_ADDMM`). Its products' inputs and weights move into one fused op (no weight concatenated)."""
+
+    output: fx.Node
+    products: tuple[MatmulNode, ...]
+    adds: tuple[fx.Node, ...] = ()  # the aten.add nodes
+
+    @property
+    def nodes(self) -> tuple[fx.Node, ...]:
+        inner = [node for mm in self.products for node in mm.nodes if node is not self.output]
+        return (*inner, *(add for add in self.adds if add is not self.output), self.output)
+
+    @property
+    def form(self) -> str:
+        return f"sum({','.join(mm.form for mm in self.products)})"
+
+    @property
+    def kind(self) -> str:
+        """The products' one kind, or "mixed"."""
+        kinds = {mm.kind for mm in self.products}
+        return kinds.pop() if len(kinds) == 1 else "mixed"
+
+    @property
+    def x(self) -> fx.Node:
+        return self.products[0].x
+
+    @property
+    def problem(self) -> str | None:
+        return next((mm.problem for mm in self.products if mm.problem), None)
+
+    @property
+    def inner_outputs(self) -> tuple[fx.Node, ...]:
+        """The products and partial sums: only the next term may read them."""
+        return tuple(node for node in (*(mm.output for mm in self.products), *self.adds) if node is not self.output)
+
+
+
+
+def match_sum(node: fx.Node) -> MatmulSum | None:
+    """A sum of matmuls ending at ``node``, or None: ``add(<sum or matmul>, <matmul>)`` (left-nested, as
+    ``a + b + c`` traces) or ``addmm(<sum or matmul>, x, w)``. Any other tree adds in another order, which the
+    fused op would not reproduce bit for bit."""
+    if node.op != "call_function":
+        return None
+    if node.target == aten.addmm.default:
+        args = bound_args(node)
+        head = _sum_or_matmul(args["self"])
+        if head is None or args["beta"] != 1 or args["alpha"] != 1:
+            return None
+        last = MatmulNode(SUM_ADDMM, node, args["mat1"], args["mat2"], None)
+        return MatmulSum(node, (*head.products, last), head.adds)
+    if node.target != aten.add.Tensor or node.kwargs or len(node.args) != 2:
+        return None
+    head, last = _sum_or_matmul(node.args[0]), _matmul_term(node.args[1])
+    if head is None or last is None:
+        return None
+    return MatmulSum(node, (*head.products, last), (*head.adds, node))
+
+
+def _matmul_term(node) -> MatmulNode | None:
+    return match_matmul(node) if isinstance(node, fx.Node) else None
+
+
+def _sum_or_matmul(node) -> MatmulSum | None:
+    """The sum ending at ``node``, or a one-product 'sum' of its matmul."""
+    if not isinstance(node, fx.Node):
+        return None
+    found = match_sum(node)
+    if found is not None:
+        return found
+    mm = match_matmul(node)
+    return None if mm is None else MatmulSum(node, (mm,))
+
+
+def producer_problem(mm: "MatmulNode | MatmulSum | None", producer: fx.Node, steps) -> "str | outcomes.Reason | None":
+    """Why the matmul (or sum of matmuls) before a row-parallel collective (through ``steps``) cannot move into a
+    fused op: none there, arguments that change what the op computes, or another user of its product (it
+    would need the unreduced rows)."""
     if mm is None:
         return outcomes.NO_MATMUL_PRODUCER
     if mm.problem:
         return outcomes.Reason(outcomes.MATMUL_ARGUMENTS, mm.problem)
-    if any(len(node.users) > 1 for node in [producer, *steps]):
+    if any(len(node.users) > 1 for node in [producer, *steps, *getattr(mm, "inner_outputs", ())]):
         return outcomes.MATMUL_OTHER_USERS
     return None
 
@@ -225,6 +304,11 @@ class MatmulKind:
     def fused_op(self, family: str):
         """``torch.ops.fcpass.<op>.default`` of ``family`` over this kind, registered by ``import fcpass``."""
         return getattr(torch.ops.fcpass, FUSED_OPS[self.name][family]).default
+
+    def fused_sum_op(self):
+        """The op fusing a reduce_scatter after a sum of this kind's products; it takes every product's x, then
+        what :attr:`gather_operands` gives of their weights."""
+        return getattr(torch.ops.fcpass, SUM_FUSED_OPS[self.name]).default
 
 
 def _each(matmuls: list[MatmulNode], field: str) -> list:

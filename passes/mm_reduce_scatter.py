@@ -9,7 +9,8 @@
                                    config=config.runtime_text(), site="<collective>/<matmul>")
 
 and the same from ``_scaled_mm`` and Ascend's ``npu_quant_matmul`` to
-``fcpass.mm_reduce_scatter_scaled``; linear-style matmuls (``aten.linear``,
+``fcpass.mm_reduce_scatter_scaled``; from a sum of matmuls of the same rows, ``mm(x1, w1) + mm(x2, w2)``
+(Falcon's attention and MLP outputs), to ``fcpass.mm_sum_reduce_scatter([x1, x2], [w1, w2], ...)``; linear-style matmuls (``aten.linear``,
 ``vllm.unquantized_gemm``) get their stored (n, k) weight transposed.
 vllm-ascend's ``maybe_pad_and_reduce(y)`` pads by ``(-m) % world_size``
 itself (its ``pad_size``): the same rewrite with that pad computed in the graph,
@@ -33,12 +34,13 @@ import torch.fx as fx
 
 from fcpass.backends.base import MM_REDUCE_SCATTER
 from fcpass.config import PassConfig
+from fcpass.ops import SUM_FUSED_OPS
 from fcpass.sites import site_text
 from passes import report as outcomes
 from passes.collectives import REDUCE_SCATTER, Collective, group_problem, scan
 from passes.fusion import Fusion
 from passes.graph_edit import call, padding_to_multiple, replace_site
-from passes.matmuls import KINDS, MatmulNode, match_matmul, producer_problem
+from passes.matmuls import KINDS, MatmulNode, MatmulSum, match_matmul, match_sum, producer_problem
 from passes.naming import site_form
 from passes.nodes import dim
 from passes.report import Reason
@@ -52,7 +54,7 @@ class ScatterSite:
     """A reduce_scatter, what its rows come from (the matmul, if one) and the steps in between."""
 
     rs: Collective
-    mm: MatmulNode | None
+    mm: MatmulNode | MatmulSum | None
     producer: object
     pad: int  # zero rows an explicit pad adds
     steps: tuple[fx.Node, ...]
@@ -66,7 +68,7 @@ def _scan(graph: fx.Graph):
 
 def _site(rs: Collective) -> ScatterSite:
     producer, pad, steps = _rows_source(rs.input)
-    mm = match_matmul(producer)
+    mm = match_sum(producer) or match_matmul(producer)  # a sum first: its last term may be an addmm
     return ScatterSite(rs, mm, producer, pad, tuple(steps), site_form(rs, mm, producer, steps))
 
 
@@ -103,6 +105,8 @@ def _unfusable(site: ScatterSite, config: PassConfig) -> str | Reason | None:
     problem = producer_problem(mm, site.producer, site.steps)
     if problem:
         return problem
+    if isinstance(mm, MatmulSum) and mm.kind not in SUM_FUSED_OPS:
+        return Reason(outcomes.SUM_KIND, mm.form)
     if (pad or rs.pads_tokens) and mm.form == "scaled_mm":  # never on bias presence: it differs per rank
         return outcomes.FP8_PADDED
     if pad and rs.pads_tokens:
@@ -119,10 +123,15 @@ def _replace(graph: fx.Graph, site: ScatterSite, config_text: str) -> Reason | N
 
     def build():
         rows_pad = _pad_to_multiple(graph, mm.x, rs.world_size) if rs.pads_tokens else pad
-        operands = kind.row_parallel_operands(graph, mm)
-        return call(graph, kind.fused_op(MM_REDUCE_SCATTER), (mm.x, *operands), {
+        if isinstance(mm, MatmulSum):  # each product's x beside its weight: the gather's operands, per product
+            products = list(mm.products)
+            op, operands = kind.fused_sum_op(), ([p.x for p in products], *kind.gather_operands(graph, products))
+        else:
+            products = [mm]
+            op, operands = kind.fused_op(MM_REDUCE_SCATTER), (mm.x, *kind.row_parallel_operands(graph, mm))
+        return call(graph, op, operands, {
             "group_name": rs.group_name, "world_size": rs.world_size,
-            "pad_rows": rows_pad, "config": config_text, "site": site_text(rs.form, [mm.form])})
+            "pad_rows": rows_pad, "config": config_text, "site": site_text(rs.form, [p.form for p in products])})
 
     return replace_site(graph, rs, mm, site.steps, build)
 

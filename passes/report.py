@@ -25,6 +25,7 @@ NOT_2D_ROWS = "reduce_scatter input is not 2-D rows"
 NO_MATMUL_PRODUCER = "no matmul producer"
 MATMUL_OTHER_USERS = "matmul output has other users"
 FP8_PADDED = "fp8 matmul before a padded scatter (a bias could not be kept off the padded rows)"
+SUM_KIND = "a sum of matmuls of these kinds has no fused op"  # + the sum's forms
 PADDED_TWICE = "padded twice (explicit pad into a padding collective)"
 # all_gather_mm
 NO_MATMUL_CONSUMER = "no matmul consumer"

@@ -24,7 +24,7 @@ import torch
 from fcpass.backends.base import ALL_GATHER_MM, MM_ALL_REDUCE, Backend, FusedCall
 from fcpass.backends.generic import GenericBackend
 from fcpass.guard import KernelLimits
-from fcpass.matmuls import FLOAT_DTYPES, FP8_DTYPES, fold_bias
+from fcpass.matmuls import FLOAT_DTYPES, FP8_DTYPES, SumOfProducts, fold_bias
 
 CUDA_DTYPES = FLOAT_DTYPES | FP8_DTYPES
 # NVLink domain of one node; beyond it symmetric memory is not available.
@@ -108,9 +108,10 @@ class CudaBackend(Backend):
         return True
 
     def _uses_generic(self, call: FusedCall) -> bool:
-        """Symmetric memory not asked for by the config, or not on the group, or W8A8 (no int8 kernel)."""
+        """Symmetric memory not asked for by the config, or not on the group, or W8A8 (no int8 kernel), or a sum of
+        products (torch's kernels multiply one A by one B)."""
         return not call.options or not symm_mem_enabled(call.group.group_name) or any(
-            mm.scaled and mm.w.dtype == torch.int8 for mm in call.matmuls
+            isinstance(mm, SumOfProducts) or (mm.scaled and mm.w.dtype == torch.int8) for mm in call.matmuls
         )
 
     def mm_reduce_scatter(self, call: FusedCall) -> torch.Tensor:

@@ -19,7 +19,7 @@ import torch.distributed as dist
 
 from fcpass.backends.base import MM_ALL_REDUCE, Backend, FusedCall
 from fcpass.guard import KernelLimits
-from fcpass.matmuls import MAX_FOLD_COLUMNS, fold_bias
+from fcpass.matmuls import MAX_FOLD_COLUMNS, SumOfProducts, fold_bias
 from fcpass.vllm import state as vllm_state
 
 # Documented limits of npu_mm_reduce_scatter_base / npu_all_gather_base_mm
@@ -37,6 +37,8 @@ NPU_DEFAULT_THRESHOLD = 1000
 NPU_ALL_REDUCE_WORLD_SIZES = frozenset({1, 2, 4, 8})
 NPU_ALL_REDUCE_QUANT_K_MAX_EXCLUSIVE = 65536
 NPU_ALL_REDUCE_OUT_DTYPES = frozenset({torch.float16, torch.bfloat16})
+# A sum of products (Falcon) would need its weights concatenated, a copy of both kept beside them.
+SUM_ONE_MATMUL_KERNEL = "torch_npu's kernel multiplies one x by one weight, not a sum of products"
 # "aiv" is the mode that supports both the plain and the quantized kernels.
 COMM_MODE = "aiv"
 
@@ -66,6 +68,8 @@ class NpuBackend(Backend):
 
     def unsupported(self, family, call):
         (mm, *_) = call.matmuls
+        if isinstance(mm, SumOfProducts):
+            return SUM_ONE_MATMUL_KERNEL
         if family == MM_ALL_REDUCE and mm.scaled and mm.out_dtype not in NPU_ALL_REDUCE_OUT_DTYPES:
             return f"npu_mm_all_reduce_base's W8A8 output is float16 or bfloat16, not {mm.out_dtype}"
         return _another_communicator_on_a2(call.group)

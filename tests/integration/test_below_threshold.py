@@ -23,7 +23,7 @@ TOKENS = (4, 8, 66)  # decode sizes and a prefill one, all below the threshold; 
 # a gather of one row per rank is not a site (Inductor decomposes a one-row matmul into pointwise code)
 THRESHOLD = 1 << 20
 K, N = 64, 48
-FAMILIES = ("mm_reduce_scatter", "all_gather_mm", "mm_all_reduce")
+FAMILIES = ("mm_reduce_scatter", "all_gather_mm", "mm_all_reduce", "sum_reduce_scatter")  # the last: Falcon's
 MATMULS = ("plain", "w8a8", "onednn")
 
 
@@ -34,7 +34,8 @@ def _cases(shm: bool):
     engine, and an all_gather kernel with no int8 (the W8A8 gather site moves its quantize before the
     gather, so the gather moves int8 rows: a site for vllm-ascend's communicator, not vLLM's CPU one)."""
     forms = ("vllm", "c10d_functional")
-    cases = [(family, form, mm) for family in FAMILIES for form in forms for mm in MATMULS]
+    cases = [(family, form, mm) for family in FAMILIES for form in forms for mm in MATMULS
+             if (family, mm) != ("sum_reduce_scatter", "w8a8")]  # no fused op over a sum of W8A8 products
     if shm:
         cases.remove(("all_gather_mm", "vllm", "w8a8"))
         cases += [("mm_all_reduce", "shm", mm) for mm in MATMULS]
@@ -42,8 +43,9 @@ def _cases(shm: bool):
 
 
 class Site(torch.nn.Module):
-    """One site as vLLM's layers trace: a row-parallel linear (bias on rank 0 only) into its collective, or a
-    gather into two column-parallel linears; ``matmul``: aten's linear, Ascend's W8A8 (its quantize and quant
+    """One site as vLLM's layers trace: a row-parallel linear (bias on rank 0 only) into its collective, a
+    gather into two column-parallel linears, or (Falcon) two row-parallel linears of the same tokens, their
+    inputs of different widths, summed into one reduce_scatter; ``matmul``: aten's linear, Ascend's W8A8 (its quantize and quant
     matmul) or vLLM's CPU oneDNN linear."""
 
     def __init__(self, rank, tp, family, form, matmul, dtype):
@@ -52,9 +54,10 @@ class Site(torch.nn.Module):
 
         g = torch.Generator().manual_seed(rank)
         self.tp, self.family, self.form, self.matmul = tp, family, form, matmul
-        n_out = (N, N + 8) if family == "all_gather_mm" else (N,)
+        n_out = {"all_gather_mm": (N, N + 8), "sum_reduce_scatter": (N, N)}.get(family, (N,))
+        k_in = (K, 2 * K) if family == "sum_reduce_scatter" else (K, K)
         row_bias = family != "all_gather_mm" and rank == 0
-        self.w = [torch.randn(n, K, generator=g).to(dtype) / K ** 0.5 for n in n_out]
+        self.w = [torch.randn(n, k, generator=g).to(dtype) / k ** 0.5 for n, k in zip(n_out, k_in)]
         self.b = [torch.randn(n, generator=g).to(dtype) if row_bias or family == "all_gather_mm" else None
                   for n in n_out]
         self.q = [torch.randint(-127, 128, (K, n), generator=g, dtype=torch.int8) for n in n_out]
@@ -76,7 +79,7 @@ class Site(torch.nn.Module):
     def collective(self, y):
         tp, ws, functional = self.tp, self.tp.world_size, torch.ops._c10d_functional
         name = tp.unique_name if self.form == "vllm" else tp.device_group.group_name
-        if self.family == "mm_reduce_scatter":
+        if self.family in ("mm_reduce_scatter", "sum_reduce_scatter"):
             if self.form == "vllm":
                 return torch.ops.vllm.reduce_scatter(y, 0, ws, name)
             return functional.wait_tensor(functional.reduce_scatter_tensor(y, "sum", ws, name))
@@ -97,6 +100,8 @@ class Site(torch.nn.Module):
         if self.family == "all_gather_mm":
             g = self.gather(x)
             return self.linear(g, 0), self.linear(g, 1)
+        if self.family == "sum_reduce_scatter":
+            return self.collective(self.linear(x, 0) + self.linear(torch.cat([x, x.flip(0)], 1), 1))
         return self.collective(self.linear(x, 0))
 
 

@@ -11,8 +11,9 @@ Falcon (one LayerNorm for attention and MLP, their outputs summed before one all
 
 Expected per worker, from each architecture (2 layers, :class:`Layer`): every all_reduce split (the
 embedding's and each layer's), the reduce_scatters of matmul outputs fused (a dense layer's two row-parallel
-linears; an MoE layer's attention output only: its experts' sum is no matmul; none in Falcon's, whose one
-scatter follows the sum of two), the all_gathers read by matmuls fused; the embedding's scatter has no matmul
+linears; an MoE layer's attention output only: its experts' sum is no matmul; Falcon's one scatter, after
+the sum of its attention's and MLP's products, by the op over a sum of products), the all_gathers read by
+matmuls fused; the embedding's scatter has no matmul
 before it, the final norm's gather none after. Same greedy tokens as without fcpass.
 """
 
@@ -37,6 +38,7 @@ class Layer:
 
     all_reduces: int = 2
     scatters_fused: int = 2
+    sums_fused: int = 0  # scatters after a sum of two matmuls (Falcon), fused by the sum op
     gathers_fused: int = 2  # qkv, and the MLP's up (or the router) projection
     not_a_matmul: str = ""  # the form of a scatter with no matmul before it
 
@@ -45,7 +47,7 @@ LAYER_SHAPES = {
     "gpt_neox": Layer(), "llama": Layer(), "opt": Layer(), "opt_post_norm": Layer(),
     "qwen3_moe": Layer(scatters_fused=1, not_a_matmul="<built-in function getitem>"),  # the experts' sum
     # one norm read by attention and MLP (one gather into both), their outputs summed before one all_reduce
-    "falcon": Layer(all_reduces=1, scatters_fused=0, gathers_fused=1, not_a_matmul="aten.add.Tensor"),
+    "falcon": Layer(all_reduces=1, scatters_fused=0, sums_fused=1, gathers_fused=1),
 }
 QUICK = ("gpt_neox",)
 ARCHITECTURES = tuple(LAYER_SHAPES) if os.environ.get("FCPASS_ENGINE_MATRIX") == "full" else QUICK
@@ -53,9 +55,11 @@ ARCHITECTURES = tuple(LAYER_SHAPES) if os.environ.get("FCPASS_ENGINE_MATRIX") ==
 
 def expected_report(architecture: str) -> list[tuple]:
     layer = LAYER_SHAPES[architecture]
-    others = (layer.all_reduces - layer.scatters_fused) * LAYERS
+    others = (layer.all_reduces - layer.scatters_fused - layer.sums_fused) * LAYERS
     return sorted([("sequence_parallel", "c10d_functional", SPLIT)] * (1 + layer.all_reduces * LAYERS)
                   + [("mm_reduce_scatter", "c10d_functional/onednn_mm+pad", FUSED)] * (layer.scatters_fused * LAYERS)
+                  + [("mm_reduce_scatter", "c10d_functional/sum(onednn_mm,onednn_mm)+pad", FUSED)]
+                  * (layer.sums_fused * LAYERS)
                   + [("mm_reduce_scatter", "c10d_functional/aten.where.self+pad", NO_MATMUL_PRODUCER)]  # embedding
                   + [("mm_reduce_scatter", f"c10d_functional/{layer.not_a_matmul}+pad", NO_MATMUL_PRODUCER)] * others
                   + [("all_gather_mm", "c10d_functional/onednn_mm+unpad", FUSED)] * (layer.gathers_fused * LAYERS)
@@ -90,5 +94,6 @@ def test_prefills_above_the_threshold_take_the_fused_path(runs):
     for length, per_worker in zip(PROMPT_LENGTHS, result["fcpass"]["decisions"]):
         path = "fused" if length > THRESHOLD else "unfused"
         counts = {f"mm_reduce_scatter_onednn/{path}": layer.scatters_fused * LAYERS,
+                  f"mm_sum_reduce_scatter_onednn/{path}": layer.sums_fused * LAYERS,
                   f"all_gather_onednn_mm/{path}": layer.gathers_fused * LAYERS}
         assert per_worker == [{op: n for op, n in counts.items() if n}] * 2, (length, per_worker)

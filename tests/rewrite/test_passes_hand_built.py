@@ -161,3 +161,40 @@ def test_vllm_linear_ops_match_with_their_weight_transposed(op):
     assert count(rs, torch.ops.aten.permute.default) == 1 and count(ag, torch.ops.aten.permute.default) == 2
     assert p_rs.matched == {"mm_reduce_scatter": {f"vllm/{op}": 1}}
     assert p_ag.matched == {"all_gather_mm": {f"vllm/{op}": 1}}
+
+
+@pytest.mark.parametrize("bias, addmm_term, forms", [
+    (False, False, "mm,mm"), (True, False, "mm,addmm"), (False, True, "mm,sum_addmm"), (True, True, "addmm,sum_addmm")])
+def test_a_scatter_after_a_sum_of_matmuls_becomes_one_sum_op(bias, addmm_term, forms):
+    """Falcon's attention + MLP, as traced (``mm + mm``) and as Inductor's post-grad leaves it (``addmm(first,
+    x, w)``): each product's x and weight go into the op, in the order the graph added them."""
+    from support.hand_graphs import mm_sum_rs
+
+    gm = mm_sum_rs("vllm", bias=bias, addmm_term=addmm_term)
+    p = apply_pass(gm)
+    assert p.matched == {"mm_reduce_scatter": {f"vllm/sum({forms})": 1}}
+    (fused,) = [n for n in gm.graph.nodes if n.target == fc.mm_sum_reduce_scatter.default]
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    # the xs in the order the graph added the products (addmm(second, x1, w1) adds x1's last)
+    x1, x2 = placeholders[:2]
+    assert fused.args[0] == ([x2, x1] if addmm_term else [x1, x2]) and fused.kwargs["site"] == f"vllm/{forms}"
+    assert count(gm, torch.ops.aten.mm.default) == count(gm, torch.ops.aten.addmm.default) == 0
+    assert count(gm, torch.ops.aten.add.Tensor) == 0 and count(gm, vllm_ops.reduce_scatter.default) == 0
+
+
+def test_a_sum_whose_product_has_another_user_or_another_order_is_left_alone():
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    def other_user(x1, x2, w1, w2):
+        a, b = torch.mm(x1, w1), torch.mm(x2, w2)
+        return vllm_ops.reduce_scatter(a + b, 0, 2, "tp:0"), a * 2
+
+    def right_nested(x1, x2, w1, w2):  # a + (b + c): not the left-to-right sum the op computes
+        return vllm_ops.reduce_scatter(torch.mm(x1, w1) + (torch.mm(x2, w2) + torch.mm(x1, w1)), 0, 2, "tp:0")
+
+    inputs = (torch.randn(M, 8), torch.randn(M, 4), torch.randn(8, N), torch.randn(4, N))
+    for f, kind in ((other_user, outcomes.MATMUL_OTHER_USERS), (right_nested, outcomes.NO_MATMUL_PRODUCER)):
+        gm = make_fx(f, tracing_mode="fake")(*inputs)
+        p = apply_pass(gm)
+        (outcome,) = p.last_report.outcomes
+        assert outcome.kind == kind and count(gm, fc.mm_sum_reduce_scatter.default) == 0, f.__name__

@@ -22,13 +22,14 @@ def run_rewritten_vs_original(rank, world_size):
     import fcpass
     from support.hand_graphs import (
         FP8, K, N, ag_3d_mm, ag_mm, ag_npu_quant_mm, ag_unpad_tokens_mm, count, linear_rs, mm_3d_rs, mm_ar, mm_pad_rs,
-        mm_rs, npu_quant_mm_ar, npu_quant_mm_rs, quant_inputs, scaled_mm_rs,
+        mm_rs, mm_sum_rs, npu_quant_mm_ar, npu_quant_mm_rs, quant_inputs, scaled_mm_rs,
     )
     from passes import FlashCommPass
 
     group = dist.group.WORLD.group_name
     g = torch.Generator().manual_seed(0)
     w, b = torch.randn(N, K, generator=g), torch.randn(N, generator=g)
+    w_wide = torch.randn(N, 2 * K, generator=g)  # a sum's second product: another k
     ws = [torch.randn(N + i, K, generator=g) for i in range(2)]
     bs = [torch.randn(N + i, generator=g) for i in range(2)]
     fp8_args = (w.to(FP8), torch.tensor(0.5), torch.tensor(0.25), b.to(torch.bfloat16))
@@ -52,6 +53,13 @@ def run_rewritten_vs_original(rank, world_size):
         "rs_pad": (mm_pad_rs("c10d_functional", bias=(rank == 0), group=group), lambda x: (x[:-1], w, b), 1e-5),
         "ag_unpad_tokens": (ag_unpad_tokens_mm("c10d_functional", group=group),
                             lambda x: (shard(x), torch.arange(x.shape[0] - 1), *ws), 1e-5),
+        # Falcon: two products of the same tokens summed, then scattered (rank 0's second product has the bias)
+        "rs_sum": (mm_sum_rs("c10d_functional", bias=(rank == 0), group=group),
+                   lambda x: (x, torch.cat([x.flip(0), x], 1), w, w_wide, b), 1e-5),
+        "rs_sum_addmm": (mm_sum_rs("c10d_functional", bias=(rank == 0), group=group, addmm_term=True),
+                         lambda x: (x, torch.cat([x.flip(0), x], 1), w, w_wide, b), 1e-5),
+        "rs_sum_pad": (mm_sum_rs("c10d_functional", bias=(rank == 0), group=group, pad=True),
+                       lambda x: (x[:-1], torch.cat([x.flip(0), x], 1)[:-1], w, w_wide, b), 1e-5),
         "rs_3d": (mm_3d_rs("c10d_functional", bias=(rank == 0), group=group), lambda x: (x, w, b), 1e-5),
         "ag_3d": (ag_3d_mm("c10d_functional", group=group), lambda x: (shard(x), *ws), 1e-5),
         "rs_npu_quant": (npu_quant_mm_rs("c10d_functional", bias=(rank == 0), group=group),
@@ -76,7 +84,8 @@ def run_rewritten_vs_original(rank, world_size):
         rewritten.recompile()
         fused_ops = sum(count(rewritten, op.default) for op in (
             torch.ops.fcpass.mm_reduce_scatter, torch.ops.fcpass.all_gather_mm, torch.ops.fcpass.mm_reduce_scatter_scaled,
-            torch.ops.fcpass.all_gather_scaled_mm, torch.ops.fcpass.mm_all_reduce, torch.ops.fcpass.mm_all_reduce_scaled))
+            torch.ops.fcpass.all_gather_scaled_mm, torch.ops.fcpass.mm_all_reduce, torch.ops.fcpass.mm_all_reduce_scaled,
+            torch.ops.fcpass.mm_sum_reduce_scatter))
         for m in (8, 64):  # below and above the threshold
             x = torch.randn(m, K, generator=torch.Generator().manual_seed(rank + m))
             fcpass.reset_decision_counts()

@@ -19,6 +19,10 @@ def _rs(x, w, bias=None, world_size=2):
     return torch.ops.fcpass.mm_reduce_scatter(x, w, bias, "tp:0", world_size, 0)
 
 
+def _sum(xs, ws):
+    return torch.ops.fcpass.mm_sum_reduce_scatter(xs, ws, [None] * len(ws), "tp:0", 2, 0)
+
+
 @pytest.mark.parametrize(
     "make, message",
     [
@@ -41,6 +45,12 @@ def _rs(x, w, bias=None, world_size=2):
         (lambda: torch.ops.fcpass.all_gather_scaled_mm(
             torch.zeros(8, 16, dtype=torch.int8), torch.ones(8, 1), [torch.zeros(16, 4, dtype=torch.int8)],
             [torch.ones(4)], [None], torch.bfloat16, "tp:0", 2, 0), "x_scale must be per-tensor"),
+        (lambda: _sum([torch.randn(8, 16)], [torch.randn(16, 4), torch.randn(8, 4)]), "2 weights but 1 xs"),
+        (lambda: _sum([torch.randn(8, 16)], [torch.randn(16, 4)]), "a sum needs two or more products"),
+        (lambda: _sum([torch.randn(8, 16), torch.randn(6, 8)], [torch.randn(16, 4), torch.randn(8, 4)]),
+         r"product 1 is \(6, 4\) torch.float32, product 0 \(8, 4\)"),
+        (lambda: _sum([torch.randn(8, 16), torch.randn(8, 8)], [torch.randn(16, 4), torch.randn(9, 4)]),
+         "k mismatch, x has k=8 but w has k=9"),
     ],
 )
 def test_fake_impl_names_the_problem(make, message):

@@ -84,6 +84,44 @@ def _on_npu_subgroups(rank, world_size):
 SUBGROUPS = _shared(_on_npu_subgroups, world_size=4)
 
 
+def _sum_of_products(rank, world_size):
+    """Falcon's scatter after a sum of two products, above the threshold, on the NPU backend and on the generic
+    one, against the float64 sum of every rank's products."""
+    import torch.distributed as dist
+
+    import fcpass
+    from support.npu_runs import with_standin_calls
+
+    g = torch.Generator().manual_seed(7)
+    xs = [[torch.randn(64, k, generator=g).to(torch.bfloat16) for k in (K, 2 * K)] for _ in range(world_size)]
+    ws = [[torch.randn(k, 32, generator=g).to(torch.bfloat16) / k ** 0.5 for k in (K, 2 * K)] for _ in range(world_size)]
+    full = sum(x.double() @ w.double() for r in range(world_size) for x, w in zip(xs[r], ws[r]))
+    want = full.chunk(world_size)[rank]
+    results = {}
+    for backend in ("npu", "generic"):
+        fcpass.configure(fcpass.PassConfig(backend=backend))
+        fcpass.reset_decision_counts()
+        out, calls = with_standin_calls(lambda: torch.ops.fcpass.mm_sum_reduce_scatter(
+            xs[rank], ws[rank], [None, None], dist.group.WORLD.group_name, world_size, 0))
+        ((_, path, reason),) = fcpass.decision_counts()
+        results[backend] = {"path": path, "reason": reason, "calls": calls,
+                            "error": ((out.double() - want).abs().max() / want.abs().max()).item()}
+    return results
+
+
+SUMS = _shared(_sum_of_products)
+
+
+def test_a_sum_of_products_runs_unfused_on_the_npu_kernel_and_fused_on_the_generic_pipeline():
+    """torch_npu's kernel multiplies one x by one weight: a sum is declined (no kernel call), same on each rank."""
+    from fcpass.backends.npu import SUM_ONE_MATMUL_KERNEL
+
+    for r in SUMS():
+        assert (r["npu"]["path"], r["npu"]["reason"], r["npu"]["calls"]) == ("unfused", SUM_ONE_MATMUL_KERNEL, [])
+        assert (r["generic"]["path"], r["generic"]["calls"]) == ("fused", [])
+        assert max(r["npu"]["error"], r["generic"]["error"]) < 2e-2
+
+
 def test_the_hccl_comm_name_is_asked_with_the_global_rank():
     """torch_npu's docs: get_hccl_comm_name's rankid is the global rank; on a subgroup it is not the group rank
     (rank 2 is rank 1 of [0, 2]). The stand-in rejects any other rankid."""

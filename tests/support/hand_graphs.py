@@ -160,6 +160,23 @@ def mm_pad_rs(form="vllm", bias=False, group="tp:0", rows=M - 1):
     return _symbolic(f, torch.randn(rows, K), torch.randn(N, K), torch.randn(N))
 
 
+def mm_sum_rs(form="vllm", bias=False, group="tp:0", pad=False, addmm_term=False):
+    """Falcon's layer: attention's and MLP's row-parallel products of the same tokens summed, then one
+    reduce_scatter (their k differ: K and 2K); ``pad``: one token short of a multiple of world_size, padded;
+    ``addmm_term``: the sum as Inductor's post-grad pattern leaves it, ``addmm(first product, x1, w1)``."""
+
+    def f(x1, x2, w1, w2, b):
+        second = torch.addmm(b, x2, w2.t()) if bias else torch.mm(x2, w2.t())
+        y = torch.addmm(second, x1, w1.t()) if addmm_term else torch.mm(x1, w1.t()) + second
+        if pad:
+            y = torch.nn.functional.pad(y, (0, 0, 0, (-y.shape[0]) % WS))
+        return torch.relu(_rs(form, y, group))
+
+    rows = M - 1 if pad else M
+    inputs = (torch.randn(rows, K), torch.randn(rows, 2 * K), torch.randn(N, K), torch.randn(N, 2 * K), torch.randn(N))
+    return _symbolic(f, *inputs) if pad else make_fx(f, tracing_mode="fake")(*inputs)
+
+
 def ag_unpad_tokens_mm(form="vllm", group="tp:0"):
     """The other half: ``all_gather(h)[:num_tokens]`` before qkv_proj, num_tokens the unpadded count."""
 
