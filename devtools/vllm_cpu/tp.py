@@ -50,10 +50,10 @@ def agree_on_dist_ident():
     os.environ["VLLM_DIST_IDENT"] = name[0]
 
 
-def _parallel_config(rank: int, world_size: int, data_parallel_size: int):
+def _parallel_config(rank: int, world_size: int, data_parallel_size: int | None):
     """vLLM's ParallelConfig for DP x TP ranks in one torch world (its external launcher reads RANK and
-    WORLD_SIZE); None for TP only."""
-    if data_parallel_size == 1:
+    WORLD_SIZE); None (vLLM's default config) where no size is given."""
+    if data_parallel_size is None:
         return None
     import os
 
@@ -68,12 +68,12 @@ def _parallel_config(rank: int, world_size: int, data_parallel_size: int):
 
 @contextlib.contextmanager
 def vllm_tp(rank, world_size, compilation_config=None, additional_config=None, model_config=None, backend="gloo",
-            data_parallel_size=1, **config_fields):
+            data_parallel_size=None, **config_fields):
     """vLLM's config and TP=world_size group in this rank (VLLM_CPU.md steps 1, 2): yields (vllm_config, tp_group).
 
-    ``data_parallel_size`` > 1: DP x TP = world_size, all DP ranks in one torch world as vLLM's external
+    ``data_parallel_size`` given: DP x TP = world_size, all DP ranks in one torch world as vLLM's external
     launcher runs them (vllm-ascend's fine-grained TP groups are made across DP ranks); the VllmConfig's
-    ParallelConfig then carries the TP and DP sizes (vllm-ascend's config reads them).
+    ParallelConfig then carries the TP and DP sizes (vllm-ascend's config reads them: 1 for TP only).
 
     Call inside a rank of ``run_ranks(..., setup=rank_setup)``. ``compilation_config``
     (a dict or vLLM CompilationConfig, e.g. from ``fcpass.vllm.compilation_config``)
@@ -92,7 +92,7 @@ def vllm_tp(rank, world_size, compilation_config=None, additional_config=None, m
               "model_config": model_config, "parallel_config": _parallel_config(rank, world_size, data_parallel_size),
               **config_fields}
     vllm_config = VllmConfig(**{name: value for name, value in fields.items() if value is not None})
-    tp_size = world_size // data_parallel_size
+    tp_size = world_size // (data_parallel_size or 1)
     with contextlib.ExitStack() as stack:
         stack.enter_context(_all_reduce_clone_fix())
         stack.enter_context(set_current_vllm_config(vllm_config))

@@ -16,6 +16,10 @@ from torch_npu import npu
 # torch_npu registers its device module as ``torch.npu``: vllm-ascend reads streams and events there
 if not hasattr(torch, "npu"):
     torch.npu = npu
+# torch_npu gives tensors ``.npu()`` (torch.utils.generate_methods_for_privateuse1_backend); vllm-ascend's
+# FlashComm2 op moves its index tensor with it. No NPU here: the tensor stays where it is.
+if not hasattr(torch.Tensor, "npu"):
+    torch.Tensor.npu = lambda self, *args, **kwargs: self
 # torch_npu's ops are attributes of the module too: vllm-ascend calls ``torch_npu.npu_quantize(...)``
 npu_quantize, npu_quant_matmul = torch.ops.npu.npu_quantize, torch.ops.npu.npu_quant_matmul
 # torch_npu's own dtypes (torch_npu._C._cd.DType, exported as module attributes): the numbers its torchair
