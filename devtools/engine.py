@@ -1,6 +1,6 @@
 """vLLM's real engine on a CPU machine: ``vllm.LLM(tensor_parallel_size=2)`` with and without fcpass.
 
-What it takes here (../shared/VLLM_CPU.md, "The real engine"): a tiny random
+What it takes here (docs/VLLM_CPU.md, "The real engine"): a tiny random
 Llama checkpoint written with transformers (no download), the CPU KV cache
 capped (``VLLM_CPU_KVCACHE_SPACE=1``), one core per worker
 (``VLLM_CPU_OMP_THREADS_BIND="0|1"``). The compile caches stay as users

@@ -177,7 +177,7 @@ def _undecoded_collective(kind: CollectiveKind, node: fx.Node) -> tuple[str, Rea
     if node.target is not None and node.target == vllm_op(kind.ascend) and _ascend_ep_collective(node):
         return "vllm_ascend", Reason(outcomes.EP_COLLECTIVE, f"vllm-ascend's {kind.ascend} on its EP group")
     if node.target == functional_op(kind.functional):
-        return "c10d_functional", Reason(outcomes.UNSUPPORTED_FORM, "its handle is used other than by wait_tensor")
+        return "c10d_functional", _handle_used_elsewhere(node)
     if node.target is not None and node.target == vllm_op(kind.vllm):
         dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
         return "vllm", Reason(outcomes.UNSUPPORTED_FORM, f"{kind.name} along dim {dim}, not 0")
@@ -252,7 +252,16 @@ def _undecoded_all_reduce(node: fx.Node) -> tuple[str, Reason] | None:
         return None
     reduce_op = reduce_op_name(list(bound_args(node).values())[1])
     return "c10d_functional", (Reason(outcomes.NOT_SUM, repr(reduce_op)) if reduce_op != "sum" else
-                               Reason(outcomes.UNSUPPORTED_FORM, "its handle is used other than by wait_tensor"))
+                               _handle_used_elsewhere(node))
+
+
+def _handle_used_elsewhere(issue: fx.Node) -> Reason:
+    """Why a functional collective's wait chain did not decode: the ops its handle goes to, named (e.g. torch
+    2.15's ``wait_tensors``, one wait over several handles, which no form here decodes)."""
+    wait = functional_op("wait_tensor")
+    others = sorted({str(user.target) for user in issue.users if user.target != wait})
+    return Reason(outcomes.UNSUPPORTED_FORM, "its handle is used other than by wait_tensor"
+                  + (f": by {', '.join(others)}" if others else ""))
 
 
 def _match_shm_all_reduce(node: fx.Node) -> AllReduce | None:

@@ -71,7 +71,7 @@ positional: ``reduce_scatter(x, 0, 2, 'tp:0')``. The group name is
 ``tp:<k>`` where k counts the TP groups this process created (``tp:1`` on a
 second ``compile_and_run`` in the same rank).
 
-What it takes on CPU (../shared/VLLM_CPU.md, steps 1-8), each done here:
+What it takes on CPU (docs/VLLM_CPU.md, steps 1-8), each done here:
 1. custom-op collectives: ``rank_setup`` (pass it as run_ranks' ``setup``)
    switches them on before distributed init; ``compile_and_run`` re-applies
    it and checks the TP group really uses them;

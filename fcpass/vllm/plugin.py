@@ -28,9 +28,31 @@ _WRAPPED_MARK = "_fcpass_installs_from_additional_config"
 
 def register() -> None:
     import fcpass  # noqa: F401  (registers torch.ops.fcpass.*)
+    from fcpass import versions
 
     _show_in_vllms_output()
+    if not _installed_here():
+        versions.check()  # once per process: vLLM may load plugins more than once
     _install_on_new_configs()
+
+
+def _installed_here() -> bool:
+    return getattr(_vllm_config_class().__post_init__, _WRAPPED_MARK, False)
+
+
+def _vllm_config_class():
+    """vLLM's ``VllmConfig``, or a plain error where this vLLM has none where fcpass looks."""
+    try:
+        from vllm.config import VllmConfig
+    except ImportError as exc:
+        import vllm
+
+        from fcpass.versions import TESTED
+
+        (low, high) = TESTED["vllm"]
+        raise RuntimeError(f"fcpass's vLLM plugin needs vllm.config.VllmConfig, which vLLM {low[0]}.{low[1]} to "
+                           f"{high[0]}.{high[1]} have; this vLLM {vllm.__version__} has none: {exc}") from exc
+    return VllmConfig
 
 
 def _show_in_vllms_output() -> None:
@@ -51,10 +73,9 @@ def _show_in_vllms_output() -> None:
 
 
 def _install_on_new_configs() -> None:
-    from vllm.config import VllmConfig
-
+    VllmConfig = _vllm_config_class()
     original = VllmConfig.__post_init__
-    if getattr(original, _WRAPPED_MARK, False):  # vLLM may load plugins more than once per process
+    if _installed_here():  # vLLM may load plugins more than once per process
         return
 
     @functools.wraps(original)

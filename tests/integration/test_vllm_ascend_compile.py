@@ -4,7 +4,7 @@ vllm-ascend's own code, unpacked from its sdist (devtools/sources.py; `make test
 ``VllmBackend.configure_post_pass`` fills its ``GraphFusionPassManager`` (pass key ``graph_fusion_manager``),
 and its ``fusion_pass_compile`` calls that manager as aot_autograd's compiler, handing every pass an
 ``fx.GraphModule`` and running the result eagerly (no Inductor after it), as vllm-ascend compiles a model
-(../shared/ASCEND.md). torch_npu is the test stand-in (tests/standins/npu, its kernels on CPU tensors).
+(docs/ASCEND.md). torch_npu is the test stand-in (tests/standins/npu, its kernels on CPU tensors).
 vllm-ascend's own fusion passes are switched off (their patterns need torchair and NPU kernels), so fcpass
 is the manager's only pass.
 

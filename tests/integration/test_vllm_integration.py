@@ -37,7 +37,19 @@ def test_compilation_config_carries_the_pass_through_vllms_config():
     flashcomm = _installed(vllm_config.compilation_config)
     assert isinstance(flashcomm, FlashCommPass) and isinstance(flashcomm, InductorPass)
     assert flashcomm.config.threshold_tokens == 64
-    assert vllm_config.compute_hash()  # vLLM's own cache hash takes the config with the pass in it
+    # vLLM's own compile-cache hash takes the pass and its config: another fcpass config, another cache entry
+    other = VllmConfig(compilation_config=fcpass_vllm.compilation_config(fcpass.PassConfig(threshold_tokens=65)))
+    assert _cache_hash(vllm_config) != _cache_hash(other)
+
+
+def _cache_hash(vllm_config) -> str:
+    """vLLM's compile-cache hash of a config: ``compute_hash()`` up to 0.33, ``hash_config`` of its
+    ``compile_factors()`` from 0.34."""
+    if hasattr(vllm_config, "compute_hash"):
+        return vllm_config.compute_hash()
+    from vllm.config.utils import hash_config
+
+    return hash_config(vllm_config)
 
 
 def test_base_is_copied():
@@ -291,3 +303,21 @@ def test_vllms_allreduce_rms_fusion_and_fcpass_sequence_parallelism_fail_at_star
         return
     with pytest.raises(ValueError, match="sequence_parallel.*fuse_allreduce_rms.*fuse_allreduce_rms=False"):
         check_installed_pass(vllm_config)
+
+
+def test_every_stack_under_test_is_in_the_tested_ranges_and_the_plugin_says_when_one_is_not(monkeypatch, caplog):
+    """fcpass.versions.TESTED is what make test runs: this stack is inside it; a version outside gets one plain
+    WARNING at plugin load, naming the package, its version and the range."""
+    import logging
+
+    from fcpass import versions
+
+    assert versions.untested(versions.installed()) == []
+    monkeypatch.setattr(versions, "installed", lambda: {"torch": "2.15.0+cu130", "vllm": "0.35.0", "vllm-ascend": "0.30.0rc2"})
+    with caplog.at_level(logging.WARNING, logger="fcpass"):
+        versions.check()
+    assert [r.getMessage() for r in caplog.records] == [
+        f"fcpass: {package} {version} is outside the versions fcpass is tested with ({tested}); it may still work: "
+        "check its report (README, 'Did it work?')"
+        for package, version, tested in (("torch", "2.15.0+cu130", "2.10 to 2.14"), ("vllm", "0.35.0", "0.23 to 0.34"))]
+    assert versions.major_minor("0.30.0rc2") == (0, 30) and versions.major_minor("2.13.0+cpu") == (2, 13)

@@ -198,3 +198,32 @@ def test_a_sum_whose_product_has_another_user_or_another_order_is_left_alone():
         p = apply_pass(gm)
         (outcome,) = p.last_report.outcomes
         assert outcome.kind == kind and count(gm, fc.mm_sum_reduce_scatter.default) == 0, f.__name__
+
+
+def test_torch_2_15_forms_a_reduce_op_object_decodes_and_a_multi_wait_is_named():
+    """torch 2.15's functional collectives may carry a ``ReduceOp`` object where earlier ones carry "sum", and
+    add ``wait_tensors`` (one wait over several handles): the first is the same site, the second is named in
+    the reason (written into hand-built graphs: this torch has neither)."""
+    import operator
+
+    import torch.distributed as dist
+
+    gm = mm_rs("c10d_functional")
+    (issue,) = [n for n in gm.graph.nodes if n.target == functional.reduce_scatter_tensor.default]
+    issue.args = (issue.args[0], dist.ReduceOp.SUM, *issue.args[2:])
+    assert apply_pass(gm).matched == {"mm_reduce_scatter": {"c10d_functional/mm": 1}}
+
+    gm = mm_rs("c10d_functional")
+    (wait,) = [n for n in gm.graph.nodes if n.target == functional.wait_tensor.default]
+    lib = torch.library.Library("fcpass_test_forms", "FRAGMENT")
+    lib.define("wait_tensors(Tensor[] tensors) -> Tensor[]")
+    with gm.graph.inserting_before(wait):
+        waits = gm.graph.call_function(torch.ops.fcpass_test_forms.wait_tensors.default, ([wait.args[0]],))
+        first = gm.graph.call_function(operator.getitem, (waits, 0))
+    first.meta["val"] = wait.meta["val"]
+    wait.replace_all_uses_with(first)
+    gm.graph.erase_node(wait)
+    p = apply_pass(gm)
+    (outcome,) = p.last_report.outcomes
+    assert outcome.kind == outcomes.UNSUPPORTED_FORM and outcome.outcome.endswith(
+        "by fcpass_test_forms.wait_tensors.default)"), outcome.outcome
