@@ -26,12 +26,11 @@ NEXT_TESTS := tests/integration/test_sequence_parallel.py tests/integration/test
 # platform), its kernels do not (its _C has no CPU kernels: no oneDNN linear, no rotary embedding), so this
 # environment runs the tests that need only vLLM's Python: config integration and plugin, vLLM's group names,
 # vLLM's collectives in hand-built graphs through the pattern families and the pass (the real Llama graphs need
-# its CPU kernels: on 0.31 and 0.32). vllm-ascend 0.23 reads vLLM <= 0.31's PassConfig (enable_sp): its tests
-# stay on 0.31.
+# its CPU kernels: on 0.31 and 0.32). vllm-ascend's tests run on the vLLM each release is built for (below).
 NEWEST_VENV ?= .venv-vllm-newest
 NEWEST_TORCH := 2.14.0
 NEWEST_VLLM := 0.34.0
-NEWEST_TRANSFORMERS := transformers>=5.16.1,<5.21.0
+NEWEST_TRANSFORMERS := transformers>=5.16.1,<5.23.0  # vLLM 0.34's own range
 NEWEST_PY := $(NEWEST_VENV)/bin/python
 NEWEST_TESTS := tests/integration/test_vllm_integration.py tests/integration/test_vllm_group_name.py \
 	tests/integration/test_vllm_moe_sp_form.py tests/rewrite \
