@@ -17,6 +17,7 @@ NEXT_PY := $(NEXT_VENV)/bin/python
 # and compile path), the integration with vLLM's config (no AsyncTP/SP fields there), and the guard of the tests
 # that compare with vLLM 0.31's passes. CI has 20 minutes for everything.
 NEXT_TESTS := tests/integration/test_sequence_parallel.py tests/integration/test_vllm_engine.py tests/integration/test_vllm_integration.py \
+	tests/integration/test_readme.py \
 	tests/integration/test_vllm_llama_graphs.py \
 	--deselect tests/integration/test_vllm_engine.py::test_the_committed_engine_captures_are_what_this_vllm_compiles
 # (the committed captures are vLLM 0.31's graphs: the main virtualenv checks them against its vLLM)
@@ -32,7 +33,7 @@ NEWEST_TORCH := 2.14.0
 NEWEST_VLLM := 0.34.0
 NEWEST_TRANSFORMERS := transformers>=5.16.1,<5.23.0  # vLLM 0.34's own range
 NEWEST_PY := $(NEWEST_VENV)/bin/python
-NEWEST_TESTS := tests/integration/test_vllm_integration.py tests/integration/test_vllm_group_name.py \
+NEWEST_TESTS := tests/integration/test_vllm_integration.py tests/integration/test_vllm_group_name.py tests/integration/test_readme.py \
 	tests/integration/test_vllm_moe_sp_form.py tests/rewrite \
 	--ignore=tests/rewrite/test_sequence_parallel_forms.py --ignore=tests/rewrite/test_passes_vllm_ascend.py \
 	--ignore=tests/rewrite/test_replay.py

@@ -70,8 +70,15 @@ def install_from_additional_config(vllm_config) -> bool:
     additional = getattr(vllm_config, "additional_config", None)
     if not isinstance(additional, Mapping) or ADDITIONAL_CONFIG_KEY not in additional:
         return False
+    install_entry(vllm_config, additional[ADDITIONAL_CONFIG_KEY])
+    return True
+
+
+def install_entry(vllm_config, entry) -> None:
+    """Install the pass an ``additional_config['fcpass']`` entry asks for into ``vllm_config`` (ValueError naming
+    the bad field)."""
     try:
-        flashcomm = make_pass(additional[ADDITIONAL_CONFIG_KEY])
+        flashcomm = make_pass(entry)
     except ValueError as exc:
         raise ValueError(f"additional_config[{ADDITIONAL_CONFIG_KEY!r}]: {exc}") from None
     compilation = vllm_config.compilation_config
@@ -87,7 +94,6 @@ def install_from_additional_config(vllm_config) -> bool:
         # endpoint as its _set_compile_ranges would have.
         compilation.compile_ranges_endpoints = _with_endpoint(compilation.compile_ranges_endpoints, sp_threshold)
     _install(compilation.inductor_compile_config, flashcomm)
-    return True
 
 
 def passes_do_not_run(vllm_config) -> str | None:

@@ -55,6 +55,23 @@ def _vllm_config_class():
     return VllmConfig
 
 
+_ABSENT = object()
+
+
+def _take_fcpass_entry(vllm_config):
+    """``additional_config['fcpass']``, taken out of the config (a copy without it replaces the user's dict), or
+    ``_ABSENT``. vllm-ascend 0.30 validates additional_config with unknown keys forbidden, in the platform
+    check vLLM's own ``__post_init__`` runs: with the entry still there, it refuses to start. The installed
+    pass carries the entry's config from then on (and vLLM's compile-cache hash with it)."""
+    from fcpass.vllm.compilation import ADDITIONAL_CONFIG_KEY
+
+    additional = getattr(vllm_config, "additional_config", None)
+    if not isinstance(additional, dict) or ADDITIONAL_CONFIG_KEY not in additional:
+        return _ABSENT
+    vllm_config.additional_config = {key: value for key, value in additional.items() if key != ADDITIONAL_CONFIG_KEY}
+    return additional[ADDITIONAL_CONFIG_KEY]
+
+
 def _show_in_vllms_output() -> None:
     """fcpass's log lines (the install line, each graph's one-line summary) in vLLM's own output.
 
@@ -80,10 +97,12 @@ def _install_on_new_configs() -> None:
 
     @functools.wraps(original)
     def post_init_then_install_fcpass(self) -> None:
+        entry = _take_fcpass_entry(self)
         original(self)
-        from fcpass.vllm.compilation import check_installed_pass, install_from_additional_config
+        from fcpass.vllm.compilation import check_installed_pass, install_entry
 
-        install_from_additional_config(self)
+        if entry is not _ABSENT:
+            install_entry(self, entry)
         check_installed_pass(self)  # installed either way: from additional_config or compilation_config
 
     setattr(post_init_then_install_fcpass, _WRAPPED_MARK, True)

@@ -238,3 +238,35 @@ def test_its_captures_replay_where_vllm_ascend_and_torch_npu_are_not_installed(t
             name: size for name, size in process["groups"].items() if size is not None}
     assert {"npu.npu_quant_matmul.default", "vllm.maybe_pad_and_reduce.default"} <= schemas
     replays.keep_if_asked(captures, "vllm_ascend_tp2")
+
+
+def run_the_readmes_ascend_command(rank, world_size):
+    """The README quickstart's Ascend ``vllm serve`` command, through vLLM's serve parser, into vLLM's config with
+    fcpass's plugin registered, then vllm-ascend's own config of it (its platform reads the same
+    ``additional_config``)."""
+    from vllm.config import VllmConfig, set_current_vllm_config
+    from vllm_ascend.ascend_config import get_ascend_config
+
+    import fcpass
+    from fcpass.vllm import plugin
+    from fcpass.vllm.compilation import ASCEND_PASS_KEY, passes_do_not_run
+    from integration.test_readme import SERVE_COMMANDS, engine_args, serve_arguments
+
+    (command,) = [c for c in SERVE_COMMANDS if "ascend_compilation_config" in c]
+    args = engine_args(serve_arguments(command))
+    plugin.register()
+    vllm_config = VllmConfig(compilation_config=args.compilation_config, additional_config=args.additional_config,
+                             model_config=ascend.model_config("llama"))  # MODEL: vllm-ascend 0.23 reads its config
+    with set_current_vllm_config(vllm_config):  # as vllm-ascend's platform has it when it reads the config
+        ascend.init_config(vllm_config)
+    installed = vllm_config.compilation_config.inductor_compile_config[ASCEND_PASS_KEY]
+    return {"fcpass": installed.config == fcpass.PassConfig.from_dict(args.additional_config["fcpass"]),
+            "npugraph_ex": get_ascend_config().ascend_compilation_config.enable_npugraph_ex,
+            "passes run": passes_do_not_run(vllm_config) is None}
+
+
+README_COMMAND = shared(run_the_readmes_ascend_command, world_size=1, setup=ascend.compile_setup, timeout=120)
+
+
+def test_the_readmes_ascend_command_is_one_vllm_ascend_takes_and_fcpass_runs_under():
+    assert README_COMMAND() == [{"fcpass": True, "npugraph_ex": False, "passes run": True}]

@@ -23,7 +23,7 @@ Each matmul beside a collective is fused, on the op's own group; at or below the
 the same collective calls as without fcpass, above it the same numbers within float32's chunking bound. On
 Atlas A2 the NPU backend leaves them alone (torch_npu: one communicator per model, vLLM's TP group's).
 
-The README's "vllm-ascend's linear ops" table lists each op, row for row with ``OUTCOMES``.
+docs/REFERENCE.md's "vllm-ascend's linear ops" table lists each op, row for row with ``OUTCOMES``.
 """
 
 import dataclasses
@@ -215,7 +215,7 @@ def _compile_errors(vllm_config, compile_range, want_fn, got_fn, manager) -> dic
 RUNS = {name: shared(run_linear_ops, name, world_size=layout.ranks, setup=ascend.compile_setup, timeout=420)
         for name, layout in LAYOUTS.items()}
 
-# op -> (what its graph holds, what fcpass does): the README's table, row for row
+# op -> (what its graph holds, what fcpass does): docs/REFERENCE.md's table, row for row
 OUTCOMES = {
     "OProjRowParallelOp": ("all_to_all_single on the otp group -> vllm.unquantized_gemm -> vllm.reduce_scatter on "
                            "the otp group", ("mm_reduce_scatter", "vllm/unquantized_gemm", "fused")),
@@ -254,10 +254,10 @@ def test_its_ops_fuse_on_their_own_groups_and_give_the_same_numbers(name):
 
 
 def test_the_readmes_table_is_these_outcomes():
-    """README "vllm-ascend's linear ops": one row per op here, with its graph and what fcpass does."""
+    """docs/REFERENCE.md "vllm-ascend's linear ops": one row per op here, with its graph and what fcpass does."""
     from support import docs
 
-    rows = [line.split(" | ") for line in docs.section("vllm-ascend's linear ops").splitlines()
+    rows = [line.split(" | ") for line in docs.section("vllm-ascend's linear ops", docs.REFERENCE).splitlines()
             if line.startswith("| `")]
     table = {row[0].strip("| `").split("`")[0]: (row[1], row[2].rstrip(" |")) for row in rows}
     assert table.keys() == OUTCOMES.keys()

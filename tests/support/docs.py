@@ -1,11 +1,13 @@
-"""The README's code, as the suite runs it: the fenced blocks of one section."""
+"""The docs' code and tables, as the suite reads them: one section, its fenced blocks."""
 
 from __future__ import annotations
 
 import pathlib
 import re
 
-README = pathlib.Path(__file__).resolve().parent.parent.parent / "README.md"
+ROOT = pathlib.Path(__file__).resolve().parent.parent.parent
+README = ROOT / "README.md"
+REFERENCE = ROOT / "docs" / "REFERENCE.md"
 
 
 def section(title: str, path: pathlib.Path = README) -> str:
