@@ -9,9 +9,16 @@ part 2) vllm-ascend installed. It prints one table to send back.
    backend (``backend="npu"``), at token counts below and above the
    threshold (1000), fp16 and bf16, and the W8A8 forms (int8 x and w,
    per-channel float32 scale, per-tensor and per-token activation scales,
-   quant bias on rank 0): fused vs unfused decision, max relative error
-   against a float64 reference computed on the CPU from every rank's seeded
-   inputs, and the time of the guarded op and of its unfused path.
+   quant bias on rank 0), and the scatter after a sum of two products
+   (Falcon's; the NPU kernel takes one matmul, so it runs unfused, saying
+   so): fused vs unfused decision, max relative error against a float64
+   reference computed on the CPU from every rank's seeded inputs, and the
+   time of the guarded op and of its unfused path.
+   With 4+ NPUs, the same again on the groups vllm-ascend's fine-grained TP
+   makes across DP ranks ([0, 2] and [1, 3] of 4: its mlp_tp / otp layout,
+   a communicator other than the world's): on Atlas A3 they fuse; on A2
+   torch_npu lets one communicator per model fuse, so there every rank
+   declines alike ("Atlas A2 fuses on one communicator"), never a hang.
 2. A small vllm-ascend model: ``vllm.LLM(tensor_parallel_size=2)`` on a random
    Llama checkpoint (written with transformers, no download), bf16, without
    and with fcpass (``PassConfig(sequence_parallel=True)``), npugraph_ex off
@@ -53,13 +60,17 @@ def import_torch_npu() -> None:
     import torch_npu  # noqa: F401
 
 
+# vllm-ascend's fine-grained TP groups across DP ranks (DP=2 x group 2 on 4 ranks), as its parallel state makes them
+FINE_GRAINED_GROUPS = [[0, 2], [1, 3]]
+
+
 def kernels_rank(rank: int, world_size: int, tokens_list, device_type: str = "npu", threshold_tokens=None,
-                 shape=(kernel_check.K, kernel_check.N), repeats: int = kernel_check.REPEATS) -> list[dict]:
-    """Part 1 in one rank (backend "hccl"); ``device_type`` "cpu" runs the same cases through the generic
-    backend on gloo (how this script is tested off hardware)."""
+                 shape=(kernel_check.K, kernel_check.N), repeats: int = kernel_check.REPEATS, groups=None) -> list[dict]:
+    """Part 1 in one rank (backend "hccl"), on the world or on ``groups``; ``device_type`` "cpu" runs the same
+    cases through the generic backend on gloo (how this script is tested off hardware)."""
     backend = "npu" if device_type == "npu" else "generic"
     return kernel_check.kernels_rank(rank, world_size, tokens_list, device_type, backend, threshold_tokens, shape,
-                                     repeats)
+                                     repeats, groups=groups)
 
 
 def engine_rows(model_dir: str) -> list[dict]:
@@ -108,6 +119,13 @@ def main(argv=None) -> int:
     print("fcpass NPU kernels, 2 ranks over HCCL (error: max relative vs float64; ms: median of",
           kernel_check.REPEATS, "calls)")
     print(table(kernel_check.merged(per_rank)))
+    if torch.npu.device_count() >= 2 * WORLD_SIZE:
+        per_rank = run_ranks(kernels_rank, 2 * WORLD_SIZE, tokens, "npu", None, (kernel_check.K, kernel_check.N),
+                             kernel_check.REPEATS, FINE_GRAINED_GROUPS, backend="hccl", setup=import_torch_npu,
+                             timeout=1800)
+        print(f"\nthe same on vllm-ascend's fine-grained TP groups {FINE_GRAINED_GROUPS} of {2 * WORLD_SIZE} ranks "
+              "(A2: declined alike on every rank)")
+        print(table(kernel_check.merged(per_rank)))
     if not args.skip_engine:
         with tempfile.TemporaryDirectory(prefix="fcpass-ascend-check-") as model_dir:
             engine.write_llama(model_dir, hidden=1024, layers=4, max_positions=2048)

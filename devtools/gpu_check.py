@@ -66,11 +66,11 @@ def capture_rank(rank: int, world_size: int, tokens_list, shape=(kernel_check.K,
     name, rows = dist.group.WORLD.group_name, []
     for op in kernel_check.OPS:
         for seed, tokens in enumerate(tokens_list):
-            static = [None if t is None else t.cuda() for t in kernel_check.inputs(
+            static = [None if t is None else t.cuda() for t in kernel_check.case_inputs(
                 rank, world_size, op, tokens, torch.bfloat16, None, seed, *shape)]
 
             def run():
-                return kernel_check.call(op, None, name, world_size, *static, threshold=-1)
+                return kernel_check.call(op, None, name, world_size, static, threshold=-1)
 
             row = {"op": op, "tokens": tokens}
             try:
@@ -79,7 +79,7 @@ def capture_rank(rank: int, world_size: int, tokens_list, shape=(kernel_check.K,
                 graph = torch.cuda.CUDAGraph()
                 with torch.cuda.graph(graph):
                     out = run()
-                fresh = kernel_check.inputs(rank, world_size, op, tokens, torch.bfloat16, None, seed + 1000, *shape)
+                fresh = kernel_check.case_inputs(rank, world_size, op, tokens, torch.bfloat16, None, seed + 1, *shape)
                 for held, new in zip(static, fresh):
                     if held is not None:
                         held.copy_(new)

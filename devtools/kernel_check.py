@@ -16,8 +16,10 @@ try:
 except ImportError:  # a python without torch: the checks' main() says what is missing
     torch = None
 
-OPS = ("mm_reduce_scatter", "all_gather_mm", "mm_all_reduce")
-ROW_PARALLEL = ("mm_reduce_scatter", "mm_all_reduce")
+SUM = "mm_sum_reduce_scatter"  # Falcon's scatter after the sum of two products (float dtypes only)
+OPS = ("mm_reduce_scatter", "all_gather_mm", "mm_all_reduce", SUM)
+ROW_PARALLEL = ("mm_reduce_scatter", "mm_all_reduce", SUM)
+SECOND_PRODUCT_SEED = 1000  # the sum's second product: the inputs of a reduce_scatter case with this seed offset
 K, N, REPEATS = 1024, 1024, 10
 W8A8_FORMS = ("per_tensor", "per_token")
 
@@ -43,6 +45,15 @@ def inputs(rank: int, world_size: int, op: str, tokens: int, dtype, form: str | 
     return x, w, bias, x_scale, w_scale
 
 
+def case_inputs(rank: int, world_size: int, op: str, tokens: int, dtype, form: str | None, seed: int, k: int = K,
+                n: int = N) -> list:
+    """What :func:`call` takes for ``op``: :func:`inputs`, and for the sum its second product's x, w, bias."""
+    found = list(inputs(rank, world_size, op, tokens, dtype, form, seed, k, n))
+    if op == SUM:
+        found += inputs(rank, world_size, op, tokens, dtype, form, seed + SECOND_PRODUCT_SEED, k, n)[:3]
+    return found
+
+
 def reference(op: str, world_size: int, tokens: int, dtype, form, seed: int, rank: int, k: int, n: int):
     per_rank = [inputs(r, world_size, op, tokens, dtype, form, seed, k, n) for r in range(world_size)]
 
@@ -56,15 +67,23 @@ def reference(op: str, world_size: int, tokens: int, dtype, form, seed: int, ran
         _, w, bias, x_scale, w_scale = per_rank[rank]
         return product(torch.cat([p[0] for p in per_rank]), w, bias, x_scale, w_scale)
     total = sum(product(*p) for p in per_rank)
-    if op == "mm_reduce_scatter":
+    if op == SUM:
+        total = total + sum(product(*inputs(r, world_size, op, tokens, dtype, form, seed + SECOND_PRODUCT_SEED, k, n))
+                            for r in range(world_size))
+    if op in ("mm_reduce_scatter", SUM):
         shard = tokens // world_size
         return total[rank * shard:(rank + 1) * shard]
     return total
 
 
-def call(op: str, form, name: str, world_size: int, x, w, bias, x_scale, w_scale, threshold: int):
-    """The fused op of ``op`` (``threshold`` -1: the config's / backend's; huge: the unfused path)."""
+def call(op: str, form, name: str, world_size: int, args, threshold: int):
+    """The fused op of ``op`` on ``args`` (x, w, bias, x_scale, w_scale, then the sum's second x, w, bias)
+    (``threshold`` -1: the config's / backend's; huge: the unfused path)."""
     fc = torch.ops.fcpass
+    x, w, bias, x_scale, w_scale, *second = args
+    if op == SUM:
+        x2, w2, bias2 = second
+        return fc.mm_sum_reduce_scatter([x, x2], [w, w2], [bias, bias2], name, world_size, threshold)
     if form is None:
         if op == "mm_reduce_scatter":
             return fc.mm_reduce_scatter(x, w, bias, name, world_size, threshold)
@@ -102,15 +121,17 @@ def cases(float_dtypes) -> list[tuple]:
     per-token."""
     found = [(op, dtype, None) for op in OPS for dtype in float_dtypes]
     return found + [(op, torch.int8, form) for op in OPS for form in W8A8_FORMS
-                    if not (op == "all_gather_mm" and form == "per_token")]
+                    if op != SUM and not (op == "all_gather_mm" and form == "per_token")]
 
 
 def kernels_rank(rank: int, world_size: int, tokens_list, device_type: str, backend: str,
                  threshold_tokens: int | None = None, shape=(K, N), repeats: int = REPEATS, float_dtypes=None,
-                 **config_fields) -> list[dict]:
+                 groups=None, **config_fields) -> list[dict]:
     """Every case in this rank (started by devtools.launch.run_ranks): the decision, the max relative error
-    vs float64, and the times of the guarded op and of its unfused path. ``config_fields``: more
-    PassConfig fields (e.g. ``cuda_symmetric_memory``)."""
+    vs float64, and the times of the guarded op and of its unfused path. ``groups``: lists of global ranks
+    partitioning the world (e.g. [[0, 2], [1, 3]], vllm-ascend's fine-grained TP groups across DP ranks): each
+    case runs on this rank's group, a communicator other than the world's. ``config_fields``: more PassConfig
+    fields (e.g. ``cuda_symmetric_memory``)."""
     import torch.distributed as dist
 
     import fcpass
@@ -119,23 +140,28 @@ def kernels_rank(rank: int, world_size: int, tokens_list, device_type: str, back
     if device_type != "cpu":
         getattr(torch, device_type).set_device(rank)
     fcpass.configure(fcpass.PassConfig(backend=backend, threshold_tokens=threshold_tokens, **config_fields))
-    name = dist.group.WORLD.group_name
+    group = dist.group.WORLD
+    if groups:
+        made = [dist.new_group(ranks) for ranks in groups]  # every rank makes every group, in one order
+        group = next(g for g, ranks in zip(made, groups) if rank in ranks)
+        rank, world_size = dist.get_rank(group), dist.get_world_size(group)
+    name = group.group_name
     float_dtypes = float_dtypes or ((torch.float32, torch.bfloat16) if device_type == "cpu"
                                     else (torch.float16, torch.bfloat16))
     rows = []
     for seed, ((op, dtype, form), tokens) in enumerate((c, t) for c in cases(float_dtypes) for t in tokens_list):
         args = [None if t is None else t.to(device_type)
-                for t in inputs(rank, world_size, op, tokens, dtype, form, seed, k, n)]
+                for t in case_inputs(rank, world_size, op, tokens, dtype, form, seed, k, n)]
         fcpass.reset_decision_counts()
-        got = call(op, form, name, world_size, *args, threshold=-1)
+        got = call(op, form, name, world_size, args, threshold=-1)
         (decision,) = fcpass.decision_counts()
         ref = reference(op, world_size, tokens, dtype, form, seed, rank, k, n)
         error = ((got.cpu().double() - ref).abs().max() / ref.abs().max()).item()
         rows.append({"op": op, "dtype": str(dtype).removeprefix("torch."), "w8a8": form or "-", "tokens": tokens,
                      "path": decision[1], "reason": decision[2], "error": error,
-                     "guarded_ms": timed_ms(lambda: call(op, form, name, world_size, *args, threshold=-1),
+                     "guarded_ms": timed_ms(lambda: call(op, form, name, world_size, args, threshold=-1),
                                             device_type, repeats),
-                     "unfused_ms": timed_ms(lambda: call(op, form, name, world_size, *args, threshold=1 << 24),
+                     "unfused_ms": timed_ms(lambda: call(op, form, name, world_size, args, threshold=1 << 24),
                                             device_type, repeats)})
     return rows
 

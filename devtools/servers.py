@@ -40,22 +40,32 @@ class Server:
             return f.read()[-chars:]
 
 
-def vllm_script() -> str:
-    """The ``vllm`` console script of this interpreter's environment."""
-    return os.path.join(os.path.dirname(sys.executable), "vllm")
+@dataclass(frozen=True)
+class Python:
+    """The environment a server runs in: this interpreter's with this checkout first on the path (default), or an
+    installed one (``checkout=False``: a virtualenv with fcpass's wheel), started in ``cwd``, away from the
+    checkout, so nothing of it can be imported."""
+
+    executable: str = sys.executable
+    checkout: bool = True
+    cwd: str | None = None
 
 
 def start(name: str, port: int, model_dir: str, log_dir: str, extra_args=(), extra_env=None,
-          max_model_len: int = 512) -> Server:
-    command = [vllm_script(), "serve", model_dir, "--host", "127.0.0.1", "--port", str(port),
+          max_model_len: int = 512, python: Python = Python()) -> Server:
+    # ``vllm serve`` as the vllm console script runs it (its module's main)
+    command = [python.executable, "-m", "vllm.entrypoints.cli.main", "serve", model_dir,
+               "--host", "127.0.0.1", "--port", str(port),
                "--tensor-parallel-size", "2", "--dtype", "float32", "--max-model-len", str(max_model_len),
                "--skip-tokenizer-init", "--no-enable-prefix-caching", "--seed", "0", *extra_args]
-    # the server's processes import this checkout's fcpass (the plugin), as the engine runner's do
-    env = with_checkout_on_path({**os.environ, **ENGINE_ENV, **(extra_env or {})})
+    env = {**os.environ, **ENGINE_ENV, **(extra_env or {})}
+    if python.checkout:  # the server's processes import this checkout's fcpass (the plugin), as the engine runner's do
+        env = with_checkout_on_path(env)
     env.pop("VLLM_ALLOW_INSECURE_SERIALIZATION", None)  # only the LLM runs' collective_rpc readers need it
     log_path = os.path.join(log_dir, f"vllm-serve-{name}.log")
     with open(log_path, "w") as log:
-        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True,
+                                   cwd=python.cwd)
     return Server(name, process, port, log_path)
 
 
@@ -101,11 +111,13 @@ def stop(server: Server) -> None:
 
 @contextlib.contextmanager
 def running(specs: dict, model_dir: str, log_dir: str, timeout: float, max_model_len: int = 512):
-    """Start every server of ``specs`` ({name: (extra_args, extra_env)}) side by side; yield them ready."""
+    """Start every server of ``specs`` ({name: (extra_args, extra_env[, Python])}) side by side; yield them
+    ready."""
     servers = []
     try:
-        for port, (name, (extra_args, extra_env)) in zip(free_ports(len(specs)), specs.items()):
-            servers.append(start(name, port, model_dir, log_dir, extra_args, extra_env, max_model_len))
+        for port, (name, spec) in zip(free_ports(len(specs)), specs.items()):
+            extra_args, extra_env, *python = spec
+            servers.append(start(name, port, model_dir, log_dir, extra_args, extra_env, max_model_len, *python))
         wait_ready(servers, timeout)
         yield {server.name: server for server in servers}
     finally:

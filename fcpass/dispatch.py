@@ -18,6 +18,7 @@ process's :func:`configure`.
 
 from __future__ import annotations
 
+import logging
 from typing import NamedTuple
 
 import torch
@@ -31,6 +32,7 @@ from fcpass.groups import resolve_group
 from fcpass.matmuls import OneDNNMatmul, SumOfProducts, tensor_signature
 from fcpass.vllm import state
 
+logger = logging.getLogger(__name__)
 _eager_config = PassConfig()
 
 # The fused ops' threshold_tokens default: the call's config decides (a compiled graph's ops never pass one).
@@ -149,12 +151,26 @@ def run(op: str, family: str, x: torch.Tensor, mms: tuple, row_scale: torch.Tens
         if len(_plans) >= MAX_PLANS:
             _plans.clear()
         _plans[key] = planned
+        if config and config not in _announced:
+            _announce(op, config)
     guard.record(planned.facts, planned.decision)
     if not planned.decision.fused:
         return FAMILIES[traced_family].unfused(site, x, mms, row_scale, world_size, group_name, pad_rows)
     if planned.pipeline_chunks or planned.options is not None:
         call = call._replace(pipeline_chunks=planned.pipeline_chunks, options=planned.options)
     return FAMILIES[family].fused(planned.backend, call)
+
+
+# The config texts of the compiled graphs this process has run fused ops of (each said once).
+_announced: set[str] = set()
+
+
+def _announce(op: str, config: str) -> None:
+    """Once per process and config: a graph with fcpass's ops runs here. The one line that says so where the pass
+    itself said nothing: a graph served from a compile cache, whose pass never ran in this process."""
+    _announced.add(config)
+    logger.info("fcpass: this process runs a compiled graph with fcpass's fused ops (first: %s), config %s; "
+                "decisions: fcpass.decision_counts()", op, config)
 
 
 def _as_flash_comm_runs(family: str, world_size: int | None, pad_rows: int):

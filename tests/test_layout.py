@@ -124,17 +124,10 @@ def test_module_level_imports_form_no_cycle():
 
 
 def test_the_wheel_holds_the_library_only(tmp_path):
-    """What ``pip install .`` installs: built as pip builds it (no build isolation: setuptools is in the venv),
-    from a copy of the tracked tree (a build writes build/ and *.egg-info beside the sources)."""
-    source = tmp_path / "source"
-    tracked = subprocess.run(["git", "ls-files"], capture_output=True, text=True, cwd=ROOT, check=True).stdout.split()
-    for name in tracked:
-        (source / name).parent.mkdir(parents=True, exist_ok=True)
-        (source / name).write_bytes((ROOT / name).read_bytes())
-    build = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
-                            "-w", str(tmp_path), str(source)], capture_output=True, text=True, timeout=300)
-    assert build.returncode == 0, build.stderr[-3000:]
-    (wheel,) = tmp_path.glob("fcpass-*.whl")
+    """What ``pip install .`` installs (tests/support/wheel.py builds it as pip does)."""
+    from support import wheel as wheels
+
+    wheel = wheels.build(tmp_path)
     names = zipfile.ZipFile(wheel).namelist()
     packages = {pathlib.PurePath(n).parent.as_posix().replace("/", ".") for n in names if n.endswith(".py")}
     assert packages == {m for m in MODULES if _under_any(m, LIBRARY) and MODULES[m].name == "__init__.py"}

@@ -8,10 +8,15 @@ pass with vLLM's base class added.
 
 from __future__ import annotations
 
+import logging
+
 from vllm.compilation.passes.vllm_inductor_pass import VllmInductorPass
 
 from fcpass.config import PassConfig
 from passes import FlashCommPass
+
+logger = logging.getLogger(__name__)
+_SAID: set[str] = set()  # the configs this process has said it holds
 
 
 class VllmFlashCommPass(FlashCommPass, VllmInductorPass):
@@ -23,3 +28,18 @@ class VllmFlashCommPass(FlashCommPass, VllmInductorPass):
 
     def __init__(self, config: PassConfig | None = None) -> None:
         FlashCommPass.__init__(self, config)
+
+    def uuid(self) -> str:
+        # vLLM asks for it in each process that sets up compilation (engine core, every worker), cold or warm
+        _say_here(self.config)
+        return FlashCommPass.uuid(self)
+
+
+def _say_here(config: PassConfig) -> None:
+    """Once per process and config, the startup line: the pass is in this process's compilation config, and when
+    it runs."""
+    text = config.runtime_text()
+    if text not in _SAID:
+        _SAID.add(text)
+        logger.info("fcpass: FlashCommPass is in this process's compilation config (%s): it runs on each graph vLLM "
+                    "compiles here; a graph vLLM loads from its compile cache runs fcpass's ops without it", text)

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 
 logger = logging.getLogger(__name__)
 
@@ -73,20 +74,25 @@ def _take_fcpass_entry(vllm_config):
 
 
 def _show_in_vllms_output() -> None:
-    """fcpass's log lines (the install line, each graph's one-line summary) in vLLM's own output.
+    """fcpass's log lines (the install line, each graph's one-line summary, the line of a process running fcpass's
+    ops) in vLLM's own output, in every process vLLM starts.
 
-    vLLM configures only its "vllm" logger (its handler, format and VLLM_LOGGING_LEVEL) and stops it there;
-    "fcpass" would fall through to Python's last-resort handler, which shows warnings only. Its records now go
-    out through vLLM's handlers at vLLM's level, in every process vLLM starts; they still propagate (a
-    pytest or an application's root handler sees them too). Nothing changes where vLLM configured nothing."""
-    ours, vllms = logging.getLogger("fcpass"), logging.getLogger("vllm")
-    if not vllms.handlers:
-        return
-    for handler in vllms.handlers:
-        if handler not in ours.handlers:
-            ours.addHandler(handler)
-    if ours.level == logging.NOTSET:
-        ours.setLevel(vllms.getEffectiveLevel())
+    vLLM configures only its "vllm" logger (its handler, format and VLLM_LOGGING_LEVEL) and stops it there, in
+    some processes only after plugins load; "fcpass" would fall through to Python's last-resort handler, which
+    shows warnings only. A handler on "fcpass" hands each record to vLLM's handlers as they are when it is
+    logged; the records still propagate (a pytest or an application's root handler sees them too)."""
+    ours = logging.getLogger("fcpass")
+    if not any(isinstance(handler, _ToVllmsHandlers) for handler in ours.handlers):
+        ours.addHandler(_ToVllmsHandlers())
+    if ours.level == logging.NOTSET:  # vLLM's level, from its setting (its logger may not be configured yet)
+        ours.setLevel(os.environ.get("VLLM_LOGGING_LEVEL", "INFO").upper())
+
+
+class _ToVllmsHandlers(logging.Handler):
+    def emit(self, record: logging.LogRecord) -> None:
+        for handler in logging.getLogger("vllm").handlers:
+            if record.levelno >= handler.level:
+                handler.handle(record)
 
 
 def _install_on_new_configs() -> None:

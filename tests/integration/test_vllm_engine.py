@@ -118,24 +118,28 @@ def test_a_warm_start_runs_the_cached_graph_as_compiled(engine_runs):
 
 
 def test_demo_prints_report_decisions_tokens_and_times(engine_runs):
-    out = demo.render(engine_runs["avx2"], FCPASS, PROMPT_LENGTHS)
-    assert "workers ran the pass" in out and "the other differs" not in out
+    runs = engine_runs["avx2"]
+    out = demo.render({"plain": runs["plain"], "showcase": runs["fcpass"]}, {"showcase": FCPASS}, PROMPT_LENGTHS)
+    assert "workers ran it" in out and "the other differs" not in out and demo.WHY_CPU_GAINS_NOTHING in out
     assert NO_MATMUL_PRODUCER in out and NO_MATMUL_CONSUMER in out and SPLIT in out
     assert "all greedy tokens equal: yes" in out and "DIFFERENT" not in out and "disagree" not in out
     assert "mm_reduce_scatter_onednn/unfused x4" in out and "mm_reduce_scatter_onednn/fused x4" in out
     assert "engine start s (without / with)" in out
 
 
-def test_demo_of_the_defaults_says_they_are_the_config_to_deploy(engine_runs):
-    out = demo.render(engine_runs["loaded"], DEFAULTS, PROMPT_LENGTHS)
-    assert "PassConfig() (the defaults" in out and "showcase" not in out
-    assert "all greedy tokens equal: yes" in out and "disagree" not in out
+def test_demo_shows_the_defaults_next_to_the_showcase(engine_runs):
+    """The demo's three engines: the reference, the defaults (the loaded build's run here) and the showcase."""
+    loaded, avx2 = engine_runs["loaded"], engine_runs["avx2"]
+    out = demo.render({"plain": loaded["plain"], "defaults": loaded["fcpass"], "showcase": avx2["fcpass"]},
+                      {"defaults": DEFAULTS, "showcase": FCPASS}, PROMPT_LENGTHS)
+    assert "=== fcpass: PassConfig(), the defaults" in out and "=== fcpass: PassConfig(**" in out
+    assert out.count("all greedy tokens equal: yes") == 2 and "disagree" not in out
 
 
 def test_demo_says_when_the_graph_came_from_the_cache(engine_runs):
     runs = engine_runs["avx2"]
     cached = {**runs["fcpass"], "reports": [[], []]}  # what a start that loaded vLLM's artifact reports
-    out = demo.render({"plain": runs["plain"], "fcpass": cached}, FCPASS, PROMPT_LENGTHS)
+    out = demo.render({"plain": runs["plain"], "showcase": cached}, {"showcase": FCPASS}, PROMPT_LENGTHS)
     assert demo.FROM_CACHE in out and "all greedy tokens equal: yes" in out
     assert "mm_reduce_scatter_onednn/fused x4" in out
 

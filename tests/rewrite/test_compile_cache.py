@@ -65,9 +65,17 @@ def compile_each_config(rank, world_size, configs):
     import torch._inductor.config as inductor_config
     from torch._dynamo.utils import counters
 
+    import logging
+
     import fcpass
     from fcpass import dispatch
     from passes import FlashCommPass
+
+    said = []  # fcpass.dispatch's lines: a graph with fcpass's ops runs in this process
+    handler = logging.Handler()
+    handler.emit = lambda record: said.append(record.getMessage())
+    logging.getLogger("fcpass.dispatch").addHandler(handler)
+    logging.getLogger("fcpass.dispatch").setLevel(logging.INFO)
 
     group_name = dist.group.WORLD.group_name
     g = torch.Generator().manual_seed(rank)
@@ -79,6 +87,7 @@ def compile_each_config(rank, world_size, configs):
         torch._dynamo.reset()
         counters.clear()
         dispatch._plans.clear()
+        said.clear()
         flashcomm = FlashCommPass(fcpass.PassConfig.from_dict(fields))
         with inductor_config.patch({"post_grad_custom_post_pass": flashcomm}), torch.no_grad():
             got = torch.compile(layer, fullgraph=True)(x, w_row, w_col, group_name, world_size)
@@ -87,6 +96,7 @@ def compile_each_config(rank, world_size, configs):
             "error": ((got - want).abs().max() / want.abs().max()).item(),
             "pass_ran": bool(flashcomm.last_report.outcomes),
             "cache_hits": counters["inductor"]["fxgraph_cache_hit"] + counters["aot_autograd"]["autograd_cache_hit"],
+            "said": list(said),
         }
     return results
 
@@ -122,6 +132,18 @@ def test_the_warm_run_is_served_from_the_cache_without_the_pass(runs):
     for per_config in warm:
         for name in configs:
             assert per_config[name]["cache_hits"] >= 1 and not per_config[name]["pass_ran"], name
+
+
+def test_a_graph_from_the_cache_says_it_runs_fcpass_ops_and_their_config(runs):
+    """The pass says nothing on a cache hit (it never runs): the ops' first call does, once per config."""
+    import fcpass
+
+    configs, _, warm = runs
+    for per_config in warm:
+        for name, (fields, _) in configs.items():
+            (line,) = per_config[name]["said"]
+            assert line.startswith("fcpass: this process runs a compiled graph with fcpass's fused ops") and (
+                fcpass.PassConfig.from_dict(fields).runtime_text() in line), (name, line)
 
 
 def test_configs_in_one_process_do_not_collide(runs):
