@@ -16,9 +16,11 @@ part 2) vllm-ascend installed. It prints one table to send back.
    time of the guarded op and of its unfused path.
    With 4+ NPUs, the same again on the groups vllm-ascend's fine-grained TP
    makes across DP ranks ([0, 2] and [1, 3] of 4: its mlp_tp / otp layout,
-   a communicator other than the world's): on Atlas A3 they fuse; on A2
-   torch_npu lets one communicator per model fuse, so there every rank
-   declines alike ("Atlas A2 fuses on one communicator"), never a hang.
+   HCCL communicators of 2 ranks spanning devices 0-3). Each rank's group is
+   the only communicator its fused kernels use in that run. (Inside a model
+   on Atlas A2, where torch_npu lets one communicator per model fuse, fcpass
+   declines such groups beside vLLM's TP group, on every rank alike: tested
+   off hardware with vllm-ascend's own groups.)
 2. A small vllm-ascend model: ``vllm.LLM(tensor_parallel_size=2)`` on a random
    Llama checkpoint (written with transformers, no download), bf16, without
    and with fcpass (``PassConfig(sequence_parallel=True)``), npugraph_ex off
@@ -123,8 +125,7 @@ def main(argv=None) -> int:
         per_rank = run_ranks(kernels_rank, 2 * WORLD_SIZE, tokens, "npu", None, (kernel_check.K, kernel_check.N),
                              kernel_check.REPEATS, FINE_GRAINED_GROUPS, backend="hccl", setup=import_torch_npu,
                              timeout=1800)
-        print(f"\nthe same on vllm-ascend's fine-grained TP groups {FINE_GRAINED_GROUPS} of {2 * WORLD_SIZE} ranks "
-              "(A2: declined alike on every rank)")
+        print(f"\nthe same on vllm-ascend's fine-grained TP groups {FINE_GRAINED_GROUPS} of {2 * WORLD_SIZE} ranks")
         print(table(kernel_check.merged(per_rank)))
     if not args.skip_engine:
         with tempfile.TemporaryDirectory(prefix="fcpass-ascend-check-") as model_dir:
