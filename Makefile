@@ -207,7 +207,7 @@ bench: venv
 	$(PY) -m pip install -q matplotlib  # plots only; the tests do not need it
 	$(PY) -m benchmarks.ops
 	$(PY) -m benchmarks.limit_model
-	$(PY) -m benchmarks.calibrate --world-size 2 --shapes 1024x1024,512x2048 --dtype float32 \
+	$(PY) -m fcpass.calibrate --world-size 2 --shapes 1024x1024,512x2048 --dtype float32 \
 		--out benchmarks/results/thresholds.json --report benchmarks/results/calibration.json
 	$(PY) -m benchmarks.guard
 	$(PY) -m benchmarks.pass_cost --layers 32 --repeats 5 --compile-layers 8 --compile-repeats 2

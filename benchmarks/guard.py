@@ -48,7 +48,8 @@ from fcpass.groups import resolve_group
 from fcpass.matmuls import Matmul
 from devtools.launch import run_ranks
 from devtools.vllm_cpu import rank_setup, vllm_tp
-from benchmarks import cli, measure
+from benchmarks import cli
+from fcpass import measure
 
 logger = logging.getLogger(__name__)
 

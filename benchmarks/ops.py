@@ -53,7 +53,8 @@ import os
 from dataclasses import asdict, dataclass
 
 from devtools.launch import run_ranks
-from benchmarks import cli, measure
+from benchmarks import cli
+from fcpass import measure
 
 logger = logging.getLogger(__name__)
 

@@ -66,7 +66,7 @@ class PassConfig:
         that site's own all_reduce, above it its pipeline; what
         benchmarks/below_threshold.py measures the op's presence with.
     threshold_table: path of a measured threshold table (fcpass.thresholds,
-        written by benchmarks/calibrate.py). An op's threshold is, first
+        written by ``python -m fcpass.calibrate``). An op's threshold is, first
         found: the op's own, ``threshold_tokens``, the table's bucket, the
         backend's default. Its pipeline_chunks apply where
         ``pipeline_chunks`` is 0. Loaded and validated here, once.

@@ -1,7 +1,7 @@
 """A measured threshold table: load it, validate it, look a shape up in it.
 
 One backend's fusion crossover depends on the shape, so a single
-``threshold_tokens`` is a compromise; ``benchmarks/calibrate.py`` measures
+``threshold_tokens`` is a compromise; ``python -m fcpass.calibrate`` measures
 it per shape and writes this table, and ``PassConfig(threshold_table=path)``
 puts it between the config's own threshold and the backend's fixed default.
 

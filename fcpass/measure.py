@@ -1,8 +1,9 @@
 """Timing fcpass ops on real ranks: the variants of one point, measured interleaved.
 
-Shared by every benchmark (ops.py, calibrate.py, guard.py), so "fused",
-"unfused", "matmul alone" and "the collective alone" mean the same calls in
-each of them. Runs inside ranks started by ``devtools.launch.run_ranks``.
+Shared by ``python -m fcpass.calibrate`` and the checkout's benchmarks (ops.py, guard.py), so "fused",
+"unfused", "matmul alone" and "the collective alone" mean the same calls in each of them. Runs in ranks of a
+process group: local gloo ranks (``fcpass.local_ranks.run_ranks``), or the user's own (torchrun, on NPUs or
+GPUs), with the tensors on that group's device.
 
 Interleaved: every repeat times each variant once, in turn, so machine noise
 (this machine is shared) lands on every variant alike; the median of the
@@ -55,30 +56,41 @@ def rank_main(fn: Callable) -> Callable:
     return run
 
 
-def time_ms(fn: Callable[[], object], inner: int = 1) -> float:
-    """Milliseconds per call of ``fn`` (``inner`` calls back to back), on the slowest rank."""
+def synchronize(device: str) -> None:
+    """Wait for ``device``'s queued work (a CPU runs its ops as they are called)."""
+    if device != "cpu":
+        getattr(torch, device).synchronize()
+
+
+def time_ms(fn: Callable[[], object], inner: int = 1, device: str = "cpu") -> float:
+    """Milliseconds per call of ``fn`` (``inner`` calls back to back, the device's work included), on the
+    slowest rank."""
+    synchronize(device)
     dist.barrier()
     start = time.perf_counter()
     for _ in range(inner):
         fn()
-    elapsed = torch.tensor([(time.perf_counter() - start) / inner])
+    synchronize(device)
+    elapsed = torch.tensor([(time.perf_counter() - start) / inner], device=device)
     dist.all_reduce(elapsed, op=dist.ReduceOp.MAX)
     return elapsed.item() * 1e3
 
 
-def sample(variants: dict[str, Callable[[], object]], repeats: int, inner: int = 1) -> dict[str, list[float]]:
+def sample(variants: dict[str, Callable[[], object]], repeats: int, inner: int = 1,
+           device: str = "cpu") -> dict[str, list[float]]:
     """Every variant timed ``repeats`` times, interleaved, after one warm-up call each."""
     for fn in variants.values():
         fn()
     samples: dict[str, list[float]] = {name: [] for name in variants}
     for _ in range(repeats):
         for name, fn in variants.items():
-            samples[name].append(time_ms(fn, inner))
+            samples[name].append(time_ms(fn, inner, device))
     return samples
 
 
-def medians(variants: dict[str, Callable[[], object]], repeats: int, inner: int = 1) -> dict[str, float]:
-    return {name: statistics.median(values) for name, values in sample(variants, repeats, inner).items()}
+def medians(variants: dict[str, Callable[[], object]], repeats: int, inner: int = 1,
+            device: str = "cpu") -> dict[str, float]:
+    return {name: statistics.median(values) for name, values in sample(variants, repeats, inner, device).items()}
 
 
 @dataclass
@@ -98,20 +110,21 @@ class Point:
     world_size: int
     dtype: torch.dtype = torch.float32
     pad_rows: int = 0
+    device: str = "cpu"  # the process group's device: "cpu" (gloo), "cuda" (nccl), "npu" (hccl)
 
     def __post_init__(self) -> None:
         if self.op not in OPS:
             raise ValueError(f"op must be one of {OPS}, got {self.op!r}")
         self.group_name = dist.group.WORLD.group_name
         g = torch.Generator().manual_seed(dist.get_rank())
-        self.w = (torch.randn(self.k, self.n, generator=g) / self.k**0.5).to(self.dtype)
+        self.w = (torch.randn(self.k, self.n, generator=g) / self.k**0.5).to(self.dtype).to(self.device)
         if self.op != "all_gather_mm":
-            self.x = torch.randn(self.tokens, self.k, generator=g).to(self.dtype)
+            self.x = torch.randn(self.tokens, self.k, generator=g).to(self.dtype).to(self.device)
             product = self.x @ self.w  # the collective's input: the product and its padded rows
             self.product = append_zero_rows(product, self.pad_rows) if self.pad_rows else product
             self.shard = self.x.new_empty(((self.tokens + self.pad_rows) // self.world_size, self.n))
         else:
-            self.x = torch.randn(self.tokens // self.world_size, self.k, generator=g).to(self.dtype)
+            self.x = torch.randn(self.tokens // self.world_size, self.k, generator=g).to(self.dtype).to(self.device)
             self.gathered = self.x.new_empty((self.tokens, self.k))
 
     # ---- the variants: zero-argument callables on this point's tensors

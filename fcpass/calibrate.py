@@ -1,10 +1,19 @@
 """Measure the fusion crossover per shape, write the threshold table, and check the guarded op against it.
 
-    python -m benchmarks.calibrate --world-size 2 --shapes 1024x1024,512x2048 \\
-        --tokens 256,512,1024,2048,4096,8192,16384 --dtype float32 \\
-        --out benchmarks/results/thresholds.json [--report benchmarks/results/calibration.json] [--quick]
+On your machine, on the backend and group you serve with: one process per device, as torchrun starts them
+(NPUs over HCCL, GPUs over NCCL, CPUs over gloo), the table for ``PassConfig(threshold_table=...)``:
 
-Two sets of real gloo ranks (devtools.launch.run_ranks), both op families:
+    torchrun --nproc-per-node 8 -m fcpass.calibrate --launched --device npu --dtype bfloat16 \\
+        --shapes 4096x4096,1024x8192 --out thresholds.json [--report calibration.json] [--quick]
+
+On this CPU, on local gloo ranks it starts itself:
+
+    python -m fcpass.calibrate --world-size 2 --shapes 1024x1024,512x2048 \\
+        --tokens 256,512,1024,2048,4096,8192,16384 --dtype float32 --out thresholds.json
+
+The table is the backend's the device's tensors run on (``PassConfig(backend="auto")``: npu, cuda, generic),
+for that world size and dtype; it is read where the config is built (``vllm serve``'s API server), so it
+lives on that machine's disk. Both phases run every op family:
 
 1. Measure: per (op, shape, tokens), unfused vs fused at each candidate
    chunk count, interleaved. Per shape, the crossover is the smallest
@@ -24,13 +33,14 @@ Two sets of real gloo ranks (devtools.launch.run_ranks), both op families:
    check_rank); their maxima against the goal (<= 1.05) into the report.
 
 Each shape is one bucket (floor(log2 k), floor(log2 n)) of the table, so two
-shapes in one bucket are refused. Durations on this 2-core machine when idle:
+shapes in one bucket are refused. Durations on a 2-core CPU machine when idle:
 --quick (512 and 4096 tokens) ~2-3 min; the default 256..16384 tokens ~14 min.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import statistics
@@ -39,12 +49,13 @@ import time
 
 import torch
 
+import torch.distributed as dist
+
 import fcpass
-from fcpass import thresholds
+from fcpass import cli, measure, thresholds
 from fcpass.backends import select_backend
 from fcpass.limits import MAX_THRESHOLD_TOKENS, WORLD_SIZE_RANGE
-from devtools.launch import run_ranks
-from benchmarks import cli, measure
+from fcpass.local_ranks import run_ranks
 
 logger = logging.getLogger(__name__)
 
@@ -55,8 +66,13 @@ GOAL_RATIO = 1.05
 # One sample varies by ~15 % on an idle machine (the same path measured as three variants, 9 repeats each,
 # gave medians 21 % apart), and both phases compare paths a few % apart: more repeats than ops.py's.
 REPEATS = 15
-# The backend the fused variants run on here (CPU tensors, backend "auto"): the table is that backend's.
-BACKEND = select_backend("auto", torch.device("cpu")).name
+# The process group's backend for the device's tensors.
+GROUP_BACKENDS = {"cpu": "gloo", "cuda": "nccl", "npu": "hccl"}
+
+
+def table_backend(device: str) -> str:
+    """The backend the fused variants run on for ``device``'s tensors (backend "auto"): the table is that one's."""
+    return select_backend("auto", torch.device(device)).name
 
 
 def plan(shapes, tokens) -> list[tuple[str, int, int, int]]:
@@ -64,12 +80,12 @@ def plan(shapes, tokens) -> list[tuple[str, int, int, int]]:
 
 
 @measure.rank_main
-def measure_rank(rank: int, world_size: int, points, dtype) -> list[dict]:
+def measure_rank(rank: int, world_size: int, points, dtype, device: str = "cpu") -> list[dict]:
     """Phase 1: unfused and every fused candidate per point."""
     results = []
     for op, k, n, tokens in points:
-        point = measure.Point(op, tokens, k, n, world_size, dtype)
-        ms = measure.medians({"unfused": point.unfused(), **point.fused_variants()}, REPEATS)
+        point = measure.Point(op, tokens, k, n, world_size, dtype, device=device)
+        ms = measure.medians({"unfused": point.unfused(), **point.fused_variants()}, REPEATS, device=device)
         best_chunks, best, fused = measure.best_fused(ms)
         results.append({"op": op, "k": k, "n": n, "tokens": tokens, "unfused_ms": ms["unfused"], "fused_ms": fused,
                         "best_chunks": best_chunks, "best_fused_ms": best, "speedup": ms["unfused"] / best})
@@ -79,7 +95,7 @@ def measure_rank(rank: int, world_size: int, points, dtype) -> list[dict]:
 
 
 @measure.rank_main
-def check_rank(rank: int, world_size: int, points, dtype, table_path: str) -> list[dict]:
+def check_rank(rank: int, world_size: int, points, dtype, table_path: str, device: str = "cpu") -> list[dict]:
     """Phase 2: the guarded op under the table, against the two paths it chooses between.
 
     Those are the unfused op and the fused op as the table configures it (its chunk count), all three
@@ -91,13 +107,13 @@ def check_rank(rank: int, world_size: int, points, dtype, table_path: str) -> li
     config = fcpass.PassConfig(threshold_table=table_path)
     results = []
     for op, k, n, tokens in points:
-        point = measure.Point(op, tokens, k, n, world_size, dtype)
+        point = measure.Point(op, tokens, k, n, world_size, dtype, device=device)
         guarded = point.configured(config, measure.CONFIG_THRESHOLD)
         fcpass.reset_decision_counts()
         guarded()
         ((_, path, _),) = fcpass.decision_counts()
         samples = measure.sample({"guarded": guarded, "unfused": point.unfused(),
-                                  "fused": point.configured(config, measure.ALWAYS_FUSE)}, REPEATS)
+                                  "fused": point.configured(config, measure.ALWAYS_FUSE)}, REPEATS, device=device)
         ms = {name: statistics.median(values) for name, values in samples.items()}
         other = "fused" if path == "unfused" else "unfused"
         chosen = statistics.median(samples["guarded"] + samples[path])
@@ -133,12 +149,12 @@ def derive_entry(series: list[dict], world_size: int, dtype: torch.dtype) -> dic
     return thresholds.entry_dict(op, world_size, dtype, k, n, threshold, pipeline_chunks=chunks, measured=measured)
 
 
-def build_table(points: list[dict], shapes, world_size: int, dtype: torch.dtype, argv) -> dict:
+def build_table(points: list[dict], shapes, world_size: int, dtype: torch.dtype, argv, device: str = "cpu") -> dict:
     entries = [derive_entry([p for p in points if (p["op"], p["k"], p["n"]) == (op, k, n)], world_size, dtype)
                for op in measure.OPS for k, n in shapes]
-    provenance = {**cli.machine(), "command": "python -m benchmarks.calibrate " + " ".join(argv),
+    provenance = {**cli.machine(GROUP_BACKENDS[device]), "command": "python -m fcpass.calibrate " + " ".join(argv),
                   "date": time.strftime("%Y-%m-%d %H:%M:%S"), "candidates": list(measure.CHUNK_CANDIDATES)}
-    return thresholds.table_dict(BACKEND, entries, measured=provenance)
+    return thresholds.table_dict(table_backend(device), entries, measured=provenance)
 
 
 def _summary(entry: dict) -> dict:
@@ -148,17 +164,28 @@ def _summary(entry: dict) -> dict:
 
 def parse_args(argv):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--world-size", type=int, default=2)
+    parser.add_argument("--launched", action="store_true",
+                        help="run as one rank of a group a launcher started (torchrun: RANK, WORLD_SIZE, LOCAL_RANK, "
+                             "MASTER_ADDR, MASTER_PORT); without it: --world-size local gloo ranks on this CPU")
+    parser.add_argument("--device", choices=sorted(GROUP_BACKENDS), default="cpu",
+                        help="the tensors' device (--launched): npu (hccl), cuda (nccl), cpu (gloo)")
+    parser.add_argument("--world-size", type=int, default=2, help="local gloo ranks to start (without --launched)")
     parser.add_argument("--shapes", default=DEFAULT_SHAPES, help="comma-separated KxN (one table bucket each)")
     parser.add_argument("--tokens", help=f"comma-separated token counts (default {DEFAULT_TOKENS})")
     parser.add_argument("--dtype", default="float32", help=f"one of {sorted(cli.DTYPES)}")
-    parser.add_argument("--out", default=os.path.join(cli.RESULTS_DIR, "thresholds.json"), help="the table")
-    parser.add_argument("--report", default=os.path.join(cli.RESULTS_DIR, "calibration.json"))
+    parser.add_argument("--out", default="thresholds.json", help="the table")
+    parser.add_argument("--report", default="calibration.json", help="every measurement, and the check's ratios")
     parser.add_argument("--quick", action="store_true", help=f"tokens {QUICK_TOKENS} unless --tokens (~2-3 min idle)")
     args = parser.parse_args(argv)
+    if args.launched:
+        args.world_size = int(os.environ.get("WORLD_SIZE", "0"))
+        if not args.world_size or "RANK" not in os.environ:
+            parser.error("--launched: RANK and WORLD_SIZE are not set (start it with torchrun)")
+    elif args.device != "cpu":
+        parser.error(f"--device {args.device}: run it with --launched, one process per device (torchrun)")
     lo, hi = WORLD_SIZE_RANGE
     if not lo <= args.world_size <= hi:
-        parser.error(f"--world-size: {args.world_size} must be in [{lo}, {hi}]")
+        parser.error(f"world size {args.world_size} must be in [{lo}, {hi}]")
     try:
         args.shapes = cli.shape_list(args.shapes)
         args.tokens = cli.int_list(args.tokens or (QUICK_TOKENS if args.quick else DEFAULT_TOKENS), "--tokens",
@@ -175,25 +202,55 @@ def parse_args(argv):
     return args
 
 
-def main(argv=None) -> None:
-    argv = sys.argv[1:] if argv is None else argv
-    args = parse_args(argv)
-    cli.setup_logging()
-    todo = plan(args.shapes, args.tokens)
-    logger.info("phase 1/2: measuring %d points on %d gloo ranks", len(todo), args.world_size)
+def _phases_here(args, todo):
+    """Both phases in this process, one rank of the launcher's group on its device: (measured, checked); rank 0
+    writes the table between them (one machine: every rank reads it from the same disk)."""
+    if args.device != "cpu":
+        getattr(torch, args.device).set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    dist.init_process_group(GROUP_BACKENDS[args.device])
+    rank = dist.get_rank()
+    try:
+        measured = measure_rank(rank, args.world_size, todo, args.dtype, args.device)
+        if rank == 0:
+            _write_table(args, measured)
+        dist.barrier()
+        return measured, check_rank(rank, args.world_size, todo, args.dtype, os.path.abspath(args.out), args.device)
+    finally:
+        dist.destroy_process_group()
+
+
+def _phases_on_local_ranks(args, todo):
     measured = run_ranks(measure_rank, args.world_size, todo, args.dtype, timeout=4 * 3600)[0]
-    table = build_table(measured, args.shapes, args.world_size, args.dtype, argv)
-    cli.write_json(args.out, table)
+    _write_table(args, measured)
+    checked = run_ranks(check_rank, args.world_size, todo, args.dtype, os.path.abspath(args.out),
+                        timeout=4 * 3600)[0]
+    return measured, checked
+
+
+def _write_table(args, measured) -> None:
+    cli.write_json(args.out, build_table(measured, args.shapes, args.world_size, args.dtype, args.argv, args.device))
     logger.info("wrote %s", args.out)
     fcpass.PassConfig(threshold_table=args.out)  # fails here, clearly, if the table we wrote does not load
 
-    logger.info("phase 2/2: the guarded op under %s at %d points", args.out, len(todo))
-    checked = run_ranks(check_rank, args.world_size, todo, args.dtype, os.path.abspath(args.out),
-                        timeout=4 * 3600)[0]
+
+def main(argv=None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    args = parse_args(argv)
+    args.argv = argv
+    cli.setup_logging()
+    todo = plan(args.shapes, args.tokens)
+    logger.info("measuring %d points, then the guarded op under the table, on %d %s ranks", len(todo),
+                args.world_size, GROUP_BACKENDS[args.device])
+    measured, checked = (_phases_here if args.launched else _phases_on_local_ranks)(args, todo)
+    if args.launched and int(os.environ["RANK"]):
+        return  # rank 0 reports
+    with open(args.out) as f:
+        table = json.load(f)
     worst = max(checked, key=lambda p: p["ratio"])
     worst_path = max(checked, key=lambda p: p["path_ratio"])
     report = {
-        **cli.machine(), "world_size": args.world_size, "dtype": thresholds.dtype_name(args.dtype),
+        **cli.machine(GROUP_BACKENDS[args.device]), "world_size": args.world_size,
+        "dtype": thresholds.dtype_name(args.dtype), "device": args.device,
         "table": args.out, "repeats": REPEATS, "goal_max_ratio": GOAL_RATIO,
         "max_ratio": worst["ratio"], "goal_met": worst["ratio"] <= GOAL_RATIO,
         "max_path_ratio": worst_path["path_ratio"], "path_goal_met": worst_path["path_ratio"] <= GOAL_RATIO,
@@ -201,6 +258,11 @@ def main(argv=None) -> None:
         "measure": measured, "check": checked,
     }
     cli.write_json(args.report, report)
+    _print(table, checked, worst, worst_path)
+    print(f"wrote {args.out} and {args.report}")
+
+
+def _print(table, checked, worst, worst_path) -> None:
     print(f"\n{'op':<18} {'k':>5} {'n':>5} {'threshold':>9} {'chunks':>6}  crossover")
     for e in table["entries"]:
         m = e["measured"]
@@ -215,7 +277,6 @@ def main(argv=None) -> None:
     for name, key, p in (("guarded / best", "ratio", worst), ("path ratio", "path_ratio", worst_path)):
         print(f"max {name} = {p[key]:.3f} ({p['op']} k={p['k']} n={p['n']} tokens={p['tokens']}); "
               f"goal <= {GOAL_RATIO}: {'met' if p[key] <= GOAL_RATIO else 'MISSED'}")
-    print(f"wrote {args.out} and {args.report}")
 
 
 if __name__ == "__main__":
