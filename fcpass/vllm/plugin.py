@@ -90,8 +90,9 @@ def _show_in_vllms_output() -> None:
 
 class _ToVllmsHandlers(logging.Handler):
     def emit(self, record: logging.LogRecord) -> None:
+        propagated = logging.getLogger().handlers  # the record reaches the root's handlers anyway
         for handler in logging.getLogger("vllm").handlers:
-            if record.levelno >= handler.level:
+            if handler not in propagated and record.levelno >= handler.level:
                 handler.handle(record)
 
 

@@ -102,9 +102,10 @@ def test_sequence_parallel_threshold_becomes_a_compile_range_endpoint():
     merged = fcpass_vllm.compilation_config(SP_ON, base=CompilationConfig(compile_ranges_endpoints=[2048]))
     assert [(r.start, r.end) for r in merged.get_compile_ranges()] == [(1, 512), (513, 2048)]
     assert "compile_ranges_endpoints" not in fcpass_vllm.compilation_config({"threshold_tokens": 8})
-    # from --additional-config: installed after vLLM computed its ranges, the endpoint is added to them
-    vllm_config = VllmConfig(compilation_config={"compile_ranges_endpoints": [2048]},
-                             additional_config={"fcpass": SP_ON})
+    # from --additional-config: installed after vLLM computed its ranges, the endpoint is added to them (the
+    # config made first, then the entry: whether vLLM loaded fcpass's plugin in this process is another test's)
+    vllm_config = VllmConfig(compilation_config={"compile_ranges_endpoints": [2048]})
+    vllm_config.additional_config = {"fcpass": SP_ON}
     assert fcpass_vllm.install_from_additional_config(vllm_config)
     assert vllm_config.compilation_config.compile_ranges_endpoints == [512, 2048]
 
