@@ -98,20 +98,16 @@ def call(op: str, form, name: str, world_size: int, args, threshold: int):
     return fc.all_gather_scaled_mm(x, x_scale, [w], [w_scale], [bias], out, name, world_size, threshold)[1][0]
 
 
-def synchronizer(device_type: str):
-    module = getattr(torch, device_type, None)
-    return module.synchronize if device_type != "cpu" and module is not None else (lambda: None)
-
-
 def timed_ms(fn, device_type: str, repeats: int) -> float:
     """Median wall time of ``fn`` in ms, the device synchronized around each call, after one warm-up call."""
-    synchronize = synchronizer(device_type)
+    from fcpass.measure import synchronize  # here: this module imports without torch (main() says what is missing)
+
     times = []
     for _ in range(repeats + 1):
-        synchronize()
+        synchronize(device_type)
         start = time.perf_counter()
         fn()
-        synchronize()
+        synchronize(device_type)
         times.append((time.perf_counter() - start) * 1e3)
     return statistics.median(times[1:])
 

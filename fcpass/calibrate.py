@@ -48,7 +48,6 @@ import sys
 import time
 
 import torch
-
 import torch.distributed as dist
 
 import fcpass

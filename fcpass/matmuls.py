@@ -152,9 +152,9 @@ class SumOfProducts:
     :data:`SUM_ADDMM` term by ``addmm(sum so far, x, w)``).
 
     The unfused path calls it with the first product's rows and ``others`` holds the rest: the site's own
-    tensors, so it runs exactly the graph's matmuls and adds. A fused path calls :meth:`join` once and then the
-    joined sum on row chunks of ``[x_1 | x_2 | ...]``, each product reading its ``widths`` columns: no weight is
-    concatenated.
+    tensors, so it runs exactly the graph's matmuls and adds. A fused path gets it joined once per call
+    (``fcpass.padding.with_zero_rows``) and calls it on row chunks of ``[x_1 | x_2 | ...]``, each product
+    reading its ``widths`` columns: no weight is concatenated.
     """
 
     products: tuple

@@ -103,8 +103,6 @@ class MatmulSum(Match):
         return tuple(node for node in (*(mm.output for mm in self.products), *self.adds) if node is not self.output)
 
 
-
-
 def match_sum(node: fx.Node) -> MatmulSum | None:
     """A sum of matmuls ending at ``node``, or None: ``add(<sum or matmul>, <matmul>)`` (left-nested, as
     ``a + b + c`` traces) or ``addmm(<sum or matmul>, x, w)``. Any other tree adds in another order, which the

@@ -63,11 +63,14 @@ def _take_fcpass_entry(vllm_config):
     """``additional_config['fcpass']``, taken out of the config (a copy without it replaces the user's dict), or
     ``_ABSENT``. vllm-ascend 0.30 validates additional_config with unknown keys forbidden, in the platform
     check vLLM's own ``__post_init__`` runs: with the entry still there, it refuses to start. The installed
-    pass carries the entry's config from then on (and vLLM's compile-cache hash with it)."""
+    pass carries the entry's config from then on (and vLLM's compile-cache hash with it). What counts as an
+    entry is what ``install_from_additional_config`` reads."""
+    from collections.abc import Mapping
+
     from fcpass.vllm.compilation import ADDITIONAL_CONFIG_KEY
 
     additional = getattr(vllm_config, "additional_config", None)
-    if not isinstance(additional, dict) or ADDITIONAL_CONFIG_KEY not in additional:
+    if not isinstance(additional, Mapping) or ADDITIONAL_CONFIG_KEY not in additional:
         return _ABSENT
     vllm_config.additional_config = {key: value for key, value in additional.items() if key != ADDITIONAL_CONFIG_KEY}
     return additional[ADDITIONAL_CONFIG_KEY]
