@@ -170,14 +170,14 @@ ascend-src: venv
 	$(PY) -m devtools.sources
 
 # On an Ascend machine (2+ NPUs, CANN, torch_npu, vllm-ascend in the active python): the hardware check, one
-# table to send back (devtools/ascend_check.py). Elsewhere it says what is missing and exits 2.
+# table to send back (fcpass/checks/ascend.py). Elsewhere it says what is missing and exits 2.
 ascend-check:
-	PYTHONPATH=$(CURDIR) $(PYTHON) -m devtools.ascend_check
+	PYTHONPATH=$(CURDIR) $(PYTHON) -m fcpass.checks.ascend
 
 # On a machine with an NVIDIA GPU and a CUDA torch in $(PYTHON); without one it runs its CPU parts and says
 # which parts need a GPU.
 gpu-check:
-	PYTHONPATH=$(CURDIR) $(PYTHON) -m devtools.gpu_check
+	PYTHONPATH=$(CURDIR) $(PYTHON) -m fcpass.checks.gpu
 
 test-main: venv ascend-src
 	$(PY) -m pytest -q --durations=12 tests $(ASCEND_ONLY_TESTS:%=--ignore=%)

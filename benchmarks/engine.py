@@ -7,7 +7,7 @@ On a random fp32 Llama (devtools.engine.write_llama), for each engine kind
 (``shm``: the kernel library vLLM picks here, AVX-512 with its shared-memory
 all_reduce; ``gloo``: its AVX2 build, forced, all_reduce over gloo) and each
 config (:data:`CONFIGS`), one engine process at a time:
-- ``vllm.LLM(tensor_parallel_size=2)`` (benchmarks/engine_runs.py): prefill
+- ``vllm.LLM(tensor_parallel_size=2)`` (fcpass/engine_run.py): prefill
   latency of one prompt and of a batch of prompts of the same total tokens,
   decode ms per step at several batch sizes ((time of 1 + steps tokens -
   time of 1 token) / steps), medians after a warm-up; each call once more
@@ -26,7 +26,6 @@ on stderr.
 from __future__ import annotations
 
 import argparse
-import collections
 import contextlib
 import json
 import logging
@@ -34,15 +33,14 @@ import os
 import shutil
 import signal
 import statistics
-import subprocess
 import sys
 import tempfile
-import threading
 import time
 
 from benchmarks import cli
-from benchmarks.engine_runs import PROGRESS_MARK
 from devtools import engine
+from fcpass.checks.checkpoints import VOCAB
+from fcpass.engine_run import prompt_ids, run_process
 
 logger = logging.getLogger("engine")
 
@@ -64,6 +62,7 @@ FULL = {"hidden": 512, "layers": 4, "prefill_tokens": (256, 512, 1024, 2048, 409
 QUICK = {**FULL, "hidden": 256, "layers": 2, "prefill_tokens": (256, 1024), "decode_batches": (1, 8),
          "decode_steps": 8, "serve_requests": 8,
          "serve_prompt_tokens": (64, 256, 512), "serve_max_tokens": (16, 32), "configs": ("off", "defaults")}
+ALL_REDUCE_READER = "devtools.engine:all_reduce_kernel_of"
 START_S = 420  # an engine start, compile included, on a loaded 2-core machine
 SERVE_WARMUP_REQUESTS = 4
 THROUGHPUT_METRICS = ("serve_throughput_tok_s",)  # higher is better; every other metric is a time
@@ -141,7 +140,7 @@ def deadline_s(plan_: dict) -> float:
 def serve_requests(settings: dict, count: int, salt: int = 0) -> list[tuple[list[int], int]]:
     """``count`` requests of mixed lengths, prompt lengths and max_tokens cycling through the settings'."""
     lengths, outs = settings["serve_prompt_tokens"], settings["serve_max_tokens"]
-    return [(engine.prompt_ids(lengths[i % len(lengths)], salt + i), outs[i % len(outs)]) for i in range(count)]
+    return [(prompt_ids(lengths[i % len(lengths)], salt + i), outs[i % len(outs)]) for i in range(count)]
 
 
 # --------------------------------------------------------------------------- engine processes
@@ -157,41 +156,13 @@ def kind_env(kind: str, caches: str) -> dict:
 
 
 def run_llm(label: str, model_dir: str, fields, plan_: dict, env: dict) -> dict:
-    """benchmarks.engine_runs in its own process group: its progress relayed, its result, or an error with the
-    end of its stderr (also at the deadline, when the group is killed)."""
-    args = [model_dir, "--plan", json.dumps(plan_)] + ([] if fields is None else ["--fcpass", json.dumps(fields)])
-    process = engine.start_module("benchmarks.engine_runs", args, env, new_session=True)
-    tail = collections.deque(maxlen=400)
-    stdout = []
-    readers = [threading.Thread(target=_relay, args=(process.stderr, tail, label), daemon=True),
-               threading.Thread(target=lambda: stdout.append(process.stdout.read()), daemon=True)]
-    for reader in readers:
-        reader.start()
-    timeout = deadline_s(plan_)
-    try:
-        process.wait(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        _kill_group(process)
-        raise TimeoutError(f"{label}: no result within {timeout:.0f} s:\n{''.join(tail)[-4000:]}") from None
-    finally:
-        _kill_group(process)  # the engine's stragglers
-    for reader in readers:
-        reader.join(timeout=30)
-    return engine.parse_result(process.returncode, "".join(stdout), "".join(tail))
-
-
-def _relay(stream, tail, label: str) -> None:
-    for line in stream:
-        tail.append(line)
-        if line.startswith(PROGRESS_MARK):
-            logger.info("  %s: %s", label, line[len(PROGRESS_MARK):].rstrip())
-
-
-def _kill_group(process) -> None:
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(process.pid, signal.SIGKILL)
-    with contextlib.suppress(subprocess.TimeoutExpired):
-        process.wait(timeout=10)
+    """fcpass's engine process (fcpass/engine_run.py) on this CPU's engine arguments, profiled, with each
+    worker's all_reduce kernel; its result, or an error with the end of its stderr."""
+    cpu_plan = {**plan_, "engine_args": {**engine.ENGINE_ARGS, **plan_["engine_args"]}, "profile": True,
+                "readers": [ALL_REDUCE_READER]}
+    result = run_process(label, model_dir, cpu_plan, fields, deadline_s(plan_),
+                         engine.with_checkout_on_path({**engine.ENGINE_ENV, **env}))
+    return {**result, "all_reduce": result["readers"][ALL_REDUCE_READER]}
 
 
 def run_serve(label: str, model_dir: str, fields, settings: dict, env: dict, log_dir: str) -> dict:
@@ -392,7 +363,7 @@ def main(argv=None) -> int:
               "threads_per_rank": 1, "vllm": _vllm_version(), "quick": args.quick, "settings": settings,
               "configs": {name: CONFIGS[name] for name in settings["configs"]}, "engines": list(args.engines),
               "model": f"random Llama, hidden {settings['hidden']}, {settings['layers']} layers, fp32, vocab "
-                       f"{engine.VOCAB}", "plan": plan_, "date": time.strftime("%Y-%m-%d %H:%M")}
+                       f"{VOCAB}", "plan": plan_, "date": time.strftime("%Y-%m-%d %H:%M")}
     work = tempfile.mkdtemp(prefix="fcpass-engine-bench-")
     start = time.perf_counter()
     try:

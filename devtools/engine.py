@@ -32,8 +32,9 @@ import json
 import os
 import time
 
-from devtools import checkpoints
-from devtools.checkpoints import HIDDEN, LAYERS, VOCAB
+from fcpass.checks import checkpoints
+from fcpass.checks.checkpoints import HIDDEN, LAYERS
+from fcpass.engine_run import RESULT_MARK, decisions, parse_result, prompt_ids, reports, reset_decisions
 
 ENGINE_ENV = {
     "VLLM_CPU_KVCACHE_SPACE": "1",
@@ -42,6 +43,9 @@ ENGINE_ENV = {
     "VLLM_ALLOW_INSECURE_SERIALIZATION": "1",
 }
 PROMPT_LENGTHS = (5, 40, 100)  # below and above the demo's threshold of 16 tokens
+# vllm.LLM's arguments for the random fp32 checkpoints here (max_model_len: make_llm's default, a plan's own)
+ENGINE_ARGS = {"tensor_parallel_size": 2, "skip_tokenizer_init": True, "seed": 0, "dtype": "float32",
+               "enable_prefix_caching": False}
 
 
 def write_tiny_llama(path: str, seed: int = 0) -> str:
@@ -53,10 +57,6 @@ def write_llama(path: str, hidden: int, layers: int, max_positions: int = 1024, 
     """A random fp32 Llama of the tiny one's proportions (heads of 64, half as many kv heads, intermediate
     2 x hidden, vocab 1024) at ``path``, unless one is there; benchmarks scale it by hidden size and layers."""
     return checkpoints.write(path, "llama", hidden, layers, max_positions, seed)
-
-
-def prompt_ids(length: int, salt: int = 0) -> list[int]:
-    return [(7 * salt + 13 * j) % (VOCAB - 1) + 1 for j in range(length)]
 
 
 def run_engine(model_dir: str, pass_config=None, prompt_lengths=PROMPT_LENGTHS, max_tokens: int = 8) -> dict:
@@ -75,15 +75,15 @@ def run_engine(model_dir: str, pass_config=None, prompt_lengths=PROMPT_LENGTHS, 
     llm = make_llm(model_dir, pass_config)
     started = time.perf_counter()
     prompts = [TokensPrompt(prompt_token_ids=prompt_ids(n, i)) for i, n in enumerate(prompt_lengths)]
-    decisions = []
+    per_prompt = []
     for prompt in prompts:  # one prefill at a time (max_tokens=1: no decode step), its decisions per worker
-        llm.collective_rpc(_reset_decisions)
+        llm.collective_rpc(reset_decisions)
         llm.generate([prompt], SamplingParams(temperature=0, max_tokens=1), use_tqdm=False)
-        decisions.append(llm.collective_rpc(_decisions))
+        per_prompt.append(llm.collective_rpc(decisions))
     outputs = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=max_tokens), use_tqdm=False)
     finished = time.perf_counter()
-    result = {"ids": [list(o.outputs[0].token_ids) for o in outputs], "decisions": decisions,
-              "reports": llm.collective_rpc(_reports), "all_reduce": llm.collective_rpc(_all_reduce_kernel),
+    result = {"ids": [list(o.outputs[0].token_ids) for o in outputs], "decisions": per_prompt,
+              "reports": llm.collective_rpc(reports), "all_reduce": llm.collective_rpc(all_reduce_kernel_of),
               "compile_cache": llm.collective_rpc(_compile_cache_counts),
               "start_s": started - start,
               "generate_s": finished - started}
@@ -97,28 +97,12 @@ def make_llm(model_dir: str, pass_config=None, **engine_args):
     os.environ.update(ENGINE_ENV)
     from vllm import LLM
 
-    kwargs = {"max_model_len": 512, **engine_args}
+    kwargs = {**ENGINE_ARGS, "max_model_len": 512, **engine_args}
     if pass_config is not None:
         import fcpass.vllm
 
         kwargs["compilation_config"] = fcpass.vllm.compilation_config(pass_config)
-    return LLM(model=model_dir, tensor_parallel_size=2, skip_tokenizer_init=True, seed=0, dtype="float32",
-               enable_prefix_caching=False, **kwargs)
-
-
-def _reset_decisions(worker) -> None:
-    import fcpass
-
-    fcpass.reset_decision_counts()
-
-
-def _decisions(worker) -> dict:
-    import fcpass
-
-    counts: dict[str, int] = {}
-    for (op, path, _), n in fcpass.decision_counts().items():
-        counts[f"{op}/{path}"] = counts.get(f"{op}/{path}", 0) + n
-    return counts
+    return LLM(model=model_dir, **kwargs)
 
 
 def _compile_cache_counts(worker) -> dict:
@@ -134,19 +118,12 @@ def _compile_cache_counts(worker) -> dict:
     return counts
 
 
-def _all_reduce_kernel(worker) -> str:
+def all_reduce_kernel_of(worker) -> str:
     from devtools.kernels import all_reduce_kernel
 
     return all_reduce_kernel()
 
 
-def _reports(worker) -> list:
-    from passes.flashcomm import recent_reports
-
-    return [report.rows() for report in recent_reports()]
-
-
-RESULT_MARK = "FCPASS_ENGINE_RESULT "
 CHECKOUT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -159,23 +136,21 @@ def with_checkout_on_path(env: dict) -> dict:
 def start(model_dir: str, fcpass_fields: dict | None = None, prompt_lengths=PROMPT_LENGTHS, env=None,
           architecture: str = "llama"):
     """``python -m devtools.engine`` in a new process (one engine per process, ``env`` added to this one's) on
-    a random ``architecture`` checkpoint at ``model_dir`` (devtools.checkpoints); pass it to :func:`result`."""
+    a random ``architecture`` checkpoint at ``model_dir`` (fcpass/checks/checkpoints.py); pass it to :func:`result`."""
     args = [model_dir, "--prompt-lengths", ",".join(map(str, prompt_lengths)), "--architecture", architecture]
     if fcpass_fields is not None:
         args += ["--fcpass", json.dumps(fcpass_fields)]
     return start_module("devtools.engine", args, env)
 
 
-def start_module(module: str, args, env=None, new_session: bool = False):
+def start_module(module: str, args, env=None):
     """``python -m module args`` in a new process of this checkout (``env`` added to this one's), its stdout
-    and stderr piped; its result line is read by :func:`result` or :func:`parse_result`. ``new_session``: in
-    a process group of its own, so killing the group also stops vLLM's engine core and workers."""
+    and stderr piped; its result line is read by :func:`result`."""
     import subprocess
     import sys
 
     return subprocess.Popen([sys.executable, "-m", module, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, env=with_checkout_on_path({**os.environ, **(env or {})}),
-                            start_new_session=new_session)
+                            text=True, env=with_checkout_on_path({**os.environ, **(env or {})}))
 
 
 def result(process, timeout: float) -> dict:
@@ -189,14 +164,6 @@ def result(process, timeout: float) -> dict:
         process.communicate()
         raise TimeoutError(f"engine run did not finish within {timeout:.0f} s") from None
     return parse_result(process.returncode, stdout, stderr)
-
-
-def parse_result(returncode: int, stdout: str, stderr: str) -> dict:
-    """The last result line of a finished run, or an error with the end of its stderr."""
-    lines = [line for line in stdout.splitlines() if line.startswith(RESULT_MARK)]
-    if returncode != 0 or not lines:
-        raise RuntimeError(f"engine run failed (exit code {returncode}):\n{stderr[-4000:]}")
-    return json.loads(lines[-1][len(RESULT_MARK):])
 
 
 def run_both(model_dir: str, fcpass_fields: dict, prompt_lengths, timeout: float = 480, env=None,

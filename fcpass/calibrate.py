@@ -279,4 +279,4 @@ def _print(table, checked, worst, worst_path) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -2,6 +2,8 @@ import os
 import sys
 import tempfile
 
+import pytest
+
 TESTS_DIR = os.path.dirname(__file__)
 sys.path.insert(0, TESTS_DIR)  # multirank, cases: picklable by module name in spawned ranks
 
@@ -18,3 +20,13 @@ def pytest_collection_finish(session):
     from support import multirank
 
     multirank.select_tests(session.items)
+
+
+@pytest.fixture(scope="session")
+def installed_wheel(tmp_path_factory):
+    """The python of a virtualenv with fcpass's wheel installed, as a user has it (tests/support/wheel.py): built
+    once per session, for every test that runs fcpass from it."""
+    from support import wheel
+
+    tmp = tmp_path_factory.mktemp("installed-wheel")
+    return wheel.installed(tmp / "user-venv", wheel.build(tmp / "wheel"))

@@ -1,13 +1,14 @@
 """benchmarks/engine.py's pure parts: the plan, points from a run, ratios to "off", the serve summary, the table.
 
 No engine starts here: runs are written out by hand in the shape
-benchmarks/engine_runs.py returns.
+fcpass/engine_run.py returns.
 """
 
 import pytest
 
 from benchmarks import engine as bench
-from benchmarks import engine_runs, serve_load
+from benchmarks import serve_load
+from fcpass import engine_run
 
 
 def _call(metric, tokens, batch, max_tokens, median_ms, comm_ms):
@@ -66,6 +67,6 @@ def test_percentiles_and_serve_summary():
 
 
 def test_comm_ops_are_the_collectives_and_fused_ops():
-    assert all(engine_runs.comm_op(n) for n in ("_c10d_functional::wait_tensor", "_C::shm_allreduce",
+    assert all(engine_run.comm_op(n) for n in ("_c10d_functional::wait_tensor", "_C::shm_allreduce",
                                                  "fcpass::mm_reduce_scatter_onednn", "c10d::send"))
-    assert not any(engine_runs.comm_op(n) for n in ("gloo:all_reduce", "_C::onednn_mm", "aten::mm"))
+    assert not any(engine_run.comm_op(n) for n in ("gloo:all_reduce", "_C::onednn_mm", "aten::mm"))

@@ -3,7 +3,8 @@
 Read from the source (ast), so an arrow added the wrong way fails here
 before it can make an import cycle or a hard dependency:
 - the runtime (``fcpass`` less ``fcpass.vllm`` and the user tools: ``fcpass.testing`` and ``fcpass.replay`` on
-  top of the rewrite, ``fcpass.calibrate`` with its ``measure`` and ``cli``) never imports the rewrite
+  top of the rewrite, ``fcpass.calibrate`` with its ``measure`` and ``cli``, ``fcpass.compare`` with its
+  ``engine_run``, the hardware checks ``fcpass.checks``) never imports the rewrite
   (``passes``) or the integration, save ``fcpass.vllm.state`` (vLLM's private
   state, a leaf), and imports vLLM, vllm-ascend or torch_npu only inside
   functions (their optional entry points);
@@ -64,8 +65,10 @@ def _under_any(name: str, packages) -> bool:
 MODULES = _modules()
 MODULE_NAMES = set(MODULES)
 INTEGRATION = {m for m in MODULES if _is_under(m, "fcpass.vllm") and m != STATE}
-# installed, on top of the rewrite and the runtime: capture replay, and measuring a threshold table
-USER_TOOLS = {"fcpass.testing", "fcpass.replay", "fcpass.calibrate", "fcpass.measure", "fcpass.cli"}
+# installed, on top of the rewrite, the integration and the runtime: capture replay, measuring a threshold table,
+# the engine without and with fcpass, the hardware checks
+USER_TOOLS = {"fcpass.testing", "fcpass.replay", "fcpass.calibrate", "fcpass.measure", "fcpass.cli", "fcpass.compare",
+              "fcpass.engine_run", *(m for m in MODULES if _is_under(m, "fcpass.checks"))}
 RUNTIME = {m for m in MODULES if _is_under(m, "fcpass") and m not in INTEGRATION | USER_TOOLS}
 REWRITE = {m for m in MODULES if _is_under(m, "passes")}
 

@@ -109,6 +109,7 @@ by Inductor, with this harness's post-grad pass, as extra graphs.
 
 from devtools.vllm_cpu.harness import compile_and_run
 from devtools.vllm_cpu.model import LAYERS, MODEL_KINDS
-from devtools.vllm_cpu.tp import agree_on_dist_ident, rank_setup, vllm_tp
+from devtools.vllm_cpu.tp import rank_setup, vllm_tp
+from fcpass.checks.vllm_group import agree_on_dist_ident
 
 __all__ = ["LAYERS", "MODEL_KINDS", "agree_on_dist_ident", "compile_and_run", "rank_setup", "vllm_tp"]

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import contextlib
-import os
-import uuid
 from unittest import mock
+
+from fcpass.checks.vllm_group import vllm_tp_group
 
 
 def rank_setup():
@@ -41,15 +41,6 @@ def _all_reduce_clone_fix():
         yield
 
 
-def agree_on_dist_ident():
-    """vLLM's CPU shared-memory communicator names its segment from VLLM_DIST_IDENT: one fresh name per call."""
-    import torch.distributed as dist
-
-    name = [f"fcpass-test-{uuid.uuid4().hex[:12]}"]
-    dist.broadcast_object_list(name, src=0)
-    os.environ["VLLM_DIST_IDENT"] = name[0]
-
-
 def _parallel_config(rank: int, world_size: int, data_parallel_size: int | None):
     """vLLM's ParallelConfig for DP x TP ranks in one torch world (its external launcher reads RANK and
     WORLD_SIZE); None (vLLM's default config) where no size is given."""
@@ -81,26 +72,17 @@ def vllm_tp(rank, world_size, compilation_config=None, additional_config=None, m
     (vLLM's ModelConfig, for code that reads the model's architecture) go into the
     VllmConfig as a user's would, as do ``config_fields`` (any other VllmConfig field, e.g.
     ``kv_transfer_config``). ``backend``: "nccl" for vLLM's TP group on GPUs (its CUDA
-    communicator), as devtools/gpu_check.py uses it.
+    communicator).
     """
-    from vllm.config import VllmConfig, set_current_vllm_config
-    from vllm.distributed import parallel_state
+    from vllm.config import VllmConfig
 
     _custom_op_collectives_on()
-    agree_on_dist_ident()
     fields = {"compilation_config": compilation_config, "additional_config": additional_config,
               "model_config": model_config, "parallel_config": _parallel_config(rank, world_size, data_parallel_size),
               **config_fields}
     vllm_config = VllmConfig(**{name: value for name, value in fields.items() if value is not None})
     tp_size = world_size // (data_parallel_size or 1)
-    with contextlib.ExitStack() as stack:
-        stack.enter_context(_all_reduce_clone_fix())
-        stack.enter_context(set_current_vllm_config(vllm_config))
-        parallel_state.init_distributed_environment(
-            world_size=world_size, rank=rank, local_rank=rank, backend=backend, distributed_init_method="env://")
-        parallel_state.initialize_model_parallel(tensor_model_parallel_size=tp_size)
-        stack.callback(parallel_state.destroy_model_parallel)
-        tp_group = parallel_state.get_tp_group()
+    with _all_reduce_clone_fix(), vllm_tp_group(rank, world_size, backend, vllm_config, tp_size) as tp_group:
         if not tp_group.use_custom_op_call:
             raise RuntimeError("vLLM TP group does not use custom-op collectives: pass setup=rank_setup to "
                                "run_ranks (VLLM_CPU.md step 1)")

@@ -1,11 +1,11 @@
-"""The prepared Ascend hardware check (devtools/ascend_check.py, ``make ascend-check``), run here as far as a CPU
+"""The prepared Ascend hardware check (fcpass/checks/ascend.py, ``make ascend-check``), run here as far as a CPU
 allows: its kernel cases on 2 gloo ranks through the generic backend (its references, calls and table), and
 its refusal to run without an NPU."""
 
 import pytest
 import torch
 
-from devtools import ascend_check
+from fcpass.checks import ascend as ascend_check
 from support.multirank import shared
 
 TOKENS, THRESHOLD = (8, 64), 16

@@ -1,5 +1,5 @@
 """The real engine on the model families vLLM serves: ``vllm.LLM(tensor_parallel_size=2)`` with and without
-fcpass's showcase config, on random checkpoints of each (devtools/checkpoints.py), vLLM's AVX2 kernel build
+fcpass's showcase config, on random checkpoints of each (fcpass/checks/checkpoints.py), vLLM's AVX2 kernel build
 (its all_reduce over gloo, where the split pays; on the shm build nothing is split, test_vllm_engine covers
 that), compile caches on.
 

@@ -1,4 +1,4 @@
-"""The prepared GPU check (devtools/gpu_check.py, ``make gpu-check``), run here as far as a CPU allows: its parts
+"""The prepared GPU check (fcpass/checks/gpu.py, ``make gpu-check``), run here as far as a CPU allows: its parts
 1 and 3 on 1 and 2 gloo ranks through the generic backend (cases, references, table), and what it says needs
 a GPU."""
 
@@ -6,7 +6,8 @@ import math
 
 import pytest
 
-from devtools import gpu_check, kernel_check
+from fcpass.checks import gpu as gpu_check
+from fcpass.checks import kernels as kernel_check
 
 TOKENS = (8, 4096)  # below and above the generic backend's default thresholds on CPU
 TOLERANCE = {"float32": 1e-5, "bfloat16": 2e-2, "int8": 2e-2}

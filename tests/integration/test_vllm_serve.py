@@ -25,7 +25,7 @@ import pytest
 
 from devtools import servers as vllm_servers
 from passes.capture import CAPTURE_ENV
-from support import docs, vllm_kernels, wheel
+from support import docs, vllm_kernels
 from support.engine_expectations import FCPASS, sorted_rows, worker_report
 from devtools import engine
 
@@ -35,7 +35,7 @@ READY_TIMEOUT_S = 420
 
 
 @pytest.fixture(scope="module")
-def servers(tmp_path_factory):
+def servers(tmp_path_factory, installed_wheel):
     tmp = tmp_path_factory.mktemp("vllm-serve")
     model_dir = engine.write_tiny_llama(str(tmp / "tiny-llama"))
     dumps = str(tmp / "fcpass-dumps")
@@ -44,7 +44,7 @@ def servers(tmp_path_factory):
     cache = {"VLLM_CACHE_ROOT": str(tmp / "vllm-cache"), "TORCHINDUCTOR_CACHE_DIR": str(tmp / "inductor-cache")}
     user = tmp / "user"  # where the user starts the server: no checkout there
     user.mkdir()
-    python = wheel.installed(tmp / "user-venv", wheel.build(tmp / "wheel"))
+    python = installed_wheel
     specs = {
         "plain": ((), cache),
         "fcpass": (("--additional-config", json.dumps({"fcpass": FCPASS})),

@@ -148,7 +148,7 @@ def model_config(architecture: str = "llama"):
     import torch.distributed as dist
     from vllm.config import ModelConfig
 
-    from devtools import checkpoints
+    from fcpass.checks import checkpoints
 
     folder = tempfile.mkdtemp(prefix=f"fcpass-ascend-{architecture}-")
     path = [checkpoints.write(folder, architecture) if dist.get_rank() == 0 else None]

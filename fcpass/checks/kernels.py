@@ -1,8 +1,7 @@
 """The fused ops against a float64 reference, in one rank: the part the hardware checks share.
 
-``make ascend-check`` (devtools/ascend_check.py) runs it on NPU ranks over HCCL, ``make gpu-check``
-(devtools/gpu_check.py) on CUDA ranks over NCCL; on CPU ranks over gloo (the generic backend) it is how both
-are tested here. Every rank rebuilds every rank's seeded inputs on the CPU for the reference, so the error
+The Ascend check (fcpass/checks/ascend.py) runs it on NPU ranks over HCCL, the GPU check (fcpass/checks/gpu.py)
+on CUDA ranks over NCCL; on CPU ranks over gloo (the generic backend) it is how both are tested off hardware. Every rank rebuilds every rank's seeded inputs on the CPU for the reference, so the error
 is the op's, not the reference's.
 """
 
@@ -11,10 +10,9 @@ from __future__ import annotations
 import statistics
 import time
 
-try:
-    import torch
-except ImportError:  # a python without torch: the checks' main() says what is missing
-    torch = None
+import torch
+
+from fcpass.measure import synchronize
 
 SUM = "mm_sum_reduce_scatter"  # Falcon's scatter after the sum of two products (float dtypes only)
 OPS = ("mm_reduce_scatter", "all_gather_mm", "mm_all_reduce", SUM)
@@ -100,8 +98,6 @@ def call(op: str, form, name: str, world_size: int, args, threshold: int):
 
 def timed_ms(fn, device_type: str, repeats: int) -> float:
     """Median wall time of ``fn`` in ms, the device synchronized around each call, after one warm-up call."""
-    from fcpass.measure import synchronize  # here: this module imports without torch (main() says what is missing)
-
     times = []
     for _ in range(repeats + 1):
         synchronize(device_type)

@@ -1,6 +1,8 @@
-"""The GPU check: what fcpass cannot verify without an NVIDIA GPU, in one run (``make gpu-check``).
+"""The GPU check: what fcpass cannot verify without an NVIDIA GPU, in one run.
 
-    python -m devtools.gpu_check [--tokens 512,4096]
+    python -m fcpass.checks.gpu [--tokens 512,4096] [--shape 1024,1024] [--repeats 10]
+
+(or ``fcpass-gpu-check``; ``make gpu-check`` in a checkout).
 
 On one GPU (a one-rank NCCL group):
 1. every fused op (bf16/fp16 and W8A8) on CUDA tensors through the CUDA backend, below and above the
@@ -25,8 +27,10 @@ from __future__ import annotations
 import argparse
 import sys
 
-from devtools import kernel_check
-from devtools.kernel_check import table, torch
+import torch
+
+from fcpass.checks import kernels
+from fcpass.checks.kernels import table
 
 NEEDS_A_GPU = ("the CUDA backend (symmetric memory, the NCCL pipeline), CUDA tensors", "CUDA-graph capture",
                "2 ranks over NCCL", "vLLM's CUDA communicator under the unfused path")
@@ -34,28 +38,28 @@ DECODE_TOKENS = (1, 8, 32)
 
 
 def gpus() -> int:
-    return torch.cuda.device_count() if torch is not None and torch.cuda.is_available() else 0
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
 
 
 def kernels_rank(rank: int, world_size: int, tokens_list, device_type: str, symmetric_memory: bool = False,
-                 shape=(kernel_check.K, kernel_check.N), repeats: int = kernel_check.REPEATS) -> list[dict]:
+                 shape=(kernels.K, kernels.N), repeats: int = kernels.REPEATS) -> list[dict]:
     """Part 1 (one rank) or 3: the cases, each row with the plain matmul's time on this rank's x and w."""
     backend = "cuda" if device_type == "cuda" else "generic"
-    rows = kernel_check.kernels_rank(rank, world_size, tokens_list, device_type, backend, None, shape, repeats,
-                                     cuda_symmetric_memory=symmetric_memory)
+    rows = kernels.kernels_rank(rank, world_size, tokens_list, device_type, backend, None, shape, repeats,
+                                cuda_symmetric_memory=symmetric_memory)
     for row in rows:
         row["symmetric_memory"] = symmetric_memory
         if row["w8a8"] == "-":
             dtype = getattr(torch, row["dtype"])
             x = torch.randn(row["tokens"], shape[0], dtype=dtype, device=device_type)
             w = torch.randn(shape[0], shape[1], dtype=dtype, device=device_type)
-            row["matmul_ms"] = kernel_check.timed_ms(lambda: x @ w, device_type, repeats)
+            row["matmul_ms"] = kernels.timed_ms(lambda: x @ w, device_type, repeats)
         else:
             row["matmul_ms"] = float("nan")
     return rows
 
 
-def capture_rank(rank: int, world_size: int, tokens_list, shape=(kernel_check.K, kernel_check.N)) -> list[dict]:
+def capture_rank(rank: int, world_size: int, tokens_list, shape=(kernels.K, kernels.N)) -> list[dict]:
     """Part 2: each plain op captured in a CUDA graph after one eager call, replayed on new inputs."""
     import torch.distributed as dist
 
@@ -64,13 +68,13 @@ def capture_rank(rank: int, world_size: int, tokens_list, shape=(kernel_check.K,
     torch.cuda.set_device(rank)
     fcpass.configure(fcpass.PassConfig(backend="cuda"))
     name, rows = dist.group.WORLD.group_name, []
-    for op in kernel_check.OPS:
+    for op in kernels.OPS:
         for seed, tokens in enumerate(tokens_list):
-            static = [None if t is None else t.cuda() for t in kernel_check.case_inputs(
+            static = [None if t is None else t.cuda() for t in kernels.case_inputs(
                 rank, world_size, op, tokens, torch.bfloat16, None, seed, *shape)]
 
             def run():
-                return kernel_check.call(op, None, name, world_size, static, threshold=-1)
+                return kernels.call(op, None, name, world_size, static, threshold=-1)
 
             row = {"op": op, "tokens": tokens}
             try:
@@ -79,7 +83,7 @@ def capture_rank(rank: int, world_size: int, tokens_list, shape=(kernel_check.K,
                 graph = torch.cuda.CUDAGraph()
                 with torch.cuda.graph(graph):
                     out = run()
-                fresh = kernel_check.case_inputs(rank, world_size, op, tokens, torch.bfloat16, None, seed + 1, *shape)
+                fresh = kernels.case_inputs(rank, world_size, op, tokens, torch.bfloat16, None, seed + 1, *shape)
                 for held, new in zip(static, fresh):
                     if held is not None:
                         held.copy_(new)
@@ -95,19 +99,19 @@ def capture_rank(rank: int, world_size: int, tokens_list, shape=(kernel_check.K,
 
 
 def below_threshold_rank(rank: int, world_size: int, tokens_list, device_type: str,
-                         shape=(kernel_check.K, kernel_check.N), repeats: int = kernel_check.REPEATS) -> list[dict]:
+                         shape=(kernels.K, kernels.N), repeats: int = kernels.REPEATS) -> list[dict]:
     """Part 4: vLLM's site (torch.mm + vLLM's all_reduce on its TP group) and fcpass's op at it, below the
     threshold: the same bits, and each one's time; on CUDA also each captured in a CUDA graph in vLLM's
     graph_capture (what vLLM does for decode sizes)."""
     import fcpass
-    from devtools.vllm_cpu import vllm_tp
+    from fcpass.checks.vllm_group import vllm_tp_group
     from fcpass.limits import MAX_THRESHOLD_TOKENS
 
     if device_type == "cuda":
         torch.cuda.set_device(rank)
     rows = []
     backend = "nccl" if device_type == "cuda" else "gloo"
-    with vllm_tp(rank, world_size, backend=backend) as (_, tp), torch.inference_mode():
+    with vllm_tp_group(rank, world_size, backend) as tp, torch.inference_mode():
         fcpass.configure(fcpass.PassConfig())
         group, op = tp.unique_name, torch.ops.fcpass.mm_all_reduce
         for tokens in tokens_list:
@@ -119,7 +123,7 @@ def below_threshold_rank(rank: int, world_size: int, tokens_list, device_type: s
             outs = {name: fn() for name, fn in variants.items()}
             row = {"tokens": tokens, "same_bits": bool(torch.equal(outs["vllm_site"], outs["fcpass_op"]))}
             for name, fn in variants.items():
-                row[f"{name}_ms"] = kernel_check.timed_ms(fn, device_type, repeats)
+                row[f"{name}_ms"] = kernels.timed_ms(fn, device_type, repeats)
             if device_type == "cuda":
                 row.update(_captured(tp, variants, device_type, repeats))
             rows.append(row)
@@ -139,7 +143,7 @@ def _captured(tp, variants, device_type: str, repeats: int) -> dict:
                     outs[name] = fn()
         for name, graph in graphs.items():
             graph.replay()
-            row[f"{name}_captured_ms"] = kernel_check.timed_ms(graph.replay, device_type, repeats)
+            row[f"{name}_captured_ms"] = kernels.timed_ms(graph.replay, device_type, repeats)
         torch.cuda.synchronize()
         row["captured_same_bits"] = bool(torch.equal(outs["vllm_site"], outs["fcpass_op"]))
     except Exception as e:  # a row to send back, not a crash
@@ -147,9 +151,9 @@ def _captured(tp, variants, device_type: str, repeats: int) -> dict:
     return row
 
 
-def run(tokens, shape=(kernel_check.K, kernel_check.N), repeats: int = kernel_check.REPEATS) -> dict[str, list]:
+def run(tokens, shape=(kernels.K, kernels.N), repeats: int = kernels.REPEATS) -> dict[str, list]:
     """Every part this machine can run: {title: rows}."""
-    from devtools.launch import run_ranks
+    from fcpass.local_ranks import run_ranks
 
     count = gpus()
     device, backend = ("cuda", "nccl") if count else ("cpu", "gloo")
@@ -164,7 +168,7 @@ def run(tokens, shape=(kernel_check.K, kernel_check.N), repeats: int = kernel_ch
             per_rank = run_ranks(kernels_rank, 2, tokens, device, symmetric_memory, shape, repeats,
                                  backend=backend, timeout=1800)
             title = f"3. fcpass ops, 2 ranks ({backend}, {device}), cuda_symmetric_memory={symmetric_memory} ({ms})"
-            parts[title] = kernel_check.merged(per_rank)
+            parts[title] = kernels.merged(per_rank)
     if count != 1 and _has_vllm():
         parts[f"4. below the threshold: vLLM's all_reduce site vs fcpass's op at it, 2 ranks ({backend}, {device}) "
               f"({ms})"] = run_ranks(below_threshold_rank, 2, DECODE_TOKENS, device, shape, repeats,
@@ -181,12 +185,9 @@ def _has_vllm() -> bool:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tokens", default="512,4096", help="token counts (even): below and above the threshold")
-    parser.add_argument("--shape", default=f"{kernel_check.K},{kernel_check.N}", help="k,n of the matmuls")
-    parser.add_argument("--repeats", type=int, default=kernel_check.REPEATS, help="timed calls per case")
+    parser.add_argument("--shape", default=f"{kernels.K},{kernels.N}", help="k,n of the matmuls")
+    parser.add_argument("--repeats", type=int, default=kernels.REPEATS, help="timed calls per case")
     args = parser.parse_args(argv)
-    if torch is None:
-        print(f"gpu-check: nothing run: torch is not installed in {sys.executable}", file=sys.stderr)
-        return 2
     print(preamble(gpus()))
     parts = run([int(t) for t in args.tokens.split(",")], tuple(int(d) for d in args.shape.split(",")), args.repeats)
     for title, rows in parts.items():
