@@ -161,43 +161,49 @@ def _summary(entry: dict) -> dict:
             "pipeline_chunks": entry.get("pipeline_chunks"), **entry["measured"]}
 
 
+def parser() -> argparse.ArgumentParser:
+    found = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    found.add_argument("--launched", action="store_true",
+                       help="run as one rank of a group a launcher started (torchrun: RANK, WORLD_SIZE, LOCAL_RANK, "
+                            "MASTER_ADDR, MASTER_PORT); without it: --world-size local gloo ranks on this CPU")
+    found.add_argument("--device", choices=sorted(GROUP_BACKENDS), default="cpu",
+                       help="the tensors' device (--launched): npu (hccl), cuda (nccl), cpu (gloo)")
+    found.add_argument("--world-size", type=int, default=2, help="local gloo ranks to start (without --launched)")
+    found.add_argument("--shapes", default=DEFAULT_SHAPES, help="comma-separated KxN (one table bucket each)")
+    found.add_argument("--tokens", help=f"comma-separated token counts (default {DEFAULT_TOKENS})")
+    found.add_argument("--dtype", default="float32", help=f"one of {sorted(cli.DTYPES)}")
+    found.add_argument("--out", default="thresholds.json", help="the table")
+    found.add_argument("--report", default="calibration.json", help="every measurement, and the check's ratios")
+    found.add_argument("--quick", action="store_true", help=f"tokens {QUICK_TOKENS} unless --tokens (~2-3 min idle)")
+    return found
+
+
 def parse_args(argv):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--launched", action="store_true",
-                        help="run as one rank of a group a launcher started (torchrun: RANK, WORLD_SIZE, LOCAL_RANK, "
-                             "MASTER_ADDR, MASTER_PORT); without it: --world-size local gloo ranks on this CPU")
-    parser.add_argument("--device", choices=sorted(GROUP_BACKENDS), default="cpu",
-                        help="the tensors' device (--launched): npu (hccl), cuda (nccl), cpu (gloo)")
-    parser.add_argument("--world-size", type=int, default=2, help="local gloo ranks to start (without --launched)")
-    parser.add_argument("--shapes", default=DEFAULT_SHAPES, help="comma-separated KxN (one table bucket each)")
-    parser.add_argument("--tokens", help=f"comma-separated token counts (default {DEFAULT_TOKENS})")
-    parser.add_argument("--dtype", default="float32", help=f"one of {sorted(cli.DTYPES)}")
-    parser.add_argument("--out", default="thresholds.json", help="the table")
-    parser.add_argument("--report", default="calibration.json", help="every measurement, and the check's ratios")
-    parser.add_argument("--quick", action="store_true", help=f"tokens {QUICK_TOKENS} unless --tokens (~2-3 min idle)")
-    args = parser.parse_args(argv)
+    """The arguments, checked against each other and the launcher's environment."""
+    cli_parser = parser()
+    args = cli_parser.parse_args(argv)
     if args.launched:
         args.world_size = int(os.environ.get("WORLD_SIZE", "0"))
         if not args.world_size or "RANK" not in os.environ:
-            parser.error("--launched: RANK and WORLD_SIZE are not set (start it with torchrun)")
+            cli_parser.error("--launched: RANK and WORLD_SIZE are not set (start it with torchrun)")
     elif args.device != "cpu":
-        parser.error(f"--device {args.device}: run it with --launched, one process per device (torchrun)")
+        cli_parser.error(f"--device {args.device}: run it with --launched, one process per device (torchrun)")
     lo, hi = WORLD_SIZE_RANGE
     if not lo <= args.world_size <= hi:
-        parser.error(f"world size {args.world_size} must be in [{lo}, {hi}]")
+        cli_parser.error(f"world size {args.world_size} must be in [{lo}, {hi}]")
     try:
         args.shapes = cli.shape_list(args.shapes)
         args.tokens = cli.int_list(args.tokens or (QUICK_TOKENS if args.quick else DEFAULT_TOKENS), "--tokens",
                                    multiple_of=args.world_size)
         args.dtype = cli.dtype_arg(args.dtype)
     except argparse.ArgumentTypeError as exc:
-        parser.error(str(exc))
+        cli_parser.error(str(exc))
     buckets = {}
     for k, n in args.shapes:
         other = buckets.setdefault((thresholds.bucket(k), thresholds.bucket(n)), (k, n))
         if other != (k, n):
-            parser.error(f"--shapes: {other[0]}x{other[1]} and {k}x{n} share one table bucket "
-                         f"(floor(log2) of k and of n); measure one of them")
+            cli_parser.error(f"--shapes: {other[0]}x{other[1]} and {k}x{n} share one table bucket "
+                             f"(floor(log2) of k and of n); measure one of them")
     return args
 
 

@@ -104,29 +104,34 @@ def _json_object(text: str, what: str) -> dict:
     return value
 
 
+def parser() -> argparse.ArgumentParser:
+    found = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    found.add_argument("--model", required=True, help="what vllm.LLM(model=...) takes: a folder or a model name")
+    found.add_argument("--fcpass", default="{}", type=lambda t: _json_object(t, "--fcpass"),
+                       help="PassConfig fields, as in --additional-config's \"fcpass\" entry (default: {})")
+    found.add_argument("--engine-args", default="{}", type=lambda t: _json_object(t, "--engine-args"),
+                       help="vllm.LLM's keyword arguments as JSON, e.g. tensor_parallel_size, dtype")
+    found.add_argument("--prompt-tokens", default="512,4096", type=lambda t: cli.int_list(t, "--prompt-tokens"))
+    found.add_argument("--batch", type=int, default=8, help="prompts per decode step")
+    found.add_argument("--decode-steps", type=int, default=32)
+    found.add_argument("--repeats", type=int, default=3, help="timed calls per point (after one warm-up)")
+    found.add_argument("--timeout", type=float, default=TIMEOUT_S, help="seconds per engine")
+    found.add_argument("--json", help="write the result here")
+    return found
+
+
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", required=True, help="what vllm.LLM(model=...) takes: a folder or a model name")
-    parser.add_argument("--fcpass", default="{}", type=lambda t: _json_object(t, "--fcpass"),
-                        help="PassConfig fields, as in --additional-config's \"fcpass\" entry (default: {})")
-    parser.add_argument("--engine-args", default="{}", type=lambda t: _json_object(t, "--engine-args"),
-                        help="vllm.LLM's keyword arguments as JSON, e.g. tensor_parallel_size, dtype")
-    parser.add_argument("--prompt-tokens", default="512,4096", type=lambda t: cli.int_list(t, "--prompt-tokens"))
-    parser.add_argument("--batch", type=int, default=8, help="prompts per decode step")
-    parser.add_argument("--decode-steps", type=int, default=32)
-    parser.add_argument("--repeats", type=int, default=3, help="timed calls per point (after one warm-up)")
-    parser.add_argument("--timeout", type=float, default=TIMEOUT_S, help="seconds per engine")
-    parser.add_argument("--json", help="write the result here")
-    args = parser.parse_args(argv)
+    cli_parser = parser()
+    args = cli_parser.parse_args(argv)
     for name in ("batch", "decode_steps", "repeats"):
         if getattr(args, name) < 1:
-            parser.error(f"--{name.replace('_', '-')} must be >= 1")
+            cli_parser.error(f"--{name.replace('_', '-')} must be >= 1")
     import fcpass
 
     try:  # a bad field fails here, before an engine starts
         fcpass.PassConfig.from_dict(args.fcpass)
     except (TypeError, ValueError) as error:
-        parser.error(f"--fcpass: {error}")
+        cli_parser.error(f"--fcpass: {error}")
     cli.setup_logging()
     plan_ = plan(args.prompt_tokens, args.batch, args.decode_steps, args.repeats, args.engine_args)
     runs = compare(args.model, args.fcpass, plan_, args.timeout)

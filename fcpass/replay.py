@@ -28,16 +28,20 @@ from fcpass.testing import CaptureError, capture_folders, load, ranks_disagree, 
 OK, CHECK_FAILED, UNUSABLE = 0, 1, 2
 
 
+def parser() -> argparse.ArgumentParser:
+    found = argparse.ArgumentParser(prog="python -m fcpass.replay", description=__doc__.split("\n\n")[0])
+    found.add_argument("dir", help="a folder FCPASS_CAPTURE wrote (or one capture in it)")
+    found.add_argument("--config", help="JSON object: PassConfig fields replacing the captured config's")
+    found.add_argument("--json", dest="json_out", help="write the results here")
+    found.add_argument("--expect", help="a --json file the results must equal (reports and ops after)")
+    found.add_argument("--numerics", action="store_true",
+                       help="run each fused site on local gloo ranks against the site's own ops, both sides of "
+                            "its threshold")
+    return found
+
+
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m fcpass.replay", description=__doc__.split("\n\n")[0])
-    parser.add_argument("dir", help="a folder FCPASS_CAPTURE wrote (or one capture in it)")
-    parser.add_argument("--config", help="JSON object: PassConfig fields replacing the captured config's")
-    parser.add_argument("--json", dest="json_out", help="write the results here")
-    parser.add_argument("--expect", help="a --json file the results must equal (reports and ops after)")
-    parser.add_argument("--numerics", action="store_true",
-                        help="run each fused site on local gloo ranks against the site's own ops, both sides of "
-                             "its threshold")
-    args = parser.parse_args(argv)
+    args = parser().parse_args(argv)
     try:
         config = json.loads(args.config) if args.config else None
         expected = _read_json(args.expect) if args.expect else None

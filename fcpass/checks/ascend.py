@@ -89,12 +89,16 @@ def engine_table(model: str) -> str:
     return compare.table(compare.summary(runs, decode_steps=8))
 
 
+def parser() -> argparse.ArgumentParser:
+    found = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    found.add_argument("--tokens", default="512,4096", help="token counts (even): below and above the threshold")
+    found.add_argument("--skip-engine", action="store_true", help="the kernels only")
+    found.add_argument("--model", help="part 2's model (default: a random Llama, hidden 1024, 4 layers)")
+    return found
+
+
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--tokens", default="512,4096", help="token counts (even): below and above the threshold")
-    parser.add_argument("--skip-engine", action="store_true", help="the kernels only")
-    parser.add_argument("--model", help="part 2's model (default: a random Llama, hidden 1024, 4 layers)")
-    args = parser.parse_args(argv)
+    args = parser().parse_args(argv)
     problem = missing()
     if problem:
         print(f"ascend-check: nothing run: {problem}", file=sys.stderr)

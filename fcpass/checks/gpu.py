@@ -182,12 +182,16 @@ def _has_vllm() -> bool:
     return importlib.util.find_spec("vllm") is not None
 
 
+def parser() -> argparse.ArgumentParser:
+    found = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    found.add_argument("--tokens", default="512,4096", help="token counts (even): below and above the threshold")
+    found.add_argument("--shape", default=f"{kernels.K},{kernels.N}", help="k,n of the matmuls")
+    found.add_argument("--repeats", type=int, default=kernels.REPEATS, help="timed calls per case")
+    return found
+
+
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--tokens", default="512,4096", help="token counts (even): below and above the threshold")
-    parser.add_argument("--shape", default=f"{kernels.K},{kernels.N}", help="k,n of the matmuls")
-    parser.add_argument("--repeats", type=int, default=kernels.REPEATS, help="timed calls per case")
-    args = parser.parse_args(argv)
+    args = parser().parse_args(argv)
     print(preamble(gpus()))
     parts = run([int(t) for t in args.tokens.split(",")], tuple(int(d) for d in args.shape.split(",")), args.repeats)
     for title, rows in parts.items():

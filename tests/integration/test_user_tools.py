@@ -102,3 +102,45 @@ def test_compare_runs_the_engine_without_and_with_fcpass(user, tmp_path):
     assert all(call["decisions"] == [{}, {}] for call in result["runs"]["without fcpass"]["calls"])
     assert result["engine_args"] == {"seed": 0, "enable_prefix_caching": False, "skip_tokenizer_init": True,
                                      **engine_args}
+
+
+def _readme_commands() -> list[tuple[str, list[str]]]:
+    """(tool module, arguments) of each command in the README's "Tools" blocks."""
+    import shlex
+
+    from support import docs
+
+    found = []
+    for block in docs.blocks(docs.section("Tools"), "bash"):
+        for command in block.replace("\\\n", " ").splitlines():
+            words = shlex.split(command)
+            if words[0] in SCRIPTS:
+                found.append((SCRIPTS[words[0]].split(":")[0], words[1:]))
+            else:  # torchrun ... -m MODULE ARGS, or python -m MODULE ARGS
+                at = words.index("-m")
+                found.append((words[at + 1], words[at + 2:]))
+    return found
+
+
+def test_the_readmes_tool_commands_are_accepted_by_their_tools(monkeypatch):
+    """Each command of the README's "Tools" section parses with its tool's own arguments (the launcher's
+    environment set, as torchrun sets it for --launched), and its fcpass config is a PassConfig; the table lists
+    every installed command."""
+    import importlib
+
+    import fcpass
+    from support import docs
+
+    commands = _readme_commands()
+    assert {module for module, _ in commands} == {"fcpass.compare", "fcpass.calibrate", "fcpass.checks.ascend",
+                                                 "fcpass.checks.gpu"}
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "8")
+    for module_name, arguments in commands:
+        module = importlib.import_module(module_name)
+        args = module.parse_args(arguments) if hasattr(module, "parse_args") else module.parser().parse_args(arguments)
+        if module_name == "fcpass.compare":
+            fcpass.PassConfig.from_dict(args.fcpass)
+    table = docs.section("Tools").split("\n\n")[2]
+    for script, target in SCRIPTS.items():
+        assert f"| `{script}` | `{target.split(':')[0]}` |" in table, script
