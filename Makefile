@@ -114,7 +114,7 @@ venv-newest: $(NEWEST_VENV)/.fcpass-installed
 # fcpass, read from the main virtualenv. vllm-ascend's own source for each is in .deps (make ascend-src); the
 # tests pick the one built for the vLLM they run on (devtools/sources.py).
 ASCEND_ONLY_TESTS := tests/integration/test_vllm_ascend_compile.py tests/rewrite/test_passes_vllm_ascend.py \
-	tests/integration/test_vllm_ascend_linear_ops.py
+	tests/integration/test_vllm_ascend_linear_ops.py tests/integration/test_vllm_ascend_moe.py
 # (the Ascend check and the torch_npu stand-in's checks need no vllm-ascend: the main suite runs them)
 ASCEND_TESTS := $(ASCEND_ONLY_TESTS) tests/rewrite/test_replay.py::test_a_committed_capture_replays_as_expected
 ASCEND023_VENV ?= .venv-ascend023

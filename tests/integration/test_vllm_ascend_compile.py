@@ -123,6 +123,7 @@ def run_in_vllm_ascend_compile(rank, world_size):
         ascend.load_ops()
         manager = configure_post_pass(vllm_config, GraphFusionPassManager(), ASCEND_PASS_KEY)
         results["passes"] = [type(p).__name__ for p in manager.passes]
+        results["tp_name"] = tp.unique_name  # "tp:N", N the TP groups this process made before (shared ranks)
         compile_range = Range(start=1, end=8192)
 
         calls = counting(tp)
@@ -149,7 +150,8 @@ def run_in_vllm_ascend_compile(rank, world_size):
                         fcpass.reset_decision_counts()
                         calls.clear()
                         with profiled() as prof:
-                            counted[label] = (fn(x), collective_events(prof), dict(calls))
+                            out = fn(x)
+                        counted[label] = (out, collective_events(prof), dict(calls))
                 want, got = counted["want"][0], counted["got"][0]
                 assert want.float().abs().max() > 0, (form, tokens)
                 runs[tokens, dp_padded_length] = {
@@ -214,6 +216,7 @@ def test_its_captures_replay_where_vllm_ascend_and_torch_npu_are_not_installed(t
     forms included, replayed in a process where vLLM, vllm-ascend and torch_npu cannot be imported (their ops
     registered from the captured schemas): per rank the live report row for row, well-formed rewritten graphs,
     ranks agreeing, and vllm-ascend's sites fused (0.23's FlashComm ones; 0.30's EP ones left alone)."""
+    (tp_name,) = {r["tp_name"] for r in ASCEND_COMPILE()}
     captures = replays.gather([r["captures"] for r in ASCEND_COMPILE()], tmp_path / "captures")
     live = replays.live_reports(captures)
     done, results = replays.replay(captures)
@@ -230,7 +233,7 @@ def test_its_captures_replay_where_vllm_ascend_and_torch_npu_are_not_installed(t
     schemas = {name for f in facts for name in f["schemas"]}
     for f in facts:  # each group the pass read: its size and its global ranks; vLLM's TP group by name
         process = f["process"]
-        assert process["tp_group"] == ["tp:0", 2] and f["world_size"] == 2 and f["rank"] in (0, 1)
+        assert process["tp_group"] == [tp_name, 2] and f["world_size"] == 2 and f["rank"] in (0, 1)
         tp_sites = ascend.TP_FLASHCOMM or any(op.startswith(("vllm.all_", "vllm.reduce_scatter"))
                                               for op in f["ops_before"])  # 0.30's EP collectives name no group
         assert bool(process["groups"]) == tp_sites  # every collective's group is asked up front

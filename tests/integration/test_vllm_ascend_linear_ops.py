@@ -18,19 +18,34 @@ release built for the vLLM under test (0.23 and 0.30: ``make test-ascend023`` / 
   (``Flashcomm2OProjRowParallelOp``). Its graph never reaches fcpass: torch.compile cannot trace its
   ``dist.all_to_all_single`` into a 1-D receive buffer (torch remaps it to a functional all_to_all whose
   result, shaped like the 2-D send buffer, is copied into that buffer), with or without fcpass.
+- FlashComm v1 (0.23 only; ``enable_flashcomm1``, on in every layout here): a dense model's MLP on vLLM's TP
+  group (TP=2), its gate_up_proj's input gathered (``SequenceColumnParallelOp``, vllm-ascend's
+  ``maybe_all_gather_and_maybe_unpad``), its down_proj one opaque ``matmul_and_reduce``
+  (``SequenceRowParallelOp``). vllm-ascend turns it on per forward, above 1000 tokens: at ``TOKENS`` the gather
+  returns its input and fcpass has nothing to fuse; compiled in a forward with it on, fcpass fuses the gather,
+  and ``matmul_and_reduce`` fails on the gloo ranks: it asks the TP group's "npu" backend for an HCCL comm name
+  (for its own ``npu_mm_reduce_scatter_base``), and torch has no "npu" device here. The stand-in's
+  ``install()`` would make one, but torch 2.10's ``barrier`` (vLLM's group setup) then asks torch_npu's
+  PrivateUse1 hooks, which it has not.
+- matmul_allreduce (0.23 only; ``enable_matmul_allreduce``): every row-parallel layer no other op takes
+  (``MatmulAllreduceRowParallelOp``, torch_npu's ``npu_mm_all_reduce_base``) asks for the same comm name as it is
+  built: never built here.
 
 Each matmul beside a collective is fused, on the op's own group; at or below the threshold the same bits and
 the same collective calls as without fcpass, above it the same numbers within float32's chunking bound. On
-Atlas A2 the NPU backend leaves them alone (torch_npu: one communicator per model, vLLM's TP group's).
+Atlas A2 the NPU backend leaves those on vllm-ascend's own groups alone (torch_npu: one communicator per model,
+vLLM's TP group's) and takes FlashComm v1's, on vLLM's TP group.
 
 docs/REFERENCE.md's "vllm-ascend's linear ops" table lists each op, row for row with ``OUTCOMES``.
 """
 
 import dataclasses
+import traceback
 
 import pytest
 import torch
 
+from passes import report
 from support import vllm_ascend_code as ascend
 from support.multirank import shared
 
@@ -40,8 +55,8 @@ HIDDEN, FFN = 32, 64
 
 
 def _layer(rank, layers: tuple[str, ...]):
-    """Attention's output projection ("o_proj") and/or a dense MLP ("mlp"), of vllm-ascend's linear layers
-    with the prefixes its model code gives them."""
+    """Attention's output projection ("o_proj") and/or a dense MLP ("mlp", or its first linear alone:
+    "gate_up_proj"), of vllm-ascend's linear layers with the prefixes its model code gives them."""
     from vllm_ascend.ops.linear import AscendMergedColumnParallelLinear, AscendRowParallelLinear
 
     class Layer(torch.nn.Module):
@@ -50,9 +65,10 @@ def _layer(rank, layers: tuple[str, ...]):
             if "o_proj" in layers:
                 self.o_proj = AscendRowParallelLinear(HIDDEN * 2, HIDDEN, bias=False,
                                                       prefix="model.layers.0.self_attn.o_proj")
-            if "mlp" in layers:
+            if "mlp" in layers or "gate_up_proj" in layers:
                 self.gate_up_proj = AscendMergedColumnParallelLinear(HIDDEN, [FFN, FFN], bias=False,
                                                                      prefix="model.layers.0.mlp.gate_up_proj")
+            if "mlp" in layers:
                 self.down_proj = AscendRowParallelLinear(FFN, HIDDEN, bias=False,
                                                          prefix="model.layers.0.mlp.down_proj")
             g = torch.Generator().manual_seed(rank)
@@ -65,6 +81,8 @@ def _layer(rank, layers: tuple[str, ...]):
             if "mlp" in layers:
                 gate, up = _output(self.gate_up_proj(x)).chunk(2, -1)
                 x = _output(self.down_proj(torch.relu(gate) * up))
+            if "gate_up_proj" in layers:
+                x = _output(self.gate_up_proj(x))
             return x
 
     return Layer()
@@ -84,6 +102,7 @@ class Layout:
     layers: tuple[str, ...]
     ops: dict  # layer name -> the op vllm-ascend picks for it
     decode_node: bool = True  # a PD decode node (kv_consumer): fine-grained TP needs one, FlashComm2 refuses one
+    model: str = "qwen3_moe"  # fine-grained TP: MoE models only (vllm-ascend's rule)
 
     @property
     def input_width(self) -> int:
@@ -106,10 +125,24 @@ LAYOUTS = {"DP=2, mlp_tp=2": _fine_grained(2, 2, 2), "DP=4, mlp_tp=2": _fine_gra
 if ascend.TP_FLASHCOMM:
     LAYOUTS["DP=2 x TP=2, mlp_tp=2"] = _fine_grained(4, 2, 2)
     # FlashComm2 of TP=4 with o_proj TP 2: otp groups [0, 2] / [1, 3], odp [0, 1] / [2, 3]
+    # FlashComm v1 (enable_flashcomm1, on in every layout here) on vLLM's TP group, in a dense model: the MLP's
+    # gate_up_proj and down_proj are its sequence-parallel ops, FlashComm on in forwards above 1000 tokens
+    LAYOUTS["TP=2, FlashComm v1"] = Layout(2, 1, {}, ("mlp",), {"gate_up_proj": "SequenceColumnParallelOp",
+                                                               "down_proj": "SequenceRowParallelOp"},
+                                           decode_node=False, model="llama")
+    # matmul_allreduce: every row-parallel layer not taken by fine-grained TP (here attention's o_proj)
+    LAYOUTS["TP=2, matmul_allreduce"] = Layout(2, 1, {"enable_matmul_allreduce": True}, ("o_proj",),
+                                               {"o_proj": "MatmulAllreduceRowParallelOp"}, decode_node=False,
+                                               model="llama")
     LAYOUTS["TP=4, FlashComm2 otp=2"] = Layout(4, 1, {"enable_flashcomm2_parallel_size": 2}, ("o_proj",),
                                                {"o_proj": "Flashcomm2OProjRowParallelOp"}, decode_node=False)
 # layouts whose graph torch.compile cannot trace (the reason: the module docstring)
 UNTRACEABLE = {"TP=4, FlashComm2 otp=2"}
+# layouts whose op cannot be built on a gloo rank (the module docstring)
+UNBUILDABLE = {"TP=2, matmul_allreduce"} & LAYOUTS.keys()
+# layouts whose ops run on gloo with FlashComm v1 off only; compiled again with it on (the module docstring)
+FLASHCOMM_V1 = {"TP=2, FlashComm v1"} & LAYOUTS.keys()
+FLASHCOMM_TOKENS = 1002  # vllm-ascend turns FlashComm v1 on for a dense model's forwards above 1000 tokens
 
 
 def _decode_node():
@@ -124,8 +157,10 @@ def _own_groups(groups, layout: Layout) -> dict:
     """vllm-ascend's groups the layout's ops talk on, by name: their ranks and torch groups."""
     if "enable_flashcomm2_parallel_size" in layout.switches:
         getters = {"otp": "get_flashcomm2_otp_group", "odp": "get_flashcomm2_odp_group"}
-    else:
+    elif "finegrained_tp_config" in layout.switches:
         getters = {"mlp_tp": "get_mlp_tp_group"}
+    else:
+        return {}  # vLLM's TP group only
     if "oproj_tensor_parallel_size" in layout.switches.get("finegrained_tp_config", {}):
         getters["otp"] = "get_otp_group"
     return {name: getattr(groups, getter)() for name, getter in getters.items()}
@@ -150,9 +185,8 @@ def run_linear_ops(rank, world_size, name):
     layout = LAYOUTS[name]
     config = fcpass_vllm.compilation_config({"threshold_tokens": THRESHOLD})
     results = {}
-    # fine-grained TP: MoE models only (vllm-ascend's rule), on a decode node
     with vllm_tp(rank, world_size, config, ascend.additional_config(**layout.switches),
-                 ascend.model_config("qwen3_moe"), data_parallel_size=layout.data_parallel_size,
+                 ascend.model_config(layout.model), data_parallel_size=layout.data_parallel_size,
                  kv_transfer_config=_decode_node() if layout.decode_node else None) as (vllm_config, tp), \
             torch.no_grad():
         if not ascend.TP_FLASHCOMM:
@@ -165,6 +199,8 @@ def run_linear_ops(rank, world_size, name):
         ascend.load_ops()
         with ascend.parallel_groups(vllm_config) as groups:
             own = _own_groups(groups, layout)
+            if name in UNBUILDABLE:
+                return {"build": _raised(lambda: _layer(rank, layout.layers))}
             model = _layer(rank, layout.layers)
             results["ops"] = {name: type(layer.custom_op).__name__ for name, layer in model.named_children()}
             results["groups"] = {"tp": tp.ranks, **{name: group.ranks for name, group in own.items()}}
@@ -173,7 +209,9 @@ def run_linear_ops(rank, world_size, name):
             got_fn = ascend.compiled(model, manager, compile_range)
             want_fn = ascend.compiled(model, GraphFusionPassManager(), compile_range)
             if name in UNTRACEABLE:
-                return {**results, "compile": _compile_errors(vllm_config, compile_range, want_fn, got_fn, manager)}
+                x = torch.randn(TOKENS[0], layout.input_width)
+                return {**results, "compile": _errors(vllm_config, compile_range, want_fn, got_fn, x, TOKENS[0]),
+                        "fcpass's report": _report(manager)}
             for tokens in TOKENS:
                 x = torch.randn(tokens, layout.input_width, generator=torch.Generator().manual_seed(tokens))
                 counted = {}
@@ -182,34 +220,64 @@ def run_linear_ops(rank, world_size, name):
                         fn(x)  # compiles on a first call
                         fcpass.reset_decision_counts()
                         with profiled() as prof:
-                            counted[label] = (fn(x), collective_events(prof))
+                            out = fn(x)
+                        counted[label] = (out, collective_events(prof))
                 want, got = counted["want"][0], counted["got"][0]
                 results[tokens] = {"same_bits": torch.equal(got, want), "calls": {k: v[1] for k, v in counted.items()},
                                    "error": ((got - want).abs().max() / want.abs().max()).item(),
                                    "decisions": sorted(fcpass.decision_counts())}
-            results["report"] = sorted(map(tuple, manager.passes[-1].last_report.rows()))
+            results["report"] = _report(manager)
+            if name in FLASHCOMM_V1:  # compiled again in a forward with FlashComm v1 on, as its input's token shard
+                manager = configure_post_pass(vllm_config, GraphFusionPassManager(), ASCEND_PASS_KEY)
+                got_fn = ascend.compiled(model, manager, compile_range)
+                want_fn = ascend.compiled(model, GraphFusionPassManager(), compile_range)
+                x = torch.randn(FLASHCOMM_TOKENS // tp.world_size, layout.input_width)
+                results["FlashComm on"] = {"errors": _errors(vllm_config, compile_range, want_fn, got_fn, x,
+                                                             FLASHCOMM_TOKENS), "report": _report(manager)}
+                # gate_up_proj alone (no matmul_and_reduce after it): the fused gather's numbers
+                column = _layer(rank, ("gate_up_proj",))
+                got_fn = ascend.compiled(column, configure_post_pass(vllm_config, GraphFusionPassManager(),
+                                                                     ASCEND_PASS_KEY), compile_range)
+                want_fn = ascend.compiled(column, GraphFusionPassManager(), compile_range)
+                with pass_context(compile_range), ascend.forward(vllm_config, FLASHCOMM_TOKENS):
+                    want = want_fn(x)
+                    fcpass.reset_decision_counts()
+                    got = got_fn(x)
+                results["FlashComm on"]["gate_up_proj alone"] = {
+                    "rows": got.shape[0], "error": ((got - want).abs().max() / want.abs().max()).item(),
+                    "decisions": sorted(fcpass.decision_counts())}
             x, mm = torch.randn(8, HIDDEN), Matmul(torch.randn(HIDDEN, FFN), None)
             results["on A2"] = {(name, op): NpuBackend().unsupported(op, FusedCall(
                 x=x, matmuls=(mm,), group=group.device_group, group_name=group.device_group.group_name,
                 world_size=group.world_size, row_scale=None, pad_rows=0))
-                for name, group in own.items() for op in ("mm_reduce_scatter", "all_gather_mm")}
+                for name, group in (own or {"tp": tp}).items() for op in ("mm_reduce_scatter", "all_gather_mm")}
     return results
 
 
-def _compile_errors(vllm_config, compile_range, want_fn, got_fn, manager) -> dict:
-    """What compiling says, without fcpass and with it, and what fcpass's pass reported."""
+def _report(manager) -> list[tuple[str, str, str]]:
+    """fcpass's report of the last graph it saw: (family, form, outcome constant) per site."""
+    return sorted((family, form, report.outcome_kind(outcome))
+                  for family, form, outcome in manager.passes[-1].last_report.rows())
+
+
+def _errors(vllm_config, compile_range, want_fn, got_fn, x, tokens) -> dict:
+    """What compiling and running a ``tokens`` forward on ``x`` raises, without fcpass and with it."""
     from vllm.compilation.passes.inductor_pass import pass_context
 
-    x = torch.randn(TOKENS[0], HIDDEN * 2)
     errors = {}
     for label, fn in (("want", want_fn), ("got", got_fn)):
-        with pass_context(compile_range), ascend.forward(vllm_config, TOKENS[0]):
-            try:
-                fn(x)
-                errors[label] = None
-            except Exception as exc:  # noqa: BLE001  (what torch.compile raises is the finding)
-                errors[label] = f"{type(exc).__name__}: {exc}"
-    return {"errors": errors, "fcpass's report": manager.passes[-1].last_report.rows()}
+        with pass_context(compile_range), ascend.forward(vllm_config, tokens):
+            errors[label] = _raised(lambda: fn(x))
+    return errors
+
+
+def _raised(call):
+    """What ``call()`` raises: (the error, the function it was raised in), or None."""
+    try:
+        call()
+    except Exception as exc:  # noqa: BLE001  (what vllm-ascend's code or torch.compile raises is the finding)
+        return f"{type(exc).__name__}: {exc}", traceback.extract_tb(exc.__traceback__)[-1].name
+    return None
 
 
 RUNS = {name: shared(run_linear_ops, name, world_size=layout.ranks, setup=ascend.compile_setup, timeout=420)
@@ -223,6 +291,13 @@ OUTCOMES = {
                             ("all_gather_mm", "vllm/unquantized_gemm", "fused")),
     "MLPRowParallelOp": ("vllm.unquantized_gemm -> vllm.reduce_scatter on the mlptp group",
                          ("mm_reduce_scatter", "vllm/unquantized_gemm", "fused")),
+    "SequenceColumnParallelOp": ("vllm.maybe_all_gather_and_maybe_unpad on vLLM's TP group -> vllm.unquantized_gemm",
+                                 ("all_gather_mm", "vllm_ascend/unquantized_gemm", "fused")),
+    "SequenceRowParallelOp": ("vllm.matmul_and_reduce (its matmul and reduce_scatter on vLLM's TP group, in one op)",
+                              ("mm_reduce_scatter", "vllm_ascend/-", report.OPAQUE_MATMUL)),
+    # its source's, as it is never built on a gloo rank (test_matmul_allreduces_o_proj_is_never_built_on_gloo)
+    "MatmulAllreduceRowParallelOp": ("torch_npu.npu_mm_all_reduce_base on vLLM's TP group (matmul and all_reduce, "
+                                     "one NPU kernel)", None),
     # its source's, as torch.compile never traces it (test_flashcomm2s_o_proj_never_reaches_fcpass)
     "Flashcomm2OProjRowParallelOp": ("all_to_all_single on the odp group -> o_proj's matmul -> reduce_scatter on "
                                      "the otp group", None),
@@ -230,7 +305,8 @@ OUTCOMES = {
 NEVER_COMPILED = "never reaches fcpass"
 
 
-@pytest.mark.parametrize("name", [name for name in LAYOUTS if name not in UNTRACEABLE])
+@pytest.mark.parametrize("name", [name for name in LAYOUTS
+                                  if name not in UNTRACEABLE | UNBUILDABLE | FLASHCOMM_V1])
 def test_its_ops_fuse_on_their_own_groups_and_give_the_same_numbers(name):
     per_rank = RUNS[name]()
     layout = LAYOUTS[name]
@@ -238,17 +314,21 @@ def test_its_ops_fuse_on_their_own_groups_and_give_the_same_numbers(name):
         assert r["ops"] == layout.ops
         assert len(r["groups"]["tp"]) == layout.ranks // layout.data_parallel_size
         assert r["report"] == sorted(OUTCOMES[op][1] for op in layout.ops.values())
+        fused = [OUTCOMES[op][1][0] for op in layout.ops.values() if OUTCOMES[op][1][2] == "fused"]
         for tokens in TOKENS:
             run = r[tokens]
             path = "fused" if tokens > THRESHOLD else "unfused"
-            assert {decision[:2] for decision in run["decisions"]} == {
-                (OUTCOMES[op][1][0], path) for op in layout.ops.values()}, (tokens, run["decisions"])
+            assert {decision[:2] for decision in run["decisions"]} == {(family, path) for family in fused}, (
+                tokens, run["decisions"])
             if tokens <= THRESHOLD:  # the ops' own collectives and matmuls
                 assert run["same_bits"] and run["calls"]["got"] == run["calls"]["want"], (tokens, run)
             else:
                 assert run["error"] <= (FFN + 2) * torch.finfo(torch.float32).eps, (tokens, run["error"])
-        for where, reason in r["on A2"].items():
-            assert "Atlas A2 fuses on one communicator" in reason, (where, reason)
+        for (group, op), reason in r["on A2"].items():
+            if group == "tp":  # vLLM's TP group: the communicator A2 fuses on
+                assert reason is None, (group, op, reason)
+            else:
+                assert "Atlas A2 fuses on one communicator" in reason, (group, op, reason)
     for tokens in TOKENS:
         assert len({str(r[tokens]["decisions"]) for r in per_rank}) == 1  # the same protocol on every rank
 
@@ -276,9 +356,57 @@ def test_flashcomm2s_o_proj_never_reaches_fcpass():
     for rank, r in enumerate(RUNS[name]()):
         assert r["ops"] == LAYOUTS[name].ops
         assert r["groups"]["otp"] == [rank % 2, rank % 2 + 2] and r["groups"]["odp"] == [rank // 2 * 2, rank // 2 * 2 + 1]
-        errors = r["compile"]["errors"]
+        errors = r["compile"]
         for label in ("want", "got"):
             # Dynamo's trace fails at the all_to_all's copy into the 1-D buffer: no backend, no pass runs
-            assert errors[label].startswith("TorchRuntimeError: Dynamo failed to run FX node") and (
-                "copy_" in errors[label] and "all_to_all" in errors[label]), (label, errors[label])
-        assert r["compile"]["fcpass's report"] == []
+            error = errors[label][0]
+            assert error.startswith("TorchRuntimeError: Dynamo failed to run FX node") and (
+                "copy_" in error and "all_to_all" in error), (label, error)
+        assert r["fcpass's report"] == []
+
+
+def test_flashcomm_v1s_ops_fuse_the_gather_and_leave_the_opaque_reduction():
+    """0.23: vllm-ascend's FlashComm v1 MLP on vLLM's TP group. Off (a dense model's forward of up to 1000 tokens)
+    its gather is no collective and its reduction is the opaque ``matmul_and_reduce``: nothing to fuse, the same
+    bits and calls. On, fcpass fuses the gather into gate_up_proj and leaves ``matmul_and_reduce``, which then
+    fails on a gloo rank without fcpass as with it: it asks vLLM's TP group for its "npu" backend's HCCL comm
+    name (for its own ``npu_mm_reduce_scatter_base``), and torch has no "npu" device here. 0.30 has neither op."""
+    if not ascend.TP_FLASHCOMM:
+        source = (ascend.SOURCE / "vllm_ascend/ops/linear_op.py").read_text()
+        assert "class SequenceColumnParallelOp" not in source and "class SequenceRowParallelOp" not in source
+        return
+    (name,) = FLASHCOMM_V1
+    layout = LAYOUTS[name]
+    row = OUTCOMES["SequenceRowParallelOp"][1]
+    for r in RUNS[name]():
+        assert r["ops"] == layout.ops
+        assert r["report"] == [row]
+        for tokens in TOKENS:
+            run = r[tokens]
+            assert run["decisions"] == [] and run["same_bits"] and run["calls"]["got"] == run["calls"]["want"], (
+                tokens, run)
+        assert r["on A2"] == {("tp", op): None for op in ("mm_reduce_scatter", "all_gather_mm")}
+        on = r["FlashComm on"]
+        assert on["report"] == sorted(OUTCOMES[op][1] for op in layout.ops.values())
+        column = on["gate_up_proj alone"]  # the fused gather, above the threshold: every rank's rows, the numbers
+        assert column["rows"] == FLASHCOMM_TOKENS and column["error"] <= (FFN + 2) * torch.finfo(torch.float32).eps
+        assert [decision[:2] for decision in column["decisions"]] == [("all_gather_mm", "fused")], column
+        for label, error in on["errors"].items():
+            assert error == (NPU_DEVICE_ERROR, "matmul_and_reduce"), (label, error)
+
+
+NPU_DEVICE_ERROR = ("RuntimeError: Expected one of cpu, cuda, ipu, xpu, mkldnn, opengl, opencl, ideep, hip, ve, fpga, "
+                    "maia, xla, lazy, vulkan, mps, meta, hpu, mtia, privateuseone device type at start of device "
+                    "string: npu")  # torch without torch_npu's "npu" device (the stand-in is not installed here)
+
+
+def test_matmul_allreduces_o_proj_is_never_built_on_gloo():
+    """0.23: vllm-ascend's ``enable_matmul_allreduce`` row op asks vLLM's TP group for its "npu" backend's HCCL
+    comm name as the layer is built (for its own ``npu_mm_all_reduce_base``, torch_npu's matmul + all_reduce
+    kernel): no "npu" device on a gloo rank, no layer, no graph. 0.30 has no such op."""
+    if not ascend.TP_FLASHCOMM:
+        assert "class MatmulAllreduceRowParallelOp" not in (ascend.SOURCE / "vllm_ascend/ops/linear_op.py").read_text()
+        return
+    (name,) = UNBUILDABLE
+    for r in RUNS[name]():
+        assert r["build"] == (NPU_DEVICE_ERROR, "get_hcomm_info")

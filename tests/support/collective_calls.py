@@ -20,8 +20,12 @@ def profiled():
 
 
 def collective_events(prof) -> dict:
-    """{op name: calls} of the collectives ``prof`` recorded."""
-    return dict(collections.Counter(e.name for e in prof.events() if e.name.startswith(COLLECTIVE_EVENTS)
+    """{op name: calls} of the collectives ``prof`` recorded; read after its block (inside it, the profiler lists
+    no event yet, and two empty counts would compare equal)."""
+    events = prof.events()
+    if not events:
+        raise ValueError("the profiler recorded no event: read it after its `with` block")
+    return dict(collections.Counter(e.name for e in events if e.name.startswith(COLLECTIVE_EVENTS)
                                     and not any(name in e.name for name in NOT_COLLECTIVES)))
 
 

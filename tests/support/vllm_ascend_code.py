@@ -35,6 +35,7 @@ KERNELS = {
     "maybe_chunk_residual": (f"{OPS}.register_custom_ops", "_maybe_chunk_residual_impl"),
     "quantize": (f"{OPS}.register_custom_ops", "_quantize_impl"),
     "unquantized_gemm": (f"{OPS}.linear", "unquantized_gemm"),
+    "matmul_and_reduce": (f"{OPS}.register_custom_ops", "_matmul_and_reduce_impl"),  # 0.23's SequenceRowParallelOp
 }
 
 
@@ -157,12 +158,19 @@ def model_config(architecture: str = "llama"):
 
 
 def init_config(vllm_config) -> None:
-    """What vllm-ascend does with the config at startup: its platform's ascend config (read by its ops) and, on
+    """What vllm-ascend does with the config at startup: its platform's ascend config (read by its ops), its
+    model runner's ``is_vl_model(vllm_config)`` (its ``set_cos_and_sin`` asks it, which caches the answer; 0.23's
+    ``SequenceColumnParallelOp`` reads the cache as it is traced, where working it out is untraceable) and, on
     0.23, its model runner's weight-prefetch method (read by its row-parallel linear ops)."""
     from vllm_ascend import utils
     from vllm_ascend.ascend_config import get_ascend_config, init_ascend_config
 
     init_ascend_config(vllm_config)
+    # vllm-ascend caches what its one model is, per process; a rank here runs a model per body: forget the last
+    for cached in ("_IS_MOE_MODEL", "_IS_DRAFTER_MOE_MODEL", "_IS_VL_MODEL", "_HAS_ROPE", "_ENABLE_SP"):
+        if hasattr(utils, cached):
+            setattr(utils, cached, None)
+    utils.is_vl_model(vllm_config)
     if hasattr(utils, "set_weight_prefetch_method"):
         utils.set_weight_prefetch_method(get_ascend_config().weight_prefetch_config)
 
