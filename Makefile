@@ -38,7 +38,7 @@ NEWEST_TESTS := tests/integration/test_vllm_integration.py tests/integration/tes
 	--ignore=tests/rewrite/test_sequence_parallel_forms.py --ignore=tests/rewrite/test_passes_vllm_ascend.py \
 	--ignore=tests/rewrite/test_replay.py
 
-.PHONY: venv venv-next venv-newest test-newest venv-ascend023 test-ascend023 venv-ascend030 test-ascend030 ascend-src ascend-check gpu-check engine-matrix demo test test-main test-next bench captures clean
+.PHONY: venv venv-next venv-newest test-stacks test-newest venv-ascend023 test-ascend023 venv-ascend030 test-ascend030 ascend-src ascend-check gpu-check engine-matrix demo test test-main test-next bench captures clean
 
 venv: $(VENV)/.fcpass-installed
 venv-next: $(NEXT_VENV)/.fcpass-installed
@@ -163,7 +163,14 @@ test-newest: venv-newest
 demo: venv
 	$(PY) -m examples.demo
 
-test: test-main test-next test-newest test-ascend023 test-ascend030
+# The main suite beside the other stacks' (one after another, each building its virtualenv first): two jobs at
+# once on 2 cores, as the suites spend much of their time waiting on engine starts and ranks; .venv and the
+# sources are made first, as every job reads them. Each job's output is printed whole when it ends.
+test: venv ascend-src
+	$(MAKE) --no-print-directory -j2 --output-sync=target test-main test-stacks
+
+test-stacks:
+	$(MAKE) --no-print-directory test-next test-newest test-ascend023 test-ascend030
 
 # vllm-ascend's source (its vllm_ascend/ package from the registry's sdist): its real compile path runs in the tests.
 ascend-src: venv
