@@ -18,6 +18,13 @@ release built for the vLLM under test (0.23 and 0.30: ``make test-ascend023`` / 
   (``Flashcomm2OProjRowParallelOp``). Its graph never reaches fcpass: torch.compile cannot trace its
   ``dist.all_to_all_single`` into a 1-D receive buffer (torch remaps it to a functional all_to_all whose
   result, shaped like the 2-D send buffer, is copied into that buffer), with or without fcpass.
+- FlashComm2's o_shard (0.23 only; the same with ``layer_sharding: ["o_proj"]``, on a PD prefill node as its
+  platform requires; 3 layers, as its prefetch step of 1 requires): each layer's o_proj, as it is built, is
+  registered with the o_shard manager (its weight kept by one rank of the ``shard_weight`` group) and qkv_proj
+  (``Flashcomm2OshardQKVParallelOp``) gathers its token shard, starts the async broadcast of the next layer's
+  o_proj weight, then its matmul. The o_projs are built, never run (their all_to_all is untraceable, above), so
+  qkv_proj is judged alone; its graph never reaches fcpass either: Dynamo cannot trace that broadcast (the
+  ``set_`` of the weight onto its prefetch window; ``dist.broadcast``'s pybind options), with or without fcpass.
 - FlashComm v1 (0.23 only; ``enable_flashcomm1``, on in every layout here): a dense model's MLP on vLLM's TP
   group (TP=2), its gate_up_proj's input gathered (``SequenceColumnParallelOp``, vllm-ascend's
   ``maybe_all_gather_and_maybe_unpad``), its down_proj one opaque ``matmul_and_reduce``
@@ -39,6 +46,7 @@ vLLM's TP group's) and takes FlashComm v1's, on vLLM's TP group.
 docs/REFERENCE.md's "vllm-ascend's linear ops" table lists each op, row for row with ``OUTCOMES``.
 """
 
+import contextlib
 import dataclasses
 import traceback
 
@@ -52,12 +60,16 @@ from support.multirank import shared
 THRESHOLD = 16
 TOKENS = (64, 8)  # above the threshold, below it
 HIDDEN, FFN = 32, 64
+HEADS, HEAD = 4, 8  # qkv_proj's attention heads (and as many KV heads), of HEAD each: one of each per rank of TP=4
 
 
-def _layer(rank, layers: tuple[str, ...]):
+def _layer(rank, layers: tuple[str, ...], hidden_layers: int = 0):
     """Attention's output projection ("o_proj") and/or a dense MLP ("mlp", or its first linear alone:
-    "gate_up_proj"), of vllm-ascend's linear layers with the prefixes its model code gives them."""
-    from vllm_ascend.ops.linear import AscendMergedColumnParallelLinear, AscendRowParallelLinear
+    "gate_up_proj"), or attention's input projection ("qkv_proj"), of vllm-ascend's linear layers with the
+    prefixes its model code gives them. ``hidden_layers``: every layer's o_proj built too (never run), as its
+    model builds them, which registers them with FlashComm2's o_shard (vllm-ascend then broadcasts them)."""
+    from vllm_ascend.ops.linear import (AscendMergedColumnParallelLinear, AscendQKVParallelLinear,
+                                        AscendRowParallelLinear)
 
     class Layer(torch.nn.Module):
         def __init__(self):
@@ -71,6 +83,13 @@ def _layer(rank, layers: tuple[str, ...]):
             if "mlp" in layers:
                 self.down_proj = AscendRowParallelLinear(FFN, HIDDEN, bias=False,
                                                          prefix="model.layers.0.mlp.down_proj")
+            if "qkv_proj" in layers:
+                self.qkv_proj = AscendQKVParallelLinear(HIDDEN, HEAD, HEADS, HEADS, bias=False,
+                                                        prefix="model.layers.0.self_attn.qkv_proj")
+            # a plain list: not this module's children or parameters (their weights are o_shard's)
+            self.o_projs = [AscendRowParallelLinear(HIDDEN * 2, HIDDEN, bias=False,
+                                                    prefix=f"model.layers.{i}.self_attn.o_proj")
+                            for i in range(hidden_layers)]
             g = torch.Generator().manual_seed(rank)
             for p in self.parameters():
                 p.data.copy_(torch.randn(p.shape, generator=g) / p.shape[-1] ** 0.5)
@@ -83,6 +102,8 @@ def _layer(rank, layers: tuple[str, ...]):
                 x = _output(self.down_proj(torch.relu(gate) * up))
             if "gate_up_proj" in layers:
                 x = _output(self.gate_up_proj(x))
+            if "qkv_proj" in layers:
+                x = _output(self.qkv_proj(x))
             return x
 
     return Layer()
@@ -103,6 +124,9 @@ class Layout:
     ops: dict  # layer name -> the op vllm-ascend picks for it
     decode_node: bool = True  # a PD decode node (kv_consumer): fine-grained TP needs one, FlashComm2 refuses one
     model: str = "qwen3_moe"  # fine-grained TP: MoE models only (vllm-ascend's rule)
+    prefill_node: bool = False  # a PD prefill node (kv_producer): vllm-ascend's layer_sharding needs one
+    hidden_layers: int = 0  # the model's layers, each o_proj built (o_shard: 3 at least, for its prefetch step 1)
+    token_shard: bool = False  # its input a FlashComm v1 forward's token shard (a MoE model's: every forward's)
 
     @property
     def input_width(self) -> int:
@@ -136,8 +160,15 @@ if ascend.TP_FLASHCOMM:
                                                model="llama")
     LAYOUTS["TP=4, FlashComm2 otp=2"] = Layout(4, 1, {"enable_flashcomm2_parallel_size": 2}, ("o_proj",),
                                                {"o_proj": "Flashcomm2OProjRowParallelOp"}, decode_node=False)
+    # FlashComm2's o_shard (layer_sharding ["o_proj"], on a PD prefill node): qkv_proj's op triggers the
+    # broadcast of the next layer's o_proj weight; the o_projs are built (registered), never run (see above)
+    LAYOUTS["TP=4, FlashComm2 otp=2, o_shard"] = Layout(
+        4, 1, {"enable_flashcomm2_parallel_size": 2, "layer_sharding": ["o_proj"]}, ("qkv_proj",),
+        {"qkv_proj": "Flashcomm2OshardQKVParallelOp"}, decode_node=False, prefill_node=True, hidden_layers=3,
+        token_shard=True)
 # layouts whose graph torch.compile cannot trace (the reason: the module docstring)
-UNTRACEABLE = {"TP=4, FlashComm2 otp=2"}
+FLASHCOMM2, O_SHARD = "TP=4, FlashComm2 otp=2", "TP=4, FlashComm2 otp=2, o_shard"
+UNTRACEABLE = {FLASHCOMM2, O_SHARD}
 # layouts whose op cannot be built on a gloo rank (the module docstring)
 UNBUILDABLE = {"TP=2, matmul_allreduce"} & LAYOUTS.keys()
 # layouts whose ops run on gloo with FlashComm v1 off only; compiled again with it on (the module docstring)
@@ -145,18 +176,23 @@ FLASHCOMM_V1 = {"TP=2, FlashComm v1"} & LAYOUTS.keys()
 FLASHCOMM_TOKENS = 1002  # vllm-ascend turns FlashComm v1 on for a dense model's forwards above 1000 tokens
 
 
-def _decode_node():
+def _pd_node(layout: Layout):
     """vllm-ascend takes o_proj TP (0.23) and any fine-grained TP (0.30) on a prefill/decode-disaggregated
-    decode node only: its kv_transfer_config a KV consumer (the connector is never started here)."""
+    decode node only, layer_sharding on a prefill node only: its kv_transfer_config a KV consumer / producer (the
+    connector is never started here)."""
     from vllm.config import KVTransferConfig
 
-    return KVTransferConfig(kv_connector="ExampleConnector", kv_role="kv_consumer")
+    if not (layout.decode_node or layout.prefill_node):
+        return None
+    return KVTransferConfig(kv_connector="ExampleConnector",
+                            kv_role="kv_consumer" if layout.decode_node else "kv_producer")
 
 
 def _own_groups(groups, layout: Layout) -> dict:
     """vllm-ascend's groups the layout's ops talk on, by name: their ranks and torch groups."""
     if "enable_flashcomm2_parallel_size" in layout.switches:
-        getters = {"otp": "get_flashcomm2_otp_group", "odp": "get_flashcomm2_odp_group"}
+        getters = {"otp": "get_flashcomm2_otp_group", "odp": "get_flashcomm2_odp_group",
+                   **({"shard_weight": "get_shard_weight_group"} if "layer_sharding" in layout.switches else {})}
     elif "finegrained_tp_config" in layout.switches:
         getters = {"mlp_tp": "get_mlp_tp_group"}
     else:
@@ -171,6 +207,7 @@ def run_linear_ops(rank, world_size, name):
     import fcpass.vllm as fcpass_vllm
     from devtools.vllm_cpu import vllm_tp
     from vllm.compilation.passes.inductor_pass import pass_context
+    from vllm.config import set_current_vllm_config
     from vllm.config.compilation import CUDAGraphMode
     from vllm.config.utils import Range
     from vllm_ascend.compilation.graph_fusion_pass_manager import GraphFusionPassManager
@@ -186,8 +223,9 @@ def run_linear_ops(rank, world_size, name):
     config = fcpass_vllm.compilation_config({"threshold_tokens": THRESHOLD})
     results = {}
     with vllm_tp(rank, world_size, config, ascend.additional_config(**layout.switches),
-                 ascend.model_config(layout.model), data_parallel_size=layout.data_parallel_size,
-                 kv_transfer_config=_decode_node() if layout.decode_node else None) as (vllm_config, tp), \
+                 ascend.model_config(layout.model, layout.hidden_layers or None),
+                 data_parallel_size=layout.data_parallel_size,
+                 kv_transfer_config=_pd_node(layout)) as (vllm_config, tp), \
             torch.no_grad():
         if not ascend.TP_FLASHCOMM:
             # vllm-ascend 0.30 takes fine-grained TP in graph mode only, its graphs covering every decode step
@@ -201,19 +239,28 @@ def run_linear_ops(rank, world_size, name):
             own = _own_groups(groups, layout)
             if name in UNBUILDABLE:
                 return {"build": _raised(lambda: _layer(rank, layout.layers))}
-            model = _layer(rank, layout.layers)
+            # as vLLM builds a model, where o_shard reads its layer count (the other layouts' ops read none)
+            with set_current_vllm_config(vllm_config) if layout.hidden_layers else contextlib.nullcontext():
+                model = _layer(rank, layout.layers, layout.hidden_layers)
+            if layout.hidden_layers:
+                results["o_projs"] = [type(o_proj.custom_op).__name__ for o_proj in model.o_projs]
+                # what vllm-ascend's attention does after loading: o_shard's weights broadcast, its windows made
+                from vllm_ascend.ops.flashcomm2_oshard_manager import flashcomm2_oshard_manager
+
+                flashcomm2_oshard_manager.post_process_after_loading()
             results["ops"] = {name: type(layer.custom_op).__name__ for name, layer in model.named_children()}
             results["groups"] = {"tp": tp.ranks, **{name: group.ranks for name, group in own.items()}}
             manager = configure_post_pass(vllm_config, GraphFusionPassManager(), ASCEND_PASS_KEY)
             compile_range = Range(start=1, end=8192)
             got_fn = ascend.compiled(model, manager, compile_range)
             want_fn = ascend.compiled(model, GraphFusionPassManager(), compile_range)
+            rows = (lambda tokens: tokens // tp.world_size) if layout.token_shard else (lambda tokens: tokens)
             if name in UNTRACEABLE:
-                x = torch.randn(TOKENS[0], layout.input_width)
+                x = torch.randn(rows(TOKENS[0]), layout.input_width)
                 return {**results, "compile": _errors(vllm_config, compile_range, want_fn, got_fn, x, TOKENS[0]),
                         "fcpass's report": _report(manager)}
             for tokens in TOKENS:
-                x = torch.randn(tokens, layout.input_width, generator=torch.Generator().manual_seed(tokens))
+                x = torch.randn(rows(tokens), layout.input_width, generator=torch.Generator().manual_seed(tokens))
                 counted = {}
                 with pass_context(compile_range), ascend.forward(vllm_config, tokens):
                     for label, fn in (("want", want_fn), ("got", got_fn)):
@@ -301,6 +348,10 @@ OUTCOMES = {
     # its source's, as torch.compile never traces it (test_flashcomm2s_o_proj_never_reaches_fcpass)
     "Flashcomm2OProjRowParallelOp": ("all_to_all_single on the odp group -> o_proj's matmul -> reduce_scatter on "
                                      "the otp group", None),
+    # its source's, as torch.compile never traces it (test_flashcomm2s_o_shard_qkv_proj_never_reaches_fcpass)
+    "Flashcomm2OshardQKVParallelOp": ("maybe_all_gather_and_maybe_unpad on vLLM's TP group -> the next layer's "
+                                      "o_proj weight broadcast on the shard_weight group (async) -> qkv_proj's "
+                                      "matmul", None),
 }
 NEVER_COMPILED = "never reaches fcpass"
 
@@ -352,7 +403,7 @@ def test_flashcomm2s_o_proj_never_reaches_fcpass():
     if not ascend.TP_FLASHCOMM:
         assert "class Flashcomm2OProjRowParallelOp" not in (ascend.SOURCE / "vllm_ascend/ops/linear_op.py").read_text()
         return
-    (name,) = UNTRACEABLE
+    name = FLASHCOMM2
     for rank, r in enumerate(RUNS[name]()):
         assert r["ops"] == LAYOUTS[name].ops
         assert r["groups"]["otp"] == [rank % 2, rank % 2 + 2] and r["groups"]["odp"] == [rank // 2 * 2, rank // 2 * 2 + 1]
@@ -410,3 +461,32 @@ def test_matmul_allreduces_o_proj_is_never_built_on_gloo():
     (name,) = UNBUILDABLE
     for r in RUNS[name]():
         assert r["build"] == (NPU_DEVICE_ERROR, "get_hcomm_info")
+
+
+def test_flashcomm2s_o_shard_qkv_proj_never_reaches_fcpass():
+    """0.23: vllm-ascend's o_shard qkv_proj (FlashComm2 with ``layer_sharding: ["o_proj"]``, on a prefill node)
+    triggers the broadcast of the next layer's o_proj weight before its matmul, and torch.compile's trace fails
+    there, without fcpass as with it, before any pass runs: on that weight's source rank at ``dist.broadcast``'s
+    pybind ``BroadcastOptions()``, on the others at the ``set_`` pointing that weight at its prefetch window.
+    0.30 has no such op."""
+    if not ascend.TP_FLASHCOMM:
+        assert "class Flashcomm2OshardQKVParallelOp" not in (
+            ascend.SOURCE / "vllm_ascend/ops/linear_op.py").read_text()
+        return
+    layout = LAYOUTS[O_SHARD]
+    for rank, r in enumerate(RUNS[O_SHARD]()):
+        assert r["ops"] == layout.ops
+        assert r["o_projs"] == ["Flashcomm2OProjRowParallelOp"] * layout.hidden_layers  # registered with o_shard
+        assert r["groups"]["shard_weight"] == [rank // 2 * 2, rank // 2 * 2 + 1]
+        source = rank % 2 == 1  # layer 1's o_proj weight: held by rank 1 of each shard_weight group
+        for label in ("want", "got"):
+            error, where = r["compile"][label]
+            assert where == "compile_wrapper" and "trigger_broadcast_for_layer" in error, (label, error)
+            if source:
+                assert error.startswith("Unsupported: Attempted to call function marked as skipped") and (
+                    "pybind11_object.__new__" in error and "opts = BroadcastOptions()" in error), (label, error)
+            else:
+                assert error.startswith("Unsupported: Unsupported function call (delayed)") and (
+                    "weight.set_" in error and "Getting an inplace view on a graph input is not supported" in error
+                    and "next_layer.weight.set_(window.weight)" in error), (label, error)
+        assert r["fcpass's report"] == []

@@ -142,17 +142,18 @@ def flash_comm(context) -> tuple[bool, int]:
     return bool(context.flash_comm_v1_enabled), int(context.pad_size or 0)
 
 
-def model_config(architecture: str = "llama"):
+def model_config(architecture: str = "llama", layers: int | None = None):
     """vLLM's ModelConfig of a tiny random model, Llama or (``"qwen3_moe"``) a MoE one, for which vLLM creates
-    the EP group (vllm-ascend's config and forward context read the model). Written by rank 0 (transformers
-    saves on the main process only) for every rank."""
+    the EP group (vllm-ascend's config and forward context read the model), of ``layers`` layers (else the
+    checkpoints' default). Written by rank 0 (transformers saves on the main process only) for every rank."""
     import torch.distributed as dist
     from vllm.config import ModelConfig
 
     from fcpass.checks import checkpoints
 
     folder = tempfile.mkdtemp(prefix=f"fcpass-ascend-{architecture}-")
-    path = [checkpoints.write(folder, architecture) if dist.get_rank() == 0 else None]
+    sizes = {"layers": layers} if layers else {}
+    path = [checkpoints.write(folder, architecture, **sizes) if dist.get_rank() == 0 else None]
     dist.broadcast_object_list(path, src=0)
     return ModelConfig(model=path[0])
 
