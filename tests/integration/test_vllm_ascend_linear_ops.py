@@ -64,12 +64,12 @@ HEADS, HEAD = 4, 8  # qkv_proj's attention heads (and as many KV heads), of HEAD
 
 
 def _layer(rank, layers: tuple[str, ...], hidden_layers: int = 0):
-    """Attention's output projection ("o_proj") and/or a dense MLP ("mlp", or its first linear alone:
-    "gate_up_proj"), or attention's input projection ("qkv_proj"), of vllm-ascend's linear layers with the
-    prefixes its model code gives them. ``hidden_layers``: every layer's o_proj built too (never run), as its
+    """Attention's output projection ("o_proj"; DeepSeek V4's, "wo_a" then "wo_b": "dsv4") and/or a dense MLP
+    ("mlp", or its first linear alone: "gate_up_proj"), or attention's input projection ("qkv_proj"), of
+    vllm-ascend's linear layers with the prefixes its model code gives them. ``hidden_layers``: every layer's o_proj built too (never run), as its
     model builds them, which registers them with FlashComm2's o_shard (vllm-ascend then broadcasts them)."""
-    from vllm_ascend.ops.linear import (AscendMergedColumnParallelLinear, AscendQKVParallelLinear,
-                                        AscendRowParallelLinear)
+    from vllm_ascend.ops.linear import (AscendColumnParallelLinear, AscendMergedColumnParallelLinear,
+                                        AscendQKVParallelLinear, AscendRowParallelLinear)
 
     class Layer(torch.nn.Module):
         def __init__(self):
@@ -77,6 +77,11 @@ def _layer(rank, layers: tuple[str, ...], hidden_layers: int = 0):
             if "o_proj" in layers:
                 self.o_proj = AscendRowParallelLinear(HIDDEN * 2, HIDDEN, bias=False,
                                                       prefix="model.layers.0.self_attn.o_proj")
+            if "dsv4" in layers:
+                self.wo_a = AscendColumnParallelLinear(HIDDEN, HIDDEN * 2, bias=False,
+                                                       prefix="model.layers.0.self_attn.wo_a")
+                self.wo_b = AscendRowParallelLinear(HIDDEN * 2, HIDDEN, bias=False,
+                                                    prefix="model.layers.0.self_attn.wo_b")
             if "mlp" in layers or "gate_up_proj" in layers:
                 self.gate_up_proj = AscendMergedColumnParallelLinear(HIDDEN, [FFN, FFN], bias=False,
                                                                      prefix="model.layers.0.mlp.gate_up_proj")
@@ -97,6 +102,8 @@ def _layer(rank, layers: tuple[str, ...], hidden_layers: int = 0):
         def forward(self, x):
             if "o_proj" in layers:
                 x = _output(self.o_proj(x))
+            if "dsv4" in layers:
+                x = _output(self.wo_b(_output(self.wo_a(x))))
             if "mlp" in layers:
                 gate, up = _output(self.gate_up_proj(x)).chunk(2, -1)
                 x = _output(self.down_proj(torch.relu(gate) * up))
@@ -134,13 +141,15 @@ class Layout:
 
 
 def _fine_grained(ranks: int, dp: int, size: int) -> Layout:
-    """mlp_tp of ``size`` (and o_proj TP where TP=1, which vllm-ascend requires for it); vllm-ascend 0.30
-    requires its recompute scheduler with fine-grained TP (it keeps decode steps decode-shaped)."""
+    """mlp_tp of ``size`` (and o_proj TP where TP=1, which vllm-ascend requires for it, with DeepSeek V4's
+    wo_a / wo_b, which it gives its DSV4 ops then); vllm-ascend 0.30 requires its recompute scheduler with
+    fine-grained TP (it keeps decode steps decode-shaped)."""
     oproj = ranks == dp
     sizes = {"mlp_tensor_parallel_size": size, **({"oproj_tensor_parallel_size": size} if oproj else {})}
     return Layout(ranks, dp, {"finegrained_tp_config": sizes, "recompute_scheduler_enable": True},
-                  ("o_proj", "mlp") if oproj else ("mlp",),
-                  {**({"o_proj": "OProjRowParallelOp"} if oproj else {}),
+                  ("o_proj", "dsv4", "mlp") if oproj else ("mlp",),
+                  {**({"o_proj": "OProjRowParallelOp", "wo_a": "DSV4OProjColumnParallelOp",
+                       "wo_b": "DSV4OProjRowParallelOp"} if oproj else {}),
                    "gate_up_proj": "MLPColumnParallelOp", "down_proj": "MLPRowParallelOp"})
 
 
@@ -330,7 +339,9 @@ def _raised(call):
 RUNS = {name: shared(run_linear_ops, name, world_size=layout.ranks, setup=ascend.compile_setup, timeout=420)
         for name, layout in LAYOUTS.items()}
 
-# op -> (what its graph holds, what fcpass does): docs/REFERENCE.md's table, row for row
+NO_SITE = "no collective in the op: nothing for fcpass"
+# op -> (what its graph holds, what fcpass does: its report row, NO_SITE, or None where it never compiles):
+# docs/REFERENCE.md's table, row for row
 OUTCOMES = {
     "OProjRowParallelOp": ("all_to_all_single on the otp group -> vllm.unquantized_gemm -> vllm.reduce_scatter on "
                            "the otp group", ("mm_reduce_scatter", "vllm/unquantized_gemm", "fused")),
@@ -345,6 +356,9 @@ OUTCOMES = {
     # its source's, as it is never built on a gloo rank (test_matmul_allreduces_o_proj_is_never_built_on_gloo)
     "MatmulAllreduceRowParallelOp": ("torch_npu.npu_mm_all_reduce_base on vLLM's TP group (matmul and all_reduce, "
                                      "one NPU kernel)", None),
+    # DeepSeek V4's attention output under o_proj TP: its matmuls on the otp group's shards, no collective in the op
+    "DSV4OProjColumnParallelOp": ("vllm.unquantized_gemm (no collective)", NO_SITE),
+    "DSV4OProjRowParallelOp": ("vllm.unquantized_gemm (no collective)", NO_SITE),
     # its source's, as torch.compile never traces it (test_flashcomm2s_o_proj_never_reaches_fcpass)
     "Flashcomm2OProjRowParallelOp": ("all_to_all_single on the odp group -> o_proj's matmul -> reduce_scatter on "
                                      "the otp group", None),
@@ -364,8 +378,9 @@ def test_its_ops_fuse_on_their_own_groups_and_give_the_same_numbers(name):
     for rank, r in enumerate(per_rank):
         assert r["ops"] == layout.ops
         assert len(r["groups"]["tp"]) == layout.ranks // layout.data_parallel_size
-        assert r["report"] == sorted(OUTCOMES[op][1] for op in layout.ops.values())
-        fused = [OUTCOMES[op][1][0] for op in layout.ops.values() if OUTCOMES[op][1][2] == "fused"]
+        rows = [OUTCOMES[op][1] for op in layout.ops.values() if OUTCOMES[op][1] != NO_SITE]
+        assert r["report"] == sorted(rows)
+        fused = [family for family, _, outcome in rows if outcome == "fused"]
         for tokens in TOKENS:
             run = r[tokens]
             path = "fused" if tokens > THRESHOLD else "unfused"
@@ -393,7 +408,7 @@ def test_the_readmes_table_is_these_outcomes():
     table = {row[0].strip("| `").split("`")[0]: (row[1], row[2].rstrip(" |")) for row in rows}
     assert table.keys() == OUTCOMES.keys()
     for op, (graph, row) in OUTCOMES.items():
-        said = f"{row[2]}: `{row[0]}`" if row else NEVER_COMPILED
+        said = row if row == NO_SITE else f"{row[2]}: `{row[0]}`" if row else NEVER_COMPILED
         assert table[op][0] == graph and table[op][1].startswith(said), (op, table[op])
 
 
