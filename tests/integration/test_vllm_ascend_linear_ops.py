@@ -18,6 +18,11 @@ release built for the vLLM under test (0.23 and 0.30: ``make test-ascend023`` / 
   (``Flashcomm2OProjRowParallelOp``). Its graph never reaches fcpass: torch.compile cannot trace its
   ``dist.all_to_all_single`` into a 1-D receive buffer (torch remaps it to a functional all_to_all whose
   result, shaped like the 2-D send buffer, is copied into that buffer), with or without fcpass.
+- DeepSeek V4's attention output (``wo_a``, ``wo_b``) under o_proj TP: vllm-ascend's DSV4 ops, a matmul each on
+  the otp group's shards with no collective in the op (its model code communicates): nothing for fcpass.
+- DSA CP (0.23: ``enable_dsa_cp`` with FlashComm v1, on a model whose config has DeepSeek V3.2's ``index_topk``,
+  vllm-ascend's test for an indexer): ``q_b_proj``'s ``ShardedCPColumnParallelOp``, a "fake comm group" of one,
+  no collective: nothing for fcpass.
 - FlashComm2's o_shard (0.23 only; the same with ``layer_sharding: ["o_proj"]``, on a PD prefill node as its
   platform requires; 3 layers, as its prefetch step of 1 requires): each layer's o_proj, as it is built, is
   registered with the o_shard manager (its weight kept by one rank of the ``shard_weight`` group) and qkv_proj
@@ -88,6 +93,9 @@ def _layer(rank, layers: tuple[str, ...], hidden_layers: int = 0):
             if "mlp" in layers:
                 self.down_proj = AscendRowParallelLinear(FFN, HIDDEN, bias=False,
                                                          prefix="model.layers.0.mlp.down_proj")
+            if "q_b_proj" in layers:  # DeepSeek V3.2's query up-projection (MLA)
+                self.q_b_proj = AscendColumnParallelLinear(HIDDEN, HIDDEN * 2, bias=False,
+                                                           prefix="model.layers.0.self_attn.q_b_proj")
             if "qkv_proj" in layers:
                 self.qkv_proj = AscendQKVParallelLinear(HIDDEN, HEAD, HEADS, HEADS, bias=False,
                                                         prefix="model.layers.0.self_attn.qkv_proj")
@@ -109,6 +117,8 @@ def _layer(rank, layers: tuple[str, ...], hidden_layers: int = 0):
                 x = _output(self.down_proj(torch.relu(gate) * up))
             if "gate_up_proj" in layers:
                 x = _output(self.gate_up_proj(x))
+            if "q_b_proj" in layers:
+                x = _output(self.q_b_proj(x))
             if "qkv_proj" in layers:
                 x = _output(self.qkv_proj(x))
             return x
@@ -134,6 +144,7 @@ class Layout:
     prefill_node: bool = False  # a PD prefill node (kv_producer): vllm-ascend's layer_sharding needs one
     hidden_layers: int = 0  # the model's layers, each o_proj built (o_shard: 3 at least, for its prefetch step 1)
     token_shard: bool = False  # its input a FlashComm v1 forward's token shard (a MoE model's: every forward's)
+    indexer: bool = False  # the model's config has DeepSeek V3.2's index_topk (vllm-ascend's DSA CP needs one)
 
     @property
     def input_width(self) -> int:
@@ -167,6 +178,10 @@ if ascend.TP_FLASHCOMM:
     LAYOUTS["TP=2, matmul_allreduce"] = Layout(2, 1, {"enable_matmul_allreduce": True}, ("o_proj",),
                                                {"o_proj": "MatmulAllreduceRowParallelOp"}, decode_node=False,
                                                model="llama")
+    # DSA CP (enable_dsa_cp, with FlashComm v1, on a model with an indexer): q_b_proj's ShardedCP column op
+    LAYOUTS["TP=2, DSA CP"] = Layout(2, 1, {"enable_dsa_cp": True}, ("q_b_proj",),
+                                     {"q_b_proj": "ShardedCPColumnParallelOp"}, decode_node=False, model="llama",
+                                     indexer=True)
     LAYOUTS["TP=4, FlashComm2 otp=2"] = Layout(4, 1, {"enable_flashcomm2_parallel_size": 2}, ("o_proj",),
                                                {"o_proj": "Flashcomm2OProjRowParallelOp"}, decode_node=False)
     # FlashComm2's o_shard (layer_sharding ["o_proj"], on a PD prefill node): qkv_proj's op triggers the
@@ -232,7 +247,8 @@ def run_linear_ops(rank, world_size, name):
     config = fcpass_vllm.compilation_config({"threshold_tokens": THRESHOLD})
     results = {}
     with vllm_tp(rank, world_size, config, ascend.additional_config(**layout.switches),
-                 ascend.model_config(layout.model, layout.hidden_layers or None),
+                 ascend.model_config(layout.model, layout.hidden_layers or None,
+                                     **({"index_topk": 4} if layout.indexer else {})),
                  data_parallel_size=layout.data_parallel_size,
                  kv_transfer_config=_pd_node(layout)) as (vllm_config, tp), \
             torch.no_grad():
@@ -359,6 +375,8 @@ OUTCOMES = {
     # DeepSeek V4's attention output under o_proj TP: its matmuls on the otp group's shards, no collective in the op
     "DSV4OProjColumnParallelOp": ("vllm.unquantized_gemm (no collective)", NO_SITE),
     "DSV4OProjRowParallelOp": ("vllm.unquantized_gemm (no collective)", NO_SITE),
+    # DSA CP's q_b_proj: its matmul on every rank's whole weight (a "fake comm group" of one)
+    "ShardedCPColumnParallelOp": ("vllm.unquantized_gemm (no collective)", NO_SITE),
     # its source's, as torch.compile never traces it (test_flashcomm2s_o_proj_never_reaches_fcpass)
     "Flashcomm2OProjRowParallelOp": ("all_to_all_single on the odp group -> o_proj's matmul -> reduce_scatter on "
                                      "the otp group", None),

@@ -142,10 +142,15 @@ def flash_comm(context) -> tuple[bool, int]:
     return bool(context.flash_comm_v1_enabled), int(context.pad_size or 0)
 
 
-def model_config(architecture: str = "llama", layers: int | None = None):
+def model_config(architecture: str = "llama", layers: int | None = None, **config_fields):
     """vLLM's ModelConfig of a tiny random model, Llama or (``"qwen3_moe"``) a MoE one, for which vLLM creates
     the EP group (vllm-ascend's config and forward context read the model), of ``layers`` layers (else the
-    checkpoints' default). Written by rank 0 (transformers saves on the main process only) for every rank."""
+    checkpoints' default), ``config_fields`` added to its config.json (e.g. DeepSeek V3.2's ``index_topk``, which
+    vllm-ascend reads as "the model has an indexer"). Written by rank 0 (transformers saves on the main process
+    only) for every rank."""
+    import json
+    import os
+
     import torch.distributed as dist
     from vllm.config import ModelConfig
 
@@ -154,6 +159,11 @@ def model_config(architecture: str = "llama", layers: int | None = None):
     folder = tempfile.mkdtemp(prefix=f"fcpass-ascend-{architecture}-")
     sizes = {"layers": layers} if layers else {}
     path = [checkpoints.write(folder, architecture, **sizes) if dist.get_rank() == 0 else None]
+    if path[0] and config_fields:
+        with open(os.path.join(path[0], "config.json")) as f:
+            config = json.load(f)
+        with open(os.path.join(path[0], "config.json"), "w") as f:
+            json.dump({**config, **config_fields}, f)
     dist.broadcast_object_list(path, src=0)
     return ModelConfig(model=path[0])
 
@@ -171,6 +181,8 @@ def init_config(vllm_config) -> None:
     for cached in ("_IS_MOE_MODEL", "_IS_DRAFTER_MOE_MODEL", "_IS_VL_MODEL", "_HAS_ROPE", "_ENABLE_SP"):
         if hasattr(utils, cached):
             setattr(utils, cached, None)
+    for cached in ("enable_dsa_cp", "enable_dsa_cp_with_layer_shard"):  # functools caches of the same
+        getattr(getattr(utils, cached, None), "cache_clear", lambda: None)()
     utils.is_vl_model(vllm_config)
     if hasattr(utils, "set_weight_prefetch_method"):
         utils.set_weight_prefetch_method(get_ascend_config().weight_prefetch_config)
