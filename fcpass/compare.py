@@ -23,6 +23,7 @@ another order, so a near-tie may pick another token far into a generation.
 from __future__ import annotations
 
 import argparse
+import collections
 import json
 import logging
 import sys
@@ -47,28 +48,24 @@ def plan(prompt_tokens, batch: int, decode_steps: int, repeats: int, engine_args
     return {"engine_args": {**ENGINE_DEFAULTS, **engine_args}, "calls": calls}
 
 
-def points(run: dict, decode_steps: int) -> dict[str, float]:
-    """{point: ms}: each prefill's median, and the decode step's."""
+def points(run: dict) -> dict[str, float]:
+    """{point: ms}: each prefill's median, and the decode step's (the two decode calls' difference over the
+    steps between their ``max_tokens``)."""
     found = {call["name"]: call["median_ms"] for call in run["calls"] if call["name"].startswith("prefill")}
     first, last = (call for call in run["calls"] if call["name"].startswith("decode"))
-    batch = len(first["prompts"])
-    found[f"decode step, batch {batch}"] = (last["median_ms"] - first["median_ms"]) / decode_steps
+    steps = last["max_tokens"] - first["max_tokens"]
+    found[f"decode step, batch {len(first['prompts'])}"] = (last["median_ms"] - first["median_ms"]) / steps
     return found
 
 
-def summary(runs: dict, decode_steps: int) -> dict:
+def summary(runs: dict) -> dict:
     """The two runs side by side: per point both times and the ratio with / without; the tokens; the decisions."""
-    without, with_ = (points(runs[name], decode_steps) for name in ("without fcpass", "with fcpass"))
+    without, with_ = (points(runs[name]) for name in ("without fcpass", "with fcpass"))
     rows = [{"point": point, "without_ms": without[point], "with_ms": with_[point],
              "ratio": with_[point] / without[point] if without[point] > 0 else float("nan")} for point in without]
     ids = {name: [call["ids"] for call in run["calls"]] for name, run in runs.items()}
-    decisions: list[dict] = []
-    for call in runs["with fcpass"]["calls"]:
-        for worker, counts in enumerate(call["decisions"]):
-            if len(decisions) <= worker:
-                decisions.append({})
-            for key, n in counts.items():
-                decisions[worker][key] = decisions[worker].get(key, 0) + n
+    per_call = [call["decisions"] for call in runs["with fcpass"]["calls"]]  # each a list of the workers' counts
+    decisions = [dict(sum(map(collections.Counter, workers), collections.Counter())) for workers in zip(*per_call)]
     return {"points": rows, "greedy_tokens_equal": ids["without fcpass"] == ids["with fcpass"],
             "decisions_per_worker": decisions, "reports_per_worker": runs["with fcpass"]["reports"],
             "start_s": {name: run["start_s"] for name, run in runs.items()}}
@@ -136,7 +133,7 @@ def main(argv=None) -> int:
     plan_ = plan(args.prompt_tokens, args.batch, args.decode_steps, args.repeats, args.engine_args)
     runs = compare(args.model, args.fcpass, plan_, args.timeout)
     result = {"model": args.model, "engine_args": plan_["engine_args"], "fcpass": args.fcpass,
-              **summary(runs, args.decode_steps), "runs": runs}
+              **summary(runs), "runs": runs}
     print(table(result))
     if args.json:
         cli.write_json(args.json, result)

@@ -86,7 +86,7 @@ def engine_table(model: str) -> str:
 
     plan = compare.plan((64, 1500), batch=4, decode_steps=8, repeats=3, engine_args=ENGINE_ARGS)
     runs = compare.compare(model, ENGINE_FCPASS, plan)
-    return compare.table(compare.summary(runs, decode_steps=8))
+    return compare.table(compare.summary(runs))
 
 
 def parser() -> argparse.ArgumentParser:
