@@ -29,19 +29,19 @@ def user(tmp_path_factory, installed_wheel):
     return os.path.dirname(installed_wheel), str(folder), env
 
 
-def _start(user, command, env=None):
+def _where(user, command, env=None) -> dict:
+    """How ``command`` (its first word a program of the installed virtualenv) runs as the user runs it."""
     bin_dir, folder, user_env = user
-    return subprocess.Popen([os.path.join(bin_dir, command[0]), *command[1:]], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, cwd=folder, env={**user_env, **(env or {})})
+    return {"args": [os.path.join(bin_dir, command[0]), *command[1:]], "cwd": folder,
+            "env": {**user_env, **(env or {})}, "stdout": subprocess.PIPE, "stderr": subprocess.PIPE, "text": True}
+
+
+def _start(user, command) -> subprocess.Popen:
+    return subprocess.Popen(**_where(user, command))
 
 
 def _run(user, command, timeout=120, env=None) -> subprocess.CompletedProcess:
-    process = _start(user, command, env)
-    try:
-        stdout, stderr = process.communicate(timeout=timeout)
-    finally:
-        process.kill()
-    return subprocess.CompletedProcess(command, process.returncode, stdout, stderr)
+    return subprocess.run(**_where(user, command, env), timeout=timeout)
 
 
 def test_every_tool_runs_as_its_script_and_as_python_m(user):
