@@ -60,6 +60,7 @@ import torch
 
 from passes import report
 from support import vllm_ascend_code as ascend
+from support.engine_expectations import sorted_rows
 from support.multirank import shared
 
 THRESHOLD = 16
@@ -227,7 +228,6 @@ def _own_groups(groups, layout: Layout) -> dict:
 
 
 def run_linear_ops(rank, world_size, name):
-    import fcpass
     import fcpass.vllm as fcpass_vllm
     from devtools.vllm_cpu import vllm_tp
     from vllm.compilation.passes.inductor_pass import pass_context
@@ -240,7 +240,6 @@ def run_linear_ops(rank, world_size, name):
     from fcpass.backends.npu import NpuBackend
     from fcpass.matmuls import Matmul
     from fcpass.vllm.compilation import ASCEND_PASS_KEY
-    from support.collective_calls import collective_events, profiled
     from support.vllm_backend import configure_post_pass
 
     layout = LAYOUTS[name]
@@ -286,18 +285,8 @@ def run_linear_ops(rank, world_size, name):
                         "fcpass's report": _report(manager)}
             for tokens in TOKENS:
                 x = torch.randn(rows(tokens), layout.input_width, generator=torch.Generator().manual_seed(tokens))
-                counted = {}
                 with pass_context(compile_range), ascend.forward(vllm_config, tokens):
-                    for label, fn in (("want", want_fn), ("got", got_fn)):
-                        fn(x)  # compiles on a first call
-                        fcpass.reset_decision_counts()
-                        with profiled() as prof:
-                            out = fn(x)
-                        counted[label] = (out, collective_events(prof))
-                want, got = counted["want"][0], counted["got"][0]
-                results[tokens] = {"same_bits": torch.equal(got, want), "calls": {k: v[1] for k, v in counted.items()},
-                                   "error": ((got - want).abs().max() / want.abs().max()).item(),
-                                   "decisions": sorted(fcpass.decision_counts())}
+                    results[tokens] = ascend.want_and_got(want_fn, got_fn, x)
             results["report"] = _report(manager)
             if name in FLASHCOMM_V1:  # compiled again in a forward with FlashComm v1 on, as its input's token shard
                 manager = configure_post_pass(vllm_config, GraphFusionPassManager(), ASCEND_PASS_KEY)
@@ -312,12 +301,7 @@ def run_linear_ops(rank, world_size, name):
                                                                      ASCEND_PASS_KEY), compile_range)
                 want_fn = ascend.compiled(column, GraphFusionPassManager(), compile_range)
                 with pass_context(compile_range), ascend.forward(vllm_config, FLASHCOMM_TOKENS):
-                    want = want_fn(x)
-                    fcpass.reset_decision_counts()
-                    got = got_fn(x)
-                results["FlashComm on"]["gate_up_proj alone"] = {
-                    "rows": got.shape[0], "error": ((got - want).abs().max() / want.abs().max()).item(),
-                    "decisions": sorted(fcpass.decision_counts())}
+                    results["FlashComm on"]["gate_up_proj alone"] = ascend.want_and_got(want_fn, got_fn, x)
             x, mm = torch.randn(8, HIDDEN), Matmul(torch.randn(HIDDEN, FFN), None)
             results["on A2"] = {(name, op): NpuBackend().unsupported(op, FusedCall(
                 x=x, matmuls=(mm,), group=group.device_group, group_name=group.device_group.group_name,
@@ -328,8 +312,7 @@ def run_linear_ops(rank, world_size, name):
 
 def _report(manager) -> list[tuple[str, str, str]]:
     """fcpass's report of the last graph it saw: (family, form, outcome constant) per site."""
-    return sorted((family, form, report.outcome_kind(outcome))
-                  for family, form, outcome in manager.passes[-1].last_report.rows())
+    return sorted_rows(manager.passes[-1].last_report.rows())
 
 
 def _errors(vllm_config, compile_range, want_fn, got_fn, x, tokens) -> dict:

@@ -45,6 +45,7 @@ import torch
 
 from passes import report
 from support import vllm_ascend_code as ascend
+from support.engine_expectations import sorted_rows
 from support.multirank import shared
 
 THRESHOLD = 16
@@ -141,7 +142,6 @@ def _input(rank, case: Case, tokens: int, tp_size: int):
 
 
 def run_moe(rank, world_size, name):
-    import fcpass
     import fcpass.vllm as fcpass_vllm
     from devtools.vllm_cpu import vllm_tp
     from vllm.compilation.passes.inductor_pass import pass_context
@@ -149,7 +149,6 @@ def run_moe(rank, world_size, name):
     from vllm_ascend.compilation.graph_fusion_pass_manager import GraphFusionPassManager
 
     from fcpass.vllm.compilation import ASCEND_PASS_KEY
-    from support.collective_calls import collective_events, profiled
     from support.vllm_backend import configure_post_pass
 
     case = CASES[name]
@@ -164,24 +163,15 @@ def run_moe(rank, world_size, name):
         model = _build(rank, vllm_config, case)
         manager = configure_post_pass(vllm_config, GraphFusionPassManager(), ASCEND_PASS_KEY)
         compile_range = Range(start=1, end=8192)
-        compiled = {"want": ascend.compiled(model, GraphFusionPassManager(), compile_range),
-                    "got": ascend.compiled(model, manager, compile_range)}
+        want_fn = ascend.compiled(model, GraphFusionPassManager(), compile_range)
+        got_fn = ascend.compiled(model, manager, compile_range)
         reduce_results = case.method == "all_gather"  # isinstance(comm method, AllGatherCommImpl)
         for tokens in TOKENS:
             x = _input(rank, case, tokens, tp.world_size)
-            counted = {}
             with pass_context(compile_range), ascend.forward(vllm_config, tokens):
                 replace_allreduce = _replace_allreduce(model)
-                for label, fn in compiled.items():
-                    fn(x, replace_allreduce, reduce_results)  # compiles on a first call
-                    fcpass.reset_decision_counts()
-                    with profiled() as prof:
-                        out = fn(x, replace_allreduce, reduce_results)
-                    counted[label] = (out, collective_events(prof), sorted(fcpass.decision_counts()))
-            (want, want_calls, _), (got, got_calls, decisions) = counted["want"], counted["got"]
-            results[tokens] = {"same_bits": torch.equal(got, want), "calls": {"want": want_calls, "got": got_calls},
-                               "error": ((got - want).abs().max() / want.abs().max()).item(),
-                               "decisions": decisions, "rows": got.shape[0], "replace_allreduce": replace_allreduce}
+                results[tokens] = {**ascend.want_and_got(want_fn, got_fn, x, replace_allreduce, reduce_results),
+                                   "replace_allreduce": replace_allreduce}
         results["report"] = sorted(manager.passes[-1].last_report.rows())
     return results
 
@@ -207,10 +197,6 @@ OUTCOMES = {
 }
 
 
-def _kinds(rows) -> list[tuple[str, str, str]]:
-    return sorted((family, form, report.outcome_kind(outcome)) for family, form, outcome in rows)
-
-
 def _ops(calls: dict) -> dict:
     """The op-level collectives of a forward's calls (c10d's ProcessGroup calls under them left out)."""
     return {name: count for name, count in calls.items() if not name.startswith("c10d::")}
@@ -224,7 +210,7 @@ def test_each_collective_is_fused_or_left_alone_with_its_reason_and_the_numbers_
     fused = {family for family, _, kind in rows if kind == report.FUSED}
     per_rank = RUNS[name]()
     for r in per_rank:
-        assert _kinds(r["report"]) == sorted(rows), r["report"]
+        assert sorted_rows(r["report"]) == sorted(rows), r["report"]
         for tokens in TOKENS:
             run = r[tokens]
             assert run["replace_allreduce"] == CASES[name].sequence_parallel

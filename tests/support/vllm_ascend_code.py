@@ -188,6 +188,29 @@ def init_config(vllm_config) -> None:
         utils.set_weight_prefetch_method(get_ascend_config().weight_prefetch_config)
 
 
+def want_and_got(want_fn, got_fn, *args) -> dict:
+    """``want_fn`` (compiled without fcpass) and ``got_fn`` (with it) on ``args``, each called once to compile it,
+    then once counted: whether the outputs are the same bits, each call's collectives
+    (``support.collective_calls``), got's max error relative to want, fcpass's decisions in got's call, got's
+    rows. Called inside the forward's contexts (vLLM's ``pass_context``, :func:`forward`)."""
+    import torch
+
+    import fcpass
+    from support.collective_calls import collective_events, profiled
+
+    outs, calls = {}, {}
+    for label, fn in (("want", want_fn), ("got", got_fn)):
+        fn(*args)  # compiles on a first call
+        fcpass.reset_decision_counts()
+        with profiled() as prof:
+            outs[label] = fn(*args)
+        calls[label] = collective_events(prof)
+    want, got = outs["want"], outs["got"]
+    return {"same_bits": torch.equal(got, want), "calls": calls,
+            "error": ((got - want).abs().max() / want.abs().max()).item(),
+            "decisions": sorted(fcpass.decision_counts()), "rows": got.shape[0]}
+
+
 @contextlib.contextmanager
 def forward(vllm_config, num_tokens: int, dp_padded_length: int | None = None):
     """vllm-ascend's forward context of a ``num_tokens`` forward (its own ``set_ascend_forward_context``; on 0.23
