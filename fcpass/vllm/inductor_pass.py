@@ -12,6 +12,7 @@ import logging
 
 from vllm.compilation.passes.vllm_inductor_pass import VllmInductorPass
 
+from fcpass import traceable
 from fcpass.config import PassConfig
 from passes import FlashCommPass
 
@@ -23,11 +24,15 @@ class VllmFlashCommPass(FlashCommPass, VllmInductorPass):
     """FlashCommPass, also a ``VllmInductorPass`` (so also InductorPass's ``is_applicable_for_range``).
 
     ``VllmInductorPass.__init__`` (which wants a VllmConfig) is not called: the
-    pass needs none of its state, only its type.
+    pass needs none of its state, only its type. Built (or unpickled) in each
+    process that compiles, before vLLM's first trace there, it makes
+    ``dist.all_to_all_single`` into a buffer of another rank traceable
+    (:mod:`fcpass.traceable`: vllm-ascend's FlashComm2 o_proj).
     """
 
     def __init__(self, config: PassConfig | None = None) -> None:
         FlashCommPass.__init__(self, config)
+        traceable.install()
 
     def uuid(self) -> str:
         # vLLM asks for it in each process that sets up compilation (engine core, every worker), cold or warm

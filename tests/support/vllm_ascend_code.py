@@ -188,17 +188,19 @@ def init_config(vllm_config) -> None:
         utils.set_weight_prefetch_method(get_ascend_config().weight_prefetch_config)
 
 
-def want_and_got(want_fn, got_fn, *args) -> dict:
+def want_and_got(want_fn, got_fn, *args, eager_fn=None) -> dict:
     """``want_fn`` (compiled without fcpass) and ``got_fn`` (with it) on ``args``, each called once to compile it,
     then once counted: whether the outputs are the same bits, each call's collectives
     (``support.collective_calls``), got's max error relative to want, fcpass's decisions in got's call, got's
-    rows. Called inside the forward's contexts (vLLM's ``pass_context``, :func:`forward`)."""
+    rows; with ``eager_fn`` (the module, not compiled), whether want is its bits. Called inside the forward's
+    contexts (vLLM's ``pass_context``, :func:`forward`)."""
     import torch
 
     import fcpass
     from support.collective_calls import collective_events, profiled
 
     outs, calls = {}, {}
+    eager = {} if eager_fn is None else {"eager_bits": torch.equal(eager_fn(*args), want_fn(*args))}
     for label, fn in (("want", want_fn), ("got", got_fn)):
         fn(*args)  # compiles on a first call
         fcpass.reset_decision_counts()
@@ -208,7 +210,7 @@ def want_and_got(want_fn, got_fn, *args) -> dict:
     want, got = outs["want"], outs["got"]
     return {"same_bits": torch.equal(got, want), "calls": calls,
             "error": ((got - want).abs().max() / want.abs().max()).item(),
-            "decisions": sorted(fcpass.decision_counts()), "rows": got.shape[0]}
+            "decisions": sorted(fcpass.decision_counts()), "rows": got.shape[0], **eager}
 
 
 @contextlib.contextmanager

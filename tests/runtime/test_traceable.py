@@ -1,0 +1,106 @@
+"""fcpass.traceable on real gloo ranks: torch.compile's trace of ``dist.all_to_all_single`` into a receive buffer
+of another rank (vllm-ascend's FlashComm2 o_proj sends 2-D into 1-D), with torch's own remap and with fcpass's.
+
+Runs on the main stack's torch and on the Ascend stacks' torch 2.10 (the one vllm-ascend pins).
+"""
+
+import torch
+import torch.distributed as dist
+
+from support.multirank import shared
+
+ROWS, WIDTH = 8, 3
+
+
+def _send_2d_receive_1d(x):
+    received = torch.empty(x.numel(), dtype=x.dtype)
+    dist.all_to_all_single(received, x)
+    return received * 1
+
+
+def _same_shape(x):
+    received = torch.empty_like(x)
+    dist.all_to_all_single(received, x)
+    return received * 1
+
+
+def _compiled(fn, graphs: list):
+    """``fn`` compiled afresh, each graph Dynamo hands its backend recorded as its calls' targets, then run as is."""
+    import torch._dynamo
+
+    def recording(gm, example_inputs):
+        graphs.append([str(node.target) for node in gm.graph.nodes if node.op in ("call_function", "call_method")])
+        return gm.forward
+
+    torch._dynamo.reset()
+    return torch.compile(fn, backend=recording, fullgraph=True)
+
+
+def _raised(call) -> str | None:
+    try:
+        call()
+    except Exception as exc:  # noqa: BLE001  (torch's own trace failing is the finding)
+        return f"{type(exc).__name__}: {exc}"
+    return None
+
+
+def run_remaps(rank, world_size):
+    from torch.distributed import _functional_collectives as funcol
+    from torch.distributed import distributed_c10d
+
+    from fcpass import traceable
+
+    remaps, key = funcol.traceable_collective_remaps, distributed_c10d.all_to_all_single
+    before = remaps[key]  # the shared ranks may have installed fcpass's already: put torch's back, then this
+    x = torch.arange(ROWS * WIDTH, dtype=torch.float32).reshape(ROWS, WIDTH) + 100 * rank
+    eager = _send_2d_receive_1d(x)
+    results = {"eager": eager.tolist(), "x": x.flatten().tolist()}  # plain values: they cross the rank's queue
+    try:
+        remaps[key] = funcol.all_to_all_inplace
+        graphs = {"torch": [], "fcpass": []}
+        results["torch's trace"] = _raised(lambda: _compiled(_send_2d_receive_1d, [])(x))
+        same_torch = _compiled(_same_shape, graphs["torch"])(x)
+        results["installed"] = (traceable.install(), traceable.install())
+        results["compiled"] = _compiled(_send_2d_receive_1d, graphs["fcpass"])(x).tolist()
+        same_fcpass = _compiled(_same_shape, graphs["fcpass"])(x)
+        results["same shape"] = {"bits": torch.equal(same_torch, same_fcpass), "graphs": graphs}
+        foreign = lambda *args, **kwargs: None  # noqa: E731  (someone else's remap)
+        remaps[key] = foreign
+        results["beside another remap"] = (traceable.install(), remaps[key] is foreign)
+    finally:
+        remaps[key] = before
+        torch._dynamo.reset()
+    return results
+
+
+REMAPS = shared(run_remaps, timeout=180)
+
+
+def test_torchs_own_trace_fails_at_the_copy():
+    """Why fcpass carries the remap: a torch that traces this turns this red, and the module can go."""
+    for r in REMAPS():
+        error = r["torch's trace"]
+        assert error is not None and error.startswith("TorchRuntimeError") and "copy_" in error, error
+
+
+def test_fcpasss_trace_gives_eager_torchs_bits():
+    per_rank = REMAPS()
+    for rank, r in enumerate(per_rank):
+        assert r["installed"] == (True, True)
+        chunk = ROWS * WIDTH // len(per_rank)  # every rank's flat chunk for this one, in rank order
+        expected = [value for other in per_rank for value in other["x"][rank * chunk:(rank + 1) * chunk]]
+        assert r["eager"] == expected
+        assert r["compiled"] == r["eager"]  # exact: the same values moved, nothing computed
+
+
+def test_a_buffer_of_the_send_buffers_shape_traces_as_torch_traces_it():
+    for r in REMAPS():
+        same = r["same shape"]
+        graph_torch, graph_fcpass = same["graphs"]["torch"], same["graphs"]["fcpass"][1:]  # after the 2-D -> 1-D
+        assert same["bits"] and graph_fcpass == graph_torch, same
+        assert any("all_to_all_single" in target for target in graph_torch[0]), graph_torch
+
+
+def test_another_remap_is_left_alone():
+    for r in REMAPS():
+        assert r["beside another remap"] == (False, True)
