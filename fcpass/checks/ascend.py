@@ -26,6 +26,13 @@ back.
    (fcpass/compare.py): ``vllm.LLM(tensor_parallel_size=2)``, bf16, npugraph_ex off in both (with it on no
    user pass runs), on ``--model`` or a random Llama checkpoint (written with transformers, no download):
    greedy tokens equal, prefill and decode ms, what fcpass's ops did.
+3. vllm-ascend's own linear ops in the same engine (``--skip-engine`` skips it too), fcpass's default config (no
+   sequence parallelism of its own: vllm-ascend's ops make the sites), prefills of 64 and 1500 tokens (its
+   FlashComm v1 is on above 1000): each switch of ``LINEAR_SWITCHES`` its release has the op for (0.23: FlashComm
+   v1 at TP=2, FlashComm2 with o_proj TP 2 at TP=4) and the machine the NPUs for; each one it skips, it says why.
+   The same switches as the linear-op table's rows (docs/REFERENCE.md, "vllm-ascend's linear ops"), tested off
+   hardware on gloo ranks: on A3 fcpass fuses FlashComm v1's gather on vLLM's TP group and FlashComm2's
+   matmul -> reduce_scatter on its otp group; on A2 it leaves the otp site alone (one communicator per model).
 
 Without torch_npu or without 2 NPUs it says what is missing and exits 2.
 """
@@ -80,13 +87,36 @@ ENGINE_ARGS = {"tensor_parallel_size": WORLD_SIZE, "dtype": "bfloat16",
 ENGINE_FCPASS = {"sequence_parallel": True}
 
 
-def engine_table(model: str) -> str:
-    """Part 2: the engine without and with fcpass, one after the other, side by side."""
+# Part 3: (what it is, tensor_parallel_size, vllm-ascend's additional_config, the linear op its release needs)
+LINEAR_SWITCHES = (
+    ("FlashComm v1", 2, {"enable_flashcomm1": True}, "SequenceColumnParallelOp"),
+    ("FlashComm2, o_proj TP 2, with FlashComm v1", 4,
+     {"enable_flashcomm1": True, "enable_flashcomm2_parallel_size": 2}, "Flashcomm2OProjRowParallelOp"),
+)
+
+
+def engine_table(model: str, engine_args: dict = ENGINE_ARGS, pass_fields: dict = ENGINE_FCPASS) -> str:
+    """Part 2 (and each of part 3's): the engine without and with fcpass, one after the other, side by side."""
     from fcpass import compare
 
-    plan = compare.plan((64, 1500), batch=4, decode_steps=8, repeats=3, engine_args=ENGINE_ARGS)
-    runs = compare.compare(model, ENGINE_FCPASS, plan)
+    plan = compare.plan((64, 1500), batch=4, decode_steps=8, repeats=3, engine_args=engine_args)
+    runs = compare.compare(model, pass_fields, plan)
     return compare.table(compare.summary(runs))
+
+
+def linear_switches(linear_ops, npus: int) -> list[tuple[str, dict | str]]:
+    """Part 3's runs: (what, the engine's arguments) for each switch this vllm-ascend (its ``vllm_ascend.ops.
+    linear_op`` module) has the op for and this machine the NPUs for, else (what, why it is skipped)."""
+    runs = []
+    for what, tp, switches, op in LINEAR_SWITCHES:
+        if not hasattr(linear_ops, op):
+            runs.append((what, f"skipped: this vllm-ascend has no {op}"))
+        elif npus < tp:
+            runs.append((what, f"skipped: it needs {tp} NPUs, {npus} visible"))
+        else:
+            additional = {**ENGINE_ARGS["additional_config"], **switches}
+            runs.append((what, {**ENGINE_ARGS, "tensor_parallel_size": tp, "additional_config": additional}))
+    return runs
 
 
 def parser() -> argparse.ArgumentParser:
@@ -117,15 +147,21 @@ def main(argv=None) -> int:
         print(f"\nthe same on vllm-ascend's fine-grained TP groups {FINE_GRAINED_GROUPS} of {2 * WORLD_SIZE} ranks")
         print(table(kernels.merged(per_rank)))
     if not args.skip_engine:
-        print(f"\nvllm-ascend, vllm.LLM(**{ENGINE_ARGS}), without and with fcpass {ENGINE_FCPASS}")
-        if args.model:
-            print(f"model {args.model}\n{engine_table(args.model)}")
-        else:
-            from fcpass.checks import checkpoints
+        with tempfile.TemporaryDirectory(prefix="fcpass-ascend-check-") as model_dir:
+            if args.model:
+                model, named = args.model, f"model {args.model}"
+            else:
+                from fcpass.checks import checkpoints
 
-            with tempfile.TemporaryDirectory(prefix="fcpass-ascend-check-") as model_dir:
                 checkpoints.write(model_dir, "llama", hidden=1024, layers=4, max_positions=2048)
-                print(f"random Llama (hidden 1024, 4 layers)\n{engine_table(model_dir)}")
+                model, named = model_dir, "random Llama (hidden 1024, 4 layers)"
+            print(f"\nvllm-ascend, vllm.LLM(**{ENGINE_ARGS}), without and with fcpass {ENGINE_FCPASS}")
+            print(f"{named}\n{engine_table(model)}")
+            from vllm_ascend.ops import linear_op
+
+            for what, run in linear_switches(linear_op, torch.npu.device_count()):
+                print(f"\nvllm-ascend's {what}, without and with fcpass's default config")
+                print(run if isinstance(run, str) else f"vllm.LLM(**{run}), {named}\n{engine_table(model, run, {})}")
     return 0
 
 

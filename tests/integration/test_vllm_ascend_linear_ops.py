@@ -22,9 +22,14 @@ release built for the vLLM under test (0.23 and 0.30: ``make test-ascend023`` / 
   op run uncompiled, as every layout's is.
 - DeepSeek V4's attention output (``wo_a``, ``wo_b``) under o_proj TP: vllm-ascend's DSV4 ops, a matmul each on
   the otp group's shards with no collective in the op (its model code communicates): nothing for fcpass.
-- DSA CP (0.23: ``enable_dsa_cp`` with FlashComm v1, on a model whose config has DeepSeek V3.2's ``index_topk``,
-  vllm-ascend's test for an indexer): ``q_b_proj``'s ``ShardedCPColumnParallelOp``, a "fake comm group" of one,
-  no collective: nothing for fcpass.
+- DSA CP (``enable_dsa_cp``, on a model whose config has DeepSeek V3.2's ``index_topk``, vllm-ascend's test for an
+  indexer; 0.23 with FlashComm v1, 0.30 where vLLM's ``use_sequence_parallel_moe`` holds: expert parallelism,
+  TP > 1, and DP > 1 unless vllm-ascend's platform patch drops that, so DP=2 x TP=2 here): ``q_b_proj``'s
+  ``ShardedCPColumnParallelOp``, a "fake comm group" of one, no collective: nothing for fcpass; with it a
+  replicated layer (MLA's ``kv_a_proj_with_mqa``: ``CustomReplicatedOp``), one matmul, nothing either. 0.23's
+  ``ShardedCPRowParallelOp`` (its o_proj on a PD prefill node, the same fake group, no collective) never reaches
+  fcpass: Dynamo stops at the ``SimpleNamespace`` its ``tp_rank`` builds per call, with or without fcpass; in
+  vllm-ascend's model it runs inside DSA's attention op, which vLLM's graph keeps opaque.
 - FlashComm2's o_shard (0.23 only; the same with ``layer_sharding: ["o_proj"]``, on a PD prefill node as its
   platform requires; 3 layers, as its prefetch step of 1 requires): each layer's o_proj, as it is built, is
   registered with the o_shard manager (its weight kept by one rank of the ``shard_weight`` group) and qkv_proj
@@ -78,7 +83,7 @@ def _layer(rank, layers: tuple[str, ...], hidden_layers: int = 0):
     vllm-ascend's linear layers with the prefixes its model code gives them. ``hidden_layers``: every layer's o_proj built too (never run), as its
     model builds them, which registers them with FlashComm2's o_shard (vllm-ascend then broadcasts them)."""
     from vllm_ascend.ops.linear import (AscendColumnParallelLinear, AscendMergedColumnParallelLinear,
-                                        AscendQKVParallelLinear, AscendRowParallelLinear)
+                                        AscendQKVParallelLinear, AscendReplicatedLinear, AscendRowParallelLinear)
 
     class Layer(torch.nn.Module):
         def __init__(self):
@@ -100,6 +105,9 @@ def _layer(rank, layers: tuple[str, ...], hidden_layers: int = 0):
             if "q_b_proj" in layers:  # DeepSeek V3.2's query up-projection (MLA)
                 self.q_b_proj = AscendColumnParallelLinear(HIDDEN, HIDDEN * 2, bias=False,
                                                            prefix="model.layers.0.self_attn.q_b_proj")
+            if "kv_a_proj_with_mqa" in layers:  # MLA's KV down-projection: replicated on every rank
+                self.kv_a_proj_with_mqa = AscendReplicatedLinear(HIDDEN * 2, HIDDEN, bias=False,
+                                                                 prefix="model.layers.0.self_attn.kv_a_proj_with_mqa")
             if "qkv_proj" in layers:
                 self.qkv_proj = AscendQKVParallelLinear(HIDDEN, HEAD, HEADS, HEADS, bias=False,
                                                         prefix="model.layers.0.self_attn.qkv_proj")
@@ -123,6 +131,8 @@ def _layer(rank, layers: tuple[str, ...], hidden_layers: int = 0):
                 x = _output(self.gate_up_proj(x))
             if "q_b_proj" in layers:
                 x = _output(self.q_b_proj(x))
+            if "kv_a_proj_with_mqa" in layers:
+                x = _output(self.kv_a_proj_with_mqa(x))
             if "qkv_proj" in layers:
                 x = _output(self.qkv_proj(x))
             return x
@@ -149,6 +159,8 @@ class Layout:
     hidden_layers: int = 0  # the model's layers, each o_proj built (o_shard: 3 at least, for its prefetch step 1)
     token_shard: bool = False  # its input a FlashComm v1 forward's token shard (a MoE model's: every forward's)
     indexer: bool = False  # the model's config has DeepSeek V3.2's index_topk (vllm-ascend's DSA CP needs one)
+    expert_parallel: bool = False  # a MoE model's enable_expert_parallel (set once the config is built: vLLM
+    # checks it against the model's experts, and the layers here are dense)
 
     @property
     def input_width(self) -> int:
@@ -156,6 +168,8 @@ class Layout:
         MLP's input."""
         if "o_proj" not in self.layers:
             return HIDDEN
+        if "enable_dsa_cp" in self.switches:
+            return HIDDEN * 2  # DSA CP's o_proj: every rank's whole weight, all of attention's output
         return HIDDEN * 2 * self.data_parallel_size // self.ranks
 
 
@@ -172,6 +186,7 @@ def _fine_grained(ranks: int, dp: int, size: int) -> Layout:
                    "gate_up_proj": "MLPColumnParallelOp", "down_proj": "MLPRowParallelOp"})
 
 
+DSA_CP_OPS = {"q_b_proj": "ShardedCPColumnParallelOp", "kv_a_proj_with_mqa": "CustomReplicatedOp"}
 # vllm-ascend 0.30 allows fine-grained TP with TP=1 only
 LAYOUTS = {"DP=2, mlp_tp=2": _fine_grained(2, 2, 2), "DP=4, mlp_tp=2": _fine_grained(4, 4, 2)}
 if ascend.TP_FLASHCOMM:
@@ -187,9 +202,12 @@ if ascend.TP_FLASHCOMM:
                                                {"o_proj": "MatmulAllreduceRowParallelOp"}, decode_node=False,
                                                model="llama")
     # DSA CP (enable_dsa_cp, with FlashComm v1, on a model with an indexer): q_b_proj's ShardedCP column op
-    LAYOUTS["TP=2, DSA CP"] = Layout(2, 1, {"enable_dsa_cp": True}, ("q_b_proj",),
-                                     {"q_b_proj": "ShardedCPColumnParallelOp"}, decode_node=False, model="llama",
-                                     indexer=True)
+    LAYOUTS["TP=2, DSA CP"] = Layout(2, 1, {"enable_dsa_cp": True}, ("q_b_proj", "kv_a_proj_with_mqa"),
+                                     DSA_CP_OPS, decode_node=False, model="llama", indexer=True)
+    # the same on a PD prefill node: o_proj's ShardedCP row op (vllm-ascend's "DSA CP with layer shard")
+    LAYOUTS["TP=2, DSA CP, prefill node"] = Layout(2, 1, {"enable_dsa_cp": True}, ("o_proj",),
+                                                   {"o_proj": "ShardedCPRowParallelOp"}, decode_node=False,
+                                                   prefill_node=True, model="llama", indexer=True)
     LAYOUTS["TP=4, FlashComm2 otp=2"] = Layout(4, 1, {"enable_flashcomm2_parallel_size": 2}, ("o_proj",),
                                                {"o_proj": "Flashcomm2OProjRowParallelOp"}, decode_node=False)
     # FlashComm2's o_shard (layer_sharding ["o_proj"], on a PD prefill node): qkv_proj's op triggers the
@@ -198,9 +216,15 @@ if ascend.TP_FLASHCOMM:
         4, 1, {"enable_flashcomm2_parallel_size": 2, "layer_sharding": ["o_proj"]}, ("qkv_proj",),
         {"qkv_proj": "Flashcomm2OshardQKVParallelOp"}, decode_node=False, prefill_node=True, hidden_layers=3,
         token_shard=True)
+else:
+    # 0.30: DSA CP where vLLM's use_sequence_parallel_moe holds (expert parallelism, TP > 1, DP > 1)
+    LAYOUTS["DP=2 x TP=2, DSA CP"] = Layout(4, 2, {"enable_dsa_cp": True}, ("q_b_proj", "kv_a_proj_with_mqa"),
+                                            DSA_CP_OPS, decode_node=False, model="llama", indexer=True,
+                                            expert_parallel=True)
 # layouts whose graph torch.compile cannot trace, with or without fcpass (the reason: the module docstring)
 FLASHCOMM2, O_SHARD = "TP=4, FlashComm2 otp=2", "TP=4, FlashComm2 otp=2, o_shard"
-UNTRACEABLE = {O_SHARD}
+DSA_CP_ROW = "TP=2, DSA CP, prefill node"
+UNTRACEABLE = {O_SHARD, DSA_CP_ROW} & LAYOUTS.keys()
 # layouts whose op cannot be built on a gloo rank (the module docstring)
 UNBUILDABLE = {"TP=2, matmul_allreduce"} & LAYOUTS.keys()
 # layouts whose ops run on gloo with FlashComm v1 off only; compiled again with it on (the module docstring)
@@ -264,6 +288,8 @@ def run_linear_ops(rank, world_size, name):
             compilation = vllm_config.compilation_config
             compilation.cudagraph_mode = CUDAGraphMode.FULL_DECODE_ONLY
             compilation.max_cudagraph_capture_size = vllm_config.scheduler_config.max_num_seqs
+        if layout.expert_parallel:
+            vllm_config.parallel_config.enable_expert_parallel = True
         ascend.init_config(vllm_config)
         ascend.load_ops()
         with ascend.parallel_groups(vllm_config) as groups:
@@ -295,6 +321,14 @@ def run_linear_ops(rank, world_size, name):
                 with pass_context(compile_range), ascend.forward(vllm_config, tokens):
                     results[tokens] = ascend.want_and_got(want_fn, got_fn, x, eager_fn=model)
             results["report"] = _report(manager)
+            if name == FLASHCOMM2:  # compiled again in a prefill's forward above 1000 tokens: FlashComm v1 on
+                manager = configure_post_pass(vllm_config, GraphFusionPassManager(), ASCEND_PASS_KEY)
+                got_fn = ascend.compiled(model, manager, compile_range)
+                want_fn = ascend.compiled(model, GraphFusionPassManager(), compile_range)
+                x = torch.randn(FLASHCOMM_TOKENS, layout.input_width, generator=torch.Generator().manual_seed(rank))
+                with pass_context(compile_range), ascend.forward(vllm_config, FLASHCOMM_TOKENS) as context:
+                    results["FlashComm on"] = {**ascend.want_and_got(want_fn, got_fn, x, eager_fn=model),
+                                               "pad_size": context.pad_size, "report": _report(manager)}
             if name in FLASHCOMM_V1:  # compiled again in a forward with FlashComm v1 on, as its input's token shard
                 manager = configure_post_pass(vllm_config, GraphFusionPassManager(), ASCEND_PASS_KEY)
                 got_fn = ascend.compiled(model, manager, compile_range)
@@ -367,6 +401,10 @@ OUTCOMES = {
     "DSV4OProjRowParallelOp": ("vllm.unquantized_gemm (no collective)", NO_SITE),
     # DSA CP's q_b_proj: its matmul on every rank's whole weight (a "fake comm group" of one)
     "ShardedCPColumnParallelOp": ("vllm.unquantized_gemm (no collective)", NO_SITE),
+    # every replicated layer (MLA's kv_a_proj_with_mqa here): one matmul on every rank's whole weight
+    "CustomReplicatedOp": ("vllm.unquantized_gemm (no collective)", NO_SITE),
+    # its source's, as torch.compile never traces it (test_dsa_cps_o_proj_never_reaches_fcpass)
+    "ShardedCPRowParallelOp": ("vllm.unquantized_gemm (no collective)", None),
     # traced with fcpass's pass installed (fcpass.traceable); FlashComm v1 off at TOKENS: the TP group's gather
     "Flashcomm2OProjRowParallelOp": ("all_to_all_single on the odp group -> vllm.unquantized_gemm -> "
                                      "vllm.reduce_scatter on the otp group -> vllm.all_gather on vLLM's TP group",
@@ -432,6 +470,23 @@ def test_flashcomm2s_o_proj_talks_on_its_odp_and_otp_groups():
         return
     for rank, r in enumerate(RUNS[FLASHCOMM2]()):
         assert r["groups"]["otp"] == [rank % 2, rank % 2 + 2] and r["groups"]["odp"] == [rank // 2 * 2, rank // 2 * 2 + 1]
+
+
+def test_flashcomm2s_o_proj_fuses_in_a_prefill_with_flashcomm_v1_on():
+    """0.23: FlashComm2 as vllm-ascend recommends it, with FlashComm v1, in a prefill's forward above 1000 tokens:
+    o_proj pads the tokens to a multiple of the TP size, and its output stays this rank's token shard (no TP
+    gather). fcpass fuses its matmul -> reduce_scatter on the otp group: the shard's rows, the numbers within
+    float32's bound, vllm-ascend's op uncompiled the reference's bits."""
+    if not ascend.TP_FLASHCOMM:
+        return  # 0.30 has no FlashComm2 (test_flashcomm2s_o_proj_talks_on_its_odp_and_otp_groups)
+    layout = LAYOUTS[FLASHCOMM2]
+    for r in RUNS[FLASHCOMM2]():
+        on = r["FlashComm on"]
+        assert on["pad_size"] == -FLASHCOMM_TOKENS % layout.ranks
+        assert on["rows"] == (FLASHCOMM_TOKENS + on["pad_size"]) // layout.ranks
+        assert on["report"] == [OUTCOMES["Flashcomm2OProjRowParallelOp"][1]]
+        assert [decision[:2] for decision in on["decisions"]] == [("mm_reduce_scatter", "fused")], on["decisions"]
+        assert on["eager_bits"] and on["error"] <= (FFN + 2) * torch.finfo(torch.float32).eps, on
 
 
 def test_flashcomm_v1s_ops_fuse_the_gather_and_leave_the_opaque_reduction():
@@ -508,3 +563,59 @@ def test_flashcomm2s_o_shard_qkv_proj_never_reaches_fcpass():
                     "weight.set_" in error and "Getting an inplace view on a graph input is not supported" in error
                     and "next_layer.weight.set_(window.weight)" in error), (label, error)
         assert r["fcpass's report"] == []
+
+
+def test_dsa_cps_o_proj_never_reaches_fcpass():
+    """0.23: DSA CP on a PD prefill node gives o_proj vllm-ascend's ``ShardedCPRowParallelOp`` (every rank's whole
+    weight, no collective). Traced, its ``tp_rank`` builds a ``SimpleNamespace`` per call and Dynamo stops there,
+    without fcpass as with it, before any pass runs; in vllm-ascend's model the op runs inside DSA's attention
+    op, which vLLM's graph keeps opaque. 0.30 has no such op."""
+    if not ascend.TP_FLASHCOMM:
+        assert "class ShardedCPRowParallelOp" not in (ascend.SOURCE / "vllm_ascend/ops/linear_op.py").read_text()
+        return
+    for r in RUNS[DSA_CP_ROW]():
+        assert r["ops"] == LAYOUTS[DSA_CP_ROW].ops
+        for label in ("want", "got"):
+            error, _ = r["compile"][label]
+            assert error.startswith("Unsupported") and "SimpleNamespace" in error, (label, error)
+        assert r["fcpass's report"] == []
+
+
+# the layouts whose switches the hardware check's part 3 runs, by the op it asks the release for
+CHECKED_LAYOUTS = {"SequenceColumnParallelOp": "TP=2, FlashComm v1", "Flashcomm2OProjRowParallelOp": FLASHCOMM2}
+
+
+def run_check_switches(rank, world_size):
+    """The hardware check's part 3 runs (fcpass/checks/ascend.py) on this release's real ``linear_op``, with 4
+    NPUs and with 2; and the additional_config of each layout they stand for, as these tests give it."""
+    from vllm_ascend.ops import linear_op
+
+    from fcpass.checks.ascend import linear_switches
+
+    given = {op: ascend.additional_config(**LAYOUTS[name].switches) for op, name in CHECKED_LAYOUTS.items()
+             if name in LAYOUTS}
+    return {"runs": {npus: linear_switches(linear_op, npus) for npus in (4, 2)}, "given": given}
+
+
+CHECK_SWITCHES = shared(run_check_switches, setup=ascend.compile_setup, timeout=120)
+
+
+def test_the_hardware_checks_engine_runs_are_these_layouts():
+    """``make ascend-check``'s part 3 runs vllm-ascend's engine on hardware with the switches of this table's rows
+    (each at its TP size, vllm-ascend's additional_config as these layouts give it), where this release has
+    their op, and says why it skips the rest."""
+    from fcpass.checks.ascend import LINEAR_SWITCHES
+
+    (found, *_) = CHECK_SWITCHES()
+    runs = found["runs"]
+    if not ascend.TP_FLASHCOMM:  # 0.30: neither op
+        assert all(isinstance(run, str) and run.startswith("skipped: this vllm-ascend has no")
+                   for npus in (4, 2) for _, run in runs[npus]), runs
+        return
+    for (what, tp, _, op), (said, args) in zip(LINEAR_SWITCHES, runs[4], strict=True):
+        layout = LAYOUTS[CHECKED_LAYOUTS[op]]
+        assert said == what and op in layout.ops.values() and args["tensor_parallel_size"] == tp == layout.ranks
+        switches = {key: value for key, value in args["additional_config"].items()
+                    if key != "ascend_compilation_config"}  # its own: npugraph_ex off, so that fcpass runs
+        assert switches == {key: found["given"][op][key] for key in switches}, (switches, found["given"][op])
+    assert [run for _, run in runs[2]][1] == "skipped: it needs 4 NPUs, 2 visible"
