@@ -34,7 +34,7 @@ NEWEST_VLLM := 0.34.0
 NEWEST_TRANSFORMERS := transformers>=5.16.1,<5.23.0  # vLLM 0.34's own range
 NEWEST_PY := $(NEWEST_VENV)/bin/python
 NEWEST_TESTS := tests/integration/test_vllm_integration.py tests/integration/test_vllm_group_name.py tests/integration/test_readme.py \
-	tests/integration/test_vllm_moe_sp_form.py tests/rewrite \
+	tests/integration/test_vllm_moe_sp_form.py tests/rewrite tests/runtime/test_traceable.py \
 	--ignore=tests/rewrite/test_sequence_parallel_forms.py --ignore=tests/rewrite/test_passes_vllm_ascend.py \
 	--ignore=tests/rewrite/test_replay.py
 

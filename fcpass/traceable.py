@@ -30,9 +30,10 @@ logger = logging.getLogger(__name__)
 
 
 def fcpass_all_to_all_inplace(output: torch.Tensor, input: torch.Tensor, output_split_sizes=None,
-                              input_split_sizes=None, group=None, async_op: bool = False, tag: str = ""):
+                              input_split_sizes=None, group=None, async_op: bool = False, tag: str = "") -> None:
     """torch's ``all_to_all_inplace`` (same arguments: Dynamo binds the eager call's to it), with the result
-    reshaped to a receive buffer of another rank: eager torch fills that buffer's memory in the same order."""
+    reshaped to a receive buffer of another rank: eager torch fills that buffer's memory in the same order.
+    Returns None, as the eager call does (torch 2.13's remap too; 2.10's returned the buffer)."""
     if async_op:
         raise AssertionError("Can't remap async version of inplace op to functional collective")
     group = group or dist.group.WORLD
@@ -41,18 +42,20 @@ def fcpass_all_to_all_inplace(output: torch.Tensor, input: torch.Tensor, output_
     result = funcol.all_to_all_single(input, output_split_sizes, input_split_sizes, group, tag)
     if result.dim() != output.dim():
         result = result.reshape(output.shape)  # raises at trace time where the element counts differ
-    return output.copy_(result)
+    output.copy_(result)
 
 
 def install() -> bool:
     """Remap ``dist.all_to_all_single`` for Dynamo to :func:`fcpass_all_to_all_inplace`, once per process.
 
-    Left as it is where something else than torch's own remap holds it (say so once): False then."""
+    Left as it is where something else than torch's own remap holds it (say so): False then. Torch's own is
+    whatever its ``_functional_collectives`` defines (2.10: ``all_to_all_inplace``; 2.13:
+    ``_remapped_all_to_all_single``, which calls it)."""
     remaps = funcol.traceable_collective_remaps
     current = remaps.get(distributed_c10d.all_to_all_single)
     if current is fcpass_all_to_all_inplace:
         return True
-    if current is not funcol.all_to_all_inplace:
+    if getattr(current, "__module__", None) != funcol.__name__:
         logger.warning("fcpass: torch.compile's remap of dist.all_to_all_single is %r, not torch's own: fcpass "
                        "leaves it (a receive buffer of another rank may not trace)", current)
         return False

@@ -1,7 +1,8 @@
 """fcpass.traceable on real gloo ranks: torch.compile's trace of ``dist.all_to_all_single`` into a receive buffer
 of another rank (vllm-ascend's FlashComm2 o_proj sends 2-D into 1-D), with torch's own remap and with fcpass's.
 
-Runs on the main stack's torch and on the Ascend stacks' torch 2.10 (the one vllm-ascend pins).
+Runs on every stack's torch: the main one's, the newest vLLM's (2.14) and the Ascend stacks' (2.10, vllm-ascend's pin),
+as each torch names its own remap differently.
 """
 
 import torch
@@ -52,11 +53,14 @@ def run_remaps(rank, world_size):
 
     remaps, key = funcol.traceable_collective_remaps, distributed_c10d.all_to_all_single
     before = remaps[key]  # the shared ranks may have installed fcpass's already: put torch's back, then this
+    # torch's own, by the name each torch gives it (2.10: all_to_all_inplace; 2.13: a wrapper calling it)
+    torchs = before if before.__module__ == funcol.__name__ else getattr(
+        funcol, "_remapped_all_to_all_single", funcol.all_to_all_inplace)
     x = torch.arange(ROWS * WIDTH, dtype=torch.float32).reshape(ROWS, WIDTH) + 100 * rank
     eager = _send_2d_receive_1d(x)
     results = {"eager": eager.tolist(), "x": x.flatten().tolist()}  # plain values: they cross the rank's queue
     try:
-        remaps[key] = funcol.all_to_all_inplace
+        remaps[key] = torchs
         graphs = {"torch": [], "fcpass": []}
         results["torch's trace"] = _raised(lambda: _compiled(_send_2d_receive_1d, [])(x))
         same_torch = _compiled(_same_shape, graphs["torch"])(x)
@@ -74,6 +78,22 @@ def run_remaps(rank, world_size):
 
 
 REMAPS = shared(run_remaps, timeout=180)
+
+
+def test_in_a_new_process_it_replaces_torchs_own_remap():
+    """What vLLM's processes find: torch's own remap of this torch, taken without a warning."""
+    import subprocess
+    import sys
+
+    code = ("import logging; logging.basicConfig(level=logging.WARNING)\n"
+            "from torch.distributed import _functional_collectives as funcol, distributed_c10d\n"
+            "from fcpass import traceable\n"
+            "torchs = funcol.traceable_collective_remaps[distributed_c10d.all_to_all_single]\n"
+            "print(torchs.__module__, traceable.install(), "
+            "funcol.traceable_collective_remaps[distributed_c10d.all_to_all_single].__name__)")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and "fcpass" not in done.stderr, done.stderr
+    assert done.stdout.split() == ["torch.distributed._functional_collectives", "True", "fcpass_all_to_all_inplace"]
 
 
 def test_torchs_own_trace_fails_at_the_copy():
