@@ -27,6 +27,7 @@ from torch.distributed import _functional_collectives as funcol
 from torch.distributed import distributed_c10d
 
 logger = logging.getLogger(__name__)
+_SAID_FOREIGN: set[str] = set()  # the foreign remaps this process has named (a pass is built per compile config)
 
 
 def fcpass_all_to_all_inplace(output: torch.Tensor, input: torch.Tensor, output_split_sizes=None,
@@ -48,7 +49,7 @@ def fcpass_all_to_all_inplace(output: torch.Tensor, input: torch.Tensor, output_
 def install() -> bool:
     """Remap ``dist.all_to_all_single`` for Dynamo to :func:`fcpass_all_to_all_inplace`, once per process.
 
-    Left as it is where something else than torch's own remap holds it (say so): False then. Torch's own is
+    Left as it is where something else than torch's own remap holds it (said once): False then. Torch's own is
     whatever its ``_functional_collectives`` defines (2.10: ``all_to_all_inplace``; 2.13:
     ``_remapped_all_to_all_single``, which calls it)."""
     remaps = funcol.traceable_collective_remaps
@@ -56,8 +57,10 @@ def install() -> bool:
     if current is fcpass_all_to_all_inplace:
         return True
     if getattr(current, "__module__", None) != funcol.__name__:
-        logger.warning("fcpass: torch.compile's remap of dist.all_to_all_single is %r, not torch's own: fcpass "
-                       "leaves it (a receive buffer of another rank may not trace)", current)
+        if repr(current) not in _SAID_FOREIGN:
+            _SAID_FOREIGN.add(repr(current))
+            logger.warning("fcpass: torch.compile's remap of dist.all_to_all_single is %r, not torch's own: "
+                           "fcpass leaves it (a receive buffer of another rank may not trace)", current)
         return False
     # Dynamo reads the replacement back as an attribute of _functional_collectives, by its __name__
     setattr(funcol, fcpass_all_to_all_inplace.__name__, fcpass_all_to_all_inplace)

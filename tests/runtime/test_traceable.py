@@ -5,6 +5,9 @@ Runs on every stack's torch: the main one's, the newest vLLM's (2.14) and the As
 as each torch names its own remap differently.
 """
 
+import contextlib
+import logging
+
 import torch
 import torch.distributed as dist
 
@@ -35,6 +38,20 @@ def _compiled(fn, graphs: list):
 
     torch._dynamo.reset()
     return torch.compile(fn, backend=recording, fullgraph=True)
+
+
+@contextlib.contextmanager
+def _warnings(logger_name: str):
+    """The warnings ``logger_name`` logs inside the block, as a list of messages."""
+    said = []
+    handler = logging.Handler(logging.WARNING)
+    handler.emit = lambda record: said.append(record.getMessage())
+    logger = logging.getLogger(logger_name)
+    logger.addHandler(handler)
+    try:
+        yield said
+    finally:
+        logger.removeHandler(handler)
 
 
 def _raised(call) -> str | None:
@@ -70,7 +87,9 @@ def run_remaps(rank, world_size):
         results["same shape"] = {"bits": torch.equal(same_torch, same_fcpass), "graphs": graphs}
         foreign = lambda *args, **kwargs: None  # noqa: E731  (someone else's remap)
         remaps[key] = foreign
-        results["beside another remap"] = (traceable.install(), remaps[key] is foreign)
+        with _warnings("fcpass.traceable") as said:
+            results["beside another remap"] = (traceable.install(), traceable.install(), remaps[key] is foreign)
+        results["said of it"] = said
     finally:
         remaps[key] = before
         torch._dynamo.reset()
@@ -121,6 +140,7 @@ def test_a_buffer_of_the_send_buffers_shape_traces_as_torch_traces_it():
         assert any("all_to_all_single" in target for target in graph_torch[0]), graph_torch
 
 
-def test_another_remap_is_left_alone():
+def test_another_remap_is_left_alone_saying_so_once():
     for r in REMAPS():
-        assert r["beside another remap"] == (False, True)
+        assert r["beside another remap"] == (False, False, True)
+        assert len(r["said of it"]) == 1 and "not torch's own" in r["said of it"][0], r["said of it"]
