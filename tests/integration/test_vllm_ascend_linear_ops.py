@@ -477,8 +477,10 @@ def test_flashcomm2s_o_proj_fuses_in_a_prefill_with_flashcomm_v1_on():
     o_proj pads the tokens to a multiple of the TP size, and its output stays this rank's token shard (no TP
     gather). fcpass fuses its matmul -> reduce_scatter on the otp group: the shard's rows, the numbers within
     float32's bound, vllm-ascend's op uncompiled the reference's bits."""
-    if not ascend.TP_FLASHCOMM:
-        return  # 0.30 has no FlashComm2 (test_flashcomm2s_o_proj_talks_on_its_odp_and_otp_groups)
+    if not ascend.TP_FLASHCOMM:  # 0.30: no FlashComm2 switch at all
+        assert FLASHCOMM2 not in LAYOUTS and "enable_flashcomm2_parallel_size" not in (
+            ascend.SOURCE / "vllm_ascend/ascend_config.py").read_text()
+        return
     layout = LAYOUTS[FLASHCOMM2]
     for r in RUNS[FLASHCOMM2]():
         on = r["FlashComm on"]
