@@ -15,8 +15,9 @@ release built for the vLLM under test (0.23 and 0.30: ``make test-ascend023`` / 
   output all_to_all'd over the ``otp`` group, its matmul reduce-scattered back (``OProjRowParallelOp``).
 - FlashComm2 (0.23 only; 0.30 has none): ``enable_flashcomm2_parallel_size=2`` of TP=4, not on a decode node:
   attention's output all_to_all'd over the ``odp`` group into o_proj, reduce-scattered over ``otp``
-  (``Flashcomm2OProjRowParallelOp``), then gathered over vLLM's TP group where FlashComm v1 is off (as at
-  ``TOKENS``). torch 2.10's trace of its ``dist.all_to_all_single`` into a 1-D receive buffer fails (torch copies
+  (``Flashcomm2OProjRowParallelOp``), then gathered over vLLM's TP group where FlashComm v1 is off (a dense
+  model's layer at ``TOKENS``; a MoE model has it on in every forward), in a 1002-token prefill left the rank's
+  token shard. torch 2.10's trace of its ``dist.all_to_all_single`` into a 1-D receive buffer fails (torch copies
   a result shaped like the 2-D send buffer into it); fcpass's pass makes it traceable (``fcpass.traceable``),
   and the reference (vllm-ascend's compile path without fcpass's pass) is that trace too, checked equal to the
   op run uncompiled, as every layout's is.
@@ -161,6 +162,7 @@ class Layout:
     indexer: bool = False  # the model's config has DeepSeek V3.2's index_topk (vllm-ascend's DSA CP needs one)
     expert_parallel: bool = False  # a MoE model's enable_expert_parallel (set once the config is built: vLLM
     # checks it against the model's experts, and the layers here are dense)
+    other_rows: tuple = ()  # fcpass's report rows of the ops' collectives that border no matmul here
 
     @property
     def input_width(self) -> int:
@@ -208,8 +210,11 @@ if ascend.TP_FLASHCOMM:
     LAYOUTS["TP=2, DSA CP, prefill node"] = Layout(2, 1, {"enable_dsa_cp": True}, ("o_proj",),
                                                    {"o_proj": "ShardedCPRowParallelOp"}, decode_node=False,
                                                    prefill_node=True, model="llama", indexer=True)
+    # a dense model: FlashComm v1 off at TOKENS (o_proj's output gathered over vLLM's TP group), on above 1000
     LAYOUTS["TP=4, FlashComm2 otp=2"] = Layout(4, 1, {"enable_flashcomm2_parallel_size": 2}, ("o_proj",),
-                                               {"o_proj": "Flashcomm2OProjRowParallelOp"}, decode_node=False)
+                                               {"o_proj": "Flashcomm2OProjRowParallelOp"}, decode_node=False,
+                                               model="llama",
+                                               other_rows=(("all_gather_mm", "vllm/-", report.NO_MATMUL_CONSUMER),))
     # FlashComm2's o_shard (layer_sharding ["o_proj"], on a PD prefill node): qkv_proj's op triggers the
     # broadcast of the next layer's o_proj weight; the o_projs are built (registered), never run (see above)
     LAYOUTS["TP=4, FlashComm2 otp=2, o_shard"] = Layout(
@@ -405,9 +410,10 @@ OUTCOMES = {
     "CustomReplicatedOp": ("vllm.unquantized_gemm (no collective)", NO_SITE),
     # its source's, as torch.compile never traces it (test_dsa_cps_o_proj_never_reaches_fcpass)
     "ShardedCPRowParallelOp": ("vllm.unquantized_gemm (no collective)", None),
-    # traced with fcpass's pass installed (fcpass.traceable); FlashComm v1 off at TOKENS: the TP group's gather
+    # traced with fcpass's pass installed (fcpass.traceable); with FlashComm v1 off, its output gathered over TP
     "Flashcomm2OProjRowParallelOp": ("all_to_all_single on the odp group -> vllm.unquantized_gemm -> "
-                                     "vllm.reduce_scatter on the otp group -> vllm.all_gather on vLLM's TP group",
+                                     "vllm.reduce_scatter on the otp group (-> vllm.all_gather on vLLM's TP group "
+                                     "where FlashComm v1 is off)",
                                      ("mm_reduce_scatter", "vllm/unquantized_gemm", "fused")),
     # its source's, as torch.compile never traces it (test_flashcomm2s_o_shard_qkv_proj_never_reaches_fcpass)
     "Flashcomm2OshardQKVParallelOp": ("maybe_all_gather_and_maybe_unpad on vLLM's TP group -> the next layer's "
@@ -426,7 +432,7 @@ def test_its_ops_fuse_on_their_own_groups_and_give_the_same_numbers(name):
         assert r["ops"] == layout.ops
         assert len(r["groups"]["tp"]) == layout.ranks // layout.data_parallel_size
         rows = [OUTCOMES[op][1] for op in layout.ops.values() if OUTCOMES[op][1] != NO_SITE]
-        assert r["report"] == sorted(rows)
+        assert r["report"] == sorted([*rows, *layout.other_rows])
         fused = [family for family, _, outcome in rows if outcome == "fused"]
         for tokens in TOKENS:
             run = r[tokens]
