@@ -78,11 +78,12 @@ HIDDEN, FFN = 32, 64
 HEADS, HEAD = 4, 8  # qkv_proj's attention heads (and as many KV heads), of HEAD each: one of each per rank of TP=4
 
 
-def _layer(rank, layers: tuple[str, ...], hidden_layers: int = 0):
+def _layer(rank, layers: tuple[str, ...], hidden_layers: int = 0, w8a8: bool = False):
     """Attention's output projection ("o_proj"; DeepSeek V4's, "wo_a" then "wo_b": "dsv4") and/or a dense MLP
     ("mlp", or its first linear alone: "gate_up_proj"), or attention's input projection ("qkv_proj"), of
     vllm-ascend's linear layers with the prefixes its model code gives them. ``hidden_layers``: every layer's o_proj built too (never run), as its
-    model builds them, which registers them with FlashComm2's o_shard (vllm-ascend then broadcasts them)."""
+    model builds them, which registers them with FlashComm2's o_shard (vllm-ascend then broadcasts them).
+    ``w8a8``: o_proj quantized as a W8A8 (static) checkpoint gives it to vllm-ascend (:func:`_load_w8a8`)."""
     from vllm_ascend.ops.linear import (AscendColumnParallelLinear, AscendMergedColumnParallelLinear,
                                         AscendQKVParallelLinear, AscendReplicatedLinear, AscendRowParallelLinear)
 
@@ -91,7 +92,8 @@ def _layer(rank, layers: tuple[str, ...], hidden_layers: int = 0):
             super().__init__()
             if "o_proj" in layers:
                 self.o_proj = AscendRowParallelLinear(HIDDEN * 2, HIDDEN, bias=False,
-                                                      prefix="model.layers.0.self_attn.o_proj")
+                                                      prefix="model.layers.0.self_attn.o_proj",
+                                                      **(_w8a8_args("model.layers.0.self_attn.o_proj") if w8a8 else {}))
             if "dsv4" in layers:
                 self.wo_a = AscendColumnParallelLinear(HIDDEN, HIDDEN * 2, bias=False,
                                                        prefix="model.layers.0.self_attn.wo_a")
@@ -119,6 +121,8 @@ def _layer(rank, layers: tuple[str, ...], hidden_layers: int = 0):
             g = torch.Generator().manual_seed(rank)
             for p in self.parameters():
                 p.data.copy_(torch.randn(p.shape, generator=g) / p.shape[-1] ** 0.5)
+            if w8a8:
+                _load_w8a8(self.o_proj, g)
 
         def forward(self, x):
             if "o_proj" in layers:
@@ -139,6 +143,31 @@ def _layer(rank, layers: tuple[str, ...], hidden_layers: int = 0):
             return x
 
     return Layer()
+
+
+def _w8a8_args(prefix: str) -> dict:
+    """A W8A8 (static) layer as vllm-ascend builds it from a ModelSlim checkpoint's quant description, bf16."""
+    from vllm_ascend.quantization.modelslim_config import AscendModelSlimConfig
+
+    return {"quant_config": AscendModelSlimConfig({f"{prefix}.weight": "W8A8"}), "params_dtype": torch.bfloat16}
+
+
+def _load_w8a8(layer, generator) -> None:
+    """A W8A8 checkpoint's tensors (int8 weight, per-tensor activation scale, per-channel weight scale, int32 quant
+    bias, float32 dequant scale = activation scale x weight scale), then vllm-ascend's own after-loading step."""
+    n, k = layer.weight.shape
+    layer.weight.data.copy_(torch.randint(-60, 61, (n, k), generator=generator, dtype=torch.int8))
+    layer.input_scale.data.fill_(W8A8_INPUT_SCALE)
+    layer.input_offset.data.zero_()
+    weight_scale = torch.rand(n, 1, generator=generator) * 0.01 + 0.005
+    layer.weight_scale.data.copy_(weight_scale)
+    layer.weight_offset.data.zero_()
+    layer.deq_scale.data.copy_(W8A8_INPUT_SCALE * weight_scale.flatten())
+    layer.quant_bias.data.copy_(torch.randint(-500, 500, (n,), generator=generator, dtype=torch.int32))
+    layer.quant_method.process_weights_after_loading(layer)
+
+
+W8A8_INPUT_SCALE = 0.05
 
 
 def _output(result):
@@ -163,6 +192,11 @@ class Layout:
     expert_parallel: bool = False  # a MoE model's enable_expert_parallel (set once the config is built: vLLM
     # checks it against the model's experts, and the layers here are dense)
     other_rows: tuple = ()  # fcpass's report rows of the ops' collectives that border no matmul here
+    w8a8: bool = False  # o_proj a W8A8 (static) layer, the model bf16
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return torch.bfloat16 if self.w8a8 else torch.float32
 
     @property
     def input_width(self) -> int:
@@ -188,6 +222,7 @@ def _fine_grained(ranks: int, dp: int, size: int) -> Layout:
                    "gate_up_proj": "MLPColumnParallelOp", "down_proj": "MLPRowParallelOp"})
 
 
+FLASHCOMM2, W8A8_FLASHCOMM2 = "TP=4, FlashComm2 otp=2", "TP=4, FlashComm2 otp=2, W8A8"
 DSA_CP_OPS = {"q_b_proj": "ShardedCPColumnParallelOp", "kv_a_proj_with_mqa": "CustomReplicatedOp"}
 # vllm-ascend 0.30 allows fine-grained TP with TP=1 only
 LAYOUTS = {"DP=2, mlp_tp=2": _fine_grained(2, 2, 2), "DP=4, mlp_tp=2": _fine_grained(4, 4, 2)}
@@ -215,6 +250,10 @@ if ascend.TP_FLASHCOMM:
                                                {"o_proj": "Flashcomm2OProjRowParallelOp"}, decode_node=False,
                                                model="llama",
                                                other_rows=(("all_gather_mm", "vllm/-", report.NO_MATMUL_CONSUMER),))
+    # the same with o_proj W8A8 (vllm-ascend quantizes, then all_to_alls the int8 tokens; weight_nz_mode 0: its
+    # weight kept (k, n) as it is, not cast to the NPU's FRACTAL_NZ layout, which the stand-in has not)
+    LAYOUTS[W8A8_FLASHCOMM2] = dataclasses.replace(LAYOUTS[FLASHCOMM2], w8a8=True, switches={
+        "enable_flashcomm2_parallel_size": 2, "weight_nz_mode": 0})
     # FlashComm2's o_shard (layer_sharding ["o_proj"], on a PD prefill node): qkv_proj's op triggers the
     # broadcast of the next layer's o_proj weight; the o_projs are built (registered), never run (see above)
     LAYOUTS["TP=4, FlashComm2 otp=2, o_shard"] = Layout(
@@ -227,7 +266,7 @@ else:
                                             DSA_CP_OPS, decode_node=False, model="llama", indexer=True,
                                             expert_parallel=True)
 # layouts whose graph torch.compile cannot trace, with or without fcpass (the reason: the module docstring)
-FLASHCOMM2, O_SHARD = "TP=4, FlashComm2 otp=2", "TP=4, FlashComm2 otp=2, o_shard"
+O_SHARD = "TP=4, FlashComm2 otp=2, o_shard"
 DSA_CP_ROW = "TP=2, DSA CP, prefill node"
 UNTRACEABLE = {O_SHARD, DSA_CP_ROW} & LAYOUTS.keys()
 # layouts whose op cannot be built on a gloo rank (the module docstring)
@@ -302,8 +341,10 @@ def run_linear_ops(rank, world_size, name):
             if name in UNBUILDABLE:
                 return {"build": _raised(lambda: _layer(rank, layout.layers))}
             # as vLLM builds a model, where o_shard reads its layer count (the other layouts' ops read none)
-            with set_current_vllm_config(vllm_config) if layout.hidden_layers else contextlib.nullcontext():
-                model = _layer(rank, layout.layers, layout.hidden_layers)
+            # (W8A8: vllm-ascend's quant config reads the model type there)
+            with set_current_vllm_config(vllm_config) if layout.hidden_layers or layout.w8a8 else \
+                    contextlib.nullcontext():
+                model = _layer(rank, layout.layers, layout.hidden_layers, layout.w8a8)
             if layout.hidden_layers:
                 results["o_projs"] = [type(o_proj.custom_op).__name__ for o_proj in model.o_projs]
                 # what vllm-ascend's attention does after loading: o_shard's weights broadcast, its windows made
@@ -311,6 +352,8 @@ def run_linear_ops(rank, world_size, name):
 
                 flashcomm2_oshard_manager.post_process_after_loading()
             results["ops"] = {name: type(layer.custom_op).__name__ for name, layer in model.named_children()}
+            results["quant methods"] = sorted({type(getattr(layer.quant_method, "quant_method", layer.quant_method)).__name__
+                                               for layer in model.children()})
             results["groups"] = {"tp": tp.ranks, **{name: group.ranks for name, group in own.items()}}
             manager = configure_post_pass(vllm_config, GraphFusionPassManager(), ASCEND_PASS_KEY)
             compile_range = Range(start=1, end=8192)
@@ -322,7 +365,8 @@ def run_linear_ops(rank, world_size, name):
                 return {**results, "compile": _errors(vllm_config, compile_range, want_fn, got_fn, x, TOKENS[0]),
                         "fcpass's report": _report(manager)}
             for tokens in TOKENS:
-                x = torch.randn(rows(tokens), layout.input_width, generator=torch.Generator().manual_seed(tokens))
+                x = torch.randn(rows(tokens), layout.input_width,
+                                generator=torch.Generator().manual_seed(tokens)).to(layout.dtype)
                 with pass_context(compile_range), ascend.forward(vllm_config, tokens):
                     results[tokens] = ascend.want_and_got(want_fn, got_fn, x, eager_fn=model)
             results["report"] = _report(manager)
@@ -424,7 +468,7 @@ NEVER_COMPILED = "never reaches fcpass"
 
 
 @pytest.mark.parametrize("name", [name for name in LAYOUTS
-                                  if name not in UNTRACEABLE | UNBUILDABLE | FLASHCOMM_V1])
+                                  if name not in UNTRACEABLE | UNBUILDABLE | FLASHCOMM_V1 | {W8A8_FLASHCOMM2}])
 def test_its_ops_fuse_on_their_own_groups_and_give_the_same_numbers(name):
     per_rank = RUNS[name]()
     layout = LAYOUTS[name]
@@ -495,6 +539,28 @@ def test_flashcomm2s_o_proj_fuses_in_a_prefill_with_flashcomm_v1_on():
         assert on["report"] == [OUTCOMES["Flashcomm2OProjRowParallelOp"][1]]
         assert [decision[:2] for decision in on["decisions"]] == [("mm_reduce_scatter", "fused")], on["decisions"]
         assert on["eager_bits"] and on["error"] <= (FFN + 2) * torch.finfo(torch.float32).eps, on
+
+
+def test_flashcomm2s_w8a8_o_proj_fuses_its_quantized_matmul_with_the_same_bits():
+    """0.23: FlashComm2's o_proj as a W8A8 (static) checkpoint gives it: vllm-ascend quantizes attention's output
+    (``vllm.quantize``), all_to_alls the int8 tokens over odp, then ``npu_quant_matmul`` -> reduce_scatter over otp.
+    fcpass fuses the quantized matmul with the scatter (``mm_reduce_scatter_scaled``) and gives the same bits on
+    both sides of the threshold: the int8 products are exact (|x| <= 127, |w| <= 60, k = 32: every partial sum
+    under 2**24, in any order), the dequantization is per element, and two ranks' sums commute."""
+    if not ascend.TP_FLASHCOMM:  # 0.30: no FlashComm2 switch at all
+        assert W8A8_FLASHCOMM2 not in LAYOUTS
+        return
+    layout = LAYOUTS[W8A8_FLASHCOMM2]
+    for r in RUNS[W8A8_FLASHCOMM2]():
+        assert r["ops"] == layout.ops and r["quant methods"] == ["AscendW8A8LinearMethod"]
+        assert r["report"] == sorted([("mm_reduce_scatter", "vllm/npu_quant_matmul", "fused"), *layout.other_rows])
+        for tokens in TOKENS:
+            run = r[tokens]
+            path = "fused" if tokens > THRESHOLD else "unfused"
+            assert [decision[:2] for decision in run["decisions"]] == [("mm_reduce_scatter_scaled", path)], run
+            assert run["eager_bits"] and run["same_bits"], (tokens, run)
+            if tokens <= THRESHOLD:
+                assert run["calls"]["got"] == run["calls"]["want"], (tokens, run)
 
 
 def test_flashcomm_v1s_ops_fuse_the_gather_and_leave_the_opaque_reduction():
