@@ -81,8 +81,9 @@ HEADS, HEAD = 4, 8  # qkv_proj's attention heads (and as many KV heads), of HEAD
 def _layer(rank, layers: tuple[str, ...], hidden_layers: int = 0, w8a8: bool = False):
     """Attention's output projection ("o_proj"; DeepSeek V4's, "wo_a" then "wo_b": "dsv4") and/or a dense MLP
     ("mlp", or its first linear alone: "gate_up_proj"), or attention's input projection ("qkv_proj"), of
-    vllm-ascend's linear layers with the prefixes its model code gives them. ``hidden_layers``: every layer's o_proj built too (never run), as its
-    model builds them, which registers them with FlashComm2's o_shard (vllm-ascend then broadcasts them).
+    vllm-ascend's linear layers with the prefixes its model code gives them. ``hidden_layers``: every layer's
+    o_proj built too (never run), as its model builds them, which registers them with FlashComm2's o_shard
+    (vllm-ascend then broadcasts them).
     ``w8a8``: o_proj quantized as a W8A8 (static) checkpoint gives it to vllm-ascend (:func:`_load_w8a8`)."""
     from vllm_ascend.ops.linear import (AscendColumnParallelLinear, AscendMergedColumnParallelLinear,
                                         AscendQKVParallelLinear, AscendReplicatedLinear, AscendRowParallelLinear)
@@ -309,13 +310,10 @@ def run_linear_ops(rank, world_size, name):
     from vllm.config import set_current_vllm_config
     from vllm.config.compilation import CUDAGraphMode
     from vllm.config.utils import Range
-    from vllm_ascend.compilation.graph_fusion_pass_manager import GraphFusionPassManager
 
     from fcpass.backends.base import FusedCall
     from fcpass.backends.npu import NpuBackend
     from fcpass.matmuls import Matmul
-    from fcpass.vllm.compilation import ASCEND_PASS_KEY
-    from support.vllm_backend import configure_post_pass
 
     layout = LAYOUTS[name]
     config = fcpass_vllm.compilation_config({"threshold_tokens": THRESHOLD})
@@ -352,13 +350,12 @@ def run_linear_ops(rank, world_size, name):
 
                 flashcomm2_oshard_manager.post_process_after_loading()
             results["ops"] = {name: type(layer.custom_op).__name__ for name, layer in model.named_children()}
-            results["quant methods"] = sorted({type(getattr(layer.quant_method, "quant_method", layer.quant_method)).__name__
-                                               for layer in model.children()})
+            results["quant methods"] = sorted({  # vllm-ascend's quantized layers wrap theirs
+                type(getattr(layer.quant_method, "quant_method", layer.quant_method)).__name__
+                for layer in model.children()})
             results["groups"] = {"tp": tp.ranks, **{name: group.ranks for name, group in own.items()}}
-            manager = configure_post_pass(vllm_config, GraphFusionPassManager(), ASCEND_PASS_KEY)
             compile_range = Range(start=1, end=8192)
-            got_fn = ascend.compiled(model, manager, compile_range)
-            want_fn = ascend.compiled(model, GraphFusionPassManager(), compile_range)
+            manager, want_fn, got_fn = _without_and_with_fcpass(vllm_config, model, compile_range)
             rows = (lambda tokens: tokens // tp.world_size) if layout.token_shard else (lambda tokens: tokens)
             if name in UNTRACEABLE:
                 x = torch.randn(rows(TOKENS[0]), layout.input_width)
@@ -371,25 +368,19 @@ def run_linear_ops(rank, world_size, name):
                     results[tokens] = ascend.want_and_got(want_fn, got_fn, x, eager_fn=model)
             results["report"] = _report(manager)
             if name == FLASHCOMM2:  # compiled again in a prefill's forward above 1000 tokens: FlashComm v1 on
-                manager = configure_post_pass(vllm_config, GraphFusionPassManager(), ASCEND_PASS_KEY)
-                got_fn = ascend.compiled(model, manager, compile_range)
-                want_fn = ascend.compiled(model, GraphFusionPassManager(), compile_range)
+                manager, want_fn, got_fn = _without_and_with_fcpass(vllm_config, model, compile_range)
                 x = torch.randn(FLASHCOMM_TOKENS, layout.input_width, generator=torch.Generator().manual_seed(rank))
                 with pass_context(compile_range), ascend.forward(vllm_config, FLASHCOMM_TOKENS) as context:
                     results["FlashComm on"] = {**ascend.want_and_got(want_fn, got_fn, x, eager_fn=model),
                                                "pad_size": context.pad_size, "report": _report(manager)}
             if name in FLASHCOMM_V1:  # compiled again in a forward with FlashComm v1 on, as its input's token shard
-                manager = configure_post_pass(vllm_config, GraphFusionPassManager(), ASCEND_PASS_KEY)
-                got_fn = ascend.compiled(model, manager, compile_range)
-                want_fn = ascend.compiled(model, GraphFusionPassManager(), compile_range)
+                manager, want_fn, got_fn = _without_and_with_fcpass(vllm_config, model, compile_range)
                 x = torch.randn(FLASHCOMM_TOKENS // tp.world_size, layout.input_width)
                 results["FlashComm on"] = {"errors": _errors(vllm_config, compile_range, want_fn, got_fn, x,
                                                              FLASHCOMM_TOKENS), "report": _report(manager)}
                 # gate_up_proj alone (no matmul_and_reduce after it): the fused gather's numbers
-                column = _layer(rank, ("gate_up_proj",))
-                got_fn = ascend.compiled(column, configure_post_pass(vllm_config, GraphFusionPassManager(),
-                                                                     ASCEND_PASS_KEY), compile_range)
-                want_fn = ascend.compiled(column, GraphFusionPassManager(), compile_range)
+                _, want_fn, got_fn = _without_and_with_fcpass(vllm_config, _layer(rank, ("gate_up_proj",)),
+                                                              compile_range)
                 with pass_context(compile_range), ascend.forward(vllm_config, FLASHCOMM_TOKENS):
                     results["FlashComm on"]["gate_up_proj alone"] = ascend.want_and_got(want_fn, got_fn, x)
             x, mm = torch.randn(8, HIDDEN), Matmul(torch.randn(HIDDEN, FFN), None)
@@ -398,6 +389,19 @@ def run_linear_ops(rank, world_size, name):
                 world_size=group.world_size, row_scale=None, pad_rows=0))
                 for name, group in (own or {"tp": tp}).items() for op in ("mm_reduce_scatter", "all_gather_mm")}
     return results
+
+
+def _without_and_with_fcpass(vllm_config, module, compile_range):
+    """``module`` compiled (on its first call) through vllm-ascend's compile path: (fcpass's pass manager, whose
+    last pass reports, the module without fcpass, with it)."""
+    from vllm_ascend.compilation.graph_fusion_pass_manager import GraphFusionPassManager
+
+    from fcpass.vllm.compilation import ASCEND_PASS_KEY
+    from support.vllm_backend import configure_post_pass
+
+    manager = configure_post_pass(vllm_config, GraphFusionPassManager(), ASCEND_PASS_KEY)
+    return (manager, ascend.compiled(module, GraphFusionPassManager(), compile_range),
+            ascend.compiled(module, manager, compile_range))
 
 
 def _report(manager) -> list[tuple[str, str, str]]:
@@ -519,7 +523,8 @@ def test_flashcomm2s_o_proj_talks_on_its_odp_and_otp_groups():
         assert "class Flashcomm2OProjRowParallelOp" not in (ascend.SOURCE / "vllm_ascend/ops/linear_op.py").read_text()
         return
     for rank, r in enumerate(RUNS[FLASHCOMM2]()):
-        assert r["groups"]["otp"] == [rank % 2, rank % 2 + 2] and r["groups"]["odp"] == [rank // 2 * 2, rank // 2 * 2 + 1]
+        assert r["groups"]["otp"] == [rank % 2, rank % 2 + 2]
+        assert r["groups"]["odp"] == [rank // 2 * 2, rank // 2 * 2 + 1]
 
 
 def test_flashcomm2s_o_proj_fuses_in_a_prefill_with_flashcomm_v1_on():
